@@ -1,0 +1,70 @@
+"""`saewb harvest` and `saewb hooks`."""
+
+from __future__ import annotations
+
+import argparse
+
+from activations.harvest import HarvestConfig
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "harvest",
+        help="cache a model's hidden states over a corpus into a DuckDB workspace",
+        description=(
+            "Run a TransformerLens model over a corpus and store the activations at the chosen hooks, "
+            "with token ids, token strings and document positions, in a DuckDB workspace. "
+            "Interrupted harvests resume where they stopped when the same command is run again."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    d = HarvestConfig()
+    p.add_argument("--workspace", required=True, help="workspace file (created if missing), e.g. ws.duckdb")
+    p.add_argument("--model", default=d.model, help="HF name (cached or downloadable), local model folder, or `minilm`")
+    p.add_argument("--corpus", default=d.corpus,
+                   help="`stdlib-docs` (built in) or a .txt / .jsonl / .parquet file or a datasets folder")
+    p.add_argument("--hook", action="append", dest="hooks", metavar="HOOK",
+                   help="hook point to capture; repeat for several (default: blocks.2.hook_out)")
+    p.add_argument("--ctx-len", type=int, default=d.ctx_len, help="tokens per context window, special tokens included")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="stop at the first window boundary at or past this many tokens (default: whole corpus)")
+    p.add_argument("--name", default=d.name, help="harvest name inside the workspace")
+    p.add_argument("--text-column", default=d.text_column, help="text column of JSONL / Parquet / datasets corpora")
+    p.add_argument("--whole-file", action="store_true",
+                   help="plain-text corpus: the whole file is one document (default: one per line)")
+    p.add_argument("--chat", action="store_true",
+                   help="JSONL corpus of {messages: [{role, content}]} rendered with the model's chat template")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="windows per forward pass")
+    p.add_argument("--commit-tokens", type=int, default=d.commit_tokens,
+                   help="tokens per commit (the most an interruption can lose)")
+    p.add_argument("--device", default=d.device, help="torch device, e.g. cpu or cuda")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_harvest)
+
+    h = sub.add_parser("hooks", help="list a model's hook points", description="List the canonical hook names of a model.")
+    h.add_argument("--model", default=d.model, help="HF name, local folder or `minilm`")
+    h.set_defaults(func=_hooks)
+
+
+def _harvest(args: argparse.Namespace) -> int:
+    from activations.harvest import run_harvest
+
+    cfg = HarvestConfig(
+        model=args.model, corpus=args.corpus, hooks=tuple(args.hooks or HarvestConfig.hooks),
+        ctx_len=args.ctx_len, max_tokens=args.max_tokens, name=args.name, text_column=args.text_column,
+        doc_per_line=not args.whole_file, chat=args.chat, batch_size=args.batch_size,
+        commit_tokens=args.commit_tokens, device=args.device,
+    )
+    info = run_harvest(cfg, args.workspace, progress=not args.quiet)
+    hooks = ", ".join(f"{h} (d={d})" for h, d in info.hooks.items())
+    print(f"harvest {info.name!r}: {info.n_tokens} tokens, {info.n_docs} documents, hooks {hooks} -> {args.workspace}")
+    return 0
+
+
+def _hooks(args: argparse.Namespace) -> int:
+    from activations.models import list_hooks, load_model
+
+    model = load_model(args.model)
+    for name in list_hooks(model):
+        print(name)
+    return 0

@@ -1,0 +1,207 @@
+"""Text corpora: where documents come from.
+
+A corpus yields `Document`s in a fixed order, so a harvest that restarts sees exactly the same
+sequence of documents and can skip what it already stored.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import sysconfig
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BUILTIN_CORPORA = ("stdlib-docs",)
+STDLIB_DOCS_MAX_CHARS = 1_000_000
+"""The built-in corpus stops at about 1 MB of text."""
+_MIN_DOC_CHARS = 40
+_KEEP_PERCENT = 66
+"""Share of docstrings kept (by a hash of their qualified name) so the 1 MB spans the whole stdlib."""
+_SKIP_DIRS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "__pycache__", "turtledemo"}
+
+
+class CorpusError(ValueError):
+    """A corpus argument that cannot be read."""
+
+
+@dataclass(frozen=True)
+class Document:
+    """One unit of text that is never packed together with another."""
+
+    text: str
+    """Plain text; empty for chat documents."""
+    source: str
+    """Where it came from: a file and line, a module path, a dataset row."""
+    messages: tuple[dict[str, str], ...] = field(default=())
+    """Chat turns (`role`, `content`) for chat corpora."""
+
+
+@dataclass(frozen=True)
+class CorpusSpec:
+    """What to read; stored in the harvest config so a resume can check it is the same."""
+
+    corpus: str
+    """`stdlib-docs`, or a path to a .txt/.jsonl/.parquet file or a saved `datasets` directory."""
+    text_column: str = "text"
+    """Column with the text in JSONL, Parquet and datasets corpora."""
+    doc_per_line: bool = True
+    """Plain text: one document per line (True) or the whole file as one document."""
+    chat: bool = False
+    """JSONL chat corpus: each row has a `messages` list rendered with the model's chat template."""
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "corpus": self.corpus,
+            "text_column": self.text_column,
+            "doc_per_line": self.doc_per_line,
+            "chat": self.chat,
+        }
+
+
+def iter_documents(spec: CorpusSpec) -> Iterator[Document]:
+    """Documents of a corpus, in a deterministic order."""
+    if spec.corpus == "stdlib-docs":
+        yield from stdlib_docs()
+        return
+    path = Path(spec.corpus).expanduser()
+    if not path.exists():
+        raise CorpusError(
+            f"corpus {spec.corpus!r} is neither a built-in ({', '.join(BUILTIN_CORPORA)}) nor an existing path; "
+            "pass a .txt, .jsonl or .parquet file, or a folder written by datasets.save_to_disk"
+        )
+    if path.is_dir():
+        yield from _datasets_dir(path, spec.text_column)
+    elif spec.chat:
+        yield from _chat_jsonl(path)
+    elif path.suffix == ".jsonl":
+        yield from _jsonl(path, spec.text_column)
+    elif path.suffix == ".parquet":
+        yield from _parquet(path, spec.text_column)
+    elif path.suffix in (".txt", ".md", ".text", ""):
+        yield from _text(path, spec.doc_per_line)
+    else:
+        raise CorpusError(f"unsupported corpus file type {path.suffix!r}; use .txt, .jsonl or .parquet")
+
+
+def stdlib_docs(max_chars: int = STDLIB_DOCS_MAX_CHARS) -> Iterator[Document]:
+    """Docstrings of the Python standard library, read with `ast` (nothing is imported).
+
+    Files are walked in sorted order and docstrings in source order, and a fixed hash of each
+    qualified name picks about two thirds of them, so the corpus spans the whole library and is
+    identical on every machine with the same Python version.
+    """
+    root = Path(sysconfig.get_paths()["stdlib"])
+    total = 0
+    for path in sorted(root.rglob("*.py")):
+        if _SKIP_DIRS.intersection(path.relative_to(root).parts[:-1]):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        module = ".".join(path.relative_to(root).with_suffix("").parts)
+        for qualname, doc in _docstrings(tree, module):
+            if len(doc) < _MIN_DOC_CHARS or zlib.crc32(qualname.encode()) % 100 >= _KEEP_PERCENT:
+                continue
+            yield Document(text=doc, source=qualname)
+            total += len(doc)
+            if total >= max_chars:
+                return
+
+
+def _docstrings(tree: ast.Module, module: str) -> Iterator[tuple[str, str]]:
+    doc = ast.get_docstring(tree, clean=True)
+    if doc:
+        yield module, doc
+    stack: list[tuple[ast.AST, str]] = [(tree, module)]
+    while stack:
+        node, prefix = stack.pop(0)
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+                name = f"{prefix}.{child.name}"
+                child_doc = ast.get_docstring(child, clean=True)
+                if child_doc:
+                    yield name, child_doc
+                stack.append((child, name))
+
+
+def _text(path: Path, doc_per_line: bool) -> Iterator[Document]:
+    with path.open(encoding="utf-8") as fh:
+        if not doc_per_line:
+            yield Document(text=fh.read(), source=str(path))
+            return
+        for lineno, line in enumerate(fh, 1):
+            line = line.rstrip("\n")
+            if line.strip():
+                yield Document(text=line, source=f"{path.name}:{lineno}")
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as err:
+                raise CorpusError(f"{path}:{lineno} is not valid JSON ({err.msg}); fix or remove that line") from err
+
+
+def _jsonl(path: Path, column: str) -> Iterator[Document]:
+    for lineno, row in _jsonl_rows(path):
+        if column not in row:
+            raise CorpusError(
+                f"{path}:{lineno} has no {column!r} field (fields: {', '.join(row)}); choose one with --text-column"
+            )
+        yield Document(text=str(row[column]), source=f"{path.name}:{lineno}")
+
+
+def _chat_jsonl(path: Path) -> Iterator[Document]:
+    for lineno, row in _jsonl_rows(path):
+        messages = row.get("messages")
+        if not isinstance(messages, list) or not all(
+            isinstance(m, dict) and "role" in m and "content" in m for m in messages
+        ):
+            raise CorpusError(
+                f"{path}:{lineno}: a chat corpus needs a `messages` list of {{role, content}} objects"
+            )
+        turns = tuple({"role": str(m["role"]), "content": str(m["content"])} for m in messages)
+        yield Document(text="", source=f"{path.name}:{lineno}", messages=turns)
+
+
+def _parquet(path: Path, column: str) -> Iterator[Document]:
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    if column not in pf.schema_arrow.names:
+        raise CorpusError(
+            f"{path} has no column {column!r} (columns: {', '.join(pf.schema_arrow.names)}); choose one with --text-column"
+        )
+    row = 0
+    for batch in pf.iter_batches(columns=[column], batch_size=4096):
+        for text in batch.column(0).to_pylist():
+            row += 1
+            if text:
+                yield Document(text=str(text), source=f"{path.name}:{row}")
+
+
+def _datasets_dir(path: Path, column: str) -> Iterator[Document]:
+    try:
+        import datasets
+    except ImportError as err:
+        raise CorpusError("reading a datasets folder needs `pip install datasets`") from err
+    ds = datasets.load_from_disk(str(path))
+    if isinstance(ds, datasets.DatasetDict):
+        split = "train" if "train" in ds else next(iter(ds))
+        ds = ds[split]
+    if column not in ds.column_names:
+        raise CorpusError(
+            f"dataset {path} has no column {column!r} (columns: {', '.join(ds.column_names)}); choose one with --text-column"
+        )
+    for i, text in enumerate(ds[column]):
+        if text:
+            yield Document(text=str(text), source=f"{path.name}[{i}]")

@@ -1,0 +1,324 @@
+"""The harvester: a model's hidden states at chosen hooks, for a whole corpus, into a workspace.
+
+Work is committed in chunks, each one DuckDB transaction holding its tokens, its activations for
+every hook and the harvest's new high-water mark. A killed harvest therefore stops at the last
+commit, and running the same command again regenerates the same windows (the corpus order and the
+batching are deterministic), skips the committed ones and goes on: no duplicates, no gaps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import platform
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from activations.corpus import CorpusSpec, iter_documents
+from activations.models import HookPlan, load_model, plan_hooks
+from activations.store import (
+    HarvestError,
+    HarvestInfo,
+    activation_table,
+    check_name,
+    ensure_schema,
+    fixed_size_list,
+    harvest_info,
+    insert_arrow,
+    quote_ident,
+)
+from activations.tokenize import Window, WindowTokenizer
+from saewb.workspace import Workspace
+
+BLOCK_WINDOWS = 1024
+"""Windows sorted by length together, so that batches carry little padding."""
+
+
+@dataclass(frozen=True)
+class HarvestConfig:
+    """Everything that decides what a harvest stores."""
+
+    model: str = "minilm"
+    """Hugging Face name, local folder, or a built-in (`minilm`)."""
+    corpus: str = "stdlib-docs"
+    """Built-in corpus name or a path (.txt, .jsonl, .parquet, datasets folder)."""
+    hooks: tuple[str, ...] = ("blocks.2.hook_out",)
+    """Hook points to capture; aliases are stored once under their canonical name."""
+    ctx_len: int = 128
+    """Tokens per context window, special tokens included."""
+    max_tokens: int | None = None
+    """Stop at the first window boundary at or past this many tokens (None: whole corpus)."""
+    name: str = "default"
+    """Harvest name inside the workspace."""
+    text_column: str = "text"
+    """Text column for JSONL, Parquet and datasets corpora."""
+    doc_per_line: bool = True
+    """Plain-text corpora: one document per line, else the whole file is one document."""
+    chat: bool = False
+    """JSONL chat corpus rendered with the model's chat template."""
+    batch_size: int = 32
+    """Windows per forward pass (does not change what is stored)."""
+    commit_tokens: int = 65_536
+    """Tokens per commit: the most a kill can lose, and how often readers see new data."""
+    device: str = "cpu"
+    """Torch device of the model."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Free-form notes stored with the config."""
+
+    def corpus_spec(self) -> CorpusSpec:
+        return CorpusSpec(
+            corpus=self.corpus, text_column=self.text_column, doc_per_line=self.doc_per_line, chat=self.chat
+        )
+
+    def identity(self, plan: HookPlan) -> dict[str, Any]:
+        """The fields a resumed harvest must share with the stored one."""
+        corpus = self.corpus if self.corpus == "stdlib-docs" else str(Path(self.corpus).expanduser().resolve())
+        return {
+            "model": self.model,
+            "hooks": list(plan.hooks),
+            "ctx_len": self.ctx_len,
+            "max_tokens": self.max_tokens,
+            **{**self.corpus_spec().describe(), "corpus": corpus},
+            "dtype": "float32",
+        }
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "transformer-lens", "transformers", "duckdb"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[pkg] = metadata.version(pkg)
+    return out
+
+
+def _iter_windows(cfg: HarvestConfig, splitter: WindowTokenizer) -> Iterator[Window]:
+    """All windows in storage order: corpus order, cut at max_tokens, sorted by length per block."""
+    total = 0
+    block: list[Window] = []
+    done = False
+    for doc_id, doc in enumerate(iter_documents(cfg.corpus_spec())):
+        for window in splitter.windows(doc_id, doc):
+            block.append(window)
+            total += len(window.token_ids)
+            if cfg.max_tokens is not None and total >= cfg.max_tokens:
+                done = True
+                break
+        if len(block) >= BLOCK_WINDOWS or done:
+            yield from sorted(block, key=lambda w: -len(w.token_ids))
+            block = []
+        if done:
+            return
+    yield from sorted(block, key=lambda w: -len(w.token_ids))
+
+
+class _TokenStrings:
+    """Decoded text of each token id, decoded once."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.cache: dict[int, str] = {}
+
+    def __call__(self, ids: np.ndarray) -> list[str]:
+        cache = self.cache
+        out = []
+        for i in ids.tolist():
+            s = cache.get(i)
+            if s is None:
+                s = cache[i] = self.tokenizer.decode([i])
+            out.append(s)
+        return out
+
+
+@dataclass
+class _Chunk:
+    """What one commit writes."""
+
+    columns: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    acts: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    docs: list[tuple[int, str, str]] = field(default_factory=list)
+    n_windows: int = 0
+    n_tokens: int = 0
+
+
+def _register(ws: Workspace, cfg: HarvestConfig, plan: HookPlan, widths: dict[str, int]) -> HarvestInfo:
+    """Create the harvest, or check that the stored one has the same identity."""
+    identity = cfg.identity(plan)
+    with ws.write() as con:
+        ensure_schema(con)
+        row = con.execute("SELECT config FROM harvests WHERE name = ?", [cfg.name]).fetchone()
+        if row is not None:
+            stored = json.loads(row[0])["identity"]
+            diffs = {k: (stored.get(k), v) for k, v in identity.items() if stored.get(k) != v}
+            if diffs:
+                detail = "; ".join(f"{k}: stored {a!r}, now {b!r}" for k, (a, b) in diffs.items())
+                raise HarvestError(
+                    f"harvest {cfg.name!r} in {ws.path} was made with a different config ({detail}). "
+                    "Run the original command to resume it, or pick a new --name for this config."
+                )
+        else:
+            config = {"identity": identity, "settings": asdict(cfg), "versions": _versions()}
+            con.execute(
+                "INSERT INTO harvests (name, config, model, ctx_len, status) VALUES (?, ?, ?, ?, 'running')",
+                [cfg.name, json.dumps(config), cfg.model, cfg.ctx_len],
+            )
+            for hook in plan.hooks:
+                table = activation_table(cfg.name, hook)
+                con.execute(f"CREATE TABLE {quote_ident(table)} (tok_idx BIGINT NOT NULL, x FLOAT[{widths[hook]}])")
+                con.execute(
+                    "INSERT INTO harvest_hooks (harvest, hook, d, table_name) VALUES (?, ?, ?, ?)",
+                    [cfg.name, hook, widths[hook], table],
+                )
+    return harvest_info(ws, cfg.name)
+
+
+def _hook_widths(model: Any, plan: HookPlan, pad_id: int) -> dict[str, int]:
+    import torch
+
+    ids = torch.full((1, 2), pad_id, dtype=torch.long)
+    with torch.inference_mode():
+        _, cache = model.run_with_cache(ids, names_filter=list(plan.hooks), stop_at_layer=plan.stop_at_layer)
+    return {hook: int(cache[hook].shape[-1]) for hook in plan.hooks}
+
+
+def _commit(ws: Workspace, name: str, tables: dict[str, str], chunk: _Chunk, totals: tuple[int, int, int]) -> None:
+    tokens = pa.table({k: np.concatenate(v) if k != "role" else pa.array(sum(v, [])) for k, v in chunk.columns.items()})
+    tokens = tokens.add_column(0, "harvest", pa.array([name] * tokens.num_rows, type=pa.string()))
+    tok_idx = tokens.column("tok_idx")
+    with ws.write() as con:
+        if chunk.docs:
+            docs = pa.table(  # noqa: F841 - read by DuckDB's replacement scan
+                {
+                    "harvest": [name] * len(chunk.docs),
+                    "doc_id": [d[0] for d in chunk.docs],
+                    "source": [d[1] for d in chunk.docs],
+                    "text": [d[2] for d in chunk.docs],
+                }
+            )
+            con.execute("INSERT INTO documents SELECT * FROM docs")
+        insert_arrow(con, "tokens", tokens)
+        for hook, parts in chunk.acts.items():
+            insert_arrow(con, tables[hook], pa.table({"tok_idx": tok_idx, "x": fixed_size_list(np.concatenate(parts))}))
+        con.execute(
+            "UPDATE harvests SET n_windows = ?, n_tokens = ?, n_docs = ?, updated_at = current_timestamp WHERE name = ?",
+            [*totals, name],
+        )
+
+
+def run_harvest(cfg: HarvestConfig, workspace: str | Path, progress: bool = True) -> HarvestInfo:
+    """Harvest (or resume harvesting) `cfg` into `workspace`; returns the finished harvest's info."""
+    import torch
+    from tqdm import tqdm
+
+    check_name(cfg.name)
+    if cfg.ctx_len < 2:
+        raise HarvestError("--ctx-len must be at least 2")
+    if cfg.max_tokens is not None and cfg.max_tokens < 1:
+        raise HarvestError("--max-tokens must be positive")
+    ws = Workspace(workspace)
+    model = load_model(cfg.model, cfg.device)
+    plan = plan_hooks(model, list(cfg.hooks))
+    splitter = WindowTokenizer(model.tokenizer, cfg.ctx_len)
+    info = _register(ws, cfg, plan, _hook_widths(model, plan, splitter.pad_id))
+    if info.status == "complete":
+        print(f"harvest {cfg.name!r} is already complete ({info.n_tokens} tokens); nothing to do")
+        return info
+
+    token_strings = _TokenStrings(model.tokenizer)
+    n_windows, n_tokens, n_docs = info.n_windows, info.n_tokens, info.n_docs
+    bar = tqdm(
+        total=cfg.max_tokens, initial=n_tokens, unit="tok", unit_scale=True, disable=not progress,
+        desc=f"harvest {cfg.name}", smoothing=0.1,
+    )
+    pending: queue.Queue[_Chunk | None] = queue.Queue(maxsize=2)
+    failure: list[BaseException] = []
+
+    def writer() -> None:
+        # Storage runs beside the next forward passes; torch and DuckDB both release the GIL.
+        totals = (n_windows, n_tokens, n_docs)
+        while (chunk := pending.get()) is not None:
+            if failure:
+                continue
+            totals = (totals[0] + chunk.n_windows, totals[1] + chunk.n_tokens, totals[2] + len(chunk.docs))
+            try:
+                _commit(ws, cfg.name, info.tables, chunk, totals)
+            except BaseException as err:  # surfaced in the main thread
+                failure.append(err)
+
+    thread = threading.Thread(target=writer, name="harvest-writer", daemon=True)
+    thread.start()
+    windows = _iter_windows(cfg, splitter)
+    for _ in range(n_windows):  # the committed prefix
+        next(windows)
+    chunk = _Chunk()
+    seq_id = n_windows
+    tok_idx = n_tokens
+    try:
+        while True:
+            batch = [w for _, w in zip(range(cfg.batch_size), windows, strict=False)]
+            if not batch:
+                break
+            lengths = np.array([len(w.token_ids) for w in batch])
+            ids = np.full((len(batch), lengths.max()), splitter.pad_id, dtype=np.int64)
+            mask = np.zeros_like(ids)
+            for row, w in enumerate(batch):
+                ids[row, : lengths[row]] = w.token_ids
+                mask[row, : lengths[row]] = 1
+            with torch.inference_mode():
+                _, cache = model.run_with_cache(
+                    torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                    names_filter=list(plan.hooks), stop_at_layer=plan.stop_at_layer,
+                )
+            keep = torch.from_numpy(mask.astype(bool))
+            for hook in plan.hooks:
+                chunk.acts.setdefault(hook, []).append(cache[hook][keep].float().numpy())
+            flat_ids = np.concatenate([w.token_ids for w in batch])
+            n = len(flat_ids)
+            seq_pos = np.concatenate([np.arange(k) for k in lengths])
+            cols = {
+                "tok_idx": np.arange(tok_idx, tok_idx + n, dtype=np.int64),
+                "doc_id": np.repeat([w.doc_id for w in batch], lengths).astype(np.int64),
+                "pos": (np.repeat([w.window for w in batch], lengths) * cfg.ctx_len + seq_pos).astype(np.int32),
+                "seq_id": np.repeat(np.arange(seq_id, seq_id + len(batch)), lengths).astype(np.int64),
+                "seq_pos": seq_pos.astype(np.int32),
+                "token_id": flat_ids.astype(np.int32),
+                "token_str": np.array(token_strings(flat_ids), dtype=object),
+                "is_special": np.concatenate([w.special for w in batch]),
+            }
+            for key, value in cols.items():
+                chunk.columns.setdefault(key, []).append(value)
+            chunk.columns.setdefault("role", []).append(
+                [r for w in batch for r in (w.roles or (None,) * len(w.token_ids))]
+            )
+            for w in batch:
+                if w.window == 0:
+                    text = w.doc.text or json.dumps(list(w.doc.messages))
+                    chunk.docs.append((w.doc_id, w.doc.source, text))
+            chunk.n_windows += len(batch)
+            chunk.n_tokens += n
+            seq_id += len(batch)
+            tok_idx += n
+            bar.update(n)
+            if chunk.n_tokens >= cfg.commit_tokens:
+                pending.put(chunk)
+                chunk = _Chunk()
+            if failure:
+                raise failure[0]
+        if chunk.n_tokens:
+            pending.put(chunk)
+    finally:
+        pending.put(None)
+        thread.join()
+        bar.close()
+    if failure:
+        raise failure[0]
+    with ws.write() as con:
+        con.execute("UPDATE harvests SET status = 'complete', updated_at = current_timestamp WHERE name = ?", [cfg.name])
+    return harvest_info(ws, cfg.name)

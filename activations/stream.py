@@ -1,0 +1,176 @@
+"""A shuffled, seekable, bounded-memory stream of activation batches for the trainers.
+
+Tokens are grouped in aligned chunks of `chunk_tokens` consecutive `tok_idx`. Each epoch visits
+the chunks in a seeded random order, `chunks_per_buffer` at a time; each buffer is read, permuted
+as a whole, and handed out in batches. Memory is one buffer, whatever the size of the cache, and
+the order is a pure function of (seed, epoch), so `batches(start=b)` resumes exactly at batch b.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from activations.store import HarvestError, harvest_info, quote_ident
+from saewb.workspace import Workspace
+
+Split = Literal["train", "eval", "all"]
+_HASH_MUL = 2654435761
+_HASH_MOD = 4294967296
+_BUCKETS = 10_000
+
+
+def doc_split_sql(split: Split) -> str:
+    """SQL condition on `t.doc_id` for a split; takes one parameter, the eval bucket threshold.
+
+    A document's bucket is a fixed multiplicative hash of its id, so the split is stable across
+    runs, seeds and machines, and never cuts through a document.
+    """
+    bucket = f"(((t.doc_id * {_HASH_MUL}) % {_HASH_MOD}) % {_BUCKETS})"
+    if split == "eval":
+        return f"{bucket} < ?"
+    if split == "train":
+        return f"{bucket} >= ?"
+    if split == "all":
+        return "? >= 0"
+    raise ValueError(f"split must be 'train', 'eval' or 'all', not {split!r}")
+
+
+class ActivationStream:
+    """Float32 batches of one hook's activations from a harvest in a workspace."""
+
+    def __init__(
+        self,
+        workspace: str | Path | Workspace,
+        hook: str,
+        *,
+        harvest: str | None = None,
+        batch_size: int = 4096,
+        seed: int = 0,
+        split: Split = "train",
+        eval_fraction: float = 0.05,
+        exclude_special: bool = True,
+        buffer_tokens: int = 131_072,
+        chunk_tokens: int = 8192,
+    ) -> None:
+        self.ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace)
+        info = harvest_info(self.ws, harvest)
+        if hook not in info.hooks:
+            raise HarvestError(
+                f"hook {hook!r} is not in harvest {info.name!r}; it has: {', '.join(info.hooks)}. "
+                "Harvest it first with `saewb harvest --hook ...`."
+            )
+        if batch_size < 1:
+            raise ValueError("batch_size must be positive")
+        if not 0.0 <= eval_fraction < 1.0:
+            raise ValueError("eval_fraction must be in [0, 1)")
+        self.harvest = info.name
+        self.hook = hook
+        self.d = info.hooks[hook]
+        self.table = info.tables[hook]
+        self.batch_size = batch_size
+        self.seed = seed
+        self.split = split
+        self.exclude_special = exclude_special
+        self.chunk_tokens = chunk_tokens
+        self.chunks_per_buffer = max(1, buffer_tokens // chunk_tokens)
+        self._threshold = round(eval_fraction * _BUCKETS)
+        self._where = f"t.harvest = ? AND {doc_split_sql(split)}" + (" AND NOT t.is_special" if exclude_special else "")
+        # A snapshot: tokens committed by a harvest still running after this point are not seen.
+        self.n_committed = info.n_tokens
+        self.chunk_counts = self._count_chunks()
+        self.n_tokens = int(self.chunk_counts.sum())
+        if self.n_tokens == 0:
+            raise HarvestError(
+                f"no {split} tokens for hook {hook!r} in harvest {info.name!r}"
+                + (" (the eval split is empty; raise eval_fraction or harvest more documents)" if split == "eval" else "")
+            )
+
+    def _count_chunks(self) -> np.ndarray:
+        n_chunks = -(-self.n_committed // self.chunk_tokens)
+        with self.ws.read() as con:
+            rows = con.execute(
+                f"SELECT t.tok_idx // ? AS chunk, count(*) FROM tokens t WHERE {self._where} AND t.tok_idx < ? GROUP BY 1",
+                [self.chunk_tokens, self.harvest, self._threshold, self.n_committed],
+            ).fetchall()
+        counts = np.zeros(n_chunks, dtype=np.int64)
+        for chunk, count in rows:
+            counts[chunk] = count
+        return counts
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return -(-self.n_tokens // self.batch_size)
+
+    def _read_chunks(self, chunks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        query = (
+            f"SELECT a.tok_idx, a.x FROM {quote_ident(self.table)} a JOIN tokens t ON t.tok_idx = a.tok_idx "
+            f"WHERE {self._where} AND a.tok_idx >= ? AND a.tok_idx < ? AND t.tok_idx >= ? AND t.tok_idx < ? "
+            "ORDER BY a.tok_idx"
+        )
+        idx_parts, x_parts = [], []
+        with self.ws.read() as con:
+            for chunk in chunks.tolist():
+                lo = chunk * self.chunk_tokens
+                hi = min(lo + self.chunk_tokens, self.n_committed)
+                result = con.sql(query, params=[self.harvest, self._threshold, lo, hi, lo, hi]).to_arrow_table()
+                col = result.column("x").combine_chunks()
+                idx_parts.append(result.column("tok_idx").to_numpy())
+                x_parts.append(col.values.to_numpy(zero_copy_only=False).reshape(-1, self.d))
+        return np.concatenate(idx_parts), np.concatenate(x_parts)
+
+    def _buffers(self, epoch: int) -> tuple[list[np.ndarray], np.ndarray]:
+        """The epoch's buffers (lists of chunk ids) and how many tokens each one holds."""
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.chunk_counts))
+        order = order[self.chunk_counts[order] > 0]
+        groups = [order[i : i + self.chunks_per_buffer] for i in range(0, len(order), self.chunks_per_buffer)]
+        sizes = np.array([self.chunk_counts[g].sum() for g in groups], dtype=np.int64)
+        return groups, sizes
+
+    def _rows(self, position: int, one_epoch: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Shuffled (tok_idx, x) blocks from `position` tokens into the endless stream of epochs."""
+        epoch, offset = divmod(position, self.n_tokens)
+        while True:
+            groups, sizes = self._buffers(epoch)
+            ends = np.cumsum(sizes)
+            first = int(np.searchsorted(ends, offset, side="right"))
+            skip = offset - (int(ends[first - 1]) if first else 0)
+            for g in range(first, len(groups)):
+                idx, x = self._read_chunks(groups[g])
+                perm = np.random.default_rng([self.seed, epoch, g]).permutation(len(idx))[skip:]
+                skip = 0
+                yield idx[perm], x[perm]
+            if one_epoch:
+                return
+            epoch, offset = epoch + 1, 0
+
+    def _batched(
+        self, rows: Iterator[tuple[np.ndarray, np.ndarray]], with_index: bool, keep_last: bool
+    ) -> Iterator[np.ndarray | tuple[np.ndarray, np.ndarray]]:
+        pend_idx: list[np.ndarray] = []
+        pend_x: list[np.ndarray] = []
+        have = 0
+        for idx, x in rows:
+            pend_idx.append(idx)
+            pend_x.append(x)
+            have += len(idx)
+            while have >= self.batch_size:
+                all_idx, all_x = np.concatenate(pend_idx), np.concatenate(pend_x)
+                cut = self.batch_size
+                batch_idx, batch_x = all_idx[:cut], np.ascontiguousarray(all_x[:cut])
+                pend_idx, pend_x, have = [all_idx[cut:]], [all_x[cut:]], have - cut
+                yield (batch_idx, batch_x) if with_index else batch_x
+        if keep_last and have:
+            batch_idx, batch_x = np.concatenate(pend_idx), np.concatenate(pend_x)
+            yield (batch_idx, batch_x) if with_index else batch_x
+
+    def batches(self, start: int = 0, with_index: bool = False) -> Iterator[np.ndarray]:
+        """Endless full batches, epoch after epoch; batch `start` first (resume = same start)."""
+        return self._batched(self._rows(start * self.batch_size), with_index, keep_last=False)  # type: ignore[return-value]
+
+    def epoch(self, epoch: int = 0, with_index: bool = False) -> Iterator[np.ndarray]:
+        """One pass over every token of the split exactly once; the last batch may be short."""
+        return self._batched(self._rows(epoch * self.n_tokens, one_epoch=True), with_index, keep_last=True)  # type: ignore[return-value]

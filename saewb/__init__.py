@@ -1,0 +1,3 @@
+"""SAE Workbench command line and shared workspace."""
+
+__version__ = "0.1.0"

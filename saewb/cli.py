@@ -1,0 +1,59 @@
+"""`saewb`: one command line for every stage of the workbench."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from saewb import __version__
+
+Registrar = Callable[[argparse._SubParsersAction], None]
+
+
+def _registrars() -> list[Registrar]:
+    """Each stage adds its own subcommands; imports stay inside so `--help` stays fast."""
+    from activations import cli as activations_cli
+
+    out: list[Registrar] = [activations_cli.register]
+    try:
+        from sae import cli as sae_cli
+    except ImportError:  # the trainers are optional while a stage is being built
+        pass
+    else:
+        out.append(sae_cli.register)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="saewb",
+        description="SAE Workbench: harvest activations, train sparse autoencoders, analyse and browse features.",
+    )
+    parser.add_argument("--version", action="version", version=f"saewb {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for register in _registrars():
+        register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        # Our own errors carry the problem and the fix; a traceback would bury them.
+        print(f"saewb {args.command}: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).parent))
+
+REPO = Path(__file__).resolve().parents[1]
+SAEWB = [sys.executable, "-m", "saewb.cli"]
+
+
+def run_saewb(*args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """Run the real CLI in a subprocess, as a user would."""
+    proc = subprocess.run([*SAEWB, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"saewb {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tiny_models import build_tiny_gpt2
+
+    return build_tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2"))
+
+
+@pytest.fixture(scope="session")
+def minilm_ws(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small real MiniLM harvest of the built-in corpus, two hooks, shared by read-only tests."""
+    from activations.harvest import HarvestConfig, run_harvest
+
+    path = tmp_path_factory.mktemp("ws") / "minilm.duckdb"
+    cfg = HarvestConfig(
+        model="minilm", corpus="stdlib-docs", hooks=("blocks.1.hook_out", "blocks.2.hook_resid_post"),
+        ctx_len=64, max_tokens=6000, commit_tokens=2000,
+    )
+    run_harvest(cfg, path, progress=False)
+    return path

@@ -1,0 +1,100 @@
+"""The training stream over a real harvest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pytest
+
+from activations.store import HarvestError
+from activations.stream import ActivationStream
+
+
+def _stream(ws: Path, **kw: object) -> ActivationStream:
+    opts = {"batch_size": 256, "chunk_tokens": 512, "buffer_tokens": 1024, "seed": 3}
+    opts.update(kw)
+    return ActivationStream(ws, "blocks.2.hook_out", **opts)  # type: ignore[arg-type]
+
+
+def test_one_epoch_yields_every_token_exactly_once(minilm_ws: Path) -> None:
+    s = _stream(minilm_ws, split="all")
+    idx = np.concatenate([i for i, _ in s.epoch(with_index=True)])
+    con = duckdb.connect(str(minilm_ws), read_only=True)
+    expected = [r[0] for r in con.execute("SELECT tok_idx FROM tokens WHERE NOT is_special ORDER BY tok_idx").fetchall()]
+    con.close()
+    assert len(idx) == len(expected) == s.n_tokens
+    assert sorted(idx.tolist()) == expected  # nothing twice, nothing missing, no special token
+
+
+def test_batches_carry_the_right_rows(minilm_ws: Path) -> None:
+    s = _stream(minilm_ws, split="all")
+    idx, x = next(s.batches(with_index=True))
+    assert x.dtype == np.float32 and x.shape == (256, s.d)
+    con = duckdb.connect(str(minilm_ws), read_only=True)
+    row = con.execute("SELECT x FROM act__default__blocks_2_hook_out WHERE tok_idx = ?", [int(idx[7])]).fetchone()
+    con.close()
+    np.testing.assert_array_equal(np.asarray(row[0], dtype=np.float32), x[7])
+
+
+def test_shuffle_reaches_the_whole_cache(minilm_ws: Path) -> None:
+    s = _stream(minilm_ws, split="all")
+    n = s.n_committed
+    # The first batch already mixes tokens from far-apart parts of the cache ...
+    idx, _ = next(s.batches(with_index=True))
+    assert idx.max() - idx.min() > n // 3
+    assert not np.all(np.diff(idx) > 0)
+    # ... and across seeds the first batches together touch every region of it.
+    firsts = np.concatenate([next(_stream(minilm_ws, split="all", seed=k).batches(with_index=True))[0] for k in range(8)])
+    regions = set((firsts * 10 // n).tolist())
+    assert regions == set(range(10))
+
+
+def test_seek_resumes_the_exact_sequence_across_epochs(minilm_ws: Path) -> None:
+    s = _stream(minilm_ws)
+    per_epoch = s.batches_per_epoch
+    it = s.batches(with_index=True)
+    reference = [next(it)[0] for _ in range(per_epoch + 5)]
+    for start in (1, per_epoch - 1, per_epoch + 2):
+        again = s.batches(start=start, with_index=True)
+        for k in range(start, per_epoch + 5):
+            np.testing.assert_array_equal(next(again)[0], reference[k])
+    # the second epoch is a different permutation of the same tokens
+    e0 = np.concatenate([i for i, _ in s.epoch(0, with_index=True)])
+    e1 = np.concatenate([i for i, _ in s.epoch(1, with_index=True)])
+    assert sorted(e0.tolist()) == sorted(e1.tolist()) and not np.array_equal(e0, e1)
+
+
+def test_train_eval_split_by_document(minilm_ws: Path) -> None:
+    train = _stream(minilm_ws, split="train", eval_fraction=0.2)
+    held = _stream(minilm_ws, split="eval", eval_fraction=0.2)
+    everything = _stream(minilm_ws, split="all")
+    t = np.concatenate([i for i, _ in train.epoch(with_index=True)])
+    e = np.concatenate([i for i, _ in held.epoch(with_index=True)])
+    assert len(np.intersect1d(t, e)) == 0 and len(t) + len(e) == everything.n_tokens
+    con = duckdb.connect(str(minilm_ws), read_only=True)
+    docs_t = {r[0] for r in con.execute("SELECT DISTINCT doc_id FROM tokens WHERE list_contains(?, tok_idx)", [t.tolist()]).fetchall()}
+    docs_e = {r[0] for r in con.execute("SELECT DISTINCT doc_id FROM tokens WHERE list_contains(?, tok_idx)", [e.tolist()]).fetchall()}
+    con.close()
+    assert docs_t.isdisjoint(docs_e) and docs_e
+    assert 0.05 < len(e) / everything.n_tokens < 0.4
+
+
+def test_special_tokens_can_be_kept(minilm_ws: Path) -> None:
+    with_special = _stream(minilm_ws, split="all", exclude_special=False)
+    without = _stream(minilm_ws, split="all")
+    assert with_special.n_tokens == with_special.n_committed > without.n_tokens
+
+
+def test_seeds_differ_and_repeat(minilm_ws: Path) -> None:
+    a = next(_stream(minilm_ws, seed=1).batches(with_index=True))[0]
+    b = next(_stream(minilm_ws, seed=1).batches(with_index=True))[0]
+    c = next(_stream(minilm_ws, seed=2).batches(with_index=True))[0]
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_unknown_hook_lists_the_harvested_ones(minilm_ws: Path) -> None:
+    with pytest.raises(HarvestError, match="blocks.1.hook_out, blocks.2.hook_out"):
+        ActivationStream(minilm_ws, "blocks.5.hook_out")
