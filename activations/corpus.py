@@ -87,6 +87,16 @@ def iter_documents(spec: CorpusSpec) -> Iterator[Document]:
         raise CorpusError(f"unsupported corpus file type {path.suffix!r}; use .txt, .jsonl or .parquet")
 
 
+def corpus_size_chars(spec: CorpusSpec) -> int | None:
+    """Rough size of a corpus in characters, for a progress ETA; None when unknown."""
+    if spec.corpus == "stdlib-docs":
+        return STDLIB_DOCS_MAX_CHARS
+    path = Path(spec.corpus).expanduser()
+    if path.is_file() and path.suffix in (".txt", ".md", ".text", ""):
+        return path.stat().st_size
+    return None
+
+
 def stdlib_docs(max_chars: int = STDLIB_DOCS_MAX_CHARS) -> Iterator[Document]:
     """Docstrings of the Python standard library, read with `ast` (nothing is imported).
 

@@ -13,6 +13,7 @@ import json
 import platform
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
@@ -22,7 +23,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from activations.corpus import CorpusSpec, iter_documents
+from activations.corpus import CorpusSpec, corpus_size_chars, iter_documents
 from activations.models import HookPlan, load_model, plan_hooks
 from activations.store import (
     HarvestError,
@@ -212,113 +213,174 @@ def _commit(ws: Workspace, name: str, tables: dict[str, str], chunk: _Chunk, tot
         )
 
 
+@dataclass(frozen=True)
+class HarvestStats:
+    """What one `Harvester.run` did and where its time went."""
+
+    tokens: int
+    wall_s: float
+    forward_s: float
+    """Time inside the model's forward passes."""
+    write_s: float
+    """Time the writer thread spent committing (overlaps the forward passes)."""
+    bytes_written: int
+    """Activation bytes stored (float32)."""
+
+
+def _pad(batch: list[Window], pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    lengths = np.array([len(w.token_ids) for w in batch])
+    ids = np.full((len(batch), lengths.max()), pad_id, dtype=np.int64)
+    mask = np.zeros_like(ids)
+    for row, w in enumerate(batch):
+        ids[row, : lengths[row]] = w.token_ids
+        mask[row, : lengths[row]] = 1
+    return ids, mask, lengths
+
+
+def _batches(windows: Iterator[Window], size: int) -> Iterator[list[Window]]:
+    while batch := [w for _, w in zip(range(size), windows, strict=False)]:
+        yield batch
+
+
+class Harvester:
+    """A harvest ready to run: model loaded, hooks checked, workspace registered."""
+
+    def __init__(self, cfg: HarvestConfig, workspace: str | Path | Workspace) -> None:
+        check_name(cfg.name)
+        if cfg.ctx_len < 2:
+            raise HarvestError("--ctx-len must be at least 2")
+        if cfg.max_tokens is not None and cfg.max_tokens < 1:
+            raise HarvestError("--max-tokens must be positive")
+        self.cfg = cfg
+        self.ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace)
+        self.model = load_model(cfg.model, cfg.device)
+        self.plan = plan_hooks(self.model, list(cfg.hooks))
+        self.splitter = WindowTokenizer(self.model.tokenizer, cfg.ctx_len)
+        self.info = _register(self.ws, cfg, self.plan, _hook_widths(self.model, self.plan, self.splitter.pad_id))
+
+    def windows(self) -> Iterator[Window]:
+        """Every window of the harvest in storage order, the committed ones included."""
+        return _iter_windows(self.cfg, self.splitter)
+
+    def forward(self, batch: list[Window]) -> dict[str, np.ndarray]:
+        """Activations of one batch at every hook, padding removed: hook -> [tokens, d]."""
+        import torch
+
+        ids, mask, _ = _pad(batch, self.splitter.pad_id)
+        with torch.inference_mode():
+            _, cache = self.model.run_with_cache(
+                torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                names_filter=list(self.plan.hooks), stop_at_layer=self.plan.stop_at_layer,
+            )
+        keep = torch.from_numpy(mask.astype(bool))
+        return {hook: cache[hook][keep].float().numpy() for hook in self.plan.hooks}
+
+    def run(self, progress: bool = True) -> HarvestStats:
+        from tqdm import tqdm
+
+        cfg, info = self.cfg, self.info
+        t_start = time.perf_counter()
+        if info.status == "complete":
+            print(f"harvest {cfg.name!r} is already complete ({info.n_tokens} tokens); nothing to do")
+            return HarvestStats(0, 0.0, 0.0, 0.0, 0)
+        token_strings = _TokenStrings(self.model.tokenizer)
+        n_windows, n_tokens = info.n_windows, info.n_tokens
+        bar = tqdm(
+            total=cfg.max_tokens, initial=n_tokens, unit="tok", unit_scale=True, disable=not progress,
+            desc=f"harvest {cfg.name}", smoothing=0.1,
+        )
+        pending: queue.Queue[_Chunk | None] = queue.Queue(maxsize=2)
+        failure: list[BaseException] = []
+        write_s = [0.0]
+
+        def writer() -> None:
+            # Storage runs beside the next forward passes; torch and DuckDB both release the GIL.
+            totals = (n_windows, n_tokens, info.n_docs)
+            while (chunk := pending.get()) is not None:
+                if failure:
+                    continue
+                totals = (totals[0] + chunk.n_windows, totals[1] + chunk.n_tokens, totals[2] + len(chunk.docs))
+                t0 = time.perf_counter()
+                try:
+                    _commit(self.ws, cfg.name, info.tables, chunk, totals)
+                except BaseException as err:  # surfaced in the main thread
+                    failure.append(err)
+                write_s[0] += time.perf_counter() - t0
+
+        thread = threading.Thread(target=writer, name="harvest-writer", daemon=True)
+        thread.start()
+        windows = self.windows()
+        corpus_chars = corpus_size_chars(cfg.corpus_spec()) if cfg.max_tokens is None else None
+        chars_seen = 0
+        for _ in range(n_windows):  # the committed prefix
+            w = next(windows)
+            chars_seen += len(w.doc.text) if w.window == 0 else 0
+        chunk = _Chunk()
+        seq_id, tok_idx, done, forward_s = n_windows, n_tokens, 0, 0.0
+        try:
+            for batch in _batches(windows, cfg.batch_size):
+                t0 = time.perf_counter()
+                acts = self.forward(batch)
+                forward_s += time.perf_counter() - t0
+                for hook, x in acts.items():
+                    chunk.acts.setdefault(hook, []).append(x)
+                lengths = np.array([len(w.token_ids) for w in batch])
+                flat_ids = np.concatenate([w.token_ids for w in batch])
+                n = len(flat_ids)
+                seq_pos = np.concatenate([np.arange(k) for k in lengths])
+                cols = {
+                    "tok_idx": np.arange(tok_idx, tok_idx + n, dtype=np.int64),
+                    "doc_id": np.repeat([w.doc_id for w in batch], lengths).astype(np.int64),
+                    "pos": (np.repeat([w.window for w in batch], lengths) * cfg.ctx_len + seq_pos).astype(np.int32),
+                    "seq_id": np.repeat(np.arange(seq_id, seq_id + len(batch)), lengths).astype(np.int64),
+                    "seq_pos": seq_pos.astype(np.int32),
+                    "token_id": flat_ids.astype(np.int32),
+                    "token_str": np.array(token_strings(flat_ids), dtype=object),
+                    "is_special": np.concatenate([w.special for w in batch]),
+                }
+                for key, value in cols.items():
+                    chunk.columns.setdefault(key, []).append(value)
+                chunk.columns.setdefault("role", []).append(
+                    [r for w in batch for r in (w.roles or (None,) * len(w.token_ids))]
+                )
+                for w in batch:
+                    if w.window == 0:
+                        text = w.doc.text or json.dumps(list(w.doc.messages))
+                        chunk.docs.append((w.doc_id, w.doc.source, text))
+                chunk.n_windows += len(batch)
+                chunk.n_tokens += n
+                seq_id += len(batch)
+                tok_idx += n
+                done += n
+                if corpus_chars:
+                    # No --max-tokens: project the total from the share of the corpus's text seen so far.
+                    chars_seen += sum(len(w.doc.text) for w in batch if w.window == 0)
+                    bar.total = max(tok_idx, int(tok_idx * corpus_chars / max(chars_seen, 1)))
+                bar.update(n)
+                if chunk.n_tokens >= cfg.commit_tokens:
+                    pending.put(chunk)
+                    chunk = _Chunk()
+                if failure:
+                    raise failure[0]
+            if chunk.n_tokens:
+                pending.put(chunk)
+        finally:
+            pending.put(None)
+            thread.join()
+            bar.close()
+        if failure:
+            raise failure[0]
+        with self.ws.write() as con:
+            con.execute(
+                "UPDATE harvests SET status = 'complete', updated_at = current_timestamp WHERE name = ?", [cfg.name]
+            )
+        self.info = harvest_info(self.ws, cfg.name)
+        width = sum(info.hooks.values())
+        return HarvestStats(done, time.perf_counter() - t_start, forward_s, write_s[0], done * width * 4)
+
+
 def run_harvest(cfg: HarvestConfig, workspace: str | Path, progress: bool = True) -> HarvestInfo:
     """Harvest (or resume harvesting) `cfg` into `workspace`; returns the finished harvest's info."""
-    import torch
-    from tqdm import tqdm
-
-    check_name(cfg.name)
-    if cfg.ctx_len < 2:
-        raise HarvestError("--ctx-len must be at least 2")
-    if cfg.max_tokens is not None and cfg.max_tokens < 1:
-        raise HarvestError("--max-tokens must be positive")
-    ws = Workspace(workspace)
-    model = load_model(cfg.model, cfg.device)
-    plan = plan_hooks(model, list(cfg.hooks))
-    splitter = WindowTokenizer(model.tokenizer, cfg.ctx_len)
-    info = _register(ws, cfg, plan, _hook_widths(model, plan, splitter.pad_id))
-    if info.status == "complete":
-        print(f"harvest {cfg.name!r} is already complete ({info.n_tokens} tokens); nothing to do")
-        return info
-
-    token_strings = _TokenStrings(model.tokenizer)
-    n_windows, n_tokens, n_docs = info.n_windows, info.n_tokens, info.n_docs
-    bar = tqdm(
-        total=cfg.max_tokens, initial=n_tokens, unit="tok", unit_scale=True, disable=not progress,
-        desc=f"harvest {cfg.name}", smoothing=0.1,
-    )
-    pending: queue.Queue[_Chunk | None] = queue.Queue(maxsize=2)
-    failure: list[BaseException] = []
-
-    def writer() -> None:
-        # Storage runs beside the next forward passes; torch and DuckDB both release the GIL.
-        totals = (n_windows, n_tokens, n_docs)
-        while (chunk := pending.get()) is not None:
-            if failure:
-                continue
-            totals = (totals[0] + chunk.n_windows, totals[1] + chunk.n_tokens, totals[2] + len(chunk.docs))
-            try:
-                _commit(ws, cfg.name, info.tables, chunk, totals)
-            except BaseException as err:  # surfaced in the main thread
-                failure.append(err)
-
-    thread = threading.Thread(target=writer, name="harvest-writer", daemon=True)
-    thread.start()
-    windows = _iter_windows(cfg, splitter)
-    for _ in range(n_windows):  # the committed prefix
-        next(windows)
-    chunk = _Chunk()
-    seq_id = n_windows
-    tok_idx = n_tokens
-    try:
-        while True:
-            batch = [w for _, w in zip(range(cfg.batch_size), windows, strict=False)]
-            if not batch:
-                break
-            lengths = np.array([len(w.token_ids) for w in batch])
-            ids = np.full((len(batch), lengths.max()), splitter.pad_id, dtype=np.int64)
-            mask = np.zeros_like(ids)
-            for row, w in enumerate(batch):
-                ids[row, : lengths[row]] = w.token_ids
-                mask[row, : lengths[row]] = 1
-            with torch.inference_mode():
-                _, cache = model.run_with_cache(
-                    torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-                    names_filter=list(plan.hooks), stop_at_layer=plan.stop_at_layer,
-                )
-            keep = torch.from_numpy(mask.astype(bool))
-            for hook in plan.hooks:
-                chunk.acts.setdefault(hook, []).append(cache[hook][keep].float().numpy())
-            flat_ids = np.concatenate([w.token_ids for w in batch])
-            n = len(flat_ids)
-            seq_pos = np.concatenate([np.arange(k) for k in lengths])
-            cols = {
-                "tok_idx": np.arange(tok_idx, tok_idx + n, dtype=np.int64),
-                "doc_id": np.repeat([w.doc_id for w in batch], lengths).astype(np.int64),
-                "pos": (np.repeat([w.window for w in batch], lengths) * cfg.ctx_len + seq_pos).astype(np.int32),
-                "seq_id": np.repeat(np.arange(seq_id, seq_id + len(batch)), lengths).astype(np.int64),
-                "seq_pos": seq_pos.astype(np.int32),
-                "token_id": flat_ids.astype(np.int32),
-                "token_str": np.array(token_strings(flat_ids), dtype=object),
-                "is_special": np.concatenate([w.special for w in batch]),
-            }
-            for key, value in cols.items():
-                chunk.columns.setdefault(key, []).append(value)
-            chunk.columns.setdefault("role", []).append(
-                [r for w in batch for r in (w.roles or (None,) * len(w.token_ids))]
-            )
-            for w in batch:
-                if w.window == 0:
-                    text = w.doc.text or json.dumps(list(w.doc.messages))
-                    chunk.docs.append((w.doc_id, w.doc.source, text))
-            chunk.n_windows += len(batch)
-            chunk.n_tokens += n
-            seq_id += len(batch)
-            tok_idx += n
-            bar.update(n)
-            if chunk.n_tokens >= cfg.commit_tokens:
-                pending.put(chunk)
-                chunk = _Chunk()
-            if failure:
-                raise failure[0]
-        if chunk.n_tokens:
-            pending.put(chunk)
-    finally:
-        pending.put(None)
-        thread.join()
-        bar.close()
-    if failure:
-        raise failure[0]
-    with ws.write() as con:
-        con.execute("UPDATE harvests SET status = 'complete', updated_at = current_timestamp WHERE name = ?", [cfg.name])
-    return harvest_info(ws, cfg.name)
+    harvester = Harvester(cfg, workspace)
+    harvester.run(progress=progress)
+    return harvester.info

@@ -21,6 +21,7 @@ Split = Literal["train", "eval", "all"]
 _HASH_MUL = 2654435761
 _HASH_MOD = 4294967296
 _BUCKETS = 10_000
+READ_MEMORY_LIMIT = "128MB"
 
 
 def doc_split_sql(split: Split) -> str:
@@ -106,21 +107,31 @@ class ActivationStream:
         return -(-self.n_tokens // self.batch_size)
 
     def _read_chunks(self, chunks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One buffer: the rows of these chunks, filled chunk by chunk into one preallocated array."""
         query = (
             f"SELECT a.tok_idx, a.x FROM {quote_ident(self.table)} a JOIN tokens t ON t.tok_idx = a.tok_idx "
             f"WHERE {self._where} AND a.tok_idx >= ? AND a.tok_idx < ? AND t.tok_idx >= ? AND t.tok_idx < ? "
             "ORDER BY a.tok_idx"
         )
-        idx_parts, x_parts = [], []
-        with self.ws.read() as con:
+        total = int(self.chunk_counts[chunks].sum())
+        idx = np.empty(total, dtype=np.int64)
+        x = np.empty((total, self.d), dtype=np.float32)
+        at = 0
+        # Pages are read once per epoch; a small buffer pool keeps the stream's memory flat.
+        with self.ws.read(memory_limit=READ_MEMORY_LIMIT) as con:
             for chunk in chunks.tolist():
                 lo = chunk * self.chunk_tokens
                 hi = min(lo + self.chunk_tokens, self.n_committed)
                 result = con.sql(query, params=[self.harvest, self._threshold, lo, hi, lo, hi]).to_arrow_table()
-                col = result.column("x").combine_chunks()
-                idx_parts.append(result.column("tok_idx").to_numpy())
-                x_parts.append(col.values.to_numpy(zero_copy_only=False).reshape(-1, self.d))
-        return np.concatenate(idx_parts), np.concatenate(x_parts)
+                n = result.num_rows
+                idx[at : at + n] = result.column("tok_idx").to_numpy()
+                values = result.column("x").combine_chunks().values.to_numpy(zero_copy_only=False)
+                x[at : at + n] = values.reshape(n, self.d)
+                at += n
+                del result, values
+        if at != total:
+            raise RuntimeError(f"workspace changed under the stream: expected {total} rows, read {at}")
+        return idx, x
 
     def _buffers(self, epoch: int) -> tuple[list[np.ndarray], np.ndarray]:
         """The epoch's buffers (lists of chunk ids) and how many tokens each one holds."""
@@ -130,8 +141,11 @@ class ActivationStream:
         sizes = np.array([self.chunk_counts[g].sum() for g in groups], dtype=np.int64)
         return groups, sizes
 
-    def _rows(self, position: int, one_epoch: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Shuffled (tok_idx, x) blocks from `position` tokens into the endless stream of epochs."""
+    def _rows(self, position: int, one_epoch: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Buffers (tok_idx, x, visiting order) from `position` tokens into the endless stream of epochs.
+
+        The buffer is never permuted in place or copied: batches gather their rows through the order.
+        """
         epoch, offset = divmod(position, self.n_tokens)
         while True:
             groups, sizes = self._buffers(epoch)
@@ -140,32 +154,41 @@ class ActivationStream:
             skip = offset - (int(ends[first - 1]) if first else 0)
             for g in range(first, len(groups)):
                 idx, x = self._read_chunks(groups[g])
-                perm = np.random.default_rng([self.seed, epoch, g]).permutation(len(idx))[skip:]
+                order = np.random.default_rng([self.seed, epoch, g]).permutation(len(idx))[skip:]
                 skip = 0
-                yield idx[perm], x[perm]
+                yield idx, x, order
+                del idx, x, order  # before the next buffer is read: at most one buffer alive
             if one_epoch:
                 return
             epoch, offset = epoch + 1, 0
 
     def _batched(
-        self, rows: Iterator[tuple[np.ndarray, np.ndarray]], with_index: bool, keep_last: bool
+        self, buffers: Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]], with_index: bool, keep_last: bool
     ) -> Iterator[np.ndarray | tuple[np.ndarray, np.ndarray]]:
-        pend_idx: list[np.ndarray] = []
-        pend_x: list[np.ndarray] = []
+        parts: list[tuple[np.ndarray, np.ndarray]] = []  # (tok_idx, x) gathered for the batch being built
         have = 0
-        for idx, x in rows:
-            pend_idx.append(idx)
-            pend_x.append(x)
-            have += len(idx)
-            while have >= self.batch_size:
-                all_idx, all_x = np.concatenate(pend_idx), np.concatenate(pend_x)
-                cut = self.batch_size
-                batch_idx, batch_x = all_idx[:cut], np.ascontiguousarray(all_x[:cut])
-                pend_idx, pend_x, have = [all_idx[cut:]], [all_x[cut:]], have - cut
-                yield (batch_idx, batch_x) if with_index else batch_x
+        for idx, x, order in buffers:
+            at = 0
+            while at < len(order):
+                take = order[at : at + self.batch_size - have]
+                parts.append((idx[take], x[take]))
+                have += len(take)
+                at += len(take)
+                if have == self.batch_size:
+                    yield self._emit(parts, with_index)
+                    parts, have = [], 0
+            del idx, x, order
         if keep_last and have:
-            batch_idx, batch_x = np.concatenate(pend_idx), np.concatenate(pend_x)
-            yield (batch_idx, batch_x) if with_index else batch_x
+            yield self._emit(parts, with_index)
+
+    @staticmethod
+    def _emit(parts: list[tuple[np.ndarray, np.ndarray]], with_index: bool) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        if len(parts) == 1:
+            batch_idx, batch_x = parts[0]
+        else:
+            batch_idx = np.concatenate([p[0] for p in parts])
+            batch_x = np.concatenate([p[1] for p in parts])
+        return (batch_idx, batch_x) if with_index else batch_x
 
     def batches(self, start: int = 0, with_index: bool = False) -> Iterator[np.ndarray]:
         """Endless full batches, epoch after epoch; batch `start` first (resume = same start)."""

@@ -58,7 +58,7 @@ class Workspace:
     def exists(self) -> bool:
         return self.path.exists()
 
-    def _open(self, read_only: bool) -> duckdb.DuckDBPyConnection:
+    def _open(self, read_only: bool, config: dict[str, str] | None = None) -> duckdb.DuckDBPyConnection:
         if read_only and not self.path.exists():
             raise WorkspaceNotFoundError(
                 f"workspace {self.path} does not exist; create it with `saewb harvest --workspace {self.path} ...`"
@@ -67,7 +67,7 @@ class Workspace:
         delay = 0.005
         while True:
             try:
-                return duckdb.connect(str(self.path), read_only=read_only)
+                return duckdb.connect(str(self.path), read_only=read_only, config=config or {})
             except duckdb.Error as err:  # IOException / ConnectionException on lock conflicts
                 if not _is_lock_conflict(err) or time.monotonic() > deadline:
                     if _is_lock_conflict(err):
@@ -81,9 +81,12 @@ class Workspace:
                 delay = min(delay * 2, 0.2)
 
     @contextmanager
-    def read(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A short-lived read-only connection. Do not keep it beyond a few queries."""
-        con = self._open(read_only=True)
+    def read(self, memory_limit: str | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A short-lived read-only connection. Do not keep it beyond a few queries.
+
+        `memory_limit` caps DuckDB's buffer pool for scans whose pages need not stay cached.
+        """
+        con = self._open(read_only=True, config={"memory_limit": memory_limit} if memory_limit else None)
         try:
             yield con
         finally:
