@@ -7,34 +7,41 @@ SAEWB := $(VENV)/bin/saewb
 STAMP := $(VENV)/.installed-stamp
 WORKSPACE ?= workspace.duckdb
 DEMO_HOOK ?= blocks.3.hook_out
-DEMO_TOKENS ?= 200000
+DEMO_RUN ?= demo-topk
+PORT ?= 8501
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 export XLA_PYTHON_CLIENT_PREALLOCATE = false
+export TOKENIZERS_PARALLELISM = false
 
-.PHONY: install demo demo-harvest demo-train test lint bench clean
+.PHONY: install browser demo demo-pipeline test lint bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -e ".[dev]" 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
-	@$(PY) -c "import activations, sae, saewb, torch, jax, duckdb, transformer_lens" || (echo "install failed"; exit 1)
+	@$(PY) -c "import activations, analysis, app, sae, saewb, torch, jax, duckdb, transformer_lens, streamlit, playwright" \
+		|| (echo "install failed: see the pip output above"; exit 1)
 	@touch $(STAMP)
 
 install: $(STAMP)
 
-## demo: harvest the built-in corpus through the bundled MiniLM, train a TopK SAE, analyse, serve.
-demo: demo-harvest demo-train
+# The browser test drives Debian's chromium (never a downloaded browser); install it when missing.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium chromium-driver; }
 
-demo-harvest: $(STAMP)
-	$(SAEWB) harvest --model minilm --corpus stdlib-docs --hook $(DEMO_HOOK) --ctx-len 128 \
-		--max-tokens $(DEMO_TOKENS) --workspace $(WORKSPACE)
+## demo: the whole pipeline on the built-in corpus and MiniLM, then serve the app on localhost.
+demo: demo-pipeline
+	$(SAEWB) app $(WORKSPACE) --port $(PORT)
 
-demo-train: $(STAMP)
-	@if $(PY) -c "import sae.cli" 2>/dev/null; then \
-		$(SAEWB) train --workspace $(WORKSPACE) --hook $(DEMO_HOOK) --arch topk --n-latents 4096 --k 32 \
-			--train-tokens 2000000 --batch-size 4096 --seed 0 --name demo-topk; \
-	else echo "trainers not installed yet; skipping training"; fi
+demo-pipeline: $(STAMP)
+	$(SAEWB) harvest --model minilm --corpus stdlib-docs --hook $(DEMO_HOOK) --ctx-len 128 --workspace $(WORKSPACE)
+	$(SAEWB) train --workspace $(WORKSPACE) --hook $(DEMO_HOOK) --arch topk --n-latents 4096 --k 32 \
+		--train-tokens 1000000 --batch-size 4096 --seed 0 --name $(DEMO_RUN)
+	$(SAEWB) eval $(DEMO_RUN) --workspace $(WORKSPACE)
+	$(SAEWB) analyze $(DEMO_RUN) --workspace $(WORKSPACE)
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
@@ -44,4 +51,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/harvest.py
 
 clean:
-	rm -rf $(WORKSPACE) $(WORKSPACE).wal $(basename $(WORKSPACE)).runs .pytest_cache
+	rm -rf $(WORKSPACE) $(WORKSPACE).wal $(basename $(WORKSPACE)).runs .pytest_cache test-artifacts

@@ -36,7 +36,7 @@ from activations.store import (
     insert_arrow,
     quote_ident,
 )
-from activations.tokenize import Window, WindowTokenizer
+from activations.tokenize import TokenStrings, Window, WindowTokenizer
 from saewb.workspace import Workspace
 
 BLOCK_WINDOWS = 1024
@@ -118,24 +118,6 @@ def _iter_windows(cfg: HarvestConfig, splitter: WindowTokenizer) -> Iterator[Win
         if done:
             return
     yield from sorted(block, key=lambda w: -len(w.token_ids))
-
-
-class _TokenStrings:
-    """Decoded text of each token id, decoded once."""
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-        self.cache: dict[int, str] = {}
-
-    def __call__(self, ids: np.ndarray) -> list[str]:
-        cache = self.cache
-        out = []
-        for i in ids.tolist():
-            s = cache.get(i)
-            if s is None:
-                s = cache[i] = self.tokenizer.decode([i])
-            out.append(s)
-        return out
 
 
 @dataclass
@@ -283,7 +265,7 @@ class Harvester:
         if info.status == "complete":
             print(f"harvest {cfg.name!r} is already complete ({info.n_tokens} tokens); nothing to do")
             return HarvestStats(0, 0.0, 0.0, 0.0, 0)
-        token_strings = _TokenStrings(self.model.tokenizer)
+        token_strings = TokenStrings(self.model.tokenizer)
         n_windows, n_tokens = info.n_windows, info.n_tokens
         bar = tqdm(
             total=cfg.max_tokens, initial=n_tokens, unit="tok", unit_scale=True, disable=not progress,

@@ -83,6 +83,7 @@ class ActivationStream:
         # A snapshot: tokens committed by a harvest still running after this point are not seen.
         self.n_committed = info.n_tokens
         self.chunk_counts = self._count_chunks()
+        self._resident: tuple[tuple[int, ...], np.ndarray, np.ndarray] | None = None
         self.n_tokens = int(self.chunk_counts.sum())
         if self.n_tokens == 0:
             raise HarvestError(
@@ -107,12 +108,13 @@ class ActivationStream:
         return -(-self.n_tokens // self.batch_size)
 
     def _read_chunks(self, chunks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """One buffer: the rows of these chunks, filled chunk by chunk into one preallocated array."""
-        query = (
-            f"SELECT a.tok_idx, a.x FROM {quote_ident(self.table)} a JOIN tokens t ON t.tok_idx = a.tok_idx "
-            f"WHERE {self._where} AND a.tok_idx >= ? AND a.tok_idx < ? AND t.tok_idx >= ? AND t.tok_idx < ? "
-            "ORDER BY a.tok_idx"
-        )
+        """One buffer: the rows of these chunks, filled chunk by chunk into one preallocated array.
+
+        The split and special-token filter runs on the narrow `tokens` table; the activation rows are
+        a plain range read (a join of the two is several times slower in DuckDB).
+        """
+        keep_query = f"SELECT t.tok_idx FROM tokens t WHERE {self._where} AND t.tok_idx >= ? AND t.tok_idx < ?"
+        act_query = f"SELECT tok_idx, x FROM {quote_ident(self.table)} WHERE tok_idx >= ? AND tok_idx < ?"
         total = int(self.chunk_counts[chunks].sum())
         idx = np.empty(total, dtype=np.int64)
         x = np.empty((total, self.d), dtype=np.float32)
@@ -122,16 +124,32 @@ class ActivationStream:
             for chunk in chunks.tolist():
                 lo = chunk * self.chunk_tokens
                 hi = min(lo + self.chunk_tokens, self.n_committed)
-                result = con.sql(query, params=[self.harvest, self._threshold, lo, hi, lo, hi]).to_arrow_table()
-                n = result.num_rows
-                idx[at : at + n] = result.column("tok_idx").to_numpy()
+                keep = np.zeros(hi - lo, dtype=bool)
+                kept = con.sql(keep_query, params=[self.harvest, self._threshold, lo, hi]).to_arrow_table()
+                keep[kept.column("tok_idx").to_numpy() - lo] = True
+                result = con.sql(act_query, params=[lo, hi]).to_arrow_table()
+                rows = result.column("tok_idx").to_numpy()
                 values = result.column("x").combine_chunks().values.to_numpy(zero_copy_only=False)
-                x[at : at + n] = values.reshape(n, self.d)
+                order = np.argsort(rows, kind="stable")  # scans are not ordered; sorting 8k ints is cheap
+                rows, values = rows[order], values.reshape(-1, self.d)[order]
+                mask = keep[rows - lo]
+                n = int(mask.sum())
+                idx[at : at + n] = rows[mask]
+                x[at : at + n] = values[mask]
                 at += n
-                del result, values
+                del result, values, kept
         if at != total:
             raise RuntimeError(f"workspace changed under the stream: expected {total} rows, read {at}")
         return idx, x
+
+    def _buffer(self, chunks: np.ndarray, single: bool) -> tuple[np.ndarray, np.ndarray]:
+        """A buffer's rows; a cache that fits in one buffer is read once and kept for every epoch."""
+        if not single:
+            return self._read_chunks(chunks)
+        key = tuple(sorted(chunks.tolist()))
+        if self._resident is None or self._resident[0] != key:
+            self._resident = (key, *self._read_chunks(np.array(key, dtype=np.int64)))
+        return self._resident[1], self._resident[2]
 
     def _buffers(self, epoch: int) -> tuple[list[np.ndarray], np.ndarray]:
         """The epoch's buffers (lists of chunk ids) and how many tokens each one holds."""
@@ -153,7 +171,7 @@ class ActivationStream:
             first = int(np.searchsorted(ends, offset, side="right"))
             skip = offset - (int(ends[first - 1]) if first else 0)
             for g in range(first, len(groups)):
-                idx, x = self._read_chunks(groups[g])
+                idx, x = self._buffer(groups[g], single=len(groups) == 1)
                 order = np.random.default_rng([self.seed, epoch, g]).permutation(len(idx))[skip:]
                 skip = 0
                 yield idx, x, order

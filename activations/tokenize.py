@@ -132,3 +132,33 @@ def _content_spans(text: str, messages: list[dict[str, str]]) -> list[tuple[int,
         spans.append((at, at + len(content), message["role"]))
         cursor = at + len(content)
     return spans
+
+
+class TokenStrings:
+    """Each token id as the text it stands for, spaces included, decoded once per id.
+
+    Byte-level BPE tokens decode with their leading space already. WordPiece (BERT, MiniLM) drops
+    word boundaries when tokens are decoded one at a time, so a word-initial piece gets a leading
+    space back and a `##` continuation loses its marker: joining the strings gives readable text.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.special = set(tokenizer.all_special_ids)
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self.wordpiece = type(getattr(backend, "model", None)).__name__ == "WordPiece"
+        self.cache: dict[int, str] = {}
+
+    def one(self, token_id: int) -> str:
+        s = self.cache.get(token_id)
+        if s is None:
+            if self.wordpiece and token_id not in self.special:
+                piece = self.tokenizer.convert_ids_to_tokens(token_id)
+                s = piece[2:] if piece.startswith("##") else " " + piece
+            else:
+                s = self.tokenizer.decode([token_id])
+            self.cache[token_id] = s
+        return s
+
+    def __call__(self, ids: np.ndarray | list[int]) -> list[str]:
+        return [self.one(i) for i in np.asarray(ids).tolist()]

@@ -12,17 +12,13 @@ Registrar = Callable[[argparse._SubParsersAction], None]
 
 
 def _registrars() -> list[Registrar]:
-    """Each stage adds its own subcommands; imports stay inside so `--help` stays fast."""
+    """Each stage adds its own subcommands; imports stay inside so `saewb --help` stays fast."""
     from activations import cli as activations_cli
+    from analysis import analyze_cli, eval_cli
+    from app import cli as app_cli
+    from sae import cli as sae_cli
 
-    out: list[Registrar] = [activations_cli.register]
-    try:
-        from sae import cli as sae_cli
-    except ImportError:  # the trainers are optional while a stage is being built
-        pass
-    else:
-        out.append(sae_cli.register)
-    return out
+    return [activations_cli.register, sae_cli.register, eval_cli.register, analyze_cli.register, app_cli.register]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -42,3 +42,16 @@ def minilm_ws(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     run_harvest(cfg, path, progress=False)
     return path
+
+
+@pytest.fixture(scope="session")
+def demo_ws(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small end-to-end workspace, made with the CLI as `make demo` does: harvest, train, analyze."""
+    path = tmp_path_factory.mktemp("demo") / "demo.duckdb"
+    run_saewb("harvest", "--model", "minilm", "--corpus", "stdlib-docs", "--hook", "blocks.2.hook_out",
+              "--ctx-len", "64", "--max-tokens", "8000", "--workspace", str(path), "--quiet")
+    run_saewb("train", "--workspace", str(path), "--hook", "blocks.2.hook_out", "--arch", "topk",
+              "--n-latents", "512", "--k", "16", "--train-tokens", "40000", "--batch-size", "1024",
+              "--seed", "0", "--name", "demo")
+    run_saewb("analyze", "demo", "--workspace", str(path))
+    return path

@@ -166,3 +166,22 @@ def test_different_config_under_same_name_is_refused(minilm_ws: Path, tmp_path: 
     with pytest.raises(HarvestError, match="ctx_len: stored 64, now 32"):
         run_harvest(cfg, ws, progress=False)
     assert harvest_info(ws).n_tokens == before  # nothing written
+
+
+def test_hub_name_loads_from_the_local_cache_offline(tiny_gpt2: Path, tmp_path: Path) -> None:
+    """`--model org/name` works with no network when the weights are in the Hugging Face cache."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    snapshot = tmp_path / "hf" / "hub" / "models--local-org--tiny-gpt2" / "snapshots" / "0123abcd"
+    shutil.copytree(tiny_gpt2, snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0123abcd")
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf")}
+    env.pop("HF_HUB_OFFLINE", None)
+    code = "from activations.models import load_model; m = load_model('local-org/tiny-gpt2'); print(m.cfg.n_layers)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "2"

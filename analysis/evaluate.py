@@ -1,0 +1,352 @@
+"""`saewb eval`: an SAE run's reference-sheet metrics on held-out documents.
+
+* Reconstruction metrics (FVU, legacy EV, L0, dead/dense, cosine, L2 ratio, relative bias) stream
+  the stored activations of the harvest's eval split (`sae.metrics.evaluate`, streaming sums).
+* Downstream metrics re-run the model on held-out windows rebuilt from the `tokens` table (same
+  token ids, right padding and attention mask as the harvester). The SAE is spliced in on the
+  positions it was trained on: attended, non-special tokens; the others pass through, and the
+  zero-ablation baseline ablates the same positions so the CE score compares like with like.
+  Causal LMs: CE clean / spliced / zero-ablated, CE score, ΔCE, KL score. Encoders: cosine of the
+  mean-pooled sentence embedding with and without the splice, top-10 neighbour overlap.
+
+Results go to the workspace's `evals` table (run, kind, metrics JSON, created_at).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from activations.store import HarvestError, harvest_info
+from activations.stream import _BUCKETS, ActivationStream, doc_split_sql
+from analysis.splice import hooked, sae_hook_fn, zero_ablate_hook_fn
+from saewb.workspace import Workspace
+
+EVAL_FRACTION = 0.05
+"""Share of documents held out; the same default the trainer and the stream use."""
+
+EVALS_SCHEMA = """CREATE TABLE IF NOT EXISTS evals (
+    run VARCHAR NOT NULL,
+    kind VARCHAR NOT NULL,
+    metrics VARCHAR NOT NULL,
+    created_at TIMESTAMP NOT NULL
+)"""
+
+
+@dataclass
+class RunContext:
+    """A trained run with what is needed to splice it: its SAE, hook, harvest and model name."""
+
+    ws: Workspace
+    name: str
+    sae: Any
+    hook: str
+    harvest: str
+    model_name: str
+    ctx_len: int
+
+
+def load_run(workspace: str | Path | Workspace, run: str) -> RunContext:
+    """Load run `run` of a workspace and the harvest facts it was trained on."""
+    import sae as sae_pkg
+    from sae import runs
+
+    ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace)
+    row = runs.get_run(ws, run)
+    if row is None:
+        names = [r["name"] for r in runs.list_runs(ws)]
+        raise ValueError(f"no run named {run!r} in {ws.path}; runs there: {', '.join(names) or 'none'} "
+                         "(train one with `saewb train`)")
+    if not row.get("hook"):
+        raise ValueError(f"run {run!r} records no hook (trained on arrays, not a harvest); it cannot be spliced")
+    info = harvest_info(ws, row.get("harvest"))
+    model = sae_pkg.load(run, workspace=ws.path)
+    ident = info.config.get("identity", {})
+    if info.hooks.get(row["hook"]) not in (None, model.d):
+        raise ValueError(f"run {run!r} has width {model.d} but hook {row['hook']} of harvest {info.name!r} "
+                         f"has width {info.hooks[row['hook']]}")
+    return RunContext(ws, run, model, row["hook"], info.name, str(ident.get("model", info.config.get("model"))),
+                      int(ident.get("ctx_len", 128)))
+
+
+def is_causal_lm(model: Any) -> bool:
+    """True for models with a next-token head (GPT-2, Llama...), False for encoders such as BERT/MiniLM."""
+    arch = str(getattr(model.cfg, "architecture", "") or "")
+    return arch.endswith(("CausalLM", "LMHeadModel"))
+
+
+@dataclass(frozen=True)
+class Windows:
+    """Held-out context windows, padded like the harvester pads them."""
+
+    ids: np.ndarray
+    """int64 [n, ctx] token ids, right-padded."""
+    attention: np.ndarray
+    """int64 [n, ctx], 1 on real tokens."""
+    special: np.ndarray
+    """bool [n, ctx], True on special tokens (and padding)."""
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def splice_mask(self) -> np.ndarray:
+        """Positions the SAE is spliced on: real, non-special tokens."""
+        return (self.attention == 1) & ~self.special
+
+
+def eval_windows(
+    ws: Workspace, harvest: str, pad_id: int, max_seqs: int | None = 64, eval_fraction: float = EVAL_FRACTION
+) -> Windows:
+    """The first `max_seqs` windows (by seq_id) of the harvest's held-out documents."""
+    threshold = round(eval_fraction * _BUCKETS)
+    with ws.read() as con:
+        seqs = [r[0] for r in con.execute(
+            f"SELECT DISTINCT t.seq_id FROM tokens t WHERE t.harvest = ? AND {doc_split_sql('eval')} "
+            "ORDER BY 1 LIMIT ?", [harvest, threshold, max_seqs if max_seqs else 2**62],
+        ).fetchall()]
+        if not seqs:
+            raise HarvestError(f"harvest {harvest!r} has no held-out documents; harvest more tokens")
+        table = con.sql(
+            "SELECT seq_id, seq_pos, token_id, is_special FROM tokens WHERE harvest = ? AND seq_id IN "
+            "(SELECT unnest(?::BIGINT[])) ORDER BY seq_id, seq_pos", params=[harvest, seqs],
+        ).to_arrow_table()
+    seq_id = table.column("seq_id").to_numpy()
+    pos = table.column("seq_pos").to_numpy()
+    row = np.searchsorted(np.asarray(seqs), seq_id)
+    width = int(pos.max()) + 1
+    ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
+    attention = np.zeros((len(seqs), width), dtype=np.int64)
+    special = np.ones((len(seqs), width), dtype=bool)
+    ids[row, pos] = table.column("token_id").to_numpy()
+    attention[row, pos] = 1
+    special[row, pos] = table.column("is_special").to_numpy(zero_copy_only=False)
+    return Windows(ids, attention, special)
+
+
+def pad_id_of(model: Any) -> int:
+    tok = model.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    return int(pad) if pad is not None else 0
+
+
+def _log_softmax64(logits: Any) -> Any:
+    import torch
+
+    return torch.log_softmax(logits.to(torch.float64), dim=-1)
+
+
+def lm_metrics(model: Any, ctx: RunContext, windows: Windows, batch_size: int = 8) -> dict[str, float]:
+    """CE clean / SAE-spliced / zero-ablated, CE score, ΔCE and KL score, summed over next-token targets."""
+    import torch
+
+    sums = {"ce_clean": 0.0, "ce_sae": 0.0, "ce_zero": 0.0, "kl_sae": 0.0, "kl_zero": 0.0}
+    n_targets = 0
+    n_kl = 0
+    for start in range(0, len(windows), batch_size):
+        sl = slice(start, start + batch_size)
+        ids = torch.from_numpy(windows.ids[sl])
+        att = torch.from_numpy(windows.attention[sl])
+        mask = torch.from_numpy(windows.splice_mask[sl])
+        clean = _log_softmax64(model(ids, attention_mask=att))
+        with hooked(model, [(ctx.hook, sae_hook_fn(ctx.sae, error_term=False, mask=mask))]):
+            spliced = _log_softmax64(model(ids, attention_mask=att))
+        with hooked(model, [(ctx.hook, zero_ablate_hook_fn(mask))]):
+            zero = _log_softmax64(model(ids, attention_mask=att))
+        # Target t+1 predicted at t, where both are real tokens.
+        tgt_ok = (att[:, :-1] == 1) & (att[:, 1:] == 1)
+        targets = ids[:, 1:].unsqueeze(-1)
+        for key, lp in (("ce_clean", clean), ("ce_sae", spliced), ("ce_zero", zero)):
+            nll = -lp[:, :-1].gather(-1, targets).squeeze(-1)
+            sums[key] += float(nll[tgt_ok].sum())
+        n_targets += int(tgt_ok.sum())
+        real = att == 1
+        p_clean = clean.exp()
+        for key, lp in (("kl_sae", spliced), ("kl_zero", zero)):
+            kl = (p_clean * (clean - lp)).sum(-1)
+            sums[key] += float(kl[real].sum())
+        n_kl += int(real.sum())
+    if n_targets == 0:
+        raise ValueError("no next-token targets in the held-out windows (windows of one token?)")
+    ce_clean, ce_sae, ce_zero = (sums[k] / n_targets for k in ("ce_clean", "ce_sae", "ce_zero"))
+    kl_sae, kl_zero = sums["kl_sae"] / n_kl, sums["kl_zero"] / n_kl
+    return {
+        "ce_clean": ce_clean,
+        "ce_sae": ce_sae,
+        "ce_zero": ce_zero,
+        "ce_score": (ce_zero - ce_sae) / (ce_zero - ce_clean) if ce_zero != ce_clean else float("nan"),
+        "delta_ce": ce_sae - ce_clean,
+        "kl_sae": kl_sae,
+        "kl_zero": kl_zero,
+        "kl_score": (kl_zero - kl_sae) / kl_zero if kl_zero > 0 else float("nan"),
+        "lm_windows": float(len(windows)),
+        "lm_targets": float(n_targets),
+    }
+
+
+def final_hook(model: Any) -> str:
+    return f"blocks.{model.cfg.n_layers - 1}.hook_out"
+
+
+def sentence_embeddings(
+    model: Any, ids: Any, attention: Any, extra_hooks: list[tuple[str, Any]] | None = None
+) -> np.ndarray:
+    """Mean-pooled last-layer states over attended tokens (sentence-transformers pooling), float64."""
+    import torch
+
+    store: list[torch.Tensor] = []
+
+    def capture(act: torch.Tensor, hook: Any = None) -> torch.Tensor:
+        store.append(act.detach())
+        return act
+
+    with hooked(model, [*(extra_hooks or []), (final_hook(model), capture)]):
+        model(ids, attention_mask=attention)
+    h = store[-1].to(torch.float64)
+    m = attention.to(torch.float64).unsqueeze(-1)
+    return ((h * m).sum(1) / m.sum(1).clamp(min=1.0)).numpy()
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def neighbour_overlap(a: np.ndarray, b: np.ndarray, k: int = 10) -> float:
+    """Mean share of each row's top-k cosine neighbours (itself excluded) that two embeddings agree on."""
+    n = len(a)
+    k = min(k, n - 1)
+    if k < 1:
+        raise ValueError("neighbour overlap needs at least 2 held-out windows")
+    out = 0.0
+    tops = []
+    for e in (_unit(a), _unit(b)):
+        sim = e @ e.T
+        np.fill_diagonal(sim, -np.inf)
+        tops.append(np.argsort(-sim, axis=1, kind="stable")[:, :k])
+    for i in range(n):
+        out += len(set(tops[0][i].tolist()) & set(tops[1][i].tolist())) / k
+    return out / n
+
+
+def encoder_metrics(
+    model: Any, ctx: RunContext, windows: Windows, batch_size: int = 8, k: int = 10
+) -> dict[str, float]:
+    """Embedding cosine (original vs SAE-spliced) and top-k neighbour overlap over the held-out windows,
+    which double as the fixed query set (each window queried against all the others)."""
+    import torch
+
+    clean, spliced = [], []
+    for start in range(0, len(windows), batch_size):
+        sl = slice(start, start + batch_size)
+        ids = torch.from_numpy(windows.ids[sl])
+        att = torch.from_numpy(windows.attention[sl])
+        mask = torch.from_numpy(windows.splice_mask[sl])
+        clean.append(sentence_embeddings(model, ids, att))
+        hook = (ctx.hook, sae_hook_fn(ctx.sae, error_term=False, mask=mask))
+        spliced.append(sentence_embeddings(model, ids, att, [hook]))
+    a, b = np.concatenate(clean), np.concatenate(spliced)
+    cos = np.sum(_unit(a) * _unit(b), axis=1)
+    out: dict[str, Any] = {
+        "emb_cosine": float(cos.mean()),
+        f"top{k}_overlap": neighbour_overlap(a, b, k),
+        "emb_windows": float(len(a)),
+    }
+    if len(a) < 5 * (k + 1):
+        # With few windows most of them are everyone's neighbours and the overlap is near 1 regardless.
+        out["note"] = (f"top-{k} overlap over only {len(a)} windows is not informative; raise --max-seqs "
+                       "or harvest more documents")
+    return out
+
+
+def reconstruction_metrics(ctx: RunContext, batch_size: int = 4096, max_tokens: int | None = None) -> dict[str, float]:
+    """Streaming reconstruction metrics over the stored held-out activations of the run's hook."""
+    from sae.metrics import evaluate
+
+    stream = ActivationStream(ctx.ws, ctx.hook, harvest=ctx.harvest, batch_size=batch_size, split="eval",
+                              eval_fraction=EVAL_FRACTION)
+
+    def batches() -> Any:
+        seen = 0
+        for x in stream.epoch():
+            if max_tokens is not None and seen >= max_tokens:
+                return
+            yield x if max_tokens is None else x[: max_tokens - seen]
+            seen += len(x)
+
+    return evaluate(ctx.sae, batches())
+
+
+def evaluate_run(
+    workspace: str | Path | Workspace,
+    run: str,
+    *,
+    model: Any = None,
+    model_name: str | None = None,
+    max_seqs: int = 64,
+    batch_size: int = 8,
+    downstream: bool = True,
+    store: bool = True,
+) -> dict[str, Any]:
+    """Every metric for one run; `model` (a loaded TransformerBridge) skips loading it again."""
+    ctx = load_run(workspace, run)
+    out: dict[str, Any] = {"run": run, "hook": ctx.hook, "harvest": ctx.harvest}
+    out.update(reconstruction_metrics(ctx))
+    if downstream:
+        if model is None:
+            from activations.models import load_model
+
+            model = load_model(model_name or ctx.model_name)
+        windows = eval_windows(ctx.ws, ctx.harvest, pad_id_of(model), max_seqs=max_seqs)
+        if is_causal_lm(model):
+            out["model_kind"] = "causal_lm"
+            out.update(lm_metrics(model, ctx, windows, batch_size))
+        else:
+            out["model_kind"] = "encoder"
+            out.update(encoder_metrics(model, ctx, windows, batch_size))
+    if store:
+        store_eval(ctx.ws, run, "eval", out)
+    return out
+
+
+def store_eval(ws: Workspace, run: str, kind: str, metrics: dict[str, Any]) -> None:
+    with ws.write() as con:
+        con.execute(EVALS_SCHEMA)
+        con.execute("INSERT INTO evals VALUES (?, ?, ?, ?)",
+                    [run, kind, json.dumps(metrics), datetime.now(UTC).replace(tzinfo=None)])
+
+
+def list_evals(workspace: str | Path | Workspace, run: str | None = None, kind: str | None = None) -> list[dict[str, Any]]:
+    """Stored evaluations, oldest first."""
+    ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace)
+    if not ws.table_exists("evals"):
+        return []
+    with ws.read() as con:
+        rows = con.execute(
+            "SELECT run, kind, metrics, created_at FROM evals WHERE (? IS NULL OR run = ?) AND (? IS NULL OR kind = ?) "
+            "ORDER BY created_at", [run, run, kind, kind],
+        ).fetchall()
+    return [{"run": r, "kind": k, "metrics": json.loads(m), "created_at": t} for r, k, m, t in rows]
+
+
+METRIC_ORDER = (
+    "fvu", "explained_variance", "legacy_ev", "l0", "dead_frac", "dense_frac", "cosine", "l2_ratio", "rel_bias",
+    "eval_tokens", "ce_clean", "ce_sae", "ce_zero", "ce_score", "delta_ce", "kl_sae", "kl_zero", "kl_score",
+    "lm_windows", "lm_targets", "emb_cosine", "top10_overlap", "emb_windows",
+)
+
+
+def format_table(metrics: dict[str, Any]) -> str:
+    """A two-column text table, reference-sheet metrics first."""
+    keys = [k for k in METRIC_ORDER if k in metrics] + [k for k in metrics if k not in METRIC_ORDER]
+    width = max(len(k) for k in keys)
+    lines = [f"{'metric':<{width}}  value", f"{'-' * width}  {'-' * 12}"]
+    for k in keys:
+        v = metrics[k]
+        text = f"{v:.6g}" if isinstance(v, float) else str(v)
+        lines.append(f"{k:<{width}}  {text}")
+    return "\n".join(lines)

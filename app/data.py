@@ -1,0 +1,168 @@
+"""Everything the pages read or write, cached the way each piece changes.
+
+Runs and metrics change while jobs train, so they are cached for a couple of seconds. Analysis
+tables change only when `saewb analyze` runs again, so their cache key includes the analysis's
+`updated_at`. Every query goes through `Workspace.read()`: a short read-only connection that never
+blocks a harvest or a training job writing to the same file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import streamlit as st
+
+from saewb.workspace import Workspace
+
+LIVE_TTL_S = 2.0
+"""How stale the runs page may be while a job trains."""
+
+
+class AppDataError(RuntimeError):
+    """Something the page should explain to the user instead of a traceback."""
+
+
+def workspace() -> Workspace:
+    path = os.environ.get("SAEWB_WORKSPACE", "workspace.duckdb")
+    ws = Workspace(path)
+    if not ws.exists():
+        raise AppDataError(
+            f"Workspace `{path}` does not exist. Create one with `saewb harvest --workspace {path} ...` "
+            "(or `make demo`), then start the app with `saewb app PATH`."
+        )
+    return ws
+
+
+def _has(ws: Workspace, table: str) -> bool:
+    return ws.table_exists(table)
+
+
+@st.cache_data(ttl=LIVE_TTL_S, show_spinner=False)
+def runs_frame(path: str) -> pd.DataFrame:
+    from sae import runs
+
+    rows = runs.list_runs(Workspace(path))
+    out = []
+    for r in rows:
+        m = r.get("final_metrics") or {}
+        out.append({
+            "run": r["name"], "arch": r["arch"], "hook": r["hook"], "harvest": r["harvest"], "status": r["status"],
+            "fvu": m.get("fvu"), "l0": m.get("l0"), "dead_frac": m.get("dead_frac"),
+            "dense_frac": m.get("dense_frac"), "updated": r["updated_at"],
+        })
+    return pd.DataFrame(out)
+
+
+@st.cache_data(ttl=LIVE_TTL_S, show_spinner=False)
+def run_config(path: str, run: str) -> dict[str, Any]:
+    from sae import runs
+
+    row = runs.get_run(Workspace(path), run)
+    return (row or {}).get("config") or {}
+
+
+@st.cache_data(ttl=LIVE_TTL_S, show_spinner=False)
+def metrics_frame(path: str, run: str) -> pd.DataFrame:
+    from sae import runs
+
+    return pd.DataFrame(runs.run_metrics(Workspace(path), run))
+
+
+@st.cache_data(ttl=LIVE_TTL_S, show_spinner=False)
+def latest_metrics(path: str) -> pd.DataFrame:
+    """Latest logged step of every run, for the L0-vs-FVU scatter of runs still training."""
+    ws = Workspace(path)
+    if not _has(ws, "metrics"):
+        return pd.DataFrame(columns=["run", "arch", "tokens", "l0", "fvu"])
+    with ws.read() as con:
+        return con.execute(
+            "SELECT m.run, r.arch, m.tokens, m.l0, m.fvu FROM metrics m JOIN runs r ON r.name = m.run "
+            "QUALIFY row_number() OVER (PARTITION BY m.run ORDER BY m.step DESC) = 1"
+        ).df()
+
+
+@st.cache_data(ttl=LIVE_TTL_S, show_spinner=False)
+def harvests_frame(path: str) -> pd.DataFrame:
+    ws = Workspace(path)
+    if not _has(ws, "harvests"):
+        return pd.DataFrame()
+    with ws.read() as con:
+        return con.execute(
+            "SELECT name, model, ctx_len, status, n_tokens, n_docs, updated_at FROM harvests ORDER BY created_at"
+        ).df()
+
+
+@st.cache_data(ttl=LIVE_TTL_S, show_spinner=False)
+def analysed_runs(path: str) -> dict[str, str]:
+    """Analysed run -> its analysis version (updated_at), the cache key of everything analysed."""
+    ws = Workspace(path)
+    if not _has(ws, "analysis_runs"):
+        return {}
+    with ws.read() as con:
+        rows = con.execute(
+            "SELECT run, CAST(updated_at AS VARCHAR) FROM analysis_runs WHERE status = 'done' ORDER BY run"
+        ).fetchall()
+    return {r[0]: r[1] for r in rows}
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def latent_table(path: str, run: str, version: str) -> pd.DataFrame:
+    from analysis import tables
+
+    rows = tables.latent_summary(Workspace(path), run)
+    frame = pd.DataFrame(rows)[["latent", "freq", "mean_act", "max_act", "n_fires", "family"]]
+    labels = labels_for(path, run)
+    frame["label"] = frame["latent"].map(labels).fillna("")
+    return frame
+
+
+@st.cache_data(show_spinner=False, max_entries=512)
+def dashboard(path: str, run: str, latent: int, version: str) -> dict[str, Any]:
+    """All of one latent's dashboard in one cached call (a handful of indexed queries)."""
+    from analysis import tables
+
+    return tables.dashboard(Workspace(path), run, latent)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def token_search(path: str, run: str, token: str, version: str) -> pd.DataFrame:
+    from analysis import tables
+
+    return pd.DataFrame(tables.search_by_token(Workspace(path), run, token))
+
+
+LABELS_DDL = "CREATE TABLE IF NOT EXISTS latent_labels (run VARCHAR, latent INTEGER, label VARCHAR, PRIMARY KEY (run, latent))"
+
+
+@st.cache_data(ttl=LIVE_TTL_S, show_spinner=False)
+def labels_for(path: str, run: str) -> dict[int, str]:
+    ws = Workspace(path)
+    if not _has(ws, "latent_labels"):
+        return {}
+    with ws.read() as con:
+        return {int(a): b for a, b in con.execute("SELECT latent, label FROM latent_labels WHERE run = ?", [run]).fetchall()}
+
+
+def save_label(path: str, run: str, latent: int, label: str) -> None:
+    with Workspace(path).write() as con:
+        con.execute(LABELS_DDL)
+        con.execute("DELETE FROM latent_labels WHERE run = ? AND latent = ?", [run, int(latent)])
+        if label.strip():
+            con.execute("INSERT INTO latent_labels VALUES (?, ?, ?)", [run, int(latent), label.strip()])
+    labels_for.clear()
+    latent_table.clear()
+
+
+@st.cache_resource(show_spinner="Loading the model and the SAE ...", max_entries=2)
+def run_context(path: str, run: str) -> Any:
+    """The model and the SAE of a run, loaded once per server (both are read-only)."""
+    from analysis.evaluate import load_run
+
+    return load_run(Workspace(path), run)
+
+
+def check_workspace_path() -> Path:
+    return workspace().path

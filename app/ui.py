@@ -1,0 +1,83 @@
+"""Small pieces shared by the pages: error display, token highlighting, links between pages."""
+
+from __future__ import annotations
+
+import functools
+import html
+from collections.abc import Callable
+from typing import Any
+
+import streamlit as st
+
+from app import data
+
+DASHBOARD = "views/dashboard.py"
+
+
+def guarded(render: Callable[[], None]) -> Callable[[], None]:
+    """Show our own errors as a message in the page, never as a traceback."""
+
+    @functools.wraps(render)
+    def page() -> None:
+        try:
+            render()
+        except data.AppDataError as err:
+            st.info(str(err))
+        except (ValueError, LookupError, FileNotFoundError) as err:
+            st.error(str(err))
+
+    return page
+
+
+def pick_run(runs: list[str], key: str = "run") -> str:
+    """A run selector that follows (and sets) the `run` query parameter, so URLs can be shared."""
+    wanted = st.query_params.get("run")
+    index = runs.index(wanted) if wanted in runs else 0
+    run = st.selectbox("Run", runs, index=index, key=key)
+    st.query_params["run"] = run
+    return run
+
+
+def trained_run(path: str, purpose: str) -> str:
+    """The selected run, finished runs first; an explanation when nothing has been trained."""
+    runs = data.runs_frame(path)
+    if runs.empty:
+        raise data.AppDataError(f"No trained run yet: train one with `saewb train` to {purpose}.")
+    return pick_run(list(runs[runs["status"] == "done"]["run"]) or list(runs["run"]))
+
+
+def analysed_run(path: str) -> tuple[str, str]:
+    """The selected analysed run and its analysis version; an explanation when there is none."""
+    analysed = data.analysed_runs(path)
+    if not analysed:
+        trained = data.runs_frame(path)
+        hint = (f" Runs without analysis: {', '.join(trained['run'])}." if len(trained) else "")
+        raise data.AppDataError(
+            "No analysed run in this workspace yet. Run `saewb analyze RUN --workspace ...` after training."
+            + hint
+        )
+    run = pick_run(list(analysed))
+    return run, analysed[run]
+
+
+def highlight(tokens: list[str], acts: list[float], scale: float, center: int | None = None) -> str:
+    """Tokens as HTML spans shaded by activation, the value in a hover title."""
+    spans = []
+    scale = scale if scale > 0 else 1.0
+    for i, (tok, act) in enumerate(zip(tokens, acts, strict=True)):
+        alpha = max(0.0, min(1.0, act / scale))
+        border = "border-bottom:2px solid #c2410c;" if i == center else ""
+        spans.append(
+            f'<span class="tok" title="{act:.3f}" style="background:rgba(234,88,12,{alpha:.2f});{border}'
+            f'padding:1px 0;border-radius:2px">{html.escape(tok)}</span>'
+        )
+    return '<div style="font-family:monospace;line-height:1.9;white-space:pre-wrap">' + "".join(spans) + "</div>"
+
+
+def latent_links(run: str, latents: list[tuple[int, Any]], fmt: Callable[[Any], str], key: str) -> None:
+    """One link per latent, to its dashboard."""
+    if not latents:
+        st.caption("none")
+        return
+    for latent, extra in latents:
+        st.page_link(DASHBOARD, label=f"#{latent} · {fmt(extra)}", query_params={"run": run, "latent": str(latent)})

@@ -1,0 +1,87 @@
+"""Feature dashboard: one latent's contexts, histogram, logit effects, neighbours, family and label."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from app import data
+from app.ui import analysed_run, guarded, highlight, latent_links
+
+
+@guarded
+def render() -> None:
+    path = str(data.workspace().path)
+    run, version = analysed_run(path)
+    raw = st.query_params.get("latent", "0")
+    try:
+        latent = int(raw)
+    except ValueError as err:
+        raise ValueError(f"latent must be a whole number, not {raw!r}") from err
+    n_latents = len(data.latent_table(path, run, version))
+    if not 0 <= latent < n_latents:
+        st.error(f"Latent {latent} does not exist in run {run!r}: it has latents 0 to {n_latents - 1}.")
+        return
+    st.query_params["latent"] = str(latent)
+    board = data.dashboard(path, run, latent, version)
+    s = board["summary"]
+    label = data.labels_for(path, run).get(latent, "")
+    st.title(f"Latent {latent}" + (f" · {label}" if label else ""))
+    c = st.columns(4)
+    c[0].metric("Firing frequency", f"{s['freq']:.5f}")
+    c[1].metric("Mean activation", f"{(s['mean_act'] or 0):.3f}")
+    c[2].metric("Max activation", f"{(s['max_act'] or 0):.3f}")
+    c[3].metric("Fires on", f"{s['n_fires']:,} tokens")
+
+    with st.form("label_form"):
+        new = st.text_input("Label", value=label, placeholder="what this latent means")
+        if st.form_submit_button("Save label"):
+            data.save_label(path, run, latent, new)
+            st.success("Label saved.")
+
+    left, right = st.columns([3, 2])
+    with left:
+        st.subheader("Top activating contexts")
+        if not board["top"]:
+            st.caption("This latent never fired on the analysed tokens.")
+        scale = float(s["max_act"] or 1.0)
+        for ctx in board["top"]:
+            st.html(f"<small>{ctx.value:.3f} · doc {ctx.doc_id}</small>" + highlight(ctx.tokens, ctx.acts, scale, ctx.center))
+        if board["bands"]:
+            st.subheader("Samples by activation quantile band")
+            ranges = {b: (lo, hi) for b, lo, hi in board["band_ranges"]}
+            for band in sorted({c.band for c in board["bands"]}, reverse=True):
+                lo, hi = ranges.get(band, (0.0, 0.0))
+                with st.expander(f"band {band}: {lo:.3f} to {hi:.3f}"):
+                    for ctx in (c for c in board["bands"] if c.band == band):
+                        st.html(highlight(ctx.tokens, ctx.acts, scale, ctx.center))
+    with right:
+        st.subheader("Activation histogram")
+        hist = np.asarray(s["hist"] or [], dtype=float)
+        if hist.size:
+            edges = np.linspace(0, scale, hist.size + 1)
+            density = hist / max(hist.sum() * (edges[1] - edges[0]), 1e-12)
+            st.bar_chart(pd.DataFrame({"activation": np.round(edges[:-1], 3), "density": density}), x="activation", y="density", height=220)
+        if s.get("logit_pos_tokens"):
+            st.subheader("Logit effect")
+            pos = pd.DataFrame({"token": s["logit_pos_tokens"], "logit": s["logit_pos"]})
+            neg = pd.DataFrame({"token": s["logit_neg_tokens"], "logit": s["logit_neg"]})
+            a, b = st.columns(2)
+            a.caption("promoted")
+            a.dataframe(pos, hide_index=True)
+            b.caption("suppressed")
+            b.dataframe(neg, hide_index=True)
+        st.subheader("Nearest latents (decoder cosine)")
+        latent_links(run, board["neighbors"][:8], lambda v: f"cos {v:.3f}", "nb")
+        st.subheader("Co-occurring latents")
+        latent_links(run, [(o, (n, z)) for o, n, z in board["cooccurring"][:8]], lambda v: f"{v[0]} tokens, {v[1]:.2f}", "co")
+        st.subheader("Family")
+        fam = board["family"]
+        if fam:
+            st.dataframe(pd.DataFrame(fam), hide_index=True)
+        else:
+            st.caption("not part of a family")
+
+
+render()

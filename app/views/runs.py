@@ -1,0 +1,77 @@
+"""Runs: every training run with its config, final metrics and curves; L0 against FVU for all."""
+
+from __future__ import annotations
+
+import contextlib
+
+import streamlit as st
+
+from app import data
+from app.ui import guarded, pick_run
+
+
+@guarded
+def render() -> None:
+    st.title("Runs")
+    path = str(data.workspace().path)
+    if data.harvests_frame(path).empty:
+        st.info(f"Workspace `{path}` is empty: no harvest yet. Start one with `saewb harvest --workspace {path}`.")
+        return
+    live(path)
+    warm_up(path)
+
+
+def warm_up(path: str) -> None:
+    """Load the newest finished run's model and SAE while the user reads this page.
+
+    The elements above are already on screen; this only makes the first visit to the inspector and
+    intervention pages as fast as the later ones (both are cached for the server's lifetime).
+    """
+    runs = data.runs_frame(path)
+    done = runs[runs["status"] == "done"]
+    if done.empty:
+        return
+    from app.inference import token_codes
+
+    # A run that cannot load shows its error on the page that needs it, not here.
+    with contextlib.suppress(Exception):
+        token_codes(path, str(done["run"].iloc[-1]), "warm up")
+
+
+@st.fragment(run_every=data.LIVE_TTL_S)
+def live(path: str) -> None:
+    # A fragment re-runs on its own every couple of seconds: harvests and curves grow while jobs run.
+    harvests = data.harvests_frame(path)
+    st.markdown("  \n".join(
+        f"**harvest {h.name}** · {h.model} · {h.n_tokens:,} tokens, {h.n_docs:,} documents · {h.status}"
+        for h in harvests.itertuples()
+    ))
+    runs = data.runs_frame(path)
+    if runs.empty:
+        st.info("No training run yet. Train one with `saewb train --workspace ... --hook ...`.")
+        return
+    latest = data.latest_metrics(path)
+    progress = dict(zip(latest["run"], latest["tokens"], strict=True)) if not latest.empty else {}
+    st.markdown("  \n".join(
+        f"**run {r.run}** · {r.arch} · {r.status} · {int(progress.get(r.run, 0)):,} tokens trained"
+        for r in runs.itertuples()
+    ))
+    st.dataframe(runs, hide_index=True, key="runs_table")
+    if not latest.empty:
+        st.subheader("L0 vs FVU")
+        st.scatter_chart(latest, x="l0", y="fvu", color="arch")
+    run = pick_run(list(runs["run"]), key="curves_run")
+    metrics = data.metrics_frame(path, run)
+    st.subheader(f"Training curves: {run}")
+    if metrics.empty:
+        st.caption("no metrics logged yet")
+    else:
+        cols = st.columns(3)
+        for col, metric in zip(cols, ("loss", "fvu", "l0"), strict=True):
+            col.caption(metric)
+            col.line_chart(metrics, x="tokens", y=metric, height=220)
+    with st.expander("Config"):
+        st.json(data.run_config(path, run))
+
+
+render()

@@ -1,0 +1,157 @@
+"""Feature-browser latency: page renders on a real workspace, dashboard queries at scale.
+
+1. Every page rendered through Streamlit's AppTest on a workspace (default: `workspace.duckdb` from
+   `make demo`; `--workspace` for another): median and max seconds per page, cold and warm cache.
+2. The feature dashboard's queries (`analysis.tables.dashboard`: everything the page reads for one latent) on a synthetic
+   analysed workspace of 1M tokens x 16,384 latents, for random latents, uncached: p50 and p95.
+
+Goals: every page < 1 s on the demo workspace; dashboard p95 < 300 ms at 1M x 16k.
+
+    python benchmarks/app.py [--workspace workspace.duckdb] [--tokens 1000000] [--latents 16384]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from analysis import tables  # noqa: E402
+from saewb.workspace import Workspace  # noqa: E402
+
+PAGES = ("views/runs.py", "views/features.py", "views/dashboard.py", "views/inspector.py", "views/interventions.py")
+MAIN = str(Path(__file__).resolve().parents[1] / "app" / "main.py")
+
+
+def synthetic_analysis(path: Path, n_tokens: int, n_latents: int, k: int = 32, top_n: int = 20) -> None:
+    """Tables shaped like `saewb analyze` output, generated in SQL (no model, no training)."""
+    from activations.store import ensure_schema as ensure_harvest_schema
+
+    ws = Workspace(path)
+    with ws.write() as con:
+        ensure_harvest_schema(con)
+    tables.ensure_schema(ws)
+    with ws.write() as con:
+        con.execute(
+            "INSERT INTO harvests (name, config, model, ctx_len, status, n_tokens) VALUES ('default', '{}', 'synthetic', 128, 'complete', ?)",
+            [n_tokens],
+        )
+        con.execute(
+            "INSERT INTO tokens SELECT 'default', i, i // 128, i % 128, i // 128, i % 128, i % 30000, "
+            "'tok' || (i % 997)::VARCHAR, i % 128 = 0, NULL FROM range(?) t(i)", [n_tokens]
+        )
+        con.execute(
+            "INSERT INTO analysis_runs VALUES ('syn', 'default', 'blocks.3.hook_out', 'done', ?, ?, '{}', current_timestamp)",
+            [n_tokens, n_latents],
+        )
+        con.execute(
+            "INSERT INTO latent_stats SELECT 'syn', j, 1000, 0.001, 1.0, 5.0, list_transform(range(40), lambda b: (b * 7 + j) % 50), "
+            "j % 500, NULL, NULL, NULL, NULL, NULL, NULL FROM range(?) t(j)", [n_latents]
+        )
+        con.execute(
+            "INSERT INTO latent_contexts SELECT 'syn', j, 'top', -1, r, (hash(j * 100 + r) % ?)::BIGINT, 5.0 - r * 0.1 "
+            "FROM range(?) a(j), range(?) b(r)", [n_tokens, n_latents, top_n]
+        )
+        con.execute(
+            "INSERT INTO latent_contexts SELECT 'syn', j, 'band', band, r, (hash(j * 1000 + band * 10 + r) % ?)::BIGINT, 1.0 "
+            "FROM range(?) a(j), range(5) b(band), range(4) c(r)", [n_tokens, n_latents]
+        )
+        con.execute("INSERT INTO latent_bands SELECT 'syn', j, b, b, b + 1 FROM range(?) a(j), range(5) c(b)", [n_latents])
+        con.execute(
+            "INSERT INTO latent_neighbors SELECT 'syn', j, r, (j + r + 1) % ?, 0.5 FROM range(?) a(j), range(10) b(r)",
+            [n_latents, n_latents],
+        )
+        con.execute(
+            "INSERT INTO latent_cooccurrence SELECT 'syn', j, r, (j * 7 + r + 1) % ?, 10, 0.3 FROM range(?) a(j), range(10) b(r)",
+            [n_latents, n_latents],
+        )
+        con.execute(
+            "INSERT INTO latent_families SELECT 'syn', j // 8, j, CASE WHEN j % 8 = 0 THEN NULL ELSE j - j % 8 END, "
+            "CASE WHEN j % 8 = 0 THEN 0 ELSE 1 END, 0.5 FROM range(?) t(j)", [n_latents]
+        )
+        con.execute(
+            "INSERT INTO feature_codes SELECT 'syn', i, list_transform(range(?), lambda q: ((i * 31 + q * 977) % ?)::INTEGER), "
+            "list_transform(range(?), lambda q: 1.0::FLOAT) FROM range(?) t(i)", [k, n_latents, k, n_tokens]
+        )
+        tables.create_indexes(con)
+
+
+def dashboard_latency(path: Path, n_latents: int, samples: int) -> list[float]:
+    ws = Workspace(path)
+    rng = np.random.default_rng(0)
+    times = []
+    for latent in rng.integers(0, n_latents, samples).tolist():
+        t0 = time.perf_counter()
+        tables.dashboard(ws, "syn", latent)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def page_times(workspace: Path, run: str, latent: int, reps: int) -> dict[str, tuple[float, float]]:
+    from streamlit.testing.v1 import AppTest
+
+    os.environ["SAEWB_WORKSPACE"] = str(workspace)
+    out = {}
+    for page in PAGES:
+        at = AppTest.from_file(MAIN, default_timeout=300)
+        at.query_params.update({"run": run, "latent": str(latent)})
+        at.run()
+        at.switch_page(page)
+        t0 = time.perf_counter()
+        at.run()  # cold: nothing of this page cached yet (the model loads here for model pages)
+        cold = time.perf_counter() - t0
+        warm = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            at.run()
+            warm.append(time.perf_counter() - t0)
+        if at.exception:
+            raise RuntimeError(f"{page}: {at.exception[0].value}")
+        out[page] = (cold, statistics.median(warm))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workspace", default="workspace.duckdb", help="an analysed workspace (make demo)")
+    parser.add_argument("--run", default="demo-topk")
+    parser.add_argument("--tokens", type=int, default=1_000_000)
+    parser.add_argument("--latents", type=int, default=16_384)
+    parser.add_argument("--samples", type=int, default=200)
+    args = parser.parse_args()
+
+    if Path(args.workspace).exists():
+        print(f"Page renders on {args.workspace} (run {args.run}); AppTest, seconds\n")
+        print("| page | cold | warm (median of 5) | goal |")
+        print("|---|---|---|---|")
+        for page, (cold, warm) in page_times(Path(args.workspace), args.run, 1, reps=5).items():
+            print(f"| {page} | {cold:.2f} | {warm:.3f} | < 1 s |")
+        print()
+    else:
+        print(f"({args.workspace} not found: run `make demo-pipeline` for the page timings)\n")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "synthetic.duckdb"
+        t0 = time.perf_counter()
+        synthetic_analysis(path, args.tokens, args.latents)
+        build = time.perf_counter() - t0
+        times = dashboard_latency(path, args.latents, args.samples)
+    q = np.quantile(times, [0.5, 0.95]) * 1000
+    print(f"Dashboard queries on a synthetic {args.tokens:,}-token x {args.latents:,}-latent analysis "
+          f"(built in {build:.0f} s), {args.samples} random latents, uncached\n")
+    print("| measure | value | goal |")
+    print("|---|---|---|")
+    print(f"| p50 | {q[0]:.0f} ms | |")
+    print(f"| p95 | {q[1]:.0f} ms | < 300 ms |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,319 @@
+"""`saewb train` and `saewb runs`.
+
+    saewb train --workspace ws.duckdb --hook blocks.3.hook_out --arch topk --n-latents 4096 --k 32 \
+        --train-tokens 2000000 --batch-size 4096 --seed 0 --name my-run
+    saewb train --config run.yaml          # YAML keys = the flag names (dashes or underscores)
+    saewb runs --workspace ws.duckdb
+
+Every check (unknown field, k > n, hook not in the harvest, d mismatch, unknown arch, a different
+config under an existing name) runs before any work. Running the same --name with the same config
+resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+RUN_KEYS = ("workspace", "hook", "harvest", "arch", "name", "d_in", "eval_tokens", "progress")
+"""Keys that are about the run, not the SAE or the optimiser."""
+
+FLAG_HELP = {
+    "n_latents": "number of latents n",
+    "k": "TopK: active latents per token",
+    "k_aux": "TopK: AuxK latents (default d/2)",
+    "aux_coef": "TopK: AuxK weight (default 1/32)",
+    "multi_topk": "TopK: add the Multi-TopK 4k loss",
+    "decoder": "TopK: 'unit' or 'free' (SAELens-style)",
+    "l1_coef": "relu_l1: L1 coefficient λ",
+    "variant": "relu_l1: 'april' or 'classic'",
+    "n_groups": "gba: groups K (1 = BA)",
+    "htf": "gba: highest target frequency",
+    "ltf": "gba: lowest target frequency",
+    "gamma": "gba: bias step γ",
+    "update_every": "gba: steps between bias updates",
+    "activation": "gba: 'relu' or 'jumprelu'",
+}
+
+
+def _field_docs() -> dict[str, str]:
+    """Field docstrings of the config dataclasses, read from source with `ast` (no JAX import)."""
+    import ast
+
+    docs: dict[str, str] = {}
+    here = Path(__file__).parent
+    for module, owner in (("trainer", ""), ("topk", "TopK: "), ("relu_l1", "relu_l1: "), ("gba", "gba: ")):
+        tree = ast.parse((here / f"{module}.py").read_text())
+        for cls in (n for n in tree.body if isinstance(n, ast.ClassDef) and n.name.endswith("Config")):
+            body = cls.body
+            for field, doc in zip(body, body[1:], strict=False):
+                if (isinstance(field, ast.AnnAssign) and isinstance(field.target, ast.Name)
+                        and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)
+                        and isinstance(doc.value.value, str)):
+                    text = " ".join(doc.value.value.split()).replace("%", "%%")  # argparse formats help with %
+                    docs.setdefault(field.target.id, owner + text)
+    return docs
+
+
+def _bool(v: str) -> bool:
+    if v.lower() in ("1", "true", "yes", "on"):
+        return True
+    if v.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {v!r}")
+
+
+FLAG_TYPES: dict[str, Any] = {
+    # TrainConfig
+    "train_tokens": int, "batch_size": int, "seed": int, "lr": float, "warmup_steps": int,
+    "decay_frac": float, "grad_clip": float, "adam_b1": float, "adam_b2": float, "adam_eps": float,
+    "dead_window_tokens": int, "dense_threshold": float, "init_sample_tokens": int, "log_every": int,
+    "ckpt_every": int, "keep_checkpoints": int,
+    # TopKConfig
+    "n_latents": int, "k": int, "k_aux": int, "aux_coef": float, "multi_topk": _bool, "decoder": str,
+    "init_dec_norm": float, "rescale_by_decoder_norm": _bool,
+    # ReluL1Config
+    "l1_coef": float, "l1_warmup_frac": float, "variant": str, "resample_every_frac": float,
+    # GBAConfig
+    "n_groups": int, "htf": float, "ltf": float, "gamma": float, "update_every": int, "freq_eps": float,
+    "activation": str, "init_a": float, "init_w": str, "train_b_pre": _bool, "init_b_pre": str,
+}
+"""Every config field as a flag, listed here so that `saewb --help` need not import JAX; a test
+checks it against the dataclasses."""
+
+
+def _all_fields() -> dict[str, dataclasses.Field]:
+    from sae.base import registry
+    from sae.trainer import TrainConfig
+
+    out: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    for mod in registry().values():
+        for f in dataclasses.fields(mod.Config):
+            out.setdefault(f.name, f)
+    return out
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("train", help="train (or resume) an SAE on a harvested hook")
+    p.add_argument("--config", type=Path, help="YAML file; its keys are these flags' names")
+    p.add_argument("--workspace", help="workspace .duckdb file")
+    p.add_argument("--hook", help="hook to train on (must be in the harvest)")
+    p.add_argument("--harvest", help="harvest name (default: the workspace's only harvest)")
+    p.add_argument("--arch", help="topk, relu_l1 or gba")
+    p.add_argument("--name", help="run name; the same name + config resumes")
+    p.add_argument("--d-in", dest="d_in", type=int, help="expected activation width (checked against the harvest)")
+    p.add_argument("--eval-tokens", dest="eval_tokens", type=int, help="held-out tokens for final metrics")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    docs = {**_field_docs(), **FLAG_HELP}
+    for name, typ in FLAG_TYPES.items():
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=docs.get(name))
+    p.set_defaults(func=cmd_train)
+
+    r = subparsers.add_parser("runs", help="list training runs and their final metrics")
+    r.add_argument("--workspace", required=True)
+    r.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    r.set_defaults(func=cmd_runs)
+
+
+@dataclasses.dataclass
+class TrainPlan:
+    """Everything a training run needs, validated."""
+
+    workspace: Path
+    hook: str
+    harvest: str
+    name: str
+    d: int
+    sae_config: Any
+    train_config: Any
+    eval_tokens: int
+    progress: bool
+
+
+def _load_yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    if not path.exists():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping of option: value")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def plan_from_values(values: dict[str, Any]) -> TrainPlan:
+    """Validate merged options into a plan; raises ValueError naming the problem and the fix."""
+    from activations.store import harvest_info
+    from sae.base import arch_module, config_fields, make_config
+    from sae.trainer import TrainConfig
+    from saewb.workspace import Workspace
+
+    values = {k: v for k, v in values.items() if v is not None}
+    train_fields = set(config_fields(TrainConfig))
+    known = set(RUN_KEYS) | train_fields | set(_all_fields())
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown}; valid options are {sorted(known)}")
+    for req in ("workspace", "hook", "arch", "name"):
+        if req not in values:
+            raise ValueError(f"missing --{req.replace('_', '-')} (or `{req}:` in the YAML config)")
+    arch = arch_module(str(values["arch"]))
+    arch_fields = set(config_fields(arch.Config))
+    wrong = sorted(set(values) - set(RUN_KEYS) - train_fields - arch_fields)
+    if wrong:
+        raise ValueError(
+            f"option(s) {wrong} do not apply to arch {values['arch']!r}; its options are {sorted(arch_fields)}"
+        )
+    sae_cfg = make_config(arch.Config, {k: values[k] for k in arch_fields if k in values})
+    tc = TrainConfig(**{k: values[k] for k in train_fields if k in values})
+    tc.validate()
+    ws = Workspace(values["workspace"])
+    if not ws.exists():
+        raise FileNotFoundError(
+            f"workspace {ws.path} does not exist; create it with `saewb harvest --workspace {ws.path} ...`"
+        )
+    info = harvest_info(ws, values.get("harvest"))
+    hook = str(values["hook"])
+    if hook not in info.hooks:
+        raise ValueError(
+            f"hook {hook!r} is not in harvest {info.name!r} (it has {sorted(info.hooks)}); "
+            f"pick one of those with --hook or harvest it with `saewb harvest --hook {hook}`"
+        )
+    d = int(info.hooks[hook])
+    if "d_in" in values and int(values["d_in"]) != d:
+        raise ValueError(
+            f"d_in={values['d_in']} but hook {hook!r} of harvest {info.name!r} has width {d}; "
+            "fix d_in or drop it"
+        )
+    sae_cfg.validate(d)
+    from activations.store import check_name
+
+    check_name(str(values["name"]), "run name")
+    return TrainPlan(
+        workspace=ws.path,
+        hook=hook,
+        harvest=info.name,
+        name=str(values["name"]),
+        d=d,
+        sae_config=sae_cfg,
+        train_config=tc,
+        eval_tokens=int(values.get("eval_tokens", 200_000)),
+        progress=bool(values.get("progress", True)),
+    )
+
+
+def _check_existing(plan: TrainPlan) -> int:
+    """Refuse a different config under an existing name; return the step a resume starts from."""
+    from sae import checkpoint as ckpt
+    from sae import runs
+    from sae.trainer import config_record
+    from saewb.workspace import Workspace
+
+    ws = Workspace(plan.workspace)
+    record = json.loads(json.dumps({**config_record(plan.sae_config, plan.train_config), "hook": plan.hook,
+                                    "harvest": plan.harvest}))
+    row = runs.get_run(ws, plan.name)
+    if row is not None and row["config"] != record:
+        raise ValueError(
+            f"a run named {plan.name!r} already exists with a different config; "
+            "pick another --name, or repeat its original config to resume it"
+        )
+    latest = ckpt.latest_checkpoint(ws.runs_dir / plan.name)
+    return int(ckpt.read_manifest(latest)["step"]) if latest is not None else 0
+
+
+def run_plan(plan: TrainPlan) -> dict[str, Any]:
+    """Train (or resume) the planned run, log to the workspace, evaluate on the held-out split."""
+    import itertools
+
+    from activations.stream import ActivationStream
+    from sae import runs
+    from sae.api import load_dir
+    from sae.metrics import evaluate
+    from sae.trainer import config_record, train
+    from saewb.workspace import Workspace
+
+    ws = Workspace(plan.workspace)
+    resume_step = _check_existing(plan)
+    record = {**config_record(plan.sae_config, plan.train_config), "hook": plan.hook, "harvest": plan.harvest}
+    run_dir = ws.runs_dir / plan.name
+    tc = plan.train_config
+    stream = ActivationStream(ws, plan.hook, harvest=plan.harvest, batch_size=tc.batch_size, seed=tc.seed)
+    runs.start_run(
+        ws, plan.name, harvest=plan.harvest, hook=plan.hook, arch=plan.sae_config.arch, config=record,
+        checkpoint_path=str(run_dir), resume_step=resume_step,
+    )
+    def on_log(row: dict[str, float]) -> None:
+        runs.log_metrics(ws, plan.name, [row])  # one short transaction per log row
+
+    def on_checkpoint(path: Path, step: int) -> None:
+        runs.set_checkpoint(ws, plan.name, str(path))
+
+    try:
+        result = train(
+            plan.sae_config, tc, lambda start: stream.batches(start=start), run_dir=run_dir,
+            on_log=on_log, on_checkpoint=on_checkpoint, progress=plan.progress,
+        )
+    except KeyboardInterrupt:
+        runs.finish_run(ws, plan.name, "interrupted")
+        raise
+    except BaseException:
+        runs.finish_run(ws, plan.name, "failed")
+        raise
+    final = {f"train_{k}": v for k, v in result.final_metrics.items()}
+    try:
+        ev = ActivationStream(ws, plan.hook, harvest=plan.harvest, batch_size=min(tc.batch_size, 4096),
+                              seed=tc.seed, split="eval")
+        n_batches = max(1, plan.eval_tokens // ev.batch_size)
+        model = load_dir(run_dir)
+        final.update(evaluate(model, itertools.islice(ev.epoch(), n_batches)))
+    except ValueError as err:  # e.g. an empty eval split: keep the training metrics
+        final["eval_error"] = str(err)
+    runs.finish_run(ws, plan.name, "done", final, str(run_dir / "sae"))
+    return final
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cli_values = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config") and v is not None}
+    values = _load_yaml(args.config) if args.config else {}
+    values.update(cli_values)
+    plan = plan_from_values(values)
+    final = run_plan(plan)
+    shown = {k: (round(v, 5) if isinstance(v, float) else v) for k, v in final.items()}
+    print(f"run {plan.name!r} done: {json.dumps(shown)}")
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from sae import runs
+    from saewb.workspace import Workspace
+
+    rows = runs.list_runs(Workspace(args.workspace))
+    if args.json:
+        print(json.dumps(rows, default=str, indent=1))
+        return 0
+    if not rows:
+        print("no runs yet; start one with `saewb train`")
+        return 0
+    head = f"{'name':<24} {'arch':<8} {'hook':<22} {'status':<9} {'fvu':>7} {'l0':>7} {'dead':>6}"
+    print(head)
+    for r in rows:
+        m = r["final_metrics"] or {}
+
+        def num(key: str, fmt: str, m: dict = m) -> str:
+            v = m.get(key, m.get(f"train_{key}"))
+            return format(v, fmt) if isinstance(v, int | float) else "-"
+
+        print(
+            f"{r['name']:<24} {r['arch']:<8} {str(r['hook']):<22} {r['status']:<9} "
+            f"{num('fvu', '7.4f')} {num('l0', '7.1f')} {num('dead_frac', '6.3f')}"
+        )
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(0)

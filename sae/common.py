@@ -1,0 +1,168 @@
+"""Pieces shared by every architecture and the trainer.
+
+One geometric median, one input-scale estimator, one unit-norm projection, one AuxK loss: the
+architecture files import these rather than carrying copies.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+from jax.sharding import PartitionSpec
+
+from sae.sparse_ops import gather_encode, sparse_decode
+
+LATENT_AXIS = "model"
+"""Mesh axis the latent dimension is sharded over (multi-device training comes later)."""
+
+SHARD_LATENT_COL = PartitionSpec(None, LATENT_AXIS)  # W_enc [d, n]
+SHARD_LATENT_ROW = PartitionSpec(LATENT_AXIS, None)  # W_dec [n, d]
+SHARD_LATENT_VEC = PartitionSpec(LATENT_AXIS)  # b_enc [n]
+REPLICATED = PartitionSpec()  # b_dec [d], scalars
+
+
+@struct.dataclass
+class LinearParams:
+    """The classic SAE parameters (TopK, ReLU-L1): encoder, decoder and their biases."""
+
+    W_enc: Any  # [d, n]
+    b_enc: Any  # [n]
+    W_dec: Any  # [n, d], rows are dictionary atoms
+    b_dec: Any  # [d]
+
+
+LINEAR_PARTITION_SPECS = LinearParams(
+    W_enc=SHARD_LATENT_COL, b_enc=SHARD_LATENT_VEC, W_dec=SHARD_LATENT_ROW, b_dec=REPLICATED
+)
+"""The latent axis of W_enc, b_enc and W_dec sharded over `model`; b_dec replicated."""
+
+
+@struct.dataclass
+class StepState:
+    """Architecture state for SAEs that keep nothing besides the trainer's dead-latent counters."""
+
+    step: Any
+
+
+def geometric_median(x: np.ndarray, iters: int = 100, eps: float = 1e-8, tol: float = 1e-7) -> np.ndarray:
+    """Weiszfeld's algorithm: the point minimising the summed Euclidean distance to the rows of x.
+
+    Computed in float64 numpy on a sample (it runs once, before training). Starts from the mean and
+    stops early when a step moves less than ``tol`` relative to the scale of the data.
+    """
+    pts = np.asarray(x, dtype=np.float64)
+    if pts.ndim != 2 or len(pts) == 0:
+        raise ValueError(f"geometric_median needs a non-empty [N, d] array, got shape {pts.shape}")
+    med = pts.mean(axis=0)
+    scale = float(np.linalg.norm(pts.std(axis=0))) + eps
+    for _ in range(iters):
+        dist = np.linalg.norm(pts - med, axis=1)
+        w = 1.0 / np.maximum(dist, eps)
+        new = (w[:, None] * pts).sum(axis=0) / w.sum()
+        moved = float(np.linalg.norm(new - med))
+        med = new
+        if moved < tol * scale:
+            break
+    return med.astype(np.float32)
+
+
+def estimate_input_scale(sample: np.ndarray, target: str, d: int) -> float:
+    """One scalar s for the inputs, estimated on a sample before training.
+
+    ``target``: "sq_norm_d" gives E‖s·x‖² = d (OpenAI / sparsify style); "norm_sqrt_d" gives
+    E‖s·x‖ = √d (Anthropic April-2024 recipe); "unit" gives E‖s·x‖² = 1 (GBA: biases live in [−1, 0]);
+    "none" gives 1.
+    """
+    x = np.asarray(sample, dtype=np.float64)
+    norms = np.linalg.norm(x, axis=1)
+    if target == "none":
+        return 1.0
+    if target == "sq_norm_d":
+        ms = float(np.mean(norms**2))
+        return float(np.sqrt(d / ms)) if ms > 0 else 1.0
+    if target == "norm_sqrt_d":
+        m = float(np.mean(norms))
+        return float(np.sqrt(d) / m) if m > 0 else 1.0
+    if target == "unit":
+        ms = float(np.mean(norms**2))
+        return float(1.0 / np.sqrt(ms)) if ms > 0 else 1.0
+    raise ValueError(f"unknown input scaling target {target!r}; use sq_norm_d, norm_sqrt_d, unit or none")
+
+
+def random_unit_rows(key: jax.Array, n: int, d: int, norm: float = 1.0) -> jax.Array:
+    """n random directions in R^d, each of Euclidean norm ``norm``."""
+    w = jax.random.normal(key, (n, d), dtype=jnp.float32)
+    return norm * w / jnp.linalg.norm(w, axis=1, keepdims=True)
+
+
+def normalize_rows(w: jax.Array, eps: float = 1e-8) -> jax.Array:
+    return w / jnp.maximum(jnp.linalg.norm(w, axis=1, keepdims=True), eps)
+
+
+def remove_parallel_component(w: jax.Array, g: jax.Array, eps: float = 1e-8) -> jax.Array:
+    """Drop from each row of the gradient g its component along the matching row of w.
+
+    With unit-norm rows the parallel part would only change the norm, which the projection after
+    the step undoes; removing it keeps Adam's moments about directions only.
+    """
+    unit = normalize_rows(w, eps)
+    return g - jnp.sum(g * unit, axis=1, keepdims=True) * unit
+
+
+def fvu_terms(x: jax.Array, x_hat: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(Σ‖x − x̂‖², Σ‖x − mean_batch(x)‖²) for one batch."""
+    err = jnp.sum(jnp.square(x - x_hat))
+    var = jnp.sum(jnp.square(x - jnp.mean(x, axis=0, keepdims=True)))
+    return err, var
+
+
+def auxk_loss(
+    x_c: jax.Array,
+    pre: jax.Array,
+    dead: jax.Array,
+    residual: jax.Array,
+    w_enc: jax.Array,
+    b_enc: jax.Array,
+    w_dec: jax.Array,
+    k_aux: int,
+    score_scale: jax.Array | None = None,
+) -> jax.Array:
+    """AuxK (Gao et al. 2024): reconstruct the stopped residual from the top-k_aux dead latents.
+
+    ``pre`` is the dense ReLU'd pre-activation: it picks the indices (no gradient flows through the
+    choice) and supplies the chosen values' forward; their gradient goes through the sparse
+    backward of ``gather_encode`` to the dead latents' encoder columns at O(B·k_aux·d). ê has no
+    b_dec. Returns ‖e − ê‖² / ‖e − mean_batch(e)‖², and 0 when nothing is dead. Only the first
+    #dead picks count, which caps k_aux at the number of dead latents.
+
+    The whole computation sits in a ``lax.cond`` on #dead > 0, so a step with no dead latent (the
+    usual case) skips the masked top-k_aux over [B, n] and the O(B·k_aux·d) kernels entirely.
+    """
+    n_dead = jnp.sum(dead)
+
+    def aux_branch() -> jax.Array:
+        e = jax.lax.stop_gradient(residual)
+        score = jax.lax.stop_gradient(pre if score_scale is None else pre * score_scale)
+        score = jnp.where(dead[None, :], score, -jnp.inf)
+        _, idx = jax.lax.top_k(score, k_aux)
+        vals = jax.nn.relu(gather_encode(x_c, w_enc, b_enc, idx, pre))
+        keep = (jnp.arange(k_aux) < n_dead)[None, :]
+        vals = jnp.where(keep, vals, 0.0)
+        e_hat = sparse_decode(vals, idx, w_dec)
+        num = jnp.sum(jnp.square(e - e_hat))
+        den = jnp.sum(jnp.square(e - jnp.mean(e, axis=0, keepdims=True)))
+        return (num / jnp.maximum(den, 1e-12)).astype(pre.dtype)
+
+    def zero_branch() -> jax.Array:
+        return jnp.zeros((), pre.dtype)
+
+    return jax.lax.cond(n_dead > 0, aux_branch, zero_branch)
+
+
+def tree_specs(params: Any, specs: dict[str, PartitionSpec]) -> Any:
+    """A pytree like ``params`` whose leaves are the named PartitionSpecs."""
+    return params.replace(**specs)

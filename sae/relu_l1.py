@@ -1,0 +1,183 @@
+"""ReLU SAE with an L1 penalty: Anthropic's April-2024 recipe, and the classic variant.
+
+``variant="april"`` (default): f = ReLU(x W_enc + b_enc) (no pre-encoder bias); x̂ = f W_dec + b_dec;
+loss = mean_batch ‖x − x̂‖² + λ · Σ_i f_i ‖W_dec,i‖; no norm constraint; decoder rows initialised
+at norm 0.1 with W_enc = W_decᵀ; λ warmed up linearly over the first 5% of steps; inputs scaled so
+E‖x‖ = √d; gradient clipping 1.0 (the trainer's).
+
+``variant="classic"`` (Towards Monosemanticity, 2023): f = ReLU((x − b_dec) W_enc + b_enc), unit-norm
+decoder (gradient projection + renormalisation), plain L1 λ·Σ|f|, and dead-latent resampling: at
+each multiple of ``resample_every_frac`` of training, dead latents get decoder rows set to inputs
+drawn with probability ∝ their squared reconstruction error (normalised), encoder columns set to
+the same direction × 0.2 × the mean alive encoder norm, b_enc = 0, and their Adam moments reset.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sae import common
+from sae.base import StepCtx
+
+
+@dataclass(frozen=True)
+class ReluL1Config:
+    """ReLU + L1 hyper-parameters."""
+
+    arch: ClassVar[str] = "relu_l1"
+
+    n_latents: int = 4096
+    """Number of latents n."""
+    l1_coef: float = 5.0
+    """λ (with inputs scaled to E‖x‖ = √d, Anthropic's value is ~5)."""
+    l1_warmup_frac: float = 0.05
+    """λ ramps linearly from 0 over this fraction of the steps."""
+    variant: str = "april"
+    """"april" (decoder-norm-weighted L1, free decoder) or "classic" (unit norm + resampling)."""
+    init_dec_norm: float = 0.1
+    """Initial decoder-row norm for the April variant."""
+    resample_every_frac: float = 0.25
+    """Classic variant: resample dead latents at these fractions of training (0 disables)."""
+
+    def validate(self, d: int | None = None) -> None:
+        if self.n_latents < 1:
+            raise ValueError(f"n_latents must be positive, got {self.n_latents}")
+        if self.l1_coef < 0:
+            raise ValueError(f"l1_coef must be >= 0, got {self.l1_coef}")
+        if self.variant not in ("april", "classic"):
+            raise ValueError(f"variant must be 'april' or 'classic', got {self.variant!r}")
+        if not 0 <= self.resample_every_frac < 1:
+            raise ValueError(f"resample_every_frac must be in [0, 1), got {self.resample_every_frac}")
+
+
+Config = ReluL1Config
+
+
+Params = common.LinearParams
+State = common.StepState
+
+
+def partition_specs(cfg: ReluL1Config) -> Params:
+    return common.LINEAR_PARTITION_SPECS
+
+
+def input_scale_target(cfg: ReluL1Config) -> str:
+    return "norm_sqrt_d"
+
+
+def init(cfg: ReluL1Config, key: jax.Array, d: int, sample: np.ndarray) -> tuple[Params, State]:
+    cfg.validate()
+    norm = cfg.init_dec_norm if cfg.variant == "april" else 1.0
+    w_dec = common.random_unit_rows(key, cfg.n_latents, d, norm)
+    b_dec = common.geometric_median(sample) if cfg.variant == "classic" else np.zeros(d, np.float32)
+    params = Params(
+        W_enc=w_dec.T,
+        b_enc=jnp.zeros((cfg.n_latents,), jnp.float32),
+        W_dec=w_dec,
+        b_dec=jnp.asarray(b_dec),
+    )
+    return params, State(step=jnp.zeros((), jnp.int32))
+
+
+def encode(cfg: ReluL1Config, params: Params, state: State, x: jax.Array) -> jax.Array:
+    x_in = x - params.b_dec if cfg.variant == "classic" else x
+    return jax.nn.relu(x_in @ params.W_enc + params.b_enc)
+
+
+def decode(cfg: ReluL1Config, params: Params, f: jax.Array) -> jax.Array:
+    return f @ params.W_dec + params.b_dec
+
+
+def loss(
+    cfg: ReluL1Config, params: Params, state: State, x: jax.Array, ctx: StepCtx
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    f = encode(cfg, params, state, x)
+    x_hat = decode(cfg, params, f)
+    err, var = common.fvu_terms(x, x_hat)
+    mse = err / x.shape[0]
+    if cfg.variant == "april":
+        penalty = jnp.sum(f * jnp.linalg.norm(params.W_dec, axis=1)) / x.shape[0]
+    else:
+        penalty = jnp.sum(f) / x.shape[0]
+    warm = jnp.minimum(1.0, ctx.progress / cfg.l1_warmup_frac) if cfg.l1_warmup_frac > 0 else 1.0
+    on = f > 0
+    return mse + cfg.l1_coef * warm * penalty, {
+        "err": err,
+        "var": var,
+        "l0": jnp.mean(jnp.sum(on, axis=1).astype(jnp.float32)),
+        "fires": jnp.sum(on, axis=0).astype(jnp.float32),
+        "l1": penalty,
+    }
+
+
+def update_state(cfg: ReluL1Config, state: State, aux: dict[str, jax.Array], step: jax.Array) -> State:
+    return state.replace(step=state.step + 1)
+
+
+def project_grads(cfg: ReluL1Config, params: Params, grads: Params) -> Params:
+    if cfg.variant != "classic":
+        return grads
+    return grads.replace(W_dec=common.remove_parallel_component(params.W_dec, grads.W_dec))
+
+
+def constrain(cfg: ReluL1Config, params: Params) -> Params:
+    if cfg.variant != "classic":
+        return params
+    return params.replace(W_dec=common.normalize_rows(params.W_dec))
+
+
+def resample_due(cfg: ReluL1Config, step: int, total_steps: int) -> bool:
+    """True when step (1-based, after the update) is at a resampling point."""
+    if cfg.variant != "classic" or cfg.resample_every_frac <= 0:
+        return False
+    every = max(1, int(round(cfg.resample_every_frac * total_steps)))
+    return step % every == 0 and step < total_steps
+
+
+def resample(
+    cfg: ReluL1Config, params: Params, state: State, x: np.ndarray, dead: np.ndarray, seed: int
+) -> tuple[Params, Params]:
+    """Re-initialise dead latents from high-error inputs; returns (params, mask of reset entries)."""
+    dead = np.asarray(dead, bool)
+    n_dead = int(dead.sum())
+    w_enc = np.array(params.W_enc)
+    b_enc = np.array(params.b_enc)
+    w_dec = np.array(params.W_dec)
+    if n_dead:
+        f = encode(cfg, params, state, jnp.asarray(x))
+        err = np.asarray(jnp.sum(jnp.square(x - decode(cfg, params, f)), axis=1), np.float64)
+        prob = err**2 / err.sum() ** 2 if err.sum() > 0 else None
+        if prob is not None:
+            prob = prob / prob.sum()
+        rng = np.random.default_rng(seed)
+        pick = rng.choice(len(x), size=n_dead, p=prob)
+        new = x[pick] - np.asarray(params.b_dec)
+        new = new / np.maximum(np.linalg.norm(new, axis=1, keepdims=True), 1e-8)
+        alive = ~dead
+        enc_norm = float(np.linalg.norm(w_enc[:, alive], axis=0).mean()) if alive.any() else 1.0
+        w_dec[dead] = new
+        w_enc[:, dead] = new.T * 0.2 * enc_norm
+        b_enc[dead] = 0.0
+    mask = Params(
+        W_enc=np.broadcast_to(dead[None, :], w_enc.shape),
+        b_enc=dead,
+        W_dec=np.broadcast_to(dead[:, None], w_dec.shape),
+        b_dec=np.zeros(params.b_dec.shape, bool),
+    )
+    new_params = Params(
+        W_enc=jnp.asarray(w_enc), b_enc=jnp.asarray(b_enc), W_dec=jnp.asarray(w_dec), b_dec=params.b_dec
+    )
+    return new_params, mask
+
+
+def fold_scale(cfg: ReluL1Config, params: Params, state: State, s: float) -> tuple[Params, State]:
+    """Trained on s·x: (s·x − b)W = (x − b/s)(sW); x̂_raw = x̂/s."""
+    return (
+        Params(W_enc=params.W_enc * s, b_enc=params.b_enc, W_dec=params.W_dec / s, b_dec=params.b_dec / s),
+        state,
+    )

@@ -1,0 +1,150 @@
+"""Training runs in the workspace: the ``runs`` and ``metrics`` tables.
+
+Every access is one short transaction through ``Workspace.read()`` / ``Workspace.write()`` (no
+connection outlives a few statements), so the app or a harvest can open the file between writes.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from saewb.workspace import Workspace
+
+METRIC_COLUMNS = ("step", "tokens", "loss", "fvu", "l0", "dead_frac", "dense_frac", "lr", "tokens_per_s")
+
+_SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS runs (
+        name VARCHAR PRIMARY KEY,
+        harvest VARCHAR,
+        hook VARCHAR,
+        arch VARCHAR,
+        config VARCHAR,
+        checkpoint_path VARCHAR,
+        status VARCHAR,
+        created_at TIMESTAMP,
+        updated_at TIMESTAMP,
+        final_metrics VARCHAR
+    )""",
+    """CREATE TABLE IF NOT EXISTS metrics (
+        run VARCHAR, step BIGINT, tokens BIGINT, loss DOUBLE, fvu DOUBLE, l0 DOUBLE,
+        dead_frac DOUBLE, dense_frac DOUBLE, lr DOUBLE, tokens_per_s DOUBLE
+    )""",
+]
+
+
+def _now() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def ensure_tables(ws: Workspace) -> None:
+    with ws.write() as con:
+        for stmt in _SCHEMA:
+            con.execute(stmt)
+
+
+def get_run(ws: Workspace, name: str) -> dict[str, Any] | None:
+    if not ws.table_exists("runs"):
+        return None
+    with ws.read() as con:
+        cur = con.execute("SELECT * FROM runs WHERE name = ?", [name])
+        cols = [c[0] for c in cur.description]
+        row = cur.fetchone()
+    if row is None:
+        return None
+    out = dict(zip(cols, row, strict=True))
+    out["config"] = json.loads(out["config"]) if out["config"] else None
+    out["final_metrics"] = json.loads(out["final_metrics"]) if out["final_metrics"] else None
+    return out
+
+
+def start_run(
+    ws: Workspace,
+    name: str,
+    *,
+    harvest: str | None,
+    hook: str | None,
+    arch: str,
+    config: dict[str, Any],
+    checkpoint_path: str,
+    resume_step: int = 0,
+) -> None:
+    """Register a new run, or mark an existing one (same config) running again.
+
+    On resume, metric rows past the checkpoint being resumed are dropped: the resumed run logs them
+    again, so the table never holds two rows for one step.
+    """
+    ensure_tables(ws)
+    cfg_json = json.dumps(config, sort_keys=True)
+    with ws.write() as con:
+        row = con.execute("SELECT config FROM runs WHERE name = ?", [name]).fetchone()
+        if row is not None and json.loads(row[0]) != json.loads(cfg_json):
+            raise ValueError(
+                f"a run named {name!r} already exists with a different config; "
+                "pick another --name, or repeat its original config to resume it"
+            )
+        now = _now()
+        if row is None:
+            con.execute(
+                "INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, 'running', ?, ?, NULL)",
+                [name, harvest, hook, arch, cfg_json, checkpoint_path, now, now],
+            )
+        else:
+            con.execute(
+                "UPDATE runs SET status = 'running', updated_at = ?, checkpoint_path = ? WHERE name = ?",
+                [now, checkpoint_path, name],
+            )
+        con.execute("DELETE FROM metrics WHERE run = ? AND step > ?", [name, resume_step])
+
+
+def log_metrics(ws: Workspace, name: str, rows: list[dict[str, float]]) -> None:
+    if not rows:
+        return
+    values = [[name, *[row.get(c) for c in METRIC_COLUMNS]] for row in rows]
+    with ws.write() as con:
+        con.executemany(f"INSERT INTO metrics VALUES (?, {', '.join('?' for _ in METRIC_COLUMNS)})", values)
+        con.execute("UPDATE runs SET updated_at = ? WHERE name = ?", [_now(), name])
+
+
+def set_checkpoint(ws: Workspace, name: str, path: str) -> None:
+    with ws.write() as con:
+        con.execute("UPDATE runs SET checkpoint_path = ?, updated_at = ? WHERE name = ?", [path, _now(), name])
+
+
+def finish_run(
+    ws: Workspace, name: str, status: str, final_metrics: dict[str, Any] | None = None, path: str | None = None
+) -> None:
+    with ws.write() as con:
+        con.execute(
+            "UPDATE runs SET status = ?, updated_at = ?, final_metrics = COALESCE(?, final_metrics),"
+            " checkpoint_path = COALESCE(?, checkpoint_path) WHERE name = ?",
+            [status, _now(), json.dumps(final_metrics) if final_metrics is not None else None, path, name],
+        )
+
+
+def list_runs(ws: Workspace) -> list[dict[str, Any]]:
+    if not ws.table_exists("runs"):
+        return []
+    with ws.read() as con:
+        cur = con.execute(
+            "SELECT name, harvest, hook, arch, status, checkpoint_path, created_at, updated_at, final_metrics"
+            " FROM runs ORDER BY created_at"
+        )
+        cols = [c[0] for c in cur.description]
+        rows = cur.fetchall()
+    out = []
+    for r in rows:
+        d = dict(zip(cols, r, strict=True))
+        d["final_metrics"] = json.loads(d["final_metrics"]) if d["final_metrics"] else {}
+        out.append(d)
+    return out
+
+
+def run_metrics(ws: Workspace, name: str) -> list[dict[str, Any]]:
+    if not ws.table_exists("metrics"):
+        return []
+    with ws.read() as con:
+        cur = con.execute(f"SELECT {', '.join(METRIC_COLUMNS)} FROM metrics WHERE run = ? ORDER BY step", [name])
+        rows = cur.fetchall()
+    return [dict(zip(METRIC_COLUMNS, r, strict=True)) for r in rows]

@@ -1,0 +1,431 @@
+"""The one generic trainer: any architecture module, any iterator of float32 batches.
+
+Per step (one jitted function, the train state donated):
+  loss + grads → project decoder grads (remove the component along each unit row) → clip global
+  norm → Adam with warmup/decay schedule → apply → renormalise rows (``arch.constrain``) →
+  non-gradient state updates (``arch.update_state``) → dead-latent counters (in tokens).
+
+Schedule: lr = 2e-4 / sqrt(n / 2^14) unless given; linear warmup over min(1000, steps/10) steps
+(scaled down for short runs); linear decay to 0 over the last 20% of steps.
+Dead window: min(10M, max(5% of training tokens, one batch)) tokens unless given.
+Input scaling: one scalar estimated on ``init_sample_tokens`` tokens before training (the arch picks
+the target norm), applied to every batch, and folded into the weights of the saved SAE.
+b_dec / b_pre init: geometric median (Weiszfeld) of the scaled sample.
+Resume: the data iterator is restarted with ``batches(start=step)``; train state, optimiser state,
+counters and rng come from the checkpoint, so an interrupted and resumed run reaches bit-for-bit
+the parameters of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+from tqdm import tqdm
+
+from sae import checkpoint as ckpt
+from sae import common
+from sae.base import StepCtx, arch_module
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings shared by every architecture."""
+
+    train_tokens: int = 2_000_000
+    """Tokens to train on (steps = train_tokens // batch_size)."""
+    batch_size: int = 4096
+    """Tokens per step."""
+    seed: int = 0
+    """Seeds the init and the data order."""
+    lr: float | None = None
+    """Peak learning rate; None means 2e-4 / sqrt(n_latents / 2^14)."""
+    warmup_steps: int = 1000
+    """Linear warmup length, capped at a tenth of the run."""
+    decay_frac: float = 0.2
+    """Linear decay to 0 over this final fraction of the steps."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip."""
+    adam_b1: float = 0.9
+    adam_b2: float = 0.999
+    adam_eps: float = 1e-8
+    dead_window_tokens: int | None = None
+    """A latent is dead after this many tokens without firing; None: min(10M, 5% of the run)."""
+    dense_threshold: float = 0.1
+    """A latent is dense when it fires on more than this fraction of tokens."""
+    init_sample_tokens: int = 16384
+    """Tokens used to estimate the input scale and the geometric-median bias."""
+    log_every: int = 50
+    """Steps between metric rows."""
+    ckpt_every: int = 500
+    """Steps between checkpoints (a final one is always written)."""
+    keep_checkpoints: int = 2
+    """How many recent checkpoints to keep."""
+
+    def validate(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+        if self.train_tokens < self.batch_size:
+            raise ValueError(
+                f"train_tokens={self.train_tokens} is less than one batch of {self.batch_size}; "
+                "raise --train-tokens or lower --batch-size"
+            )
+        if not 0 <= self.decay_frac <= 1:
+            raise ValueError(f"decay_frac must be in [0, 1], got {self.decay_frac}")
+        if self.log_every < 1 or self.ckpt_every < 1:
+            raise ValueError("log_every and ckpt_every must be >= 1")
+
+    @property
+    def total_steps(self) -> int:
+        return self.train_tokens // self.batch_size
+
+
+def default_lr(n_latents: int) -> float:
+    return 2e-4 / math.sqrt(n_latents / 2**14)
+
+
+def dead_window(tc: TrainConfig) -> int:
+    if tc.dead_window_tokens is not None:
+        return int(tc.dead_window_tokens)
+    return int(min(10_000_000, max(0.05 * tc.train_tokens, tc.batch_size)))
+
+
+def make_schedule(tc: TrainConfig, n_latents: int) -> Callable[[jax.Array], jax.Array]:
+    total = tc.total_steps
+    peak = tc.lr if tc.lr is not None else default_lr(n_latents)
+    warm = max(1, min(tc.warmup_steps, total // 10))
+    decay_start = total * (1.0 - tc.decay_frac)
+
+    def schedule(count: jax.Array) -> jax.Array:
+        c = jnp.asarray(count, jnp.float32)
+        w = jnp.minimum(1.0, (c + 1.0) / warm)
+        d = jnp.clip((total - c) / (total - decay_start), 0.0, 1.0) if tc.decay_frac > 0 else jnp.ones_like(c)
+        return peak * jnp.minimum(w, d)
+
+    return schedule
+
+
+def project_grads_transform(project: Callable[[Any, Any], Any]) -> optax.GradientTransformation:
+    """Optax stage that applies the architecture's gradient projection (needs the params)."""
+
+    def init_fn(params: Any) -> optax.EmptyState:
+        return optax.EmptyState()
+
+    def update_fn(updates: Any, state: Any, params: Any = None):
+        if params is None:
+            raise ValueError("the decoder gradient projection needs params: call tx.update(g, s, params)")
+        return project(params, updates), state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def make_optimizer(arch: Any, cfg: Any, tc: TrainConfig) -> optax.GradientTransformation:
+    return optax.chain(
+        project_grads_transform(lambda p, g: arch.project_grads(cfg, p, g)),
+        optax.clip_by_global_norm(tc.grad_clip),
+        optax.adam(make_schedule(tc, cfg.n_latents), b1=tc.adam_b1, b2=tc.adam_b2, eps=tc.adam_eps),
+    )
+
+
+@struct.dataclass
+class TrainState:
+    params: Any
+    opt_state: Any
+    arch_state: Any
+    since_fired: Any  # [n] int32 tokens since each latent last fired
+    step: Any  # [] int32
+    rng: Any  # [2] uint32
+    win: Any  # dict of metric accumulators since the last log row
+
+
+def _zero_window(n: int) -> dict[str, jax.Array]:
+    # separate buffers: the step donates its input and XLA refuses to donate one buffer twice
+    out = {name: jnp.zeros((), jnp.float32) for name in ("tokens", "err", "var", "l0", "loss", "steps")}
+    out["fires"] = jnp.zeros((n,), jnp.float32)
+    return out
+
+
+@dataclass
+class TrainResult:
+    params: Any
+    """Inference-form params (input scale folded in: they take raw activations)."""
+    arch_state: Any
+    config: Any
+    train_config: TrainConfig
+    scale: float
+    d: int
+    final_metrics: dict[str, float]
+    run_dir: Path | None
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def config_record(cfg: Any, tc: TrainConfig) -> dict[str, Any]:
+    """The JSON-able identity of a run (compared on resume)."""
+    return {"arch": cfg.arch, "sae": asdict(cfg), "train": asdict(tc)}
+
+
+def _collect_sample(batches: Callable[[int], Iterator[np.ndarray]], tokens: int) -> np.ndarray:
+    out: list[np.ndarray] = []
+    have = 0
+    for b in batches(0):
+        out.append(np.asarray(b, np.float32))
+        have += len(b)
+        if have >= tokens:
+            break
+    return np.concatenate(out)[:tokens]
+
+
+def _reset_adam_moments(opt_state: Any, mask: Any) -> Any:
+    """Zero Adam's mu/nu where ``mask`` (a params-shaped bool tree) is True."""
+    if isinstance(opt_state, optax.ScaleByAdamState):
+        zero = lambda t: jax.tree_util.tree_map(lambda a, m: jnp.where(m, 0.0, a), t, mask)  # noqa: E731
+        return opt_state._replace(mu=zero(opt_state.mu), nu=zero(opt_state.nu))
+    if isinstance(opt_state, tuple) and not hasattr(opt_state, "_fields"):
+        return tuple(_reset_adam_moments(s, mask) for s in opt_state)
+    if isinstance(opt_state, tuple):
+        return type(opt_state)(*(_reset_adam_moments(s, mask) for s in opt_state))
+    return opt_state
+
+
+class Trainer:
+    """Holds the jitted step for one (arch config, train config, d)."""
+
+    def __init__(self, cfg: Any, tc: TrainConfig, d: int) -> None:
+        tc.validate()
+        self.cfg = cfg
+        self.tc = tc
+        self.d = d
+        self.arch = arch_module(cfg.arch)
+        cfg.validate()
+        self.tx = make_optimizer(self.arch, cfg, tc)
+        self.schedule = make_schedule(tc, cfg.n_latents)
+        self.window = dead_window(tc)
+        self._step = jax.jit(self._step_impl, donate_argnums=(0,))
+
+    def init_state(self, sample_scaled: np.ndarray) -> TrainState:
+        key = jax.random.PRNGKey(self.tc.seed)
+        key, sub = jax.random.split(key)
+        params, astate = self.arch.init(self.cfg, sub, self.d, sample_scaled)
+        n = self.cfg.n_latents
+        ts = TrainState(
+            params=params,
+            opt_state=self.tx.init(params),
+            arch_state=astate,
+            since_fired=jnp.zeros((n,), jnp.int32),
+            step=jnp.zeros((), jnp.int32),
+            rng=key,
+            win=_zero_window(n),
+        )
+        return jax.tree_util.tree_map(jnp.array, ts)  # no two leaves may share a (donated) buffer
+
+    def _step_impl(self, ts: TrainState, batch: jax.Array, scale: jax.Array) -> TrainState:
+        x = batch * scale
+        dead = ts.since_fired >= self.window
+        ctx = StepCtx(dead=dead, progress=ts.step.astype(jnp.float32) / max(1, self.tc.total_steps))
+        grad_fn = jax.value_and_grad(self.arch.loss, argnums=1, has_aux=True)
+        (loss, aux), grads = grad_fn(self.cfg, ts.params, ts.arch_state, x, ctx)
+        updates, opt_state = self.tx.update(grads, ts.opt_state, ts.params)
+        params = self.arch.constrain(self.cfg, optax.apply_updates(ts.params, updates))
+        astate = self.arch.update_state(self.cfg, ts.arch_state, aux, ts.step)
+        b = x.shape[0]
+        since = jnp.where(aux["fires"] > 0, 0, jnp.minimum(ts.since_fired + b, 2**30)).astype(jnp.int32)
+        w = ts.win
+        win = {
+            "fires": w["fires"] + aux["fires"],
+            "tokens": w["tokens"] + b,
+            "err": w["err"] + aux["err"],
+            "var": w["var"] + aux["var"],
+            "l0": w["l0"] + aux["l0"],
+            "loss": w["loss"] + loss,
+            "steps": w["steps"] + 1.0,
+        }
+        return TrainState(
+            params=params,
+            opt_state=opt_state,
+            arch_state=astate,
+            since_fired=since,
+            step=ts.step + 1,
+            rng=ts.rng,
+            win=win,
+        )
+
+    def step(self, ts: TrainState, batch: np.ndarray, scale: float) -> TrainState:
+        return self._step(ts, jnp.asarray(batch), jnp.float32(scale))
+
+    def metrics_row(self, ts: TrainState, tokens_per_s: float) -> dict[str, float]:
+        w = jax.device_get(ts.win)
+        steps = max(float(w["steps"]), 1.0)
+        tok = max(float(w["tokens"]), 1.0)
+        step = int(ts.step)
+        return {
+            "step": step,
+            "tokens": step * self.tc.batch_size,
+            "loss": float(w["loss"]) / steps,
+            "fvu": float(w["err"]) / max(float(w["var"]), 1e-12),
+            "l0": float(w["l0"]) / steps,
+            "dead_frac": float(np.mean(np.asarray(ts.since_fired) >= self.window)),
+            "dense_frac": float(np.mean(w["fires"] / tok > self.tc.dense_threshold)),
+            "lr": float(self.schedule(jnp.asarray(max(step - 1, 0)))),
+            "tokens_per_s": tokens_per_s,
+        }
+
+
+def _check_batch(batch: np.ndarray, tc: TrainConfig, d: int) -> np.ndarray:
+    arr = np.asarray(batch, np.float32)
+    if arr.shape != (tc.batch_size, d):
+        raise ValueError(
+            f"data iterator gave a batch of shape {arr.shape}, expected ({tc.batch_size}, {d}); "
+            "the trainer needs full batches of the configured size (use a stream with batch_size matching)"
+        )
+    return arr
+
+
+def train(
+    cfg: Any,
+    tc: TrainConfig,
+    batches: Callable[[int], Iterator[np.ndarray]],
+    *,
+    run_dir: str | Path | None = None,
+    on_log: Callable[[dict[str, float]], None] | None = None,
+    on_checkpoint: Callable[[Path, int], None] | None = None,
+    progress: bool = True,
+    extra_meta: dict[str, Any] | None = None,
+) -> TrainResult:
+    """Train (or resume) one SAE.
+
+    ``batches(start)`` must return an iterator of float32 [batch_size, d] arrays beginning at batch
+    index ``start``, deterministic in (seed, start). With ``run_dir``, checkpoints go there and a
+    run with a checkpoint resumes from it; a different config under the same run_dir is refused.
+    """
+    tc.validate()
+    cfg.validate()
+    arch = arch_module(cfg.arch)
+    record = config_record(cfg, tc)
+    run_dir = Path(run_dir) if run_dir is not None else None
+    latest = ckpt.latest_checkpoint(run_dir) if run_dir is not None else None
+
+    last_row: dict[str, float] = {}
+    if latest is not None:
+        manifest = ckpt.read_manifest(latest)
+        last_row = manifest.get("last_metrics", {})
+        if manifest["config"] != json.loads(json.dumps(record)):
+            raise ValueError(
+                f"run directory {run_dir} holds a run with a different config; "
+                "use another --name, or repeat the original config to resume"
+            )
+        d = int(manifest["d"])
+        scale = float(manifest["scale"])
+        trainer = Trainer(cfg, tc, d)
+        template = trainer.init_state(np.zeros((2, d), np.float32))
+        trees, _ = ckpt.read_bundle(
+            latest, {"params": template.params, "opt_state": template.opt_state, "state": _state_part(template)}
+        )
+        ts = template.replace(params=trees["params"], opt_state=trees["opt_state"], **trees["state"])
+    else:
+        sample = _collect_sample(batches, tc.init_sample_tokens)
+        d = int(sample.shape[1])
+        if hasattr(cfg, "validate"):
+            cfg.validate(d)
+        scale = common.estimate_input_scale(sample, arch.input_scale_target(cfg), d)
+        trainer = Trainer(cfg, tc, d)
+        ts = trainer.init_state(sample * np.float32(scale))
+
+    def save(ts: TrainState) -> Path:
+        assert run_dir is not None
+        meta = {
+            "config": record,
+            "d": d,
+            "scale": scale,
+            "rng": [int(v) for v in np.asarray(ts.rng)],
+            "last_metrics": history[-1] if history else last_row,
+        }
+        if extra_meta:
+            meta["extra"] = extra_meta
+        path = ckpt.save_checkpoint(
+            run_dir,
+            int(ts.step),
+            {"params": ts.params, "opt_state": ts.opt_state, "state": _state_part(ts)},
+            meta,
+            keep=tc.keep_checkpoints,
+        )
+        if on_checkpoint is not None:
+            on_checkpoint(path, int(ts.step))
+        return path
+
+    total = tc.total_steps
+    start = int(ts.step)
+    history: list[dict[str, float]] = []
+    resample_due = getattr(arch, "resample_due", None)
+    bar = tqdm(total=total, initial=start, disable=not progress, desc=f"train {cfg.arch}", unit="step")
+    t_last = time.perf_counter()
+    steps_since = 0
+    it = batches(start)
+    step = start
+    while step < total:
+        batch = _check_batch(next(it), tc, d)
+        ts = trainer.step(ts, batch, scale)
+        step += 1
+        steps_since += 1
+        if resample_due is not None and resample_due(cfg, step, total):
+            dead = np.asarray(ts.since_fired) >= trainer.window
+            params, mask = arch.resample(cfg, ts.params, ts.arch_state, batch * np.float32(scale), dead, tc.seed + step)
+            ts = ts.replace(params=params, opt_state=_reset_adam_moments(ts.opt_state, mask))
+        if step % tc.log_every == 0 or step == total:
+            jax.block_until_ready(ts.step)
+            now = time.perf_counter()
+            tps = steps_since * tc.batch_size / max(now - t_last, 1e-9)
+            row = trainer.metrics_row(ts, tps)
+            history.append(row)
+            if on_log is not None:
+                on_log(row)
+            bar.set_postfix(fvu=f"{row['fvu']:.4f}", l0=f"{row['l0']:.1f}", dead=f"{row['dead_frac']:.3f}")
+            ts = ts.replace(win=_zero_window(cfg.n_latents))
+            t_last, steps_since = time.perf_counter(), 0
+        if run_dir is not None and (step % tc.ckpt_every == 0 or step == total):
+            save(ts)
+        bar.update(1)
+    bar.close()
+
+    params, astate = arch.fold_scale(cfg, ts.params, ts.arch_state, scale)
+    final = dict(history[-1]) if history else dict(last_row)
+    result = TrainResult(
+        params=params,
+        arch_state=astate,
+        config=cfg,
+        train_config=tc,
+        scale=scale,
+        d=d,
+        final_metrics=final,
+        run_dir=run_dir,
+        history=history,
+    )
+    if run_dir is not None:
+        save_final(run_dir, result)
+    return result
+
+
+def _state_part(ts: TrainState) -> dict[str, Any]:
+    return {"arch_state": ts.arch_state, "since_fired": ts.since_fired, "step": ts.step, "rng": ts.rng, "win": ts.win}
+
+
+def save_final(run_dir: Path, result: TrainResult) -> Path:
+    """The saved SAE: inference-form params (raw activations) + arch state + JSON config."""
+    meta = {
+        "config": config_record(result.config, result.train_config),
+        "d": result.d,
+        "input_scale_folded": result.scale,
+        "final_metrics": result.final_metrics,
+    }
+    return ckpt.write_bundle(
+        Path(run_dir) / "sae", {"params": result.params, "state": result.arch_state}, meta
+    )

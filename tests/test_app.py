@@ -1,0 +1,107 @@
+"""Every page of the feature browser through Streamlit's AppTest, on real workspaces."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import duckdb
+import pytest
+from streamlit.testing.v1 import AppTest
+
+MAIN = str(Path(__file__).resolve().parents[1] / "app" / "main.py")
+PAGES = ("views/runs.py", "views/features.py", "views/dashboard.py", "views/inspector.py", "views/interventions.py")
+
+
+def _app(ws: Path, page: str | None = None, **params: str) -> AppTest:
+    os.environ["SAEWB_WORKSPACE"] = str(ws)
+    at = AppTest.from_file(MAIN, default_timeout=120)
+    for key, value in params.items():
+        at.query_params[key] = value
+    at.run()
+    if page:
+        at.switch_page(page)
+        at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def _text(at: AppTest) -> str:
+    parts = [m.value for m in (*at.markdown, *at.info, *at.error, *at.caption, *at.title, *at.subheader)]
+    return "\n".join(str(p) for p in parts)
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_missing_workspace_explains_itself(tmp_path: Path, page: str) -> None:
+    at = _app(tmp_path / "nope.duckdb", page)
+    assert "does not exist" in _text(at) and "saewb harvest" in _text(at)
+
+
+def test_empty_workspace_and_harvest_only(tmp_path: Path, minilm_ws: Path) -> None:
+    empty = tmp_path / "empty.duckdb"
+    duckdb.connect(str(empty)).close()
+    assert "empty" in _text(_app(empty))
+    runs_page = _app(minilm_ws)
+    assert "No training run yet" in _text(runs_page)
+    features = _app(minilm_ws, "views/features.py")
+    assert "No analysed run" in _text(features)
+
+
+def test_every_page_renders_on_an_analysed_run(demo_ws: Path) -> None:
+    for page in PAGES:
+        at = _app(demo_ws, page, run="demo", latent="1")
+        assert at.title, page
+    runs_page = _app(demo_ws)
+    tables = [d.value for d in runs_page.dataframe if "run" in d.value.columns]
+    assert tables and "demo" in tables[0]["run"].tolist()
+
+
+def test_dashboard_shows_contexts_and_rejects_unknown_latents(demo_ws: Path) -> None:
+    from analysis import tables
+    from saewb.workspace import Workspace
+
+    stats = tables.latent_summary(Workspace(demo_ws), "demo")
+    busiest = max(stats, key=lambda r: r["n_fires"])["latent"]
+    at = _app(demo_ws, "views/dashboard.py", run="demo", latent=str(busiest))
+    assert f"Latent {busiest}" in at.title[0].value
+    html = "".join(h.proto.body for h in at.get("html"))
+    assert 'class="tok"' in html  # highlighted context tokens with hover values
+    bad = _app(demo_ws, "views/dashboard.py", run="demo", latent="999999")
+    assert "does not exist" in _text(bad)
+    words = _app(demo_ws, "views/dashboard.py", run="demo", latent="seven")
+    assert "whole number" in _text(words)
+
+
+def test_label_is_saved_in_the_workspace(demo_ws: Path) -> None:
+    at = _app(demo_ws, "views/dashboard.py", run="demo", latent="2")
+    at.text_input[0].input("docstring openers")
+    at.button[0].click()
+    at.run()
+    con = duckdb.connect(str(demo_ws), read_only=True)
+    assert con.execute("SELECT label FROM latent_labels WHERE run = 'demo' AND latent = 2").fetchone() == ("docstring openers",)
+    con.close()
+
+
+def test_search_text_goes_through_parameters_only(demo_ws: Path) -> None:
+    at = _app(demo_ws, "views/features.py", run="demo")
+    at.text_input(key="token_query").input("'; DROP TABLE tokens; --")
+    at.run()
+    assert not at.exception
+    at.text_input(key="token_query").input("the")
+    at.run()
+    assert not at.exception
+    con = duckdb.connect(str(demo_ws), read_only=True)
+    assert con.execute("SELECT count(*) FROM tokens").fetchone()[0] > 0
+    con.close()
+
+
+def test_inspector_and_semantic_search_intervention(demo_ws: Path) -> None:
+    at = _app(demo_ws, "views/inspector.py", run="demo")
+    assert "tok" in "".join(h.proto.body for h in at.get("html"))
+    iv = _app(demo_ws, "views/interventions.py", run="demo", latents="3", edit="steer", coeff="20")
+    iv.button(key="iv_run").click()
+    iv.run()
+    assert not iv.exception
+    result = next(d.value for d in iv.dataframe if "sim_edited" in d.value.columns)
+    assert {"sim_clean", "sim_edited"} <= set(result.columns)
+    assert (result["sim_clean"] != result["sim_edited"]).any()  # the steering moved the query

@@ -1,0 +1,197 @@
+"""Trainer, architectures and shared pieces on small synthetic data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import sae
+from sae import common, gba
+from sae.base import StepCtx, make_config
+from sae.gba import GBAConfig
+from sae.relu_l1 import ReluL1Config
+from sae.topk import TopKConfig
+from sae.trainer import TrainConfig, dead_window, make_schedule, train
+
+D = 16
+FEATURES = np.random.default_rng(0).standard_normal((48, D)).astype(np.float32)
+FEATURES /= np.linalg.norm(FEATURES, axis=1, keepdims=True)
+
+
+def sparse_batches(batch: int = 128, scale: float = 7.0, offset: float = 3.0):
+    """Sparse non-negative mixtures of 48 features, far from unit scale and off-centre."""
+
+    def batches(start: int):
+        step = start
+        while True:
+            r = np.random.default_rng([9, step])
+            h = (r.random((batch, len(FEATURES))) < 0.06) * r.random((batch, len(FEATURES)))
+            yield (scale * (h @ FEATURES) + offset).astype(np.float32)
+            step += 1
+
+    return batches
+
+
+def test_geometric_median_resists_outliers() -> None:
+    rng = np.random.default_rng(1)
+    pts = rng.standard_normal((400, 3)) * 0.1 + np.array([1.0, -2.0, 0.5])
+    pts[:40] += 50.0  # 10% far outliers drag the mean, not the median
+    med = common.geometric_median(pts)
+    assert np.linalg.norm(med - np.array([1.0, -2.0, 0.5])) < 0.05
+    assert np.linalg.norm(pts.mean(0) - np.array([1.0, -2.0, 0.5])) > 5
+
+
+def test_schedule_warmup_and_decay() -> None:
+    tc = TrainConfig(train_tokens=100 * 10, batch_size=10, lr=1.0, warmup_steps=1000)
+    s = make_schedule(tc, 64)
+    lrs = np.array([float(s(jnp.asarray(i))) for i in range(100)])
+    assert lrs[0] == pytest.approx(0.1)  # warmup scaled to a tenth of a 100-step run
+    assert lrs[9:80].min() == pytest.approx(1.0)
+    assert lrs[99] < 0.06 and np.all(np.diff(lrs[80:]) < 0)
+    default = make_schedule(TrainConfig(train_tokens=10**9, batch_size=1000), 2**16)
+    assert float(default(jnp.asarray(5000))) == pytest.approx(2e-4 / 2.0)
+
+
+def test_dead_window_counts_tokens() -> None:
+    assert dead_window(TrainConfig(train_tokens=1_000_000, batch_size=100)) == 50_000
+    assert dead_window(TrainConfig(train_tokens=10**10, batch_size=4096)) == 10_000_000
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        TopKConfig(n_latents=96, k=4, decoder="unit"),
+        TopKConfig(n_latents=96, k=4, decoder="free", multi_topk=True),
+        ReluL1Config(n_latents=96, l1_coef=1.0),
+        ReluL1Config(n_latents=96, l1_coef=0.3, variant="classic"),
+        GBAConfig(n_latents=96, n_groups=4, htf=0.2, ltf=0.01, update_every=10),
+    ],
+    ids=["topk-unit", "topk-free-multi", "relu_l1", "relu_l1-classic", "gba"],
+)
+def test_arch_learns_and_saved_sae_takes_raw_activations(cfg, tmp_path: Path) -> None:
+    batches = sparse_batches()
+    tc = TrainConfig(train_tokens=128 * 200, batch_size=128, lr=3e-3, log_every=50, ckpt_every=200,
+                     init_sample_tokens=1024)
+    res = train(cfg, tc, batches, run_dir=tmp_path, progress=False)
+    first, last = res.history[0], res.history[-1]
+    assert res.scale != pytest.approx(1.0, rel=0.05)  # data is far from unit scale, so folding matters
+    assert last["fvu"] < 0.5 and last["fvu"] < first["fvu"]
+    if cfg.arch == "topk":
+        assert last["l0"] <= cfg.k
+    if cfg.arch == "topk" and cfg.decoder == "unit":
+        norms = np.linalg.norm(np.asarray(res.params.W_dec) * res.scale, axis=1)
+        np.testing.assert_allclose(norms, 1.0, rtol=1e-4)
+
+    model = sae.load(tmp_path)
+    x = next(batches(10_000))
+    x_hat = model.decode(model.encode(x))
+    assert isinstance(x_hat, np.ndarray)
+    fvu = np.sum((x - x_hat) ** 2) / np.sum((x - x.mean(0)) ** 2)
+    assert fvu < 0.5  # the loaded SAE works on raw (unscaled) activations
+    xj = jnp.asarray(x)
+    assert isinstance(model.encode(xj), jax.Array)
+    np.testing.assert_allclose(np.asarray(model.decode(model.encode(xj))), x_hat, rtol=1e-4, atol=1e-4)
+    assert model.config == cfg
+    assert model.metrics["fvu"] == pytest.approx(last["fvu"])
+    with pytest.raises(ValueError, match=r"shape \[tokens, 16\]"):
+        model.encode(np.zeros((3, 5), np.float32))
+
+
+def test_checkpoint_load_folds_scale_like_final(tmp_path: Path) -> None:
+    cfg = TopKConfig(n_latents=32, k=3, decoder="free")
+    tc = TrainConfig(train_tokens=64 * 20, batch_size=64, ckpt_every=20, init_sample_tokens=256)
+    train(cfg, tc, sparse_batches(64), run_dir=tmp_path, progress=False)
+    final = sae.load(tmp_path / "sae")
+    ckpt_dir = next((tmp_path / "checkpoints").glob("step_*"))
+    from_ckpt = sae.load(ckpt_dir)
+    x = next(sparse_batches(64)(500))
+    np.testing.assert_allclose(from_ckpt.reconstruct(x), final.reconstruct(x), rtol=1e-5, atol=1e-5)
+
+
+def test_gba_bias_adaptation_rules() -> None:
+    cfg = GBAConfig(n_latents=4, n_groups=2, htf=0.5, ltf=0.1, gamma=0.1, update_every=2)
+    state = gba.State(
+        b=jnp.array([0.0, -0.5, -0.95, -0.2]),
+        fires=jnp.zeros(4),
+        rmax=jnp.full(4, -jnp.inf),
+        tokens=jnp.zeros(()),
+        step=jnp.zeros((), jnp.int32),
+    )
+    # neuron 0: fires 90% (> p=0.5) → b -= γ·r; neuron 1: 30% (ok in group 0); neuron 2 never fires →
+    # b += γ·mean positive r of its group (group 1: only neuron 3's r=2.0); neuron 3: 50% > p=0.1, r=2.0
+    aux = {
+        "fires": jnp.array([9.0, 3.0, 0.0, 5.0]),
+        "rmax": jnp.array([1.0, 0.5, -0.3, 2.0]),
+        "tokens": jnp.asarray(10.0),
+    }
+    s1 = gba.update_state(cfg, state, aux, jnp.asarray(0))
+    np.testing.assert_allclose(s1.b, state.b)  # not due yet: only accumulates
+    s2 = gba.update_state(cfg, s1, aux, jnp.asarray(1))
+    np.testing.assert_allclose(s2.b, [-0.1, -0.5, -0.75, -0.4], atol=1e-6)
+    assert float(s2.tokens) == 0 and float(s2.fires.sum()) == 0
+    np.testing.assert_allclose(gba.group_targets(cfg), [0.5, 0.5, 0.1, 0.1], rtol=1e-6)
+
+
+def test_auxk_zero_without_dead_and_positive_with() -> None:
+    cfg = TopKConfig(n_latents=32, k=2)
+    x = jax.random.normal(jax.random.PRNGKey(0), (20, 8))
+    params, state = sae.topk.init(cfg, jax.random.PRNGKey(1), 8, np.asarray(x))
+    none = StepCtx(dead=jnp.zeros(32, bool), progress=jnp.float32(0))
+    some = StepCtx(dead=jnp.arange(32) >= 16, progress=jnp.float32(0))
+    loss = jax.jit(lambda ctx: sae.topk.loss(cfg, params, state, x, ctx)[1]["aux"])
+    assert float(loss(none)) == 0.0
+    assert float(loss(some)) > 0.0
+
+
+def test_bad_configs_are_refused_with_fix() -> None:
+    with pytest.raises(ValueError, match="k=50 must be between 1 and n_latents=16"):
+        make_config(TopKConfig, {"n_latents": 16, "k": 50})
+    with pytest.raises(ValueError, match=r"unknown TopKConfig field\(s\) \['kk'\]"):
+        make_config(TopKConfig, {"kk": 3})
+    with pytest.raises(ValueError, match="less than one batch"):
+        TrainConfig(train_tokens=10, batch_size=100).validate()
+    with pytest.raises(ValueError, match=r"expected \(128, 16\)"):
+        def short(start: int):
+            while True:
+                yield np.zeros((100, 16), np.float32)
+
+        train(TopKConfig(n_latents=8, k=2), TrainConfig(train_tokens=256, batch_size=128, init_sample_tokens=64),
+              short, progress=False)
+
+
+def test_partition_specs_shard_latent_axis() -> None:
+    specs = sae.topk.partition_specs(TopKConfig())
+    assert specs.W_enc == jax.sharding.PartitionSpec(None, "model")
+    assert specs.W_dec == jax.sharding.PartitionSpec("model", None)
+    assert specs.b_dec == jax.sharding.PartitionSpec()
+    w_spec = gba.partition_specs(GBAConfig()).W
+    assert w_spec == jax.sharding.PartitionSpec("model", None)
+
+
+def test_classic_resampling_resets_dead_latents_and_their_adam_moments() -> None:
+    from sae import relu_l1
+    from sae.trainer import Trainer, _reset_adam_moments
+
+    cfg = ReluL1Config(n_latents=12, variant="classic")
+    tc = TrainConfig(train_tokens=64 * 8, batch_size=64, init_sample_tokens=64)
+    x = next(sparse_batches(64)(0))
+    trainer = Trainer(cfg, tc, D)
+    ts = trainer.init_state(x)
+    for i in range(3):
+        ts = trainer.step(ts, next(sparse_batches(64)(i)), 1.0)
+    dead = np.zeros(12, bool)
+    dead[[2, 7]] = True
+    params, mask = relu_l1.resample(cfg, ts.params, ts.arch_state, x, dead, seed=0)
+    w_old, w_new = np.asarray(ts.params.W_dec), np.asarray(params.W_dec)
+    np.testing.assert_array_equal(w_new[~dead], w_old[~dead])
+    assert not np.allclose(w_new[dead], w_old[dead])
+    np.testing.assert_allclose(np.linalg.norm(w_new[dead], axis=1), 1.0, rtol=1e-5)
+    assert np.all(np.asarray(params.b_enc)[dead] == 0)
+    opt = _reset_adam_moments(ts.opt_state, mask)
+    adam = [s for s in jax.tree_util.tree_leaves(opt, is_leaf=lambda s: hasattr(s, "mu")) if hasattr(s, "mu")][0]
+    mu = np.asarray(adam.mu.W_dec)
+    assert np.all(mu[dead] == 0) and np.any(mu[~dead] != 0)
