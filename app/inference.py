@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import numpy as np
 import streamlit as st
 
 MAX_TEXT_TOKENS = 512
+MODEL_LOCK = threading.Lock()
+"""Held around every forward pass: a TransformerBridge's hooks are shared state, and Streamlit runs
+sessions (and the runs page's warm-up) in threads of one process."""
 
 
 @st.cache_resource(show_spinner=False, max_entries=2)
@@ -32,9 +36,9 @@ def token_codes(path: str, run: str, text: str) -> tuple[list[str], np.ndarray]:
     splitter = WindowTokenizer(model.tokenizer, min(ctx.ctx_len, MAX_TEXT_TOKENS))
     window = next(splitter.windows(0, Document(text=text, source="app")))
     ids = torch.from_numpy(window.token_ids[None, :])
-    with torch.inference_mode():
+    with MODEL_LOCK, torch.inference_mode():
         _, cache = model.run_with_cache(ids, names_filter=[ctx.hook])
-    x = cache[ctx.hook][0].float().numpy()
+        x = cache[ctx.hook][0].float().numpy()
     codes = np.array(ctx.sae.encode(x))  # a writable copy
     codes[window.special] = 0.0  # special tokens are outside the SAE's training distribution
     tokens = TokenStrings(model.tokenizer)(window.token_ids)

@@ -105,3 +105,17 @@ def test_inspector_and_semantic_search_intervention(demo_ws: Path) -> None:
     result = next(d.value for d in iv.dataframe if "sim_edited" in d.value.columns)
     assert {"sim_clean", "sim_edited"} <= set(result.columns)
     assert (result["sim_clean"] != result["sim_edited"]).any()  # the steering moved the query
+
+
+def test_concurrent_sessions_do_not_mix_forward_passes(demo_ws: Path) -> None:
+    """Streamlit serves sessions in threads of one process, all sharing the cached model."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from app.inference import token_codes
+
+    texts = [f"{'word ' * (3 + 5 * i)}end of text number {i}" for i in range(6)]
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        results = list(pool.map(lambda t: token_codes(str(demo_ws), "demo", t), texts))
+    for tokens, codes in results:
+        assert codes.shape[0] == len(tokens)
+    assert len({len(tokens) for tokens, _ in results}) == len(texts)

@@ -26,7 +26,7 @@ def render() -> None:
     from analysis.evaluate import is_causal_lm
     from analysis.interventions import Intervention, intervene_lm, semantic_search
     from analysis.splice import LatentEdit, Steering
-    from app.inference import model_and_run
+    from app.inference import MODEL_LOCK, model_and_run
 
     model, ctx = model_and_run(path, run)
     causal = is_causal_lm(model)
@@ -56,7 +56,8 @@ def render() -> None:
     if not st.button("Run", key="iv_run", type="primary"):
         return
     if causal:
-        r = intervene_lm(model, ctx, prompt, iv, max_new_tokens=20, seed=0)
+        with MODEL_LOCK:
+            r = intervene_lm(model, ctx, prompt, iv, max_new_tokens=20, seed=0)
         a, b = st.columns(2)
         a.subheader("Clean")
         a.dataframe(pd.DataFrame(r.top_clean, columns=["next token", "p"]), hide_index=True)
@@ -69,7 +70,8 @@ def render() -> None:
     else:
         st.query_params["candidates"] = candidates_raw
         cands = [c for c in candidates_raw.splitlines() if c.strip()]
-        r = semantic_search(model, ctx, prompt, cands, iv)
+        with MODEL_LOCK:
+            r = semantic_search(model, ctx, prompt, cands, iv)
         frame = pd.DataFrame(r.rows)
         frame["rank_clean"] = frame["sim_clean"].rank(ascending=False).astype(int)
         frame["rank_edited"] = frame["sim_edited"].rank(ascending=False).astype(int)

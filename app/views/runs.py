@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import streamlit as st
 
@@ -22,20 +23,31 @@ def render() -> None:
 
 
 def warm_up(path: str) -> None:
-    """Load the newest finished run's model and SAE while the user reads this page.
+    """Load the newest finished run's model and SAE in the background, once per server.
 
-    The elements above are already on screen; this only makes the first visit to the inspector and
-    intervention pages as fast as the later ones (both are cached for the server's lifetime).
+    This page is where the app opens; the load (seconds: weights plus JAX compilation) then happens
+    while the user reads it, so the inspector and intervention pages open as fast the first time as
+    later. Both caches are process-wide, so a thread can fill them.
     """
     runs = data.runs_frame(path)
     done = runs[runs["status"] == "done"]
     if done.empty:
         return
+    key = (path, str(done["run"].iloc[-1]))
+    if key in _WARMED:
+        return
+    _WARMED.add(key)
     from app.inference import token_codes
 
-    # A run that cannot load shows its error on the page that needs it, not here.
-    with contextlib.suppress(Exception):
-        token_codes(path, str(done["run"].iloc[-1]), "warm up")
+    def load() -> None:
+        # A run that cannot load shows its error on the page that needs it, not here.
+        with contextlib.suppress(Exception):
+            token_codes(*key, "warm up")
+
+    threading.Thread(target=load, name="saewb-warm-up", daemon=True).start()
+
+
+_WARMED: set[tuple[str, str]] = set()
 
 
 @st.fragment(run_every=data.LIVE_TTL_S)
