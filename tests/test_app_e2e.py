@@ -86,11 +86,11 @@ def test_pages_table_click_dashboard_and_intervention(server: str, browser: obje
     ARTIFACTS.mkdir(exist_ok=True)
     page = browser.new_page(viewport={"width": 1400, "height": 1000})  # type: ignore[attr-defined]
     page.set_default_timeout(120_000)
-    for path, heading in [("", "Runs"), ("features?run=demo", "Features"), ("feature?run=demo&latent=1", "Latent 1"),
-                          ("inspector?run=demo", "Text inspector"), ("interventions?run=demo", "Interventions")]:
+    for path, last in [("", "Training curves"), ("features?run=demo", "latents"), ("feature?run=demo&latent=1", "Family"),
+                       ("inspector?run=demo", "Strongest latents"), ("interventions?run=demo", "Candidate texts")]:
         page.goto(f"{server}/{path}")
-        page.get_by_role("heading", name=heading).first.wait_for()
-        page.wait_for_timeout(500)
+        page.get_by_text(last).first.wait_for()  # the page's last section: everything above has rendered
+        page.wait_for_timeout(2000)  # charts and grids draw after their data arrives
         assert page.locator("[data-testid='stException']").count() == 0, path
         assert page.get_by_text("Page not found").count() == 0, path
         page.screenshot(path=str(ARTIFACTS / f"page-{path.split('?')[0] or 'runs'}.png"), full_page=True)
