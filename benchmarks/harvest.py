@@ -1,8 +1,9 @@
 """Harvest and stream throughput on the bundled MiniLM and the built-in corpus.
 
 Prints one table:
-  * harvest tokens/s against the bare model forward over the same batches, in the same process
-    (their ratio is the storage overhead: tokenising, decoding token strings, DuckDB writes);
+  * harvest tokens/s against the same pass without storage (corpus reading, tokenising, batching and
+    the model forward over the same batches, in the same process): their ratio is the storage overhead
+    (token strings, Arrow conversion, DuckDB writes);
   * activation MB/s written;
   * stream tokens/s (shuffled float32 batches of 4096), against the train-step tokens/s of a TopK
     SAE with d=384, n=16384, k=32 when the trainers are installed;
@@ -38,13 +39,11 @@ HOOK = "blocks.3.hook_out"
 
 
 def bare_forward_s(harvester: Harvester) -> float:
-    """The forward passes alone over exactly the harvest's batches."""
-    total = 0.0
+    """Everything the harvest does except storing: read and cut the corpus, batch, forward."""
+    t0 = time.perf_counter()
     for batch in _batches(harvester.windows(), harvester.cfg.batch_size):
-        t0 = time.perf_counter()
         harvester.forward(batch)
-        total += time.perf_counter() - t0
-    return total
+    return time.perf_counter() - t0
 
 
 def stream_tokens_per_s(ws: Path, reps: int) -> float:
@@ -148,15 +147,16 @@ def main() -> None:
     print(f"MiniLM {HOOK}, stdlib-docs, ctx 128, {args.tokens} tokens x {args.reps} reps (medians)\n")
     print("| measure | value | goal |")
     print("|---|---|---|")
-    print(f"| bare forward tokens/s | {forward_rate:,.0f} | |")
+    print(f"| same pass without storage, tokens/s | {forward_rate:,.0f} | |")
     print(f"| harvest tokens/s | {harvest_rate:,.0f} | |")
-    print(f"| storage overhead (harvest / forward - 1) | {overhead:.1%} | <= 15% |")
+    print(f"| storage overhead (harvest / no-storage pass - 1) | {overhead:.1%} | <= 15% |")
     print(f"| activation MB/s written | {act_mb_s:.1f} | |")
     print(f"| workspace MB/s written (all tables) | {file_mb_s:.1f} | |")
     print(f"| workspace bytes per token (1 hook, d=384) | {bytes_per_token:,.0f} | |")
-    print(f"| stream tokens/s (real cache) | {stream_rate:,.0f} | |")
+    print(f"| stream tokens/s, real cache (small enough to stay in one buffer: memory-bound) | {stream_rate:,.0f} | |")
+    disk_rate = min(r["rate"] for r in rss.values())
     print(f"| TopK d=384 n=16384 k=32 train tokens/s | {train_rate:,.0f} | |")
-    print(f"| stream / train | {stream_rate / train_rate:.1f}x | >= 20x |")
+    print(f"| stream (slowest disk-bound cache below) / train | {disk_rate / train_rate:.1f}x | >= 20x |")
     for size, r in rss.items():
         print(f"| stream on {size:,}-token cache: tokens/s, peak RSS | {r['rate']:,.0f} tok/s, {r['peak_rss_mb']:.0f} MB | RSS flat |")
 
