@@ -24,6 +24,11 @@ _BUCKETS = 10_000
 READ_MEMORY_LIMIT = "128MB"
 
 
+def split_threshold(eval_fraction: float) -> int:
+    """The parameter `doc_split_sql` takes: the bucket below which a document is held out."""
+    return round(eval_fraction * _BUCKETS)
+
+
 def doc_split_sql(split: Split) -> str:
     """SQL condition on `t.doc_id` for a split; takes one parameter, the eval bucket threshold.
 
@@ -78,7 +83,7 @@ class ActivationStream:
         self.exclude_special = exclude_special
         self.chunk_tokens = chunk_tokens
         self.chunks_per_buffer = max(1, buffer_tokens // chunk_tokens)
-        self._threshold = round(eval_fraction * _BUCKETS)
+        self._threshold = split_threshold(eval_fraction)
         self._where = f"t.harvest = ? AND {doc_split_sql(split)}" + (" AND NOT t.is_special" if exclude_special else "")
         # A snapshot: tokens committed by a harvest still running after this point are not seen.
         self.n_committed = info.n_tokens

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from activations.store import HarvestError, harvest_info
-from activations.stream import _BUCKETS, ActivationStream, doc_split_sql
+from activations.stream import ActivationStream, doc_split_sql, split_threshold
 from analysis.splice import hooked, sae_hook_fn, zero_ablate_hook_fn
 from saewb.workspace import Workspace
 
@@ -104,7 +104,7 @@ def eval_windows(
     ws: Workspace, harvest: str, pad_id: int, max_seqs: int | None = 64, eval_fraction: float = EVAL_FRACTION
 ) -> Windows:
     """The first `max_seqs` windows (by seq_id) of the harvest's held-out documents."""
-    threshold = round(eval_fraction * _BUCKETS)
+    threshold = split_threshold(eval_fraction)
     with ws.read() as con:
         seqs = [r[0] for r in con.execute(
             f"SELECT DISTINCT t.seq_id FROM tokens t WHERE t.harvest = ? AND {doc_split_sql('eval')} "
