@@ -35,9 +35,13 @@ class StepCtx:
 
 
 def registry() -> dict[str, types.ModuleType]:
-    from sae import gba, relu_l1, topk
+    """Architecture name (its config's ``arch``) → module, for every module in ``sae.archs``."""
+    import importlib
 
-    return {"topk": topk, "relu_l1": relu_l1, "gba": gba}
+    from sae.archs import ARCH_MODULES
+
+    modules = (importlib.import_module(f"sae.{name}") for name in ARCH_MODULES)
+    return {m.Config.arch: m for m in modules}
 
 
 def arch_module(name: str) -> types.ModuleType:

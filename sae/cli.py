@@ -22,43 +22,6 @@ from typing import Any
 RUN_KEYS = ("workspace", "hook", "harvest", "arch", "name", "d_in", "eval_tokens", "progress")
 """Keys that are about the run, not the SAE or the optimiser."""
 
-FLAG_HELP = {
-    "n_latents": "number of latents n",
-    "k": "TopK: active latents per token",
-    "k_aux": "TopK: AuxK latents (default d/2)",
-    "aux_coef": "TopK: AuxK weight (default 1/32)",
-    "multi_topk": "TopK: add the Multi-TopK 4k loss",
-    "decoder": "TopK: 'unit' or 'free' (SAELens-style)",
-    "l1_coef": "relu_l1: L1 coefficient λ",
-    "variant": "relu_l1: 'april' or 'classic'",
-    "n_groups": "gba: groups K (1 = BA)",
-    "htf": "gba: highest target frequency",
-    "ltf": "gba: lowest target frequency",
-    "gamma": "gba: bias step γ",
-    "update_every": "gba: steps between bias updates",
-    "activation": "gba: 'relu' or 'jumprelu'",
-}
-
-
-def _field_docs() -> dict[str, str]:
-    """Field docstrings of the config dataclasses, read from source with `ast` (no JAX import)."""
-    import ast
-
-    docs: dict[str, str] = {}
-    here = Path(__file__).parent
-    for module, owner in (("trainer", ""), ("topk", "TopK: "), ("relu_l1", "relu_l1: "), ("gba", "gba: ")):
-        tree = ast.parse((here / f"{module}.py").read_text())
-        for cls in (n for n in tree.body if isinstance(n, ast.ClassDef) and n.name.endswith("Config")):
-            body = cls.body
-            for field, doc in zip(body, body[1:], strict=False):
-                if (isinstance(field, ast.AnnAssign) and isinstance(field.target, ast.Name)
-                        and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)
-                        and isinstance(doc.value.value, str)):
-                    text = " ".join(doc.value.value.split()).replace("%", "%%")  # argparse formats help with %
-                    docs.setdefault(field.target.id, owner + text)
-    return docs
-
-
 def _bool(v: str) -> bool:
     if v.lower() in ("1", "true", "yes", "on"):
         return True
@@ -67,23 +30,69 @@ def _bool(v: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {v!r}")
 
 
-FLAG_TYPES: dict[str, Any] = {
-    # TrainConfig
-    "train_tokens": int, "batch_size": int, "seed": int, "lr": float, "warmup_steps": int,
-    "decay_frac": float, "grad_clip": float, "adam_b1": float, "adam_b2": float, "adam_eps": float,
-    "dead_window_tokens": int, "dense_threshold": float, "init_sample_tokens": int, "log_every": int,
-    "ckpt_every": int, "keep_checkpoints": int,
-    # TopKConfig
-    "n_latents": int, "k": int, "k_aux": int, "aux_coef": float, "multi_topk": _bool, "decoder": str,
-    "init_dec_norm": float, "rescale_by_decoder_norm": _bool,
-    # ReluL1Config
-    "l1_coef": float, "l1_warmup_frac": float, "variant": str, "resample_every_frac": float,
-    # GBAConfig
-    "n_groups": int, "htf": float, "ltf": float, "gamma": float, "update_every": int, "freq_eps": float,
-    "activation": str, "init_a": float, "init_w": str, "train_b_pre": _bool, "init_b_pre": str,
+def _int_tuple(v: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in v.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {v!r}") from None
+
+
+def _float_tuple(v: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in v.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {v!r}") from None
+
+
+_ANNOTATION_TYPES: dict[str, Any] = {
+    "int": int, "float": float, "bool": _bool, "str": str,
+    "tuple[int, ...]": _int_tuple, "tuple[float, ...]": _float_tuple,
 }
-"""Every config field as a flag, listed here so that `saewb --help` need not import JAX; a test
-checks it against the dataclasses."""
+
+
+def _config_fields_from_source() -> dict[str, tuple[Any, str]]:
+    """Every config field → (argparse type, help), read from the sources with `ast` (no JAX import).
+
+    The trainer's fields come first; an architecture's help is prefixed with its name. A field
+    shared by several architectures keeps the first docstring found.
+    """
+    import ast
+
+    from sae.archs import ARCH_MODULES
+
+    out: dict[str, tuple[Any, str]] = {}
+    here = Path(__file__).parent
+    for module in ("trainer", *ARCH_MODULES):
+        tree = ast.parse((here / f"{module}.py").read_text())
+        owner = "" if module == "trainer" else f"{module}: "
+        for cls in (n for n in tree.body if isinstance(n, ast.ClassDef) and n.name.endswith("Config")):
+            body = cls.body
+            for i, field in enumerate(body):
+                if not (isinstance(field, ast.AnnAssign) and isinstance(field.target, ast.Name)):
+                    continue
+                annotation = ast.unparse(field.annotation)
+                if annotation.startswith("ClassVar"):
+                    continue
+                base = annotation.removesuffix(" | None")
+                if base not in _ANNOTATION_TYPES:
+                    raise TypeError(f"sae/{module}.py {cls.name}.{field.target.id}: no CLI type for {annotation!r}")
+                doc = body[i + 1] if i + 1 < len(body) else None
+                text = ""
+                if (isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)
+                        and isinstance(doc.value.value, str)):
+                    text = owner + " ".join(doc.value.value.split()).replace("%", "%%")  # argparse formats %
+                out.setdefault(field.target.id, (_ANNOTATION_TYPES[base], text))
+    return out
+
+
+FLAG_TYPES: dict[str, Any] = {name: typ for name, (typ, _) in _config_fields_from_source().items()}
+"""Every config field as a flag; a test checks it against the imported dataclasses."""
+
+
+def _arch_names() -> list[str]:
+    from sae.archs import ARCH_MODULES
+
+    return list(ARCH_MODULES)
 
 
 def _all_fields() -> dict[str, dataclasses.Field]:
@@ -103,14 +112,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--workspace", help="workspace .duckdb file")
     p.add_argument("--hook", help="hook to train on (must be in the harvest)")
     p.add_argument("--harvest", help="harvest name (default: the workspace's only harvest)")
-    p.add_argument("--arch", help="topk, relu_l1 or gba")
+    p.add_argument("--arch", help="architecture: " + ", ".join(_arch_names()))
     p.add_argument("--name", help="run name; the same name + config resumes")
     p.add_argument("--d-in", dest="d_in", type=int, help="expected activation width (checked against the harvest)")
     p.add_argument("--eval-tokens", dest="eval_tokens", type=int, help="held-out tokens for final metrics")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
-    docs = {**_field_docs(), **FLAG_HELP}
-    for name, typ in FLAG_TYPES.items():
-        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=docs.get(name))
+    for name, (typ, text) in _config_fields_from_source().items():
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=text or None)
     p.set_defaults(func=cmd_train)
 
     r = subparsers.add_parser("runs", help="list training runs and their final metrics")

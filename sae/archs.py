@@ -1,0 +1,13 @@
+"""Names of the architecture modules (one file per architecture under ``sae/``).
+
+Kept free of JAX imports: the CLI reads the modules' config dataclasses with ``ast`` to build
+`saewb train --help` without loading JAX. Add a new architecture's module name here.
+"""
+
+from __future__ import annotations
+
+ARCH_MODULES: tuple[str, ...] = (
+    "topk",
+    "relu_l1",
+    "gba",
+)
