@@ -8,8 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-MAIN = Path(__file__).with_name("main.py")
-
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -28,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def command(workspace: str | Path, port: int = 8501, host: str = "localhost", headless: bool = True) -> list[str]:
     """The streamlit command line that serves the app (tests start the same one)."""
     return [
-        sys.executable, "-m", "streamlit", "run", str(MAIN),
+        sys.executable, "-m", "app.serve",
         "--server.address", host, "--server.port", str(port), "--server.headless", str(headless).lower(),
         "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none",
     ]

@@ -17,10 +17,13 @@ sessions (and the runs page's warm-up) in threads of one process."""
 @st.cache_resource(show_spinner=False, max_entries=2)
 def model_and_run(path: str, run: str) -> tuple[Any, Any]:
     """(TransformerBridge, RunContext) of a run, loaded once per server process."""
+    import sys
+
     from activations.models import load_model
     from analysis.evaluate import load_run
 
     ctx = load_run(path, run)
+    print(f"saewb app: loading model {ctx.model_name!r} for run {run!r}", file=sys.stderr, flush=True)
     return load_model(ctx.model_name), ctx
 
 

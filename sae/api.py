@@ -12,10 +12,44 @@ import numpy as np
 from sae import checkpoint as ckpt
 from sae.base import arch_module, make_config
 
+MIN_BUCKET = 16
+LARGE_BUCKET = 4096
+
+
+def bucket_rows(rows: int) -> int:
+    """Padded row count for `rows`: powers of two from 16 up to 4096, then multiples of 4096.
+
+    The jitted encoder compiles once per input shape (0.2 s each on 2 cores); padding to a few
+    sizes keeps interactive use (every text has its own length) from recompiling on every call.
+    """
+    if rows > LARGE_BUCKET:
+        return -(-rows // LARGE_BUCKET) * LARGE_BUCKET
+    return max(MIN_BUCKET, 1 << (rows - 1).bit_length())
+
+
+def shape_buckets(max_rows: int) -> list[int]:
+    """Every bucket size up to the one holding `max_rows` (to compile them ahead of use)."""
+    out = [MIN_BUCKET]
+    while out[-1] < bucket_rows(max_rows):
+        out.append(bucket_rows(out[-1] + 1))
+    return out
+
+
+def _padded_apply(fn: Any, x: jax.Array) -> jax.Array:
+    rows = x.shape[0]
+    padded = bucket_rows(rows)
+    if padded == rows:
+        return fn(x)
+    return fn(jnp.pad(x, ((0, padded - rows), (0, 0))))[:rows]
+
 
 class SAE:
     """A trained SAE on raw activations: ``encode`` / ``decode`` keep the array type they are given
-    (numpy in → numpy out, jax in → jax out)."""
+    (numpy in → numpy out, jax in → jax out).
+
+    Rows are encoded independently (the inference form of every architecture is per token), so
+    inputs are zero-padded to a few bucket sizes and the padding is dropped from the output.
+    """
 
     def __init__(
         self,
@@ -37,32 +71,48 @@ class SAE:
         self.path = path
         self._enc = jax.jit(lambda p, s, x: self.arch.encode(self.config, p, s, x))
         self._dec = jax.jit(lambda p, f: self.arch.decode(self.config, p, f))
+        self._enc_k: dict[int, Any] = {}  # one jitted encoder per explicit budget k
 
     def __repr__(self) -> str:
-        return f"SAE(arch={self.config.arch!r}, d={self.d}, n_latents={self.config.n_latents}, path={self.path})"
+        return f"SAE(arch={self.config.arch!r}, d={self.d}, n_latents={self.n_latents}, path={self.path})"
 
     @property
     def n_latents(self) -> int:
-        return int(self.config.n_latents)
+        count = getattr(self.arch, "latent_count", None)  # architectures whose size is not in the config (ITDA)
+        return int(count(self.config, self.params) if count is not None else self.config.n_latents)
 
     def _check(self, x: Any, width: int, what: str) -> None:
         if x.ndim != 2 or x.shape[1] != width:
             raise ValueError(f"{what} must have shape [tokens, {width}], got {tuple(x.shape)}")
 
-    def encode(self, x: Any) -> Any:
-        """Latent activations [tokens, n_latents] of raw activations [tokens, d]."""
+    def encode(self, x: Any, k: int | None = None) -> Any:
+        """Latent activations [tokens, n_latents] of raw activations [tokens, d].
+
+        ``k``: another budget, for architectures whose encoder takes one (TopK, HierarchicalTopK:
+        any k <= K); None uses the trained one.
+        """
         is_np = not isinstance(x, jax.Array)
         xj = jnp.asarray(x, jnp.float32)
         self._check(xj, self.d, "encode input")
-        f = self._enc(self.params, self.state, xj)
+        enc = self._enc if k is None else self._encoder_for(int(k))
+        f = _padded_apply(lambda v: enc(self.params, self.state, v), xj)
         return np.asarray(f) if is_np else f
+
+    def _encoder_for(self, k: int) -> Any:
+        import inspect
+
+        if "k" not in inspect.signature(self.arch.encode).parameters:
+            raise ValueError(f"arch {self.config.arch!r} has no per-call budget; call encode(x) without k")
+        if k not in self._enc_k:
+            self._enc_k[k] = jax.jit(lambda p, s, x: self.arch.encode(self.config, p, s, x, k=k))
+        return self._enc_k[k]
 
     def decode(self, f: Any) -> Any:
         """Reconstruction [tokens, d] from latents [tokens, n_latents]."""
         is_np = not isinstance(f, jax.Array)
         fj = jnp.asarray(f, jnp.float32)
         self._check(fj, self.n_latents, "decode input")
-        x = self._dec(self.params, fj)
+        x = _padded_apply(lambda v: self._dec(self.params, v), fj)
         return np.asarray(x) if is_np else x
 
     def reconstruct(self, x: Any) -> Any:
@@ -102,6 +152,10 @@ def load_dir(path: str | Path) -> SAE:
     manifest = ckpt.read_manifest(path)
     cfg = _from_record(manifest["config"])
     d = int(manifest["d"])
+    load_saved = getattr(arch_module(cfg.arch), "load_saved", None)
+    if load_saved is not None:  # sizes come from the manifest (ITDA's dictionary grows while fitting)
+        params, state, metrics = load_saved(cfg, path, manifest)
+        return SAE(cfg, params, state, d, metrics=metrics, path=path)
     params_t, state_t = _templates(cfg, d)
     if "input_scale_folded" in manifest:
         trees, _ = ckpt.read_bundle(path, {"params": params_t, "state": state_t})

@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import socket
-import subprocess
-import time
-import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from app.cli import command, environment
+from app.serve import READY_MARK, running_server
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
@@ -22,43 +18,10 @@ BROWSER_ARGS = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def server(demo_ws: Path) -> Iterator[str]:
-    with serving(demo_ws) as url:
-        yield url
-
-
-@contextmanager
-def serving(ws: Path) -> Iterator[str]:
-    """The real `saewb app` server command on a free localhost port."""
-    demo_ws = ws
-    port = _free_port()
-    proc = subprocess.Popen(command(demo_ws, port), env=environment(demo_ws), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    url = f"http://localhost:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError(f"the app did not start:\n{proc.stdout.read() if proc.stdout else ''}")
-        time.sleep(0.5)
-    try:
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    with running_server(demo_ws) as srv:
+        yield srv.url
 
 
 @pytest.fixture(scope="module")
@@ -114,3 +77,38 @@ def test_pages_table_click_dashboard_and_intervention(server: str, browser: obje
     assert page.locator("[data-testid='stException']").count() == 0
     page.screenshot(path=str(ARTIFACTS / "intervention.png"), full_page=True)
     page.close()
+
+
+def test_server_warms_the_model_before_the_first_visit(demo_ws: Path, browser: object) -> None:
+    """The server loads the newest run's model and SAE at start, so the first inspector visit is fast."""
+    with running_server(demo_ws) as srv:
+        srv.wait_for_output(READY_MARK)
+        page = browser.new_page()  # type: ignore[attr-defined]
+        page.set_default_timeout(60_000)
+        page.goto(f"{srv.url}/inspector?run=demo")
+        page.get_by_text("Strongest latents").first.wait_for()
+        assert page.locator("[data-testid='stException']").count() == 0
+        page.close()
+        # the page found the model in the server's cache: it never loaded the weights a second time
+        assert "".join(srv.lines).count("saewb app: loading model") == 1, "".join(srv.lines)
+
+
+def test_intervention_page_steers_tiny_lm_generation(tiny_lm_ws: Path, browser: object) -> None:
+    """A causal LM in the browser: steering one latent of the tiny-lm run changes the generated text."""
+    from analysis import tables
+
+    stats = tables.latent_summary(tiny_lm_ws, "lm")
+    latent = max(stats, key=lambda s: s["n_fires"])["latent"]
+    with running_server(tiny_lm_ws) as srv:
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})  # type: ignore[attr-defined]
+        page.set_default_timeout(120_000)
+        page.goto(f"{srv.url}/interventions?run=lm&latents={latent}&edit=steer&coeff=40&tokens=12")
+        page.get_by_role("button", name="Run").click()
+        page.get_by_text("largest logit change").wait_for()
+        assert page.locator("[data-testid='stException']").count() == 0
+        clean, edited = (page.locator("[data-testid='stCode']").nth(i).inner_text() for i in (0, 1))
+        assert clean.startswith("def parse(text):") and edited.startswith("def parse(text):")
+        assert clean != edited, clean
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "intervention-tiny-lm.png"), full_page=True)
+        page.close()

@@ -9,7 +9,9 @@ import sys
 import time
 from pathlib import Path
 
-from test_app_e2e import browser, serving  # noqa: F401 - fixture
+from test_app_e2e import browser  # noqa: F401 - fixture
+
+from app.serve import running_server
 
 HARVEST_RE = re.compile(r"harvest live · minilm · ([\d,]+) tokens")
 
@@ -18,8 +20,8 @@ def test_app_shows_jobs_progress_without_blocking_them(browser, demo_ws: Path, t
     ws = tmp_path / "live.duckdb"  # a copy: the shared demo workspace stays as other tests expect it
     shutil.copy(demo_ws, ws)
     shutil.copytree(demo_ws.with_suffix(".runs"), ws.with_suffix(".runs"))
-    with serving(ws) as server:
-        _watch_jobs(server, browser, ws)
+    with running_server(ws) as server:
+        _watch_jobs(server.url, browser, ws)
 
 
 def _watch_jobs(server: str, browser, demo_ws: Path) -> None:  # noqa: F811

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
-import threading
-
 import streamlit as st
 
 from app import data
+from app.serve import start_warm_up
 from app.ui import guarded, pick_run
 
 
@@ -19,35 +17,8 @@ def render() -> None:
         st.info(f"Workspace `{path}` is empty: no harvest yet. Start one with `saewb harvest --workspace {path}`.")
         return
     live(path)
-    warm_up(path)
-
-
-def warm_up(path: str) -> None:
-    """Load the newest finished run's model and SAE in the background, once per server.
-
-    This page is where the app opens; the load (seconds: weights plus JAX compilation) then happens
-    while the user reads it, so the inspector and intervention pages open as fast the first time as
-    later. Both caches are process-wide, so a thread can fill them.
-    """
-    runs = data.runs_frame(path)
-    done = runs[runs["status"] == "done"]
-    if done.empty:
-        return
-    key = (path, str(done["run"].iloc[-1]))
-    if key in _WARMED:
-        return
-    _WARMED.add(key)
-    from app.inference import token_codes
-
-    def load() -> None:
-        # A run that cannot load shows its error on the page that needs it, not here.
-        with contextlib.suppress(Exception):
-            token_codes(*key, "warm up")
-
-    threading.Thread(target=load, name="saewb-warm-up", daemon=True).start()
-
-
-_WARMED: set[tuple[str, str]] = set()
+    # A run that finished after the server started is warmed while the user reads this page.
+    start_warm_up(path)
 
 
 @st.fragment(run_every=data.LIVE_TTL_S)

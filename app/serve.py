@@ -1,0 +1,159 @@
+"""The app's server process: warm the newest run's model and SAE, then serve Streamlit.
+
+`saewb app` runs ``python -m app.serve <streamlit flags>``. Streamlit only executes the app script
+when a browser connects, so a warm-up started from a page runs too late for a user who opens the
+text inspector first (measured: 4.9 s for that first render). Here the load starts with the server
+and runs beside it: the model, the SAE and the JIT-compiled encoder for every input-size bucket are
+in the process-wide ``st.cache_resource`` cache before the first user arrives.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MAIN = Path(__file__).with_name("main.py")
+READY_MARK = "saewb app: model and SAE ready for run"
+
+
+def newest_done_run(path: str) -> str | None:
+    """The most recently finished run of a workspace, or None (no workspace, no finished run)."""
+    from saewb.workspace import Workspace
+
+    ws = Workspace(path)
+    if not ws.exists() or not ws.table_exists("runs"):
+        return None
+    with ws.read() as con:
+        row = con.execute(
+            "SELECT name FROM runs WHERE status = 'done' ORDER BY updated_at DESC NULLS LAST LIMIT 1"
+        ).fetchone()
+    return None if row is None else str(row[0])
+
+
+def warm_up(path: str, run: str) -> float:
+    """Load `run`'s model and SAE into the resource cache and compile its encoder; seconds taken."""
+    import numpy as np
+    import torch
+
+    from app.inference import MODEL_LOCK, model_and_run
+    from sae.api import shape_buckets
+
+    t0 = time.perf_counter()
+    model, ctx = model_and_run(path, run)
+    ids = torch.zeros((1, 8), dtype=torch.long)
+    with MODEL_LOCK, torch.inference_mode():
+        model.run_with_cache(ids, names_filter=[ctx.hook])  # first-call setup of the hooks
+    for rows in shape_buckets(512):
+        ctx.sae.encode(np.zeros((rows, ctx.sae.d), np.float32))
+    return time.perf_counter() - t0
+
+
+_WARMED: set[tuple[str, str]] = set()
+_WARMED_LOCK = threading.Lock()
+
+
+def start_warm_up(path: str) -> None:
+    """Warm the newest finished run of `path` in a background thread, once per process and run.
+
+    Page scripts are re-executed on every rerun, so the once-only memory lives here, in a module.
+    """
+    run = newest_done_run(path)
+    if run is None:
+        return
+    with _WARMED_LOCK:
+        if (path, run) in _WARMED:
+            return
+        _WARMED.add((path, run))
+
+    def work() -> None:
+        # Any failure shows on the page that needs the model, with its message; not here.
+        with contextlib.suppress(Exception):
+            if run is not None:
+                seconds = warm_up(path, run)
+                print(f"{READY_MARK} {run!r} ({seconds:.1f} s)", file=sys.stderr, flush=True)
+
+    threading.Thread(target=work, name="saewb-warm-up", daemon=True).start()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class RunningServer:
+    """A `saewb app` server started by ``running_server``: its URL and everything it printed."""
+
+    url: str
+    proc: subprocess.Popen[str]
+    lines: list[str] = field(default_factory=list)
+
+    def wait_for_output(self, text: str, timeout: float = 120.0) -> float:
+        """Block until the server printed a line containing `text`; seconds waited."""
+        t0 = time.monotonic()
+        while not any(text in line for line in self.lines):
+            if self.proc.poll() is not None or time.monotonic() - t0 > timeout:
+                raise RuntimeError(f"the app never printed {text!r}:\n{''.join(self.lines)}")
+            time.sleep(0.05)
+        return time.monotonic() - t0
+
+
+@contextlib.contextmanager
+def running_server(workspace: str | Path, port: int | None = None, timeout: float = 120.0) -> Iterator[RunningServer]:
+    """Start the real server (the command `saewb app` runs) on a free localhost port, wait for health."""
+    from app.cli import command, environment
+
+    port = port or free_port()
+    proc = subprocess.Popen(command(workspace, port), env=environment(workspace), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    server = RunningServer(f"http://localhost:{port}", proc)
+
+    def drain() -> None:  # keep the pipe empty so the server never blocks on its own output
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            server.lines.append(line)
+
+    threading.Thread(target=drain, daemon=True).start()
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(OSError), urllib.request.urlopen(f"{server.url}/_stcore/health", timeout=2) as r:
+            if r.status == 200:
+                break
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"the app did not start:\n{''.join(server.lines)}")
+        time.sleep(0.2)
+    try:
+        yield server
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def main(argv: list[str] | None = None) -> None:
+    from streamlit.web import cli as streamlit_cli
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    path = os.environ.get("SAEWB_WORKSPACE")
+    if path:
+        # in a thread: reading the workspace must not delay the server's start
+        threading.Thread(target=start_warm_up, args=(path,), daemon=True).start()
+    sys.argv = ["streamlit", "run", str(MAIN), *(sys.argv[1:] if argv is None else argv)]
+    streamlit_cli.main()
+
+
+if __name__ == "__main__":
+    main()
