@@ -9,11 +9,14 @@ WORKSPACE ?= workspace.duckdb
 DEMO_HOOK ?= blocks.3.hook_out
 DEMO_RUN ?= demo-topk
 PORT ?= 8501
+LM_WORKSPACE ?= workspace-lm.duckdb
+LM_HOOK ?= blocks.0.hook_out
+LM_RUN ?= lm-topk
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 export XLA_PYTHON_CLIENT_PREALLOCATE = false
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: install browser demo demo-pipeline test lint bench clean
+.PHONY: install browser demo demo-pipeline demo-lm demo-lm-pipeline saelens-venv test docs lint bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,8 +44,32 @@ demo-pipeline: $(STAMP)
 	$(SAEWB) eval $(DEMO_RUN) --workspace $(WORKSPACE)
 	$(SAEWB) analyze $(DEMO_RUN) --workspace $(WORKSPACE)
 
-test: $(STAMP) browser
+## demo-lm: the same pipeline through the built-in causal LM `tiny-lm` (middle block), so CE/KL scores,
+## logit effects and steered generation are real; a few minutes on 2 cores.
+demo-lm: demo-lm-pipeline
+	$(SAEWB) app $(LM_WORKSPACE) --port $(PORT)
+
+demo-lm-pipeline: $(STAMP)
+	$(SAEWB) harvest --model tiny-lm --corpus stdlib-docs --hook $(LM_HOOK) --ctx-len 256 --workspace $(LM_WORKSPACE)
+	$(SAEWB) train --workspace $(LM_WORKSPACE) --hook $(LM_HOOK) --arch topk --n-latents 2048 --k 32 \
+		--train-tokens 1000000 --batch-size 4096 --seed 0 --name $(LM_RUN)
+	$(SAEWB) eval $(LM_RUN) --workspace $(LM_WORKSPACE)
+	$(SAEWB) analyze $(LM_RUN) --workspace $(LM_WORKSPACE)
+
+# The SAELens interop test (tests/test_interop.py) drives the real sae-lens in its own virtualenv
+# (it pins TransformerLens < 4, so it cannot share .venv); create it when missing (~1.5 min).
+SAELENS_PY := .bench-venvs/saelens/bin/python
+saelens-venv:
+	@$(SAELENS_PY) -c "import importlib.util as u, sys; sys.exit(u.find_spec('sae_lens') is None)" 2>/dev/null \
+		|| PEERS=saelens PYTHON=$$(command -v python3.11 || command -v $(PYTHON)) \
+		bash benchmarks/peers_setup.sh
+
+test: $(STAMP) browser saelens-venv
 	$(PY) -m pytest -q
+
+## docs: regenerate docs/config_reference.md from the config dataclasses (tests/test_docs.py checks it).
+docs: $(STAMP)
+	$(PY) scripts/gen_config_reference.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -51,4 +78,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/harvest.py
 
 clean:
-	rm -rf $(WORKSPACE) $(WORKSPACE).wal $(basename $(WORKSPACE)).runs .pytest_cache test-artifacts
+	rm -rf $(WORKSPACE) $(WORKSPACE).wal $(basename $(WORKSPACE)).runs $(LM_WORKSPACE) $(LM_WORKSPACE).wal $(basename $(LM_WORKSPACE)).runs .pytest_cache test-artifacts

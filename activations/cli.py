@@ -38,8 +38,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--commit-tokens", type=int, default=d.commit_tokens,
                    help="tokens per commit (the most an interruption can lose)")
     p.add_argument("--device", default=d.device, help="torch device, e.g. cpu or cuda")
+    p.add_argument("--shard", default=None, metavar="i/N",
+                   help="harvest only shard i of N (0 <= i < N): documents are split by a hash of their text, "
+                        "so N hosts can harvest disjoint shards into their own workspaces")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_harvest)
+
+    e = sub.add_parser(
+        "export-parquet",
+        help="write a harvest's tokens, documents and activations as Parquet files",
+        description=(
+            "Copy one harvest of a workspace into OUT_DIR as Parquet (DuckDB COPY): tokens.parquet, "
+            "documents.parquet, one act__<hook>.parquet per hook (x as a list of d floats) and harvest.json. "
+            "`saewb train --workspace OUT_DIR` and the training stream read the directory (local or object "
+            "storage) like a workspace."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    e.add_argument("workspace", help="workspace file holding the harvest")
+    e.add_argument("out_dir", help="output directory (created; must not already hold an export)")
+    e.add_argument("--harvest", default=None, help="harvest name (default: the workspace's only harvest)")
+    e.set_defaults(func=_export)
 
     h = sub.add_parser("hooks", help="list a model's hook points", description="List the canonical hook names of a model.")
     h.add_argument("--model", default=d.model, help="HF name, local folder or `minilm`")
@@ -47,17 +66,27 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _harvest(args: argparse.Namespace) -> int:
-    from activations.harvest import run_harvest
+    from activations.harvest import parse_shard, run_harvest
 
+    shard = parse_shard(args.shard) if args.shard is not None else None  # before the model loads
     cfg = HarvestConfig(
         model=args.model, corpus=args.corpus, hooks=tuple(args.hooks or HarvestConfig.hooks),
         ctx_len=args.ctx_len, max_tokens=args.max_tokens, name=args.name, text_column=args.text_column,
         doc_per_line=not args.whole_file, chat=args.chat, batch_size=args.batch_size,
-        commit_tokens=args.commit_tokens, device=args.device,
+        commit_tokens=args.commit_tokens, device=args.device, shard=shard,
     )
     info = run_harvest(cfg, args.workspace, progress=not args.quiet)
     hooks = ", ".join(f"{h} (d={d})" for h, d in info.hooks.items())
     print(f"harvest {info.name!r}: {info.n_tokens} tokens, {info.n_docs} documents, hooks {hooks} -> {args.workspace}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from activations.store import export_parquet
+
+    manifest = export_parquet(args.workspace, args.out_dir, args.harvest)
+    files = ", ".join([manifest["tokens"], manifest["documents"], *(h["file"] for h in manifest["hooks"].values())])
+    print(f"harvest {manifest['name']!r}: {manifest['n_tokens']} tokens -> {args.out_dir} ({files})")
     return 0
 
 

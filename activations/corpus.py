@@ -24,6 +24,10 @@ _KEEP_PERCENT = 66
 _SKIP_DIRS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "__pycache__", "turtledemo"}
 
 
+HF_PREFIX = "hf:"
+"""`--corpus hf:NAME[:CONFIG[:SPLIT]]`: a Hugging Face dataset by name (or a local dataset folder)."""
+
+
 class CorpusError(ValueError):
     """A corpus argument that cannot be read."""
 
@@ -45,7 +49,8 @@ class CorpusSpec:
     """What to read; stored in the harvest config so a resume can check it is the same."""
 
     corpus: str
-    """`stdlib-docs`, or a path to a .txt/.jsonl/.parquet file or a saved `datasets` directory."""
+    """`stdlib-docs`, a path to a .txt/.jsonl/.parquet file or a saved `datasets` directory, or
+    `hf:NAME[:CONFIG[:SPLIT]]` (a Hugging Face dataset, streamed; from the local cache when offline)."""
     text_column: str = "text"
     """Column with the text in JSONL, Parquet and datasets corpora."""
     doc_per_line: bool = True
@@ -66,6 +71,9 @@ def iter_documents(spec: CorpusSpec) -> Iterator[Document]:
     """Documents of a corpus, in a deterministic order."""
     if spec.corpus == "stdlib-docs":
         yield from stdlib_docs()
+        return
+    if spec.corpus.startswith(HF_PREFIX):
+        yield from _hf_dataset(spec.corpus, spec.text_column)
         return
     path = Path(spec.corpus).expanduser()
     if not path.exists():
@@ -114,7 +122,7 @@ def stdlib_docs(max_chars: int = STDLIB_DOCS_MAX_CHARS) -> Iterator[Document]:
         except (SyntaxError, UnicodeDecodeError, ValueError):
             continue
         module = ".".join(path.relative_to(root).with_suffix("").parts)
-        for qualname, doc in _docstrings(tree, module):
+        for qualname, doc in module_docstrings(tree, module):
             if len(doc) < _MIN_DOC_CHARS or zlib.crc32(qualname.encode()) % 100 >= _KEEP_PERCENT:
                 continue
             yield Document(text=doc, source=qualname)
@@ -123,7 +131,8 @@ def stdlib_docs(max_chars: int = STDLIB_DOCS_MAX_CHARS) -> Iterator[Document]:
                 return
 
 
-def _docstrings(tree: ast.Module, module: str) -> Iterator[tuple[str, str]]:
+def module_docstrings(tree: ast.Module, module: str) -> Iterator[tuple[str, str]]:
+    """(qualified name, docstring) of a parsed module and of its classes and functions, breadth-first."""
     doc = ast.get_docstring(tree, clean=True)
     if doc:
         yield module, doc
@@ -215,3 +224,76 @@ def _datasets_dir(path: Path, column: str) -> Iterator[Document]:
     for i, text in enumerate(ds[column]):
         if text:
             yield Document(text=str(text), source=f"{path.name}[{i}]")
+
+
+def parse_hf(corpus: str) -> tuple[str, str | None, str]:
+    """`hf:NAME[:CONFIG[:SPLIT]]` → (name, config or None, split; default "train")."""
+    parts = corpus.removeprefix(HF_PREFIX).split(":")
+    if not parts[0] or len(parts) > 3:
+        raise CorpusError(
+            f"cannot read {corpus!r}; write hf:NAME, hf:NAME:CONFIG or hf:NAME:CONFIG:SPLIT "
+            "(e.g. hf:stas/openwebtext-10k or hf:wikitext:wikitext-2-raw-v1:train; an empty CONFIG is allowed)"
+        )
+    name = parts[0]
+    config = parts[1] if len(parts) > 1 and parts[1] else None
+    split = parts[2] if len(parts) > 2 and parts[2] else "train"
+    return name, config, split
+
+
+def _hf_offline() -> None:
+    """Switch the hub off for this process so that `datasets` reads its cache instead of retrying."""
+    import os
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import datasets
+    import huggingface_hub.constants
+
+    datasets.config.HF_HUB_OFFLINE = True
+    huggingface_hub.constants.HF_HUB_OFFLINE = True
+
+
+def _hf_dataset(corpus: str, column: str) -> Iterator[Document]:
+    """Rows of a Hugging Face dataset, in the dataset's order.
+
+    Online, hub datasets are streamed (nothing is downloaded up front). With the hub unreachable (or
+    ``HF_HUB_OFFLINE=1``) the hub is switched off first, so a dataset in the local cache loads at once
+    and one that is not fails at once with the fix, instead of after a minute of retries. NAME may also
+    be a local folder: data files (loaded by `datasets.load_dataset`) or a `save_to_disk` folder.
+    """
+    import os
+
+    from activations.models import _hub_reachable
+
+    name, config, split = parse_hf(corpus)
+    try:
+        import datasets
+    except ImportError as err:
+        raise CorpusError("hf: corpora need the datasets package: `pip install datasets`") from err
+    local = Path(name).expanduser()
+    if local.is_dir() and any((local / f).exists() for f in ("dataset_info.json", "dataset_dict.json", "state.json")):
+        yield from _datasets_dir(local, column)  # written by save_to_disk
+        return
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
+    if not local.exists() and not offline and not _hub_reachable():
+        offline = True
+    if offline:
+        _hf_offline()
+    try:
+        ds = datasets.load_dataset(str(local) if local.exists() else name, config, split=split, streaming=not offline)
+    except Exception as err:  # datasets raises ConnectionError, FileNotFoundError, ValueError... by case
+        if offline and not local.exists():
+            raise CorpusError(
+                f"dataset {name!r} (config {config}, split {split!r}) is not in the local Hugging Face cache and the "
+                "hub is unreachable. Load it once where there is internet (datasets.load_dataset) and copy "
+                "~/.cache/huggingface here, or save it with Dataset.save_to_disk(DIR) and pass --corpus DIR "
+                f"(original error: {type(err).__name__}: {str(err)[:200]})"
+            ) from err
+        raise CorpusError(f"could not load dataset {name!r} (config {config}, split {split!r}): {err}") from err
+    for i, row in enumerate(ds):
+        if column not in row:
+            raise CorpusError(
+                f"dataset {name!r} has no column {column!r} (columns: {', '.join(row)}); choose one with --text-column"
+            )
+        text = row[column]
+        if text:
+            yield Document(text=str(text), source=f"{name}[{i}]")

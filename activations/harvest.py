@@ -4,11 +4,19 @@ Work is committed in chunks, each one DuckDB transaction holding its tokens, its
 every hook and the harvest's new high-water mark. A killed harvest therefore stops at the last
 commit, and running the same command again regenerates the same windows (the corpus order and the
 batching are deterministic), skips the committed ones and goes on: no duplicates, no gaps.
+
+Sharding (`shard=(i, N)`, `saewb harvest --shard i/N`): a document belongs to shard
+`blake2b(text) mod N` (its text, or its chat turns as JSON), a function of the document alone, so
+every host agrees on the partition whatever reads the corpus. A shard keeps the corpus-wide
+`doc_id` of its documents (so the train/eval split by document is the one of an unsharded harvest)
+and numbers its own tokens from 0. N hosts harvest disjoint shards into their own workspaces; each
+resumes like an unsharded harvest, and `max_tokens` counts the shard's own tokens.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import platform
 import queue
@@ -23,7 +31,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from activations.corpus import CorpusSpec, corpus_size_chars, iter_documents
+from activations.corpus import CorpusSpec, Document, corpus_size_chars, iter_documents
 from activations.models import HookPlan, load_model, plan_hooks
 from activations.store import (
     HarvestError,
@@ -71,6 +79,8 @@ class HarvestConfig:
     """Tokens per commit: the most a kill can lose, and how often readers see new data."""
     device: str = "cpu"
     """Torch device of the model."""
+    shard: tuple[int, int] | None = None
+    """(i, N): harvest only the documents of shard i of N (see the module docstring); None: all."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form notes stored with the config."""
 
@@ -81,8 +91,9 @@ class HarvestConfig:
 
     def identity(self, plan: HookPlan) -> dict[str, Any]:
         """The fields a resumed harvest must share with the stored one."""
-        corpus = self.corpus if self.corpus == "stdlib-docs" else str(Path(self.corpus).expanduser().resolve())
-        return {
+        named = self.corpus == "stdlib-docs" or self.corpus.startswith("hf:")  # not paths: keep as given
+        corpus = self.corpus if named else str(Path(self.corpus).expanduser().resolve())
+        out = {
             "model": self.model,
             "hooks": list(plan.hooks),
             "ctx_len": self.ctx_len,
@@ -90,6 +101,37 @@ class HarvestConfig:
             **{**self.corpus_spec().describe(), "corpus": corpus},
             "dtype": "float32",
         }
+        if self.shard is not None:  # absent when unsharded: older harvests keep resuming
+            out["shard"] = list(self.shard)
+        return out
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'i/N' -> (i, N), with 0 <= i < N; a clear error for anything else."""
+    parts = str(text).split("/")
+    try:
+        i, n = (int(p) for p in parts) if len(parts) == 2 else (None, None)
+    except ValueError:
+        i, n = None, None
+    if i is None or n is None:
+        raise HarvestError(f"--shard {text!r} is malformed; write it as i/N, e.g. --shard 0/4 for the first of 4 shards")
+    return check_shard((i, n))
+
+
+def check_shard(shard: tuple[int, int]) -> tuple[int, int]:
+    i, n = (int(v) for v in shard)
+    if n < 1:
+        raise HarvestError(f"shard {i}/{n}: the number of shards N must be at least 1")
+    if not 0 <= i < n:
+        raise HarvestError(f"shard {i}/{n}: the shard index must be in 0..{n - 1} (shards are numbered from 0)")
+    return i, n
+
+
+def shard_of(doc: Document, n_shards: int) -> int:
+    """The shard of a document: a hash of its content, the same on every machine and reader."""
+    key = doc.text if doc.text or not doc.messages else json.dumps(list(doc.messages), sort_keys=True)
+    digest = hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % n_shards
 
 
 def _versions() -> dict[str, str]:
@@ -106,6 +148,8 @@ def _iter_windows(cfg: HarvestConfig, splitter: WindowTokenizer) -> Iterator[Win
     block: list[Window] = []
     done = False
     for doc_id, doc in enumerate(iter_documents(cfg.corpus_spec())):
+        if cfg.shard is not None and shard_of(doc, cfg.shard[1]) != cfg.shard[0]:
+            continue  # another shard's document; doc_id stays the corpus-wide index
         for window in splitter.windows(doc_id, doc):
             block.append(window)
             total += len(window.token_ids)
@@ -233,6 +277,8 @@ class Harvester:
             raise HarvestError("--ctx-len must be at least 2")
         if cfg.max_tokens is not None and cfg.max_tokens < 1:
             raise HarvestError("--max-tokens must be positive")
+        if cfg.shard is not None:
+            check_shard(cfg.shard)
         self.cfg = cfg
         self.ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace)
         self.model = load_model(cfg.model, cfg.device)
@@ -293,6 +339,8 @@ class Harvester:
         thread.start()
         windows = self.windows()
         corpus_chars = corpus_size_chars(cfg.corpus_spec()) if cfg.max_tokens is None else None
+        if corpus_chars and cfg.shard is not None:
+            corpus_chars //= cfg.shard[1]  # a shard sees about 1/N of the text
         chars_seen = 0
         for _ in range(n_windows):  # the committed prefix
             w = next(windows)

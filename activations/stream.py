@@ -4,17 +4,23 @@ Tokens are grouped in aligned chunks of `chunk_tokens` consecutive `tok_idx`. Ea
 the chunks in a seeded random order, `chunks_per_buffer` at a time; each buffer is read, permuted
 as a whole, and handed out in batches. Memory is one buffer, whatever the size of the cache, and
 the order is a pure function of (seed, epoch), so `batches(start=b)` resumes exactly at batch b.
+
+A set of sources (several workspaces, e.g. the shards of a `--shard i/N` harvest, and/or Parquet
+exports) is one logical cache: part p's tokens take global indices `offset_p + tok_idx` (offsets in
+the order given), each part is cut into its own chunks, and the seeded chunk order runs over all of
+them. The split is by `doc_id`, which shards keep corpus-wide, so a set of shards splits exactly like
+the unsharded harvest and streams the same tokens. One source goes the single-part path unchanged.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
-from activations.store import HarvestError, harvest_info, quote_ident
+from activations.store import HarvestError, open_parts
 from saewb.workspace import Workspace
 
 Split = Literal["train", "eval", "all"]
@@ -50,7 +56,7 @@ class ActivationStream:
 
     def __init__(
         self,
-        workspace: str | Path | Workspace,
+        workspace: str | Path | Workspace | Sequence[str | Path | Workspace],
         hook: str,
         *,
         harvest: str | None = None,
@@ -62,13 +68,9 @@ class ActivationStream:
         buffer_tokens: int = 131_072,
         chunk_tokens: int = 8192,
     ) -> None:
-        self.ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace)
-        info = harvest_info(self.ws, harvest)
-        if hook not in info.hooks:
-            raise HarvestError(
-                f"hook {hook!r} is not in harvest {info.name!r}; it has: {', '.join(info.hooks)}. "
-                "Harvest it first with `saewb harvest --hook ...`."
-            )
+        self.parts = open_parts(workspace, harvest, hook)  # checks the hook is in each part at one width
+        info = self.parts[0].info
+        self.ws = self.parts[0].ws  # the first source's workspace (None for a Parquet export)
         if batch_size < 1:
             raise ValueError("batch_size must be positive")
         if not 0.0 <= eval_fraction < 1.0:
@@ -86,7 +88,10 @@ class ActivationStream:
         self._threshold = split_threshold(eval_fraction)
         self._where = f"t.harvest = ? AND {doc_split_sql(split)}" + (" AND NOT t.is_special" if exclude_special else "")
         # A snapshot: tokens committed by a harvest still running after this point are not seen.
-        self.n_committed = info.n_tokens
+        sizes = np.array([p.info.n_tokens for p in self.parts], dtype=np.int64)
+        self.part_offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+        """Global tok_idx of each part's first token."""
+        self.n_committed = int(sizes.sum())
         self.chunk_counts = self._count_chunks()
         self._resident: tuple[tuple[int, ...], np.ndarray, np.ndarray] | None = None
         self.n_tokens = int(self.chunk_counts.sum())
@@ -97,16 +102,24 @@ class ActivationStream:
             )
 
     def _count_chunks(self) -> np.ndarray:
-        n_chunks = -(-self.n_committed // self.chunk_tokens)
-        with self.ws.read() as con:
-            rows = con.execute(
-                f"SELECT t.tok_idx // ? AS chunk, count(*) FROM tokens t WHERE {self._where} AND t.tok_idx < ? GROUP BY 1",
-                [self.chunk_tokens, self.harvest, self._threshold, self.n_committed],
-            ).fetchall()
-        counts = np.zeros(n_chunks, dtype=np.int64)
-        for chunk, count in rows:
-            counts[chunk] = count
-        return counts
+        """Kept tokens per chunk, the parts' chunks one after the other (chunk c of part p is global
+        chunk `chunk_base[p] + c`)."""
+        all_counts = []
+        for part in self.parts:
+            n_chunks = -(-part.info.n_tokens // self.chunk_tokens)
+            tokens, params = part.tokens_ref()
+            with part.read() as con:
+                rows = con.execute(
+                    f"SELECT t.tok_idx // ? AS chunk, count(*) FROM {tokens} t WHERE {self._where} AND t.tok_idx < ? GROUP BY 1",
+                    [self.chunk_tokens, *params, part.info.name, self._threshold, part.info.n_tokens],
+                ).fetchall()
+            counts = np.zeros(n_chunks, dtype=np.int64)
+            for chunk, count in rows:
+                counts[chunk] = count
+            all_counts.append(counts)
+        self.chunk_base = np.concatenate([[0], np.cumsum([len(c) for c in all_counts])[:-1]]).astype(np.int64)
+        self.chunk_part = np.repeat(np.arange(len(all_counts)), [len(c) for c in all_counts])
+        return np.concatenate(all_counts)
 
     @property
     def batches_per_epoch(self) -> int:
@@ -118,31 +131,39 @@ class ActivationStream:
         The split and special-token filter runs on the narrow `tokens` table; the activation rows are
         a plain range read (a join of the two is several times slower in DuckDB).
         """
-        keep_query = f"SELECT t.tok_idx FROM tokens t WHERE {self._where} AND t.tok_idx >= ? AND t.tok_idx < ?"
-        act_query = f"SELECT tok_idx, x FROM {quote_ident(self.table)} WHERE tok_idx >= ? AND tok_idx < ?"
         total = int(self.chunk_counts[chunks].sum())
         idx = np.empty(total, dtype=np.int64)
         x = np.empty((total, self.d), dtype=np.float32)
         at = 0
-        # Pages are read once per epoch; a small buffer pool keeps the stream's memory flat.
-        with self.ws.read(memory_limit=READ_MEMORY_LIMIT) as con:
-            for chunk in chunks.tolist():
-                lo = chunk * self.chunk_tokens
-                hi = min(lo + self.chunk_tokens, self.n_committed)
-                keep = np.zeros(hi - lo, dtype=bool)
-                kept = con.sql(keep_query, params=[self.harvest, self._threshold, lo, hi]).to_arrow_table()
-                keep[kept.column("tok_idx").to_numpy() - lo] = True
-                result = con.sql(act_query, params=[lo, hi]).to_arrow_table()
-                rows = result.column("tok_idx").to_numpy()
-                values = result.column("x").combine_chunks().values.to_numpy(zero_copy_only=False)
-                order = np.argsort(rows, kind="stable")  # scans are not ordered; sorting 8k ints is cheap
-                rows, values = rows[order], values.reshape(-1, self.d)[order]
-                mask = keep[rows - lo]
-                n = int(mask.sum())
-                idx[at : at + n] = rows[mask]
-                x[at : at + n] = values[mask]
-                at += n
-                del result, values, kept
+        chunks = np.asarray(chunks, dtype=np.int64)
+        for p, part in enumerate(self.parts):
+            mine = chunks[self.chunk_part[chunks] == p]  # in buffer order; one part: all of them
+            if not len(mine):
+                continue
+            tokens, t_params = part.tokens_ref()
+            acts, x_expr, a_params = part.acts_ref(self.hook)
+            keep_query = f"SELECT t.tok_idx FROM {tokens} t WHERE {self._where} AND t.tok_idx >= ? AND t.tok_idx < ?"
+            act_query = f"SELECT tok_idx, {x_expr} FROM {acts} WHERE tok_idx >= ? AND tok_idx < ?"
+            base, offset, n_part = int(self.chunk_base[p]), int(self.part_offsets[p]), part.info.n_tokens
+            # Pages are read once per epoch; a small buffer pool keeps the stream's memory flat.
+            with part.read(memory_limit=READ_MEMORY_LIMIT) as con:
+                for chunk in mine.tolist():
+                    lo = (chunk - base) * self.chunk_tokens
+                    hi = min(lo + self.chunk_tokens, n_part)
+                    keep = np.zeros(hi - lo, dtype=bool)
+                    kept = con.sql(keep_query, params=[*t_params, part.info.name, self._threshold, lo, hi]).to_arrow_table()
+                    keep[kept.column("tok_idx").to_numpy() - lo] = True
+                    result = con.sql(act_query, params=[*a_params, lo, hi]).to_arrow_table()
+                    rows = result.column("tok_idx").to_numpy()
+                    values = result.column("x").combine_chunks().values.to_numpy(zero_copy_only=False)
+                    order = np.argsort(rows, kind="stable")  # scans are not ordered; sorting 8k ints is cheap
+                    rows, values = rows[order], values.reshape(-1, self.d)[order]
+                    mask = keep[rows - lo]
+                    n = int(mask.sum())
+                    idx[at : at + n] = rows[mask] + offset
+                    x[at : at + n] = values[mask]
+                    at += n
+                    del result, values, kept
         if at != total:
             raise RuntimeError(f"workspace changed under the stream: expected {total} rows, read {at}")
         return idx, x
@@ -213,9 +234,16 @@ class ActivationStream:
             batch_x = np.concatenate([p[1] for p in parts])
         return (batch_idx, batch_x) if with_index else batch_x
 
-    def batches(self, start: int = 0, with_index: bool = False) -> Iterator[np.ndarray]:
-        """Endless full batches, epoch after epoch; batch `start` first (resume = same start)."""
-        return self._batched(self._rows(start * self.batch_size), with_index, keep_last=False)  # type: ignore[return-value]
+    def batches(self, start: int = 0, with_index: bool = False, rows: slice | None = None) -> Iterator[np.ndarray]:
+        """Endless full batches, epoch after epoch; batch `start` first (resume = same start).
+
+        `rows`: only these rows of each batch (one process's share of a global batch in
+        multi-process training; the processes together see exactly the single-process batches).
+        """
+        out = self._batched(self._rows(start * self.batch_size), with_index, keep_last=False)
+        if rows is None:
+            return out  # type: ignore[return-value]
+        return ((b[0][rows], b[1][rows]) if with_index else b[rows] for b in out)  # type: ignore[return-value,index]
 
     def epoch(self, epoch: int = 0, with_index: bool = False) -> Iterator[np.ndarray]:
         """One pass over every token of the split exactly once; the last batch may be short."""

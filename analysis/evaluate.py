@@ -10,6 +10,10 @@
   mean-pooled sentence embedding with and without the splice, top-10 neighbour overlap.
 
 Results go to the workspace's `evals` table (run, kind, metrics JSON, created_at).
+
+A run trained on a set of sources (`saewb train --workspace a --workspace b`, recorded as `sources` in
+its config) gets its reconstruction metrics over the held-out documents of the whole set; the
+downstream metrics use the held-out windows of its own (first) workspace.
 """
 
 from __future__ import annotations
@@ -49,6 +53,8 @@ class RunContext:
     harvest: str
     model_name: str
     ctx_len: int
+    sources: tuple[str, ...] = ()
+    """Every data source of a run trained on a set; empty: the workspace alone."""
 
 
 def load_run(workspace: str | Path | Workspace, run: str) -> RunContext:
@@ -70,8 +76,9 @@ def load_run(workspace: str | Path | Workspace, run: str) -> RunContext:
     if info.hooks.get(row["hook"]) not in (None, model.d):
         raise ValueError(f"run {run!r} has width {model.d} but hook {row['hook']} of harvest {info.name!r} "
                          f"has width {info.hooks[row['hook']]}")
+    sources = tuple((row.get("config") or {}).get("sources") or ())
     return RunContext(ws, run, model, row["hook"], info.name, str(ident.get("model", info.config.get("model"))),
-                      int(ident.get("ctx_len", 128)))
+                      int(ident.get("ctx_len", 128)), sources)
 
 
 def is_causal_lm(model: Any) -> bool:
@@ -267,7 +274,8 @@ def reconstruction_metrics(ctx: RunContext, batch_size: int = 4096, max_tokens: 
     """Streaming reconstruction metrics over the stored held-out activations of the run's hook."""
     from sae.metrics import evaluate
 
-    stream = ActivationStream(ctx.ws, ctx.hook, harvest=ctx.harvest, batch_size=batch_size, split="eval",
+    data = list(ctx.sources) if ctx.sources else ctx.ws
+    stream = ActivationStream(data, ctx.hook, harvest=ctx.harvest, batch_size=batch_size, split="eval",
                               eval_fraction=EVAL_FRACTION)
 
     def batches() -> Any:

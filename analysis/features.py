@@ -500,7 +500,11 @@ def _logits_for(model_name: str | None, directions: np.ndarray, k: int) -> tuple
     def strs(ids: np.ndarray) -> list[list[str]]:
         if tok is None:
             return [[str(i) for i in r] for r in ids.tolist()]
-        return [tok.convert_ids_to_tokens(r) for r in ids.tolist()]
+        # The text each token stands for (byte-level BPE's `Ġfor` reads ` for`), as in top contexts.
+        from activations.tokenize import TokenStrings
+
+        as_text = TokenStrings(tok)
+        return [as_text(r) for r in ids.tolist()]
 
     return pos_ids, strs(pos_ids), pos_vals, neg_ids, strs(neg_ids), neg_vals
 

@@ -6,7 +6,8 @@
 #
 # torch is pinned to the CPU build our .venv uses (torch==2.13.0; pip finds the local +cpu wheel via
 # its find-links): unpinned, the resolver would pull a multi-GB CUDA build.
-# Override the interpreter with PYTHON=..., the versions with SAELENS_SPEC=... / SPARSIFY_SPEC=...
+# Override the interpreter with PYTHON=..., the versions with SAELENS_SPEC=... / SPARSIFY_SPEC=...,
+# and which venvs with PEERS="saelens sparsify" (`make test` needs only saelens, for the interop test).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -32,5 +33,7 @@ make_venv() {  # name, import-check module, pip specs...
 }
 
 mkdir -p "$VENVS"
-make_venv saelens sae_lens "$SAELENS_SPEC"
-make_venv sparsify sparsify "$SPARSIFY_SPEC"
+PEERS="${PEERS:-saelens sparsify}"
+[[ " $PEERS " == *" saelens "* ]] && make_venv saelens sae_lens "$SAELENS_SPEC"
+[[ " $PEERS " == *" sparsify "* ]] && make_venv sparsify sparsify "$SPARSIFY_SPEC"
+exit 0

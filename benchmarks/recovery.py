@@ -5,6 +5,10 @@ features with non-negative coefficients h (uniform on [0, 1]) and x = h V. Imbal
 (the paper's table): n = 128, d = 42, half the samples have s = 3 and half s = 20.
 FRR@τ = share of true features whose best-matching learned atom (decoder row) has cosine ≥ τ.
 
+Batch size matters more than steps here (GBA, seed 0, 2000 steps, lr 1e-3: FRR@0.9 80.5% at batch
+256, 85.2% with 8000 steps at 256, 88.3% at 1024, 99.2% at 4096): the frequency counters the bias
+updates read, over T = 10 steps, are noisy with small batches. Hence the default batch of 4096.
+
 Run:  .venv/bin/python benchmarks/recovery.py [--quick] [--seeds 3]
 """
 
@@ -115,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=2000)
-    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=4096,
+                    help="samples per step; FRR@0.9 of GBA rose from 80.5%% (256) to 88.3%% (1024) and 99.2%% (4096)")
     ap.add_argument("--n-latents", type=int, default=512)
     ap.add_argument("--quick", action="store_true", help="one seed, fewer steps")
     ap.add_argument("--only", default=None, help="comma-separated method names")

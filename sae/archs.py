@@ -10,4 +10,11 @@ ARCH_MODULES: tuple[str, ...] = (
     "topk",
     "relu_l1",
     "gba",
+    "batchtopk",
+    "jumprelu",
+    "hierarchical_topk",
+    "matryoshka",
+    "feature_choice",
+    "masked",
+    "itda",
 )

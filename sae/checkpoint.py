@@ -10,6 +10,9 @@ A checkpoint is written into a temporary directory, fsynced, and renamed into pl
 then replaced atomically. A kill at any moment leaves either the old or the new checkpoint. The
 manifest stores every file's size and sha256, and loading checks them: a truncated or corrupted
 checkpoint raises ``CheckpointError`` instead of silently training from scratch.
+
+Checkpoints do not depend on the device mesh: the trainer gathers sharded arrays to the host
+before writing (process 0 writes), and places what it reads on whatever mesh the resumed run uses.
 """
 
 from __future__ import annotations
@@ -69,13 +72,15 @@ def unflatten(template: Any, arrays: dict[str, np.ndarray], what: str) -> Any:
         )
     out = []
     for (_, leaf), name in zip(leaves, names, strict=True):
-        ref = np.asarray(leaf)
+        # shape and dtype only: a template leaf may be sharded over devices no process holds all of
+        shape = np.shape(leaf)
+        dtype = np.dtype(leaf.dtype) if hasattr(leaf, "dtype") else np.asarray(leaf).dtype
         arr = arrays[name]
-        if arr.size != ref.size or arr.dtype != ref.dtype:
+        if arr.size != int(np.prod(shape)) or arr.dtype != dtype:
             raise CheckpointError(
-                f"{what}: {name} has shape {arr.shape} {arr.dtype}, expected {ref.shape} {ref.dtype}"
+                f"{what}: {name} has shape {arr.shape} {arr.dtype}, expected {shape} {dtype}"
             )
-        out.append(jax.numpy.asarray(arr.reshape(ref.shape)))
+        out.append(jax.numpy.asarray(arr.reshape(shape)))
     return jax.tree_util.tree_unflatten(treedef, out)
 
 

@@ -19,8 +19,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-RUN_KEYS = ("workspace", "hook", "harvest", "arch", "name", "d_in", "eval_tokens", "progress")
+RUN_KEYS = ("workspace", "hook", "harvest", "arch", "name", "d_in", "eval_tokens", "progress", "wandb",
+            "wandb_project")
 """Keys that are about the run, not the SAE or the optimiser."""
+DISTRIBUTED_KEYS = ("coordinator", "num_processes", "process_id")
+"""Keys that say how this process joins a multi-process run (``sae.distributed``)."""
 
 def _bool(v: str) -> bool:
     if v.lower() in ("1", "true", "yes", "on"):
@@ -109,7 +112,9 @@ def _all_fields() -> dict[str, dataclasses.Field]:
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("train", help="train (or resume) an SAE on a harvested hook")
     p.add_argument("--config", type=Path, help="YAML file; its keys are these flags' names")
-    p.add_argument("--workspace", help="workspace .duckdb file")
+    p.add_argument("--workspace", action="append", default=None,
+                   help="workspace .duckdb file; repeat to train on a set (shards of one harvest, Parquet exports): "
+                        "the first must be a workspace file and holds the run")
     p.add_argument("--hook", help="hook to train on (must be in the harvest)")
     p.add_argument("--harvest", help="harvest name (default: the workspace's only harvest)")
     p.add_argument("--arch", help="architecture: " + ", ".join(_arch_names()))
@@ -117,6 +122,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--d-in", dest="d_in", type=int, help="expected activation width (checked against the harvest)")
     p.add_argument("--eval-tokens", dest="eval_tokens", type=int, help="held-out tokens for final metrics")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    p.add_argument("--wandb", action="store_true", default=None,
+                   help="also log the metric rows to Weights & Biases (needs `pip install wandb`)")
+    p.add_argument("--wandb-project", dest="wandb_project", help="W&B project (default: saewb)")
+    p.add_argument("--coordinator", help="several processes (hosts): process 0's host:port, or 'auto' to let JAX "
+                   "detect the cluster (TPU pod slices, SLURM); env SAEWB_COORDINATOR. See docs/scaling.md")
+    p.add_argument("--num-processes", dest="num_processes", type=int,
+                   help="several processes: how many (env SAEWB_NUM_PROCESSES)")
+    p.add_argument("--process-id", dest="process_id", type=int,
+                   help="several processes: this one's index; process 0 writes the run (env SAEWB_PROCESS_ID)")
     for name, (typ, text) in _config_fields_from_source().items():
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=text or None)
     p.set_defaults(func=cmd_train)
@@ -140,6 +154,22 @@ class TrainPlan:
     train_config: Any
     eval_tokens: int
     progress: bool
+    sources: tuple[str, ...] = ()
+    """Every data source when training on a set (the workspace first); empty: the workspace alone."""
+    wandb: bool = False
+    """Mirror the metric rows to Weights & Biases (sae/wandb_log.py)."""
+    wandb_project: str | None = None
+
+    def data(self) -> Any:
+        """What `ActivationStream` reads: the workspace, or the list of sources."""
+        return list(self.sources) if self.sources else self.workspace
+
+    def record(self) -> dict[str, Any]:
+        """The run's stored config (the sources only for a set, so single runs keep their record)."""
+        from sae.trainer import config_record
+
+        out = {**config_record(self.sae_config, self.train_config), "hook": self.hook, "harvest": self.harvest}
+        return {**out, "sources": list(self.sources)} if self.sources else out
 
 
 def _load_yaml(path: Path) -> dict[str, Any]:
@@ -179,7 +209,15 @@ def plan_from_values(values: dict[str, Any]) -> TrainPlan:
     sae_cfg = make_config(arch.Config, {k: values[k] for k in arch_fields if k in values})
     tc = TrainConfig(**{k: values[k] for k in train_fields if k in values})
     tc.validate()
-    ws = Workspace(values["workspace"])
+    from activations.store import as_sources, is_parquet_source, open_parts
+
+    sources = as_sources(values["workspace"])
+    if is_parquet_source(sources[0]):
+        raise ValueError(
+            f"the first --workspace ({sources[0]}) must be a workspace .duckdb file: it holds the run's records "
+            "and checkpoints; put a workspace first and the Parquet exports after it"
+        )
+    ws = Workspace(sources[0])
     if not ws.exists():
         raise FileNotFoundError(
             f"workspace {ws.path} does not exist; create it with `saewb harvest --workspace {ws.path} ...`"
@@ -198,9 +236,15 @@ def plan_from_values(values: dict[str, Any]) -> TrainPlan:
             "fix d_in or drop it"
         )
     sae_cfg.validate(d)
+    if len(sources) > 1:
+        open_parts(sources, values.get("harvest"), hook)  # one model, the hook at one width, nothing twice
     from activations.store import check_name
 
     check_name(str(values["name"]), "run name")
+    if values.get("wandb"):
+        from sae.wandb_log import require_wandb
+
+        require_wandb()  # before any work: a clear error naming `pip install wandb`
     return TrainPlan(
         workspace=ws.path,
         hook=hook,
@@ -211,6 +255,10 @@ def plan_from_values(values: dict[str, Any]) -> TrainPlan:
         train_config=tc,
         eval_tokens=int(values.get("eval_tokens", 200_000)),
         progress=bool(values.get("progress", True)),
+        wandb=bool(values.get("wandb", False)),
+        wandb_project=values.get("wandb_project"),
+        sources=tuple(str(src) if "://" in str(src) else str(Path(src).resolve()) for src in sources)
+        if len(sources) > 1 else (),
     )
 
 
@@ -218,12 +266,10 @@ def _check_existing(plan: TrainPlan) -> int:
     """Refuse a different config under an existing name; return the step a resume starts from."""
     from sae import checkpoint as ckpt
     from sae import runs
-    from sae.trainer import config_record
     from saewb.workspace import Workspace
 
     ws = Workspace(plan.workspace)
-    record = json.loads(json.dumps({**config_record(plan.sae_config, plan.train_config), "hook": plan.hook,
-                                    "harvest": plan.harvest}))
+    record = json.loads(json.dumps(plan.record()))
     row = runs.get_run(ws, plan.name)
     if row is not None and row["config"] != record:
         raise ValueError(
@@ -238,43 +284,71 @@ def run_plan(plan: TrainPlan) -> dict[str, Any]:
     """Train (or resume) the planned run, log to the workspace, evaluate on the held-out split."""
     import itertools
 
+    import jax
+
     from activations.stream import ActivationStream
     from sae import runs
     from sae.api import load_dir
     from sae.metrics import evaluate
-    from sae.trainer import config_record, train
+    from sae.trainer import train
     from saewb.workspace import Workspace
 
+    lead = jax.process_index() == 0  # several processes: process 0 alone writes the workspace
     ws = Workspace(plan.workspace)
     resume_step = _check_existing(plan)
-    record = {**config_record(plan.sae_config, plan.train_config), "hook": plan.hook, "harvest": plan.harvest}
+    record = plan.record()
     run_dir = ws.runs_dir / plan.name
     tc = plan.train_config
-    stream = ActivationStream(ws, plan.hook, harvest=plan.harvest, batch_size=tc.batch_size, seed=tc.seed)
-    runs.start_run(
-        ws, plan.name, harvest=plan.harvest, hook=plan.hook, arch=plan.sae_config.arch, config=record,
-        checkpoint_path=str(run_dir), resume_step=resume_step,
-    )
+    stream = ActivationStream(plan.data(), plan.hook, harvest=plan.harvest, batch_size=tc.batch_size, seed=tc.seed)
+    if lead:
+        runs.start_run(
+            ws, plan.name, harvest=plan.harvest, hook=plan.hook, arch=plan.sae_config.arch, config=record,
+            checkpoint_path=str(run_dir), resume_step=resume_step,
+        )
+    extra: dict[str, Any] = {}
+    if jax.process_count() > 1:  # each process reads only its rows of every global batch
+        extra["local_batches"] = lambda start, rows: stream.batches(start=start, rows=rows)
+
+    wb = None
+    if plan.wandb and lead:
+        from sae.wandb_log import WandbLogger
+
+        wb = WandbLogger(ws.path, plan.name, plan.wandb_project, record)
+
     def on_log(row: dict[str, float]) -> None:
         runs.log_metrics(ws, plan.name, [row])  # one short transaction per log row
+        if wb is not None:
+            wb.log(row)
 
     def on_checkpoint(path: Path, step: int) -> None:
         runs.set_checkpoint(ws, plan.name, str(path))
 
+    fit, with_index = train, False
+    if plan.sae_config.arch == "itda":  # not gradient based: its own fit, fed tok_idx to label the atoms
+        from sae.itda import fit
+        with_index = True
     try:
-        result = train(
-            plan.sae_config, tc, lambda start: stream.batches(start=start), run_dir=run_dir,
-            on_log=on_log, on_checkpoint=on_checkpoint, progress=plan.progress,
+        result = fit(
+            plan.sae_config, tc, lambda start: stream.batches(start=start, with_index=with_index), run_dir=run_dir,
+            on_log=on_log, on_checkpoint=on_checkpoint, progress=plan.progress, **extra,
         )
     except KeyboardInterrupt:
-        runs.finish_run(ws, plan.name, "interrupted")
+        if lead:
+            runs.finish_run(ws, plan.name, "interrupted")
+        if wb is not None:
+            wb.finish(None, ok=False)
         raise
     except BaseException:
-        runs.finish_run(ws, plan.name, "failed")
+        if lead:
+            runs.finish_run(ws, plan.name, "failed")
+        if wb is not None:
+            wb.finish(None, ok=False)
         raise
     final = {f"train_{k}": v for k, v in result.final_metrics.items()}
+    if not lead:
+        return final
     try:
-        ev = ActivationStream(ws, plan.hook, harvest=plan.harvest, batch_size=min(tc.batch_size, 4096),
+        ev = ActivationStream(plan.data(), plan.hook, harvest=plan.harvest, batch_size=min(tc.batch_size, 4096),
                               seed=tc.seed, split="eval")
         n_batches = max(1, plan.eval_tokens // ev.batch_size)
         model = load_dir(run_dir)
@@ -282,6 +356,8 @@ def run_plan(plan: TrainPlan) -> dict[str, Any]:
     except ValueError as err:  # e.g. an empty eval split: keep the training metrics
         final["eval_error"] = str(err)
     runs.finish_run(ws, plan.name, "done", final, str(run_dir / "sae"))
+    if wb is not None:
+        wb.finish(final, ok=True)
     return final
 
 
@@ -289,6 +365,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     cli_values = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config") and v is not None}
     values = _load_yaml(args.config) if args.config else {}
     values.update(cli_values)
+    from sae import distributed
+
+    joined = {k: values.pop(k, None) for k in DISTRIBUTED_KEYS}
+    distributed.initialize(joined["coordinator"], joined["num_processes"], joined["process_id"])
     plan = plan_from_values(values)
     final = run_plan(plan)
     shown = {k: (round(v, 5) if isinstance(v, float) else v) for k, v in final.items()}

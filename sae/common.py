@@ -14,10 +14,11 @@ import numpy as np
 from flax import struct
 from jax.sharding import PartitionSpec
 
+from sae.sharding import MODEL_AXIS, model_shards, top_k
 from sae.sparse_ops import gather_encode, sparse_decode
 
-LATENT_AXIS = "model"
-"""Mesh axis the latent dimension is sharded over (multi-device training comes later)."""
+LATENT_AXIS = MODEL_AXIS
+"""Mesh axis the latent dimension is sharded over (``sae.sharding`` builds the mesh)."""
 
 SHARD_LATENT_COL = PartitionSpec(None, LATENT_AXIS)  # W_enc [d, n]
 SHARD_LATENT_ROW = PartitionSpec(LATENT_AXIS, None)  # W_dec [n, d]
@@ -120,6 +121,37 @@ def fvu_terms(x: jax.Array, x_hat: jax.Array) -> tuple[jax.Array, jax.Array]:
     return err, var
 
 
+DEAD_BUCKETS = (256, 1024, 4096)
+"""Static widths for ``dead_top_k``'s compacted search (the dead count picks the smallest that fits)."""
+
+
+def dead_top_k(score: jax.Array, dead: jax.Array, k: int) -> jax.Array:
+    """Indices [B, k] of the top-k scores among the dead latents (rows sorted by score, as top_k).
+
+    Equal to ``top_k(where(dead, score, −inf), k)``. When few latents are dead, the search runs on
+    their columns only: the dead ids are compacted (in index order, so ties break alike) into the
+    smallest static bucket that holds them and top-k runs over [B, bucket] rather than [B, n]. A
+    top-k of k = d/2 over every latent was the dominant cost of a TopK step with dead latents on CPU.
+    Under a model mesh the plain masked search runs, sharded over latents.
+    """
+    masked = lambda: top_k(jnp.where(dead[None, :], score, -jnp.inf), k)[1]  # noqa: E731
+    buckets = [b for b in DEAD_BUCKETS if k <= b < score.shape[1]]
+    if not buckets or model_shards() > 1:
+        return masked()
+    n_dead = jnp.sum(dead)
+
+    def compacted(width: int):
+        def search() -> jax.Array:
+            cols = jnp.nonzero(dead, size=width, fill_value=0)[0]
+            picked = jnp.where((jnp.arange(width) < n_dead)[None, :], score[:, cols], -jnp.inf)
+            return cols[jax.lax.top_k(picked, k)[1]]
+
+        return search
+
+    branch = jnp.searchsorted(jnp.asarray(buckets), n_dead)  # len(buckets): too many dead to compact
+    return jax.lax.switch(branch, [compacted(b) for b in buckets] + [masked])
+
+
 def auxk_loss(
     x_c: jax.Array,
     pre: jax.Array,
@@ -130,26 +162,27 @@ def auxk_loss(
     w_dec: jax.Array,
     k_aux: int,
     score_scale: jax.Array | None = None,
+    b_dec: jax.Array | None = None,
 ) -> jax.Array:
     """AuxK (Gao et al. 2024): reconstruct the stopped residual from the top-k_aux dead latents.
 
     ``pre`` is the dense ReLU'd pre-activation: it picks the indices (no gradient flows through the
     choice) and supplies the chosen values' forward; their gradient goes through the sparse
     backward of ``gather_encode`` to the dead latents' encoder columns at O(B·k_aux·d). ê has no
-    b_dec. Returns ‖e − ê‖² / ‖e − mean_batch(e)‖², and 0 when nothing is dead. Only the first
+    b_dec (pass ``b_dec`` when x_c = x − b_dec: see ``gather_encode``). Returns
+    ‖e − ê‖² / ‖e − mean_batch(e)‖², and 0 when nothing is dead. Only the first
     #dead picks count, which caps k_aux at the number of dead latents.
 
     The whole computation sits in a ``lax.cond`` on #dead > 0, so a step with no dead latent (the
-    usual case) skips the masked top-k_aux over [B, n] and the O(B·k_aux·d) kernels entirely.
+    usual case) skips the masked top-k_aux and the O(B·k_aux·d) kernels entirely.
     """
     n_dead = jnp.sum(dead)
 
     def aux_branch() -> jax.Array:
         e = jax.lax.stop_gradient(residual)
         score = jax.lax.stop_gradient(pre if score_scale is None else pre * score_scale)
-        score = jnp.where(dead[None, :], score, -jnp.inf)
-        _, idx = jax.lax.top_k(score, k_aux)
-        vals = jax.nn.relu(gather_encode(x_c, w_enc, b_enc, idx, pre))
+        idx = dead_top_k(score, dead, k_aux)
+        vals = jax.nn.relu(gather_encode(x_c, w_enc, b_enc, idx, pre, b_dec=b_dec))
         keep = (jnp.arange(k_aux) < n_dead)[None, :]
         vals = jnp.where(keep, vals, 0.0)
         e_hat = sparse_decode(vals, idx, w_dec)
@@ -161,6 +194,50 @@ def auxk_loss(
         return jnp.zeros((), pre.dtype)
 
     return jax.lax.cond(n_dead > 0, aux_branch, zero_branch)
+
+
+@struct.dataclass
+class ThresholdState:
+    """A running (EMA) estimate of an inference threshold, for SAEs whose training selection depends
+    on the batch (BatchTopK, Matryoshka, Feature Choice). ``ema`` may be a scalar or per latent."""
+
+    step: Any  # [] int32 training steps seen
+    ema: Any  # [] or [n] float32, bias-uncorrected EMA of the observed values
+    count: Any  # like ema, int32: observations folded into each entry of the EMA
+
+
+def threshold_state(shape: tuple[int, ...] = ()) -> ThresholdState:
+    return ThresholdState(
+        step=jnp.zeros((), jnp.int32), ema=jnp.zeros(shape, jnp.float32), count=jnp.zeros(shape, jnp.int32)
+    )
+
+
+def track_threshold(
+    state: ThresholdState,
+    value: jax.Array,
+    progress: jax.Array,
+    decay: float,
+    start_step: int,
+    start_frac: float,
+    valid: jax.Array | bool = True,
+) -> ThresholdState:
+    """Fold this step's observed threshold into the EMA once tracking has started.
+
+    Tracking starts at ``start_step`` or at ``start_frac`` of the run, whichever comes first (the
+    sheet's "from step 1000" would never start in a short run); ``valid`` (bool, broadcast like
+    ``value``) leaves entries with no observation this step untouched. The estimate is read with
+    ``threshold_value`` (Adam-style bias correction, so it is usable after a few steps).
+    """
+    on = (state.step >= start_step) | (progress >= start_frac)
+    upd = jnp.logical_and(on, valid)
+    ema = jnp.where(upd, decay * state.ema + (1.0 - decay) * value, state.ema)
+    return ThresholdState(step=state.step + 1, ema=ema, count=state.count + upd.astype(jnp.int32))
+
+
+def threshold_value(state: ThresholdState, decay: float) -> jax.Array:
+    """The bias-corrected EMA: ema / (1 − decay^count); 0 before tracking started (check ``count``)."""
+    corr = 1.0 - jnp.power(jnp.float32(decay), state.count.astype(jnp.float32))
+    return jnp.where(state.count > 0, state.ema / jnp.maximum(corr, 1e-12), 0.0)
 
 
 def tree_specs(params: Any, specs: dict[str, PartitionSpec]) -> Any:

@@ -114,7 +114,7 @@ def _select(cfg: TopKConfig, params: Params, x_c: jax.Array, k: int):
     pre = jax.nn.relu(x_c @ params.W_enc + params.b_enc)
     scale = _score_scale(cfg, params)
     score = jax.lax.stop_gradient(pre if scale is None else pre * scale)
-    _, idx = jax.lax.top_k(score, k)
+    _, idx = common.top_k(score, k)  # local top-k + global merge when latents are sharded
     return pre, idx, scale
 
 
@@ -143,7 +143,7 @@ def loss(
     kk = 4 * cfg.k if cfg.multi_topk else cfg.k
     pre, idx_all, scale = _select(cfg, params, x_c, kk)
     # forward values read from the dense ``pre`` (O(B·k)); the backward is the sparse kernel's
-    vals_all = jax.nn.relu(gather_encode(x_c, params.W_enc, params.b_enc, idx_all, pre))
+    vals_all = jax.nn.relu(gather_encode(x_c, params.W_enc, params.b_enc, idx_all, pre, b_dec=params.b_dec))
     # top_k returns sorted picks, so the first k of the 4k are the top k.
     vals, idx = vals_all[:, : cfg.k], idx_all[:, : cfg.k]
     x_hat = sparse_decode(vals, idx, params.W_dec) + params.b_dec
@@ -152,7 +152,7 @@ def loss(
     d = x.shape[1]
     k_aux = min(cfg.k_aux or d // 2, cfg.n_latents)
     aux = common.auxk_loss(
-        x_c, pre, ctx.dead, x - x_hat, params.W_enc, params.b_enc, params.W_dec, k_aux, scale
+        x_c, pre, ctx.dead, x - x_hat, params.W_enc, params.b_enc, params.W_dec, k_aux, scale, b_dec=params.b_dec
     )
     total = fvu + cfg.aux_coef * aux
     if cfg.multi_topk:

@@ -14,6 +14,17 @@ b_dec / b_pre init: geometric median (Weiszfeld) of the scaled sample.
 Resume: the data iterator is restarted with ``batches(start=step)``; train state, optimiser state,
 counters and rng come from the checkpoint, so an interrupted and resumed run reaches bit-for-bit
 the parameters of an uninterrupted one.
+
+Devices (``sae.sharding``): ``mesh_data`` x ``mesh_model`` > 1 trains on a ("data", "model") mesh:
+the batch split over data, the latent axis of the weights and of every per-latent array split over
+model, one jitted step over the whole mesh. It matches the single-device run up to float
+reduction order. Checkpoints are gathered to the host, so they load on any mesh; the mesh is not
+part of the run's identity (resuming on another mesh is allowed). With several processes
+(``sae.distributed``) process i feeds its rows of each global batch; process 0 alone writes
+checkpoints, the final SAE and calls ``on_log`` / ``on_checkpoint``.
+
+Precision: ``compute_dtype="bfloat16"`` runs the loss and its gradient in bf16 on bf16 copies of the
+params, state and batch; the master weights, Adam moments, state updates and metrics stay float32.
 """
 
 from __future__ import annotations
@@ -34,7 +45,7 @@ from flax import struct
 from tqdm import tqdm
 
 from sae import checkpoint as ckpt
-from sae import common
+from sae import common, sharding
 from sae.base import StepCtx, arch_module
 
 
@@ -71,6 +82,15 @@ class TrainConfig:
     """Steps between checkpoints (a final one is always written)."""
     keep_checkpoints: int = 2
     """How many recent checkpoints to keep."""
+    mesh_data: int = 1
+    """Devices on the mesh's "data" axis (the batch is split over them); 1 x 1 is one device. With
+    several processes and a 1 x 1 mesh, every device goes on this axis."""
+    mesh_model: int = 1
+    """Devices on the mesh's "model" axis (the latent axis of the weights, Adam moments and
+    per-latent state is split over them; top-k runs shard-local then merges)."""
+    compute_dtype: str = "float32"
+    """Forward/backward dtype: "float32" or "bfloat16" (master weights, optimiser and state stay
+    float32)."""
 
     def validate(self) -> None:
         if self.batch_size < 1:
@@ -84,10 +104,23 @@ class TrainConfig:
             raise ValueError(f"decay_frac must be in [0, 1], got {self.decay_frac}")
         if self.log_every < 1 or self.ckpt_every < 1:
             raise ValueError("log_every and ckpt_every must be >= 1")
+        if self.mesh_data < 1 or self.mesh_model < 1:
+            raise ValueError(f"mesh_data and mesh_model must be >= 1, got {self.mesh_data} x {self.mesh_model}")
+        if self.batch_size % self.mesh_data:
+            raise ValueError(f"batch_size={self.batch_size} is not divisible by mesh_data={self.mesh_data}")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}")
 
     @property
     def total_steps(self) -> int:
         return self.train_tokens // self.batch_size
+
+
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+EXECUTION_FIELDS = ("mesh_data", "mesh_model")
+"""TrainConfig fields that change where a run executes, not what it computes: left out of the
+run's identity, so a run may resume on another mesh."""
 
 
 def default_lr(n_latents: int) -> float:
@@ -170,8 +203,15 @@ class TrainResult:
 
 
 def config_record(cfg: Any, tc: TrainConfig) -> dict[str, Any]:
-    """The JSON-able identity of a run (compared on resume)."""
-    return {"arch": cfg.arch, "sae": asdict(cfg), "train": asdict(tc)}
+    """The JSON-able identity of a run (compared on resume).
+
+    The mesh is left out (a layout, not a result); compute_dtype only when it is not the default,
+    so runs recorded before it existed keep their identity.
+    """
+    train = {k: v for k, v in asdict(tc).items() if k not in EXECUTION_FIELDS}
+    if train.get("compute_dtype") == "float32":
+        del train["compute_dtype"]
+    return {"arch": cfg.arch, "sae": asdict(cfg), "train": train}
 
 
 def _collect_sample(batches: Callable[[int], Iterator[np.ndarray]], tokens: int) -> np.ndarray:
@@ -197,8 +237,14 @@ def _reset_adam_moments(opt_state: Any, mask: Any) -> Any:
     return opt_state
 
 
+def _cast_floats(tree: Any, dtype: Any) -> Any:
+    return jax.tree_util.tree_map(
+        lambda a: a.astype(dtype) if jnp.issubdtype(jnp.result_type(a), jnp.floating) else a, tree
+    )
+
+
 class Trainer:
-    """Holds the jitted step for one (arch config, train config, d)."""
+    """Holds the jitted step for one (arch config, train config, d) and the device mesh, if any."""
 
     def __init__(self, cfg: Any, tc: TrainConfig, d: int) -> None:
         tc.validate()
@@ -210,7 +256,29 @@ class Trainer:
         self.tx = make_optimizer(self.arch, cfg, tc)
         self.schedule = make_schedule(tc, cfg.n_latents)
         self.window = dead_window(tc)
+        self.mesh = sharding.make_mesh(tc.mesh_data, tc.mesh_model)
+        """The ("data", "model") mesh; None for one device in one process (the plain jit path)."""
+        if self.mesh is not None:
+            sharding.check_divisible(self.mesh, tc.batch_size, cfg.n_latents)
+        self._shardings: Any = None
+        self._sharded_step: Any = None
         self._step = jax.jit(self._step_impl, donate_argnums=(0,))
+
+    def place(self, ts: TrainState) -> TrainState:
+        """Lay a train state (host or single-device arrays) out on the mesh; identity without one."""
+        if self.mesh is None:
+            return ts
+        if self._shardings is None:
+            specs = sharding.train_state_specs(self.arch, self.cfg, self.tx, ts)
+            self._shardings = sharding.named(self.mesh, specs)
+        return sharding.place(ts, self._shardings)
+
+    def reset_window(self, ts: TrainState) -> TrainState:
+        """``ts`` with zeroed metric accumulators (after a log row)."""
+        win = _zero_window(self.cfg.n_latents)
+        if self.mesh is not None:
+            win = sharding.place(win, self._shardings.win)
+        return ts.replace(win=win)
 
     def init_state(self, sample_scaled: np.ndarray) -> TrainState:
         key = jax.random.PRNGKey(self.tc.seed)
@@ -226,13 +294,26 @@ class Trainer:
             rng=key,
             win=_zero_window(n),
         )
-        return jax.tree_util.tree_map(jnp.array, ts)  # no two leaves may share a (donated) buffer
+        ts = jax.tree_util.tree_map(jnp.array, ts)  # no two leaves may share a (donated) buffer
+        return self.place(ts)
+
+    def _loss_fn(self) -> Callable[..., Any]:
+        if self.tc.compute_dtype == "float32":
+            return self.arch.loss
+        cdt = jnp.dtype(self.tc.compute_dtype)
+
+        def loss(cfg: Any, params: Any, state: Any, x: jax.Array, ctx: StepCtx):
+            # grads flow back through the casts, so they arrive in float32 for the master weights
+            value, aux = self.arch.loss(cfg, _cast_floats(params, cdt), _cast_floats(state, cdt), x.astype(cdt), ctx)
+            return value.astype(jnp.float32), _cast_floats(aux, jnp.float32)
+
+        return loss
 
     def _step_impl(self, ts: TrainState, batch: jax.Array, scale: jax.Array) -> TrainState:
         x = batch * scale
         dead = ts.since_fired >= self.window
         ctx = StepCtx(dead=dead, progress=ts.step.astype(jnp.float32) / max(1, self.tc.total_steps))
-        grad_fn = jax.value_and_grad(self.arch.loss, argnums=1, has_aux=True)
+        grad_fn = jax.value_and_grad(self._loss_fn(), argnums=1, has_aux=True)
         (loss, aux), grads = grad_fn(self.cfg, ts.params, ts.arch_state, x, ctx)
         updates, opt_state = self.tx.update(grads, ts.opt_state, ts.params)
         params = self.arch.constrain(self.cfg, optax.apply_updates(ts.params, updates))
@@ -260,28 +341,51 @@ class Trainer:
         )
 
     def step(self, ts: TrainState, batch: np.ndarray, scale: float) -> TrainState:
-        return self._step(ts, jnp.asarray(batch), jnp.float32(scale))
+        """One step; with a mesh, ``batch`` is the global batch or (several processes) this
+        process's rows of it."""
+        if self.mesh is None:
+            return self._step(ts, jnp.asarray(batch), jnp.float32(scale))
+        if self._sharded_step is None:
+            if self._shardings is None:
+                raise RuntimeError("place the train state on the mesh first (Trainer.place / init_state)")
+            rep = jax.sharding.NamedSharding(self.mesh, sharding.REPLICATED)
+            data = jax.sharding.NamedSharding(self.mesh, sharding.BATCH_SPEC)
+            self._sharded_step = jax.jit(
+                self._step_impl, in_shardings=(self._shardings, data, rep), out_shardings=self._shardings,
+                donate_argnums=(0,),
+            )
+        x = sharding.put_batch(np.asarray(batch, np.float32), self.mesh, self.tc.batch_size)
+        with jax.set_mesh(self.mesh):  # the arch's top-k reads the mesh while tracing
+            return self._sharded_step(ts, x, np.float32(scale))
 
     def metrics_row(self, ts: TrainState, tokens_per_s: float) -> dict[str, float]:
-        w = jax.device_get(ts.win)
+        host = sharding.to_host({"win": ts.win, "since_fired": ts.since_fired, "step": ts.step})
+        w = host["win"]
         steps = max(float(w["steps"]), 1.0)
         tok = max(float(w["tokens"]), 1.0)
-        step = int(ts.step)
+        step = int(host["step"])
         return {
             "step": step,
             "tokens": step * self.tc.batch_size,
             "loss": float(w["loss"]) / steps,
             "fvu": float(w["err"]) / max(float(w["var"]), 1e-12),
             "l0": float(w["l0"]) / steps,
-            "dead_frac": float(np.mean(np.asarray(ts.since_fired) >= self.window)),
+            "dead_frac": float(np.mean(np.asarray(host["since_fired"]) >= self.window)),
             "dense_frac": float(np.mean(w["fires"] / tok > self.tc.dense_threshold)),
             "lr": float(self.schedule(jnp.asarray(max(step - 1, 0)))),
             "tokens_per_s": tokens_per_s,
         }
 
 
-def _check_batch(batch: np.ndarray, tc: TrainConfig, d: int) -> np.ndarray:
+def _check_batch(batch: np.ndarray, tc: TrainConfig, d: int, rows: slice | None = None) -> np.ndarray:
+    """A float32 [batch_size, d] batch; with ``rows`` (several processes) this process's rows of it,
+    cut here from a full batch or taken as given when the iterator already yields only them."""
     arr = np.asarray(batch, np.float32)
+    if rows is not None:
+        if arr.shape == (tc.batch_size, d):
+            return arr[rows]
+        if arr.shape == (rows.stop - rows.start, d):
+            return arr
     if arr.shape != (tc.batch_size, d):
         raise ValueError(
             f"data iterator gave a batch of shape {arr.shape}, expected ({tc.batch_size}, {d}); "
@@ -300,12 +404,19 @@ def train(
     on_checkpoint: Callable[[Path, int], None] | None = None,
     progress: bool = True,
     extra_meta: dict[str, Any] | None = None,
+    local_batches: Callable[[int, slice], Iterator[np.ndarray]] | None = None,
 ) -> TrainResult:
     """Train (or resume) one SAE.
 
     ``batches(start)`` must return an iterator of float32 [batch_size, d] arrays beginning at batch
     index ``start``, deterministic in (seed, start). With ``run_dir``, checkpoints go there and a
     run with a checkpoint resumes from it; a different config under the same run_dir is refused.
+
+    Several processes (``sae.distributed``): every process calls ``train`` with the same arguments;
+    ``local_batches(start, rows)``, when given, yields only this process's ``rows`` of each global
+    batch (e.g. ``ActivationStream.batches(start, rows=rows)``), otherwise they are cut from
+    ``batches``. The init sample is read from ``batches`` on every process, so all start alike.
+    ``run_dir`` must be the same directory (a shared filesystem) for every process to resume.
     """
     tc.validate()
     cfg.validate()
@@ -313,6 +424,12 @@ def train(
     record = config_record(cfg, tc)
     run_dir = Path(run_dir) if run_dir is not None else None
     latest = ckpt.latest_checkpoint(run_dir) if run_dir is not None else None
+    lead = jax.process_index() == 0
+    if jax.process_count() > 1:
+        from sae import distributed
+
+        distributed.check_same(int(latest.name.removeprefix("step_")) if latest is not None else -1,
+                               "the checkpoint to resume from (is run_dir on a filesystem every process shares?)")
 
     last_row: dict[str, float] = {}
     if latest is not None:
@@ -330,7 +447,7 @@ def train(
         trees, _ = ckpt.read_bundle(
             latest, {"params": template.params, "opt_state": template.opt_state, "state": _state_part(template)}
         )
-        ts = template.replace(params=trees["params"], opt_state=trees["opt_state"], **trees["state"])
+        ts = trainer.place(template.replace(params=trees["params"], opt_state=trees["opt_state"], **trees["state"]))
     else:
         sample = _collect_sample(batches, tc.init_sample_tokens)
         d = int(sample.shape[1])
@@ -340,63 +457,68 @@ def train(
         trainer = Trainer(cfg, tc, d)
         ts = trainer.init_state(sample * np.float32(scale))
 
-    def save(ts: TrainState) -> Path:
+    def save(ts: TrainState) -> Path | None:
         assert run_dir is not None
+        trees = {"params": ts.params, "opt_state": ts.opt_state, "state": _state_part(ts)}
+        if trainer.mesh is not None:
+            trees = sharding.to_host(trees)  # one layout on disk, whatever the mesh (collective)
+        if not lead:
+            return None
+        step = int(np.asarray(trees["state"]["step"]))
         meta = {
             "config": record,
             "d": d,
             "scale": scale,
-            "rng": [int(v) for v in np.asarray(ts.rng)],
+            "rng": [int(v) for v in np.asarray(trees["state"]["rng"])],
             "last_metrics": history[-1] if history else last_row,
         }
+        if trainer.mesh is not None:
+            meta["mesh"] = {str(k): int(v) for k, v in trainer.mesh.shape.items()}
         if extra_meta:
             meta["extra"] = extra_meta
-        path = ckpt.save_checkpoint(
-            run_dir,
-            int(ts.step),
-            {"params": ts.params, "opt_state": ts.opt_state, "state": _state_part(ts)},
-            meta,
-            keep=tc.keep_checkpoints,
-        )
+        path = ckpt.save_checkpoint(run_dir, step, trees, meta, keep=tc.keep_checkpoints)
         if on_checkpoint is not None:
-            on_checkpoint(path, int(ts.step))
+            on_checkpoint(path, step)
         return path
 
     total = tc.total_steps
-    start = int(ts.step)
+    start = int(np.asarray(sharding.to_host(ts.step)))
     history: list[dict[str, float]] = []
     resample_due = getattr(arch, "resample_due", None)
-    bar = tqdm(total=total, initial=start, disable=not progress, desc=f"train {cfg.arch}", unit="step")
+    bar = tqdm(total=total, initial=start, disable=not progress or not lead, desc=f"train {cfg.arch}", unit="step")
     t_last = time.perf_counter()
     steps_since = 0
-    it = batches(start)
+    rows = sharding.process_rows(trainer.mesh, tc.batch_size) if jax.process_count() > 1 else None
+    it = local_batches(start, rows) if rows is not None and local_batches is not None else batches(start)
     step = start
     while step < total:
-        batch = _check_batch(next(it), tc, d)
+        batch = _check_batch(next(it), tc, d, rows)
         ts = trainer.step(ts, batch, scale)
         step += 1
         steps_since += 1
         if resample_due is not None and resample_due(cfg, step, total):
-            dead = np.asarray(ts.since_fired) >= trainer.window
-            params, mask = arch.resample(cfg, ts.params, ts.arch_state, batch * np.float32(scale), dead, tc.seed + step)
-            ts = ts.replace(params=params, opt_state=_reset_adam_moments(ts.opt_state, mask))
+            ts = _resample(trainer, ts, batch, scale, tc.seed + step)
         if step % tc.log_every == 0 or step == total:
             jax.block_until_ready(ts.step)
             now = time.perf_counter()
             tps = steps_since * tc.batch_size / max(now - t_last, 1e-9)
             row = trainer.metrics_row(ts, tps)
             history.append(row)
-            if on_log is not None:
+            if on_log is not None and lead:
                 on_log(row)
             bar.set_postfix(fvu=f"{row['fvu']:.4f}", l0=f"{row['l0']:.1f}", dead=f"{row['dead_frac']:.3f}")
-            ts = ts.replace(win=_zero_window(cfg.n_latents))
+            ts = trainer.reset_window(ts)
             t_last, steps_since = time.perf_counter(), 0
         if run_dir is not None and (step % tc.ckpt_every == 0 or step == total):
             save(ts)
         bar.update(1)
     bar.close()
 
-    params, astate = arch.fold_scale(cfg, ts.params, ts.arch_state, scale)
+    final_params, final_state = ts.params, ts.arch_state
+    if trainer.mesh is not None:  # back to ordinary single-device arrays on every process
+        host = sharding.to_host((final_params, final_state))
+        final_params, final_state = jax.tree_util.tree_map(jnp.asarray, host)
+    params, astate = arch.fold_scale(cfg, final_params, final_state, scale)
     final = dict(history[-1]) if history else dict(last_row)
     result = TrainResult(
         params=params,
@@ -409,9 +531,23 @@ def train(
         run_dir=run_dir,
         history=history,
     )
-    if run_dir is not None:
+    if run_dir is not None and lead:
         save_final(run_dir, result)
     return result
+
+
+def _resample(trainer: Trainer, ts: TrainState, batch: np.ndarray, scale: float, seed: int) -> TrainState:
+    """The architecture's dead-latent resampling (host code) on the whole state and global batch."""
+    cfg, arch = trainer.cfg, trainer.arch
+    if trainer.mesh is None:
+        dead = np.asarray(ts.since_fired) >= trainer.window
+        params, mask = arch.resample(cfg, ts.params, ts.arch_state, batch * np.float32(scale), dead, seed)
+        return ts.replace(params=params, opt_state=_reset_adam_moments(ts.opt_state, mask))
+    full = sharding.to_host(sharding.put_batch(batch, trainer.mesh, trainer.tc.batch_size))
+    host = jax.tree_util.tree_map(jnp.asarray, sharding.to_host(ts))
+    dead = np.asarray(host.since_fired) >= trainer.window
+    params, mask = arch.resample(cfg, host.params, host.arch_state, full * np.float32(scale), dead, seed)
+    return trainer.place(host.replace(params=params, opt_state=_reset_adam_moments(host.opt_state, mask)))
 
 
 def _state_part(ts: TrainState) -> dict[str, Any]:

@@ -17,8 +17,10 @@ def _registrars() -> list[Registrar]:
     from analysis import analyze_cli, eval_cli
     from app import cli as app_cli
     from sae import cli as sae_cli
+    from sae import interop_cli, sweep_cli
 
-    return [activations_cli.register, sae_cli.register, eval_cli.register, analyze_cli.register, app_cli.register]
+    return [activations_cli.register, sae_cli.register, sweep_cli.register, eval_cli.register, analyze_cli.register,
+            app_cli.register, interop_cli.register]
 
 
 def build_parser() -> argparse.ArgumentParser:

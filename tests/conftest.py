@@ -55,3 +55,26 @@ def demo_ws(tmp_path_factory: pytest.TempPathFactory) -> Path:
               "--seed", "0", "--name", "demo")
     run_saewb("analyze", "demo", "--workspace", str(path))
     return path
+
+
+TINY_LM_HOOK = "blocks.0.hook_out"
+"""The middle of tiny-lm: the residual stream between its two blocks."""
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_ws(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The built-in causal LM `tiny-lm` end to end, in-process and small: harvest, train run `lm`, analyze."""
+    from activations.harvest import HarvestConfig, run_harvest
+    from analysis.features import AnalyzeConfig, analyze_run
+    from sae.cli import plan_from_values, run_plan
+
+    path = tmp_path_factory.mktemp("tiny-lm") / "tiny_lm.duckdb"
+    run_harvest(HarvestConfig(model="tiny-lm", corpus="stdlib-docs", hooks=(TINY_LM_HOOK,), ctx_len=64,
+                              max_tokens=12_000, commit_tokens=6000), path, progress=False)
+    run_plan(plan_from_values({
+        "workspace": str(path), "hook": TINY_LM_HOOK, "arch": "topk", "n_latents": 256, "k": 16,
+        "train_tokens": 40_000, "batch_size": 1024, "seed": 0, "name": "lm", "progress": False,
+        "eval_tokens": 2048,
+    }))
+    analyze_run(path, "lm", AnalyzeConfig(batch_size=1024))
+    return path

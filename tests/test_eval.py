@@ -204,3 +204,18 @@ def test_encoder_metrics_on_minilm(minilm_ws: Path) -> None:
     want = cache["blocks.5.hook_out"][0].double().mean(0).numpy()
     got = sentence_embeddings(model, torch.from_numpy(w.ids[:2]), torch.from_numpy(w.attention[:2]))[0]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_ce_kl_scores_are_meaningful_on_the_trained_tiny_lm(tiny_lm_ws: Path) -> None:
+    """On a trained LM (not a random one) a trained SAE must recover most of the loss a zero-ablation costs."""
+    import math
+
+    model = support.model("tiny-lm")
+    ctx = load_run(tiny_lm_ws, "lm")
+    w = eval_windows(ctx.ws, ctx.harvest, pad_id_of(model), max_seqs=8)
+    m = lm_metrics(model, ctx, w, batch_size=8)
+    assert m["ce_clean"] < math.log(model.cfg.d_vocab) - 1.5  # a random LM sits at ln(vocab)
+    assert m["ce_clean"] < m["ce_sae"] < m["ce_zero"]
+    assert m["ce_zero"] - m["ce_clean"] > 1.0  # the middle block matters: ablating it costs > 1 nat
+    assert 0.5 < m["ce_score"] < 1.0 and 0.0 < m["kl_score"] < 1.0
+    assert m["delta_ce"] == pytest.approx(m["ce_sae"] - m["ce_clean"])

@@ -149,3 +149,49 @@ def test_killed_writer_leaves_previous_checkpoint(tmp_path: Path) -> None:
     assert ckpt.latest_checkpoint(tmp_path) == before
     trees, manifest = ckpt.read_bundle(before)
     assert manifest["step"] == 10 and "params" in trees
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        # the two new kinds of state: a tracked threshold (also Matryoshka's) and an extra trained
+        # parameter; HierarchicalTopK and Matryoshka share TopK's / BatchTopK's trees
+        "BatchTopKConfig(n_latents=32, k=3, threshold_start_step=4)",
+        "JumpReLUConfig(n_latents=32, l0_coef=0.01)",
+    ],
+)
+def test_interrupted_run_resumes_bit_for_bit_for_each_arch(cfg: str, tmp_path: Path) -> None:
+    """Every architecture's params, optimiser and arch state (e.g. thresholds) resume exactly."""
+    from sae.batchtopk import BatchTopKConfig
+    from sae.jumprelu import JumpReLUConfig
+
+    config = eval(cfg, {"BatchTopKConfig": BatchTopKConfig, "JumpReLUConfig": JumpReLUConfig})
+    tc = TrainConfig(train_tokens=48 * 12, batch_size=48, log_every=3, ckpt_every=5, init_sample_tokens=96,
+                     dead_window_tokens=96)
+
+    def batches(stop_at: int | None):
+        def gen(start: int):
+            for step in range(start, 10**6):
+                if step == stop_at:
+                    raise _Stop  # a crash after step 8's update was applied, before its checkpoint
+                r = np.random.default_rng([2, step])
+                yield (r.standard_normal((48, 8)) * np.linspace(0.5, 3, 8) + 2).astype(np.float32)
+        return gen
+
+    with pytest.raises(_Stop):
+        train(config, tc, batches(8), run_dir=tmp_path / "a", progress=False)
+    assert int(ckpt.read_manifest(ckpt.latest_checkpoint(tmp_path / "a"))["step"]) == 5
+    train(config, tc, batches(None), run_dir=tmp_path / "a", progress=False)
+    train(config, tc, batches(None), run_dir=tmp_path / "b", progress=False)
+    a, b = _final_arrays(tmp_path / "a"), _final_arrays(tmp_path / "b")
+    assert a.keys() == b.keys() and int(a["state/['step']"][0]) == 12
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    fa = load_file(str(tmp_path / "a" / "sae" / "state.safetensors"))
+    fb = load_file(str(tmp_path / "b" / "sae" / "state.safetensors"))
+    for k in fa:
+        np.testing.assert_array_equal(fa[k], fb[k], err_msg=k)

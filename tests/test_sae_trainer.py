@@ -12,7 +12,11 @@ import pytest
 import sae
 from sae import common, gba
 from sae.base import StepCtx, make_config
+from sae.batchtopk import BatchTopKConfig
 from sae.gba import GBAConfig
+from sae.hierarchical_topk import HierarchicalTopKConfig
+from sae.jumprelu import JumpReLUConfig
+from sae.matryoshka import MatryoshkaConfig
 from sae.relu_l1 import ReluL1Config
 from sae.topk import TopKConfig
 from sae.trainer import TrainConfig, dead_window, make_schedule, train
@@ -69,8 +73,13 @@ def test_dead_window_counts_tokens() -> None:
         ReluL1Config(n_latents=96, l1_coef=1.0),
         ReluL1Config(n_latents=96, l1_coef=0.3, variant="classic"),
         GBAConfig(n_latents=96, n_groups=4, htf=0.2, ltf=0.01, update_every=10),
+        BatchTopKConfig(n_latents=96, k=4),
+        JumpReLUConfig(n_latents=96, l0_coef=3e-3),
+        HierarchicalTopKConfig(n_latents=96, k=6),
+        MatryoshkaConfig(n_latents=96, k=4, group_sizes=(16, 16, 64)),
     ],
-    ids=["topk-unit", "topk-free-multi", "relu_l1", "relu_l1-classic", "gba"],
+    ids=["topk-unit", "topk-free-multi", "relu_l1", "relu_l1-classic", "gba", "batchtopk", "jumprelu",
+         "hierarchical_topk", "matryoshka"],
 )
 def test_arch_learns_and_saved_sae_takes_raw_activations(cfg, tmp_path: Path) -> None:
     batches = sparse_batches()
@@ -80,8 +89,10 @@ def test_arch_learns_and_saved_sae_takes_raw_activations(cfg, tmp_path: Path) ->
     first, last = res.history[0], res.history[-1]
     assert res.scale != pytest.approx(1.0, rel=0.05)  # data is far from unit scale, so folding matters
     assert last["fvu"] < 0.5 and last["fvu"] < first["fvu"]
-    if cfg.arch == "topk":
+    if cfg.arch in ("topk", "hierarchical_topk"):
         assert last["l0"] <= cfg.k
+    if cfg.arch in ("batchtopk", "matryoshka"):  # k per token on average over the batch
+        assert last["l0"] == pytest.approx(cfg.k, rel=0.01)
     if cfg.arch == "topk" and cfg.decoder == "unit":
         norms = np.linalg.norm(np.asarray(res.params.W_dec) * res.scale, axis=1)
         np.testing.assert_allclose(norms, 1.0, rtol=1e-4)
@@ -92,6 +103,9 @@ def test_arch_learns_and_saved_sae_takes_raw_activations(cfg, tmp_path: Path) ->
     assert isinstance(x_hat, np.ndarray)
     fvu = np.sum((x - x_hat) ** 2) / np.sum((x - x.mean(0)) ** 2)
     assert fvu < 0.5  # the loaded SAE works on raw (unscaled) activations
+    if cfg.arch in ("batchtopk", "matryoshka"):  # the saved SAE encodes with the tracked threshold
+        l0 = float(np.mean(np.sum(model.encode(x) != 0, axis=1)))
+        assert int(model.state.count) > 0 and 0.6 * cfg.k < l0 < 1.6 * cfg.k
     xj = jnp.asarray(x)
     assert isinstance(model.encode(xj), jax.Array)
     np.testing.assert_allclose(np.asarray(model.decode(model.encode(xj))), x_hat, rtol=1e-4, atol=1e-4)

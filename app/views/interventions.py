@@ -36,7 +36,11 @@ def render() -> None:
     coeff = c3.number_input("Coefficient / value", value=float(_param("coeff", "5.0")), key="iv_coeff")
     prompt = st.text_area("Prompt" if causal else "Query", value=_param("prompt", "def parse(text):"), key="iv_prompt")
     candidates_raw = ""
-    if not causal:
+    new_tokens = 20
+    if causal:  # greedy generation, clean and edited, from the same prompt
+        new_tokens = int(st.number_input("New tokens to generate", min_value=0, max_value=200, step=1,
+                                         value=int(_param("tokens", "20")), key="iv_tokens"))
+    else:
         candidates_raw = st.text_area(
             "Candidate texts (one per line)", key="iv_candidates",
             value=_param("candidates", "Open a file for reading.\nSort a list in place.\nParse a JSON document."),
@@ -49,6 +53,8 @@ def render() -> None:
         st.caption("Give at least one latent id.")
         return
     st.query_params.update({"latents": latents_raw, "edit": edit, "coeff": str(coeff), "prompt": prompt})
+    if causal:
+        st.query_params["tokens"] = str(new_tokens)
     if edit == "steer":
         iv = Intervention(steering=[Steering(latent=j, coeff=coeff) for j in latents])
     else:
@@ -57,7 +63,7 @@ def render() -> None:
         return
     if causal:
         with MODEL_LOCK:
-            r = intervene_lm(model, ctx, prompt, iv, max_new_tokens=20, seed=0)
+            r = intervene_lm(model, ctx, prompt, iv, max_new_tokens=new_tokens, seed=0)
         a, b = st.columns(2)
         a.subheader("Clean")
         a.dataframe(pd.DataFrame(r.top_clean, columns=["next token", "p"]), hide_index=True)
@@ -65,6 +71,9 @@ def render() -> None:
         b.subheader("Edited")
         b.dataframe(pd.DataFrame(r.top_edited, columns=["next token", "p"]), hide_index=True)
         b.code(prompt + r.generated_edited)
+        if new_tokens:
+            same = r.generated_clean == r.generated_edited
+            st.caption("the edit left the generation unchanged" if same else "the edit changed the generation")
         st.caption(f"largest logit change: {r.max_abs_logit_diff:.3f}")
         st.dataframe(pd.DataFrame(r.logit_diff), hide_index=True)
     else:

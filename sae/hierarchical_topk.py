@@ -1,0 +1,168 @@
+"""HierarchicalTopK SAE (Balagansky et al. 2025): one SAE for every budget k ≤ K.
+
+Encoder and decoder are TopK's (``sae.topk``, same decoder modes and score). The top-K entries of a
+token, sorted by score descending, v_(1..K) with rows e_(1..K), give a reconstruction per budget
+
+    x̂_j = b_dec + Σ_{i≤j} v_(i) e_(i),   loss = mean_{j=1..K} ‖x − x̂_j‖²/Var(x) + aux_coef · AuxK
+
+so the top-j prefix of the code is trained to be a good j-sparse code for every j. At inference
+``encode(cfg, params, state, x, k=j)`` (``SAE.encode(x, k=j)``) keeps the top j ≤ K: exactly x̂_j.
+
+Memory: the cumulative reconstructions are [B, K, d]; they are computed in chunks of
+``chunk_size`` tokens under ``jax.checkpoint`` inside a ``lax.map``, so at most [chunk, K, d] exists
+at once, forward and backward (the backward recomputes a chunk, then the reverse cumulative sum of
+its residuals gives the value and decoder-row gradients).
+
+Deviations [adapt]: "score" order is TopK's (pre·‖W_dec,i‖ with the free decoder, i.e. by the
+norm of each latent's contribution; with the unit decoder, by value); AuxK on the residual of x̂_K
+is added as for TopK (the sheet's loss has no dead-latent term).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sae import common, topk
+from sae.base import StepCtx
+from sae.sparse_ops import gather_encode
+
+
+@dataclass(frozen=True)
+class HierarchicalTopKConfig:
+    """HierarchicalTopK hyper-parameters."""
+
+    arch: ClassVar[str] = "hierarchical_topk"
+
+    n_latents: int = 4096
+    """Number of latents n."""
+    k: int = 64
+    """K: the largest budget; the saved SAE encodes with any k <= K (default K)."""
+    chunk_size: int = 256
+    """Tokens per chunk of the cumulative loss (memory O(chunk·K·d))."""
+    k_aux: int | None = None
+    """Latents used by AuxK; None means d/2 (capped at the number of dead latents)."""
+    aux_coef: float = 1.0 / 32.0
+    """Weight of the AuxK loss."""
+    decoder: str = "free"
+    """"free" (no norm constraint, choice on pre·‖W_dec,i‖) or "unit" (unit-norm rows)."""
+    init_dec_norm: float | None = None
+    """Norm of the initial decoder rows; None means 1.0 for "unit" and 0.1 for "free"."""
+    rescale_by_decoder_norm: bool = True
+    """Choose the top k on pre · ‖W_dec,i‖ (only matters for decoder="free")."""
+
+    multi_topk: ClassVar[bool] = False  # read by the shared TopK init/validate
+
+    def validate(self, d: int | None = None) -> None:
+        topk.TopKConfig.validate(self, d)  # type: ignore[arg-type]
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+
+
+Config = HierarchicalTopKConfig
+Params = common.LinearParams
+State = common.StepState
+
+
+def partition_specs(cfg: HierarchicalTopKConfig) -> Params:
+    return common.LINEAR_PARTITION_SPECS
+
+
+def input_scale_target(cfg: HierarchicalTopKConfig) -> str:
+    return "sq_norm_d"
+
+
+def init(cfg: HierarchicalTopKConfig, key: jax.Array, d: int, sample: np.ndarray) -> tuple[Params, State]:
+    return topk.init(cfg, key, d, sample)
+
+
+def _check_k(cfg: HierarchicalTopKConfig, k: int | None) -> int:
+    k = cfg.k if k is None else int(k)
+    if not 1 <= k <= cfg.k:
+        raise ValueError(f"k={k} is outside the budgets this SAE was trained for (1..K={cfg.k})")
+    return k
+
+
+def encode(
+    cfg: HierarchicalTopKConfig, params: Params, state: State, x: jax.Array, k: int | None = None
+) -> jax.Array:
+    """Top-k code for any k ≤ K (default K)."""
+    return topk.encode(cfg, params, state, x, _check_k(cfg, k))
+
+
+def decode(cfg: HierarchicalTopKConfig, params: Params, f: jax.Array) -> jax.Array:
+    return f @ params.W_dec + params.b_dec
+
+
+def cumulative_errors(
+    x_c: jax.Array, vals: jax.Array, idx: jax.Array, w_dec: jax.Array, chunk: int
+) -> tuple[jax.Array, jax.Array]:
+    """(Σ_tokens ‖x_c − Σ_{i≤j} v_i W_dec[idx_i]‖² for j = 1..K [K], residual at K [B, d]).
+
+    ``vals``/``idx`` [B, K] in the order of the budgets. Chunked over tokens (zero-padded: a zero row
+    with zero values adds nothing); each chunk is rematerialised in the backward pass.
+    """
+    b, kk = vals.shape
+    c = min(chunk, b)
+    pad = (-b) % c
+    if pad:
+        x_c = jnp.pad(x_c, ((0, pad), (0, 0)))
+        vals = jnp.pad(vals, ((0, pad), (0, 0)))
+        idx = jnp.pad(idx, ((0, pad), (0, 0)))
+    n_chunks = (b + pad) // c
+
+    @jax.checkpoint
+    def one(args: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        xc, v, i = args
+        resid = xc[:, None, :] - jnp.cumsum(v[:, :, None] * w_dec[i], axis=1)  # [c, K, d]
+        return jnp.sum(jnp.square(resid), axis=(0, 2)), resid[:, -1]
+
+    errs, last = jax.lax.map(
+        one, (x_c.reshape(n_chunks, c, -1), vals.reshape(n_chunks, c, kk), idx.reshape(n_chunks, c, kk))
+    )
+    return jnp.sum(errs, axis=0), last.reshape(n_chunks * c, -1)[:b]
+
+
+def loss(
+    cfg: HierarchicalTopKConfig, params: Params, state: State, x: jax.Array, ctx: StepCtx
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    x_c = x - params.b_dec
+    pre, idx, scale = topk._select(cfg, params, x_c, cfg.k)  # sorted by score, descending
+    vals = jax.nn.relu(gather_encode(x_c, params.W_enc, params.b_enc, idx, pre))
+    errs, resid = cumulative_errors(x_c, vals, idx, params.W_dec, cfg.chunk_size)
+    var = jnp.sum(jnp.square(x - jnp.mean(x, axis=0, keepdims=True)))
+    k_aux = min(cfg.k_aux or x.shape[1] // 2, cfg.n_latents)
+    aux = common.auxk_loss(
+        x_c, pre, ctx.dead, resid, params.W_enc, params.b_enc, params.W_dec, k_aux, scale
+    )
+    active = vals > 0
+    fires = jnp.zeros((cfg.n_latents,), jnp.float32).at[idx.reshape(-1)].add(active.reshape(-1))
+    return jnp.mean(errs) / jnp.maximum(var, 1e-12) + cfg.aux_coef * aux, {
+        "err": errs[-1],
+        "var": var,
+        "l0": jnp.mean(jnp.sum(active, axis=1).astype(jnp.float32)),
+        "fires": fires,
+        "aux": aux,
+        "budget_fvu": errs / jnp.maximum(var, 1e-12),
+    }
+
+
+def update_state(cfg: HierarchicalTopKConfig, state: State, aux: dict[str, jax.Array], step: jax.Array) -> State:
+    return state.replace(step=state.step + 1)
+
+
+def project_grads(cfg: HierarchicalTopKConfig, params: Params, grads: Params) -> Params:
+    return topk.project_grads(cfg, params, grads)
+
+
+def constrain(cfg: HierarchicalTopKConfig, params: Params) -> Params:
+    return topk.constrain(cfg, params)
+
+
+def fold_scale(cfg: HierarchicalTopKConfig, params: Params, state: State, s: float) -> tuple[Params, State]:
+    """TopK's: the folded score equals the folded value, so every budget's choice is unchanged."""
+    return topk.fold_scale(cfg, params, state, s)

@@ -1,0 +1,212 @@
+"""JumpReLU SAE (Rajamanoharan et al. 2024; GemmaScope) trained with straight-through estimators.
+
+pre = (x − b_dec) W_enc + b_enc;  f = pre · H(pre − θ) with a per-latent threshold θ (a parameter,
+fp32, init ``init_threshold`` = 0.001, not in log space);  x̂ = f W_dec + b_dec;
+
+    loss = ‖x − x̂‖²/Var(x) + λ(t) · P,   P = L0 = mean_tokens Σ_i H(pre_i − θ_i)
+                                          (or (L0/target_l0 − 1)² with ``target_l0``)
+
+H has zero derivative almost everywhere, so θ learns through pseudo-derivatives with a rectangle
+kernel K(u) = 1[|u| < 1/2] of bandwidth ε (``bandwidth`` = 0.001):
+
+    ∂f/∂θ := −(θ/ε) K((pre − θ)/ε),   ∂H(pre − θ)/∂θ := −(1/ε) K((pre − θ)/ε),
+
+and ∂f/∂pre = H(pre − θ), ∂H/∂pre = 0 (the L0 term trains θ only). λ(t) ramps linearly from 0 over
+the first ``l0_warmup_frac`` of the steps. Decoder rows are unit norm (gradient projection +
+renormalisation, the trainer's machinery); θ is clamped at ≥ 0 after each step. Inference is
+batch-independent: f = pre · 1[pre > θ].
+
+Deviations [adapt]: the reconstruction term is normalised by the batch variance (the FVU, as for
+the other trainers), so λ reads as "FVU per active latent" and does not depend on d or the input
+scale; inputs are scaled to E‖x‖² = 1 (``input_scale_target`` "unit") so θ's init and ε are in the
+units GemmaScope's numbers assume; the sheet's Adam(β1 = 0, 0.999), lr 7e-5 is not forced (the
+optimiser is the shared trainer's: pass ``--adam-b1 0 --lr 7e-5`` for the GemmaScope recipe);
+``target_l0`` (the quadratic L0-target penalty of saprmarks/dictionary_learning) is an option for
+hitting a chosen sparsity, off by default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from sae import common
+from sae.base import StepCtx
+
+
+@dataclass(frozen=True)
+class JumpReLUConfig:
+    """JumpReLU hyper-parameters (defaults from the reference sheet unless noted)."""
+
+    arch: ClassVar[str] = "jumprelu"
+
+    n_latents: int = 4096
+    """Number of latents n."""
+    l0_coef: float = 2e-3
+    """λ: weight of the L0 penalty (the reconstruction term is the FVU)."""
+    l0_warmup_frac: float = 0.05
+    """λ ramps linearly from 0 over this fraction of the steps."""
+    target_l0: float | None = None
+    """With a target, the penalty is (L0/target_l0 − 1)² instead of L0 (use l0_coef ≈ 1)."""
+    bandwidth: float = 0.001
+    """ε: width of the rectangle kernel of the straight-through pseudo-derivatives."""
+    init_threshold: float = 0.001
+    """Initial θ of every latent (inputs scaled to E‖x‖² = 1)."""
+
+    def validate(self, d: int | None = None) -> None:
+        if self.n_latents < 1:
+            raise ValueError(f"n_latents must be positive, got {self.n_latents}")
+        if self.l0_coef < 0:
+            raise ValueError(f"l0_coef must be >= 0, got {self.l0_coef}")
+        if not 0 <= self.l0_warmup_frac <= 1:
+            raise ValueError(f"l0_warmup_frac must be in [0, 1], got {self.l0_warmup_frac}")
+        if self.target_l0 is not None and not 0 < self.target_l0 <= self.n_latents:
+            raise ValueError(f"target_l0={self.target_l0} must be in (0, n_latents={self.n_latents}]")
+        if self.bandwidth <= 0:
+            raise ValueError(f"bandwidth must be positive, got {self.bandwidth}")
+        if self.init_threshold < 0:
+            raise ValueError(f"init_threshold must be >= 0, got {self.init_threshold}")
+
+
+Config = JumpReLUConfig
+
+
+@struct.dataclass
+class Params:
+    W_enc: Any  # [d, n]
+    b_enc: Any  # [n]
+    W_dec: Any  # [n, d] unit rows
+    b_dec: Any  # [d]
+    threshold: Any  # [n] θ, fp32, >= 0
+
+
+State = common.StepState
+
+
+def partition_specs(cfg: JumpReLUConfig) -> Params:
+    return Params(
+        W_enc=common.SHARD_LATENT_COL,
+        b_enc=common.SHARD_LATENT_VEC,
+        W_dec=common.SHARD_LATENT_ROW,
+        b_dec=common.REPLICATED,
+        threshold=common.SHARD_LATENT_VEC,
+    )
+
+
+def input_scale_target(cfg: JumpReLUConfig) -> str:
+    return "unit"
+
+
+def init(cfg: JumpReLUConfig, key: jax.Array, d: int, sample: np.ndarray) -> tuple[Params, State]:
+    cfg.validate()
+    w_dec = common.random_unit_rows(key, cfg.n_latents, d)
+    params = Params(
+        W_enc=w_dec.T,
+        b_enc=jnp.zeros((cfg.n_latents,), jnp.float32),
+        W_dec=w_dec,
+        b_dec=jnp.asarray(common.geometric_median(sample)),
+        threshold=jnp.full((cfg.n_latents,), cfg.init_threshold, jnp.float32),
+    )
+    return params, State(step=jnp.zeros((), jnp.int32))
+
+
+def _rectangle(u: jax.Array) -> jax.Array:
+    return ((u > -0.5) & (u < 0.5)).astype(u.dtype)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def jumprelu(z: jax.Array, theta: jax.Array, eps: float) -> jax.Array:
+    """z · H(z − θ) for z [B, n], θ [n], with the straight-through gradient for θ."""
+    return z * (z > theta)
+
+
+def _jumprelu_fwd(z: jax.Array, theta: jax.Array, eps: float):
+    return jumprelu(z, theta, eps), (z, theta)
+
+
+def _jumprelu_bwd(eps: float, res, g: jax.Array):
+    z, theta = res
+    d_z = (z > theta) * g
+    d_theta = jnp.sum(-(theta / eps) * _rectangle((z - theta) / eps) * g, axis=0)
+    return d_z, d_theta
+
+
+jumprelu.defvjp(_jumprelu_fwd, _jumprelu_bwd)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def heaviside(z: jax.Array, theta: jax.Array, eps: float) -> jax.Array:
+    """H(z − θ) with the straight-through gradient for θ (none for z)."""
+    return (z > theta).astype(z.dtype)
+
+
+def _step_fwd(z: jax.Array, theta: jax.Array, eps: float):
+    return heaviside(z, theta, eps), (z, theta)
+
+
+def _step_bwd(eps: float, res, g: jax.Array):
+    z, theta = res
+    d_theta = jnp.sum(-(1.0 / eps) * _rectangle((z - theta) / eps) * g, axis=0)
+    return jnp.zeros_like(z), d_theta
+
+
+heaviside.defvjp(_step_fwd, _step_bwd)
+
+
+def pre_activations(params: Params, x: jax.Array) -> jax.Array:
+    return (x - params.b_dec) @ params.W_enc + params.b_enc
+
+
+def encode(cfg: JumpReLUConfig, params: Params, state: State, x: jax.Array) -> jax.Array:
+    pre = pre_activations(params, x)
+    return jnp.where(pre > params.threshold, pre, 0.0)
+
+
+def decode(cfg: JumpReLUConfig, params: Params, f: jax.Array) -> jax.Array:
+    return f @ params.W_dec + params.b_dec
+
+
+def loss(
+    cfg: JumpReLUConfig, params: Params, state: State, x: jax.Array, ctx: StepCtx
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    pre = pre_activations(params, x)
+    f = jumprelu(pre, params.threshold, cfg.bandwidth)
+    x_hat = decode(cfg, params, f)
+    err, var = common.fvu_terms(x, x_hat)
+    l0 = jnp.sum(heaviside(pre, params.threshold, cfg.bandwidth)) / x.shape[0]
+    penalty = l0 if cfg.target_l0 is None else jnp.square(l0 / cfg.target_l0 - 1.0)
+    warm = jnp.minimum(1.0, ctx.progress / cfg.l0_warmup_frac) if cfg.l0_warmup_frac > 0 else 1.0
+    on = pre > params.threshold
+    return err / jnp.maximum(var, 1e-12) + cfg.l0_coef * warm * penalty, {
+        "err": err,
+        "var": var,
+        "l0": jax.lax.stop_gradient(l0),
+        "fires": jnp.sum(on, axis=0).astype(jnp.float32),
+        "penalty": jax.lax.stop_gradient(penalty),
+    }
+
+
+def update_state(cfg: JumpReLUConfig, state: State, aux: dict[str, jax.Array], step: jax.Array) -> State:
+    return state.replace(step=state.step + 1)
+
+
+def project_grads(cfg: JumpReLUConfig, params: Params, grads: Params) -> Params:
+    return grads.replace(W_dec=common.remove_parallel_component(params.W_dec, grads.W_dec))
+
+
+def constrain(cfg: JumpReLUConfig, params: Params) -> Params:
+    return params.replace(W_dec=common.normalize_rows(params.W_dec), threshold=jnp.maximum(params.threshold, 0.0))
+
+
+def fold_scale(cfg: JumpReLUConfig, params: Params, state: State, s: float) -> tuple[Params, State]:
+    """Trained on s·x: (s·x − b)W + c = (x − b/s)(sW) + c, so pre and θ keep their values; x̂_raw = x̂/s."""
+    return (
+        params.replace(W_enc=params.W_enc * s, W_dec=params.W_dec / s, b_dec=params.b_dec / s),
+        state,
+    )

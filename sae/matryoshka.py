@@ -1,0 +1,167 @@
+"""Matryoshka BatchTopK SAE (Bussmann et al. 2025; Nabeshima 2024): nested dictionaries.
+
+The latents are split into consecutive groups (``group_sizes``); prefix m is G_1 ∪ … ∪ G_m. The
+code is BatchTopK's (top k·B of the batch, threshold θ at inference; ``sae.batchtopk``), and each
+prefix must reconstruct on its own:
+
+    x̂_m = b_dec + Σ_{kept i in prefix m} f_i W_dec,i;   loss = mean_m ‖x − x̂_m‖²/Var(x) + aux_coef · AuxK
+
+(AuxK on the residual of the full dictionary, as BatchTopK's). The kept entries are a flat list of
+k·B (token, latent, value); one segment-sum by (token, group) and a cumulative sum over groups give
+every prefix reconstruction at O(k·B·d + B·M·d), not M decodes.
+
+Selection, decoder modes, inference threshold, init, constraint and folding are BatchTopK's.
+Default groups [adapt]: prefixes ending at n/16, n/8, n/4, n/2, n (the sheet gives no sizes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sae import batchtopk, common
+from sae.base import StepCtx
+
+
+@dataclass(frozen=True)
+class MatryoshkaConfig:
+    """Matryoshka BatchTopK hyper-parameters."""
+
+    arch: ClassVar[str] = "matryoshka"
+
+    n_latents: int = 4096
+    """Number of latents n."""
+    k: int = 32
+    """Mean active latents per token: each batch keeps its top k·B pre-activations."""
+    group_sizes: tuple[int, ...] | None = None
+    """Sizes of the nested groups, in order, summing to n_latents (e.g. 256,256,512,1024,2048);
+    None: prefixes ending at n/16, n/8, n/4, n/2, n."""
+    candidates: int = 4
+    """c: per-token candidates c·k for the batch selection (a token keeps at most c·k; c >= n/k is exact)."""
+    k_aux: int | None = None
+    """Latents used by AuxK; None means d/2 (capped at the number of dead latents)."""
+    aux_coef: float = 1.0 / 32.0
+    """Weight of the AuxK loss."""
+    decoder: str = "free"
+    """"free" (no norm constraint, choice on pre·‖W_dec,i‖) or "unit" (unit-norm rows)."""
+    init_dec_norm: float | None = None
+    """Norm of the initial decoder rows; None means 1.0 for "unit" and 0.1 for "free"."""
+    rescale_by_decoder_norm: bool = True
+    """Choose the top k on pre · ‖W_dec,i‖ (only matters for decoder="free")."""
+    threshold_decay: float = 0.999
+    """EMA decay of the inference threshold θ."""
+    threshold_start_step: int = 1000
+    """Track θ from this step on (or from threshold_start_frac of the run, whichever is first)."""
+    threshold_start_frac: float = 0.75
+    """Track θ from this fraction of the run on (short runs; see threshold_start_step)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.group_sizes, list):  # from JSON/YAML
+            object.__setattr__(self, "group_sizes", tuple(int(g) for g in self.group_sizes))
+
+    def validate(self, d: int | None = None) -> None:
+        batchtopk.BatchTopKConfig.validate(self, d)  # type: ignore[arg-type]
+        if self.group_sizes is not None:
+            if not self.group_sizes or any(g < 1 for g in self.group_sizes):
+                raise ValueError(f"group_sizes must be positive integers, got {self.group_sizes}")
+            if sum(self.group_sizes) != self.n_latents:
+                raise ValueError(
+                    f"group_sizes {self.group_sizes} sum to {sum(self.group_sizes)}, not n_latents={self.n_latents}; "
+                    "fix --group-sizes or --n-latents"
+                )
+
+    def group_ends(self) -> tuple[int, ...]:
+        """Exclusive end of each prefix."""
+        if self.group_sizes is not None:
+            return tuple(int(e) for e in np.cumsum(self.group_sizes))
+        ends = sorted({self.n_latents >> s for s in (4, 3, 2, 1, 0)} - {0})
+        return tuple(ends)
+
+
+Config = MatryoshkaConfig
+Params = common.LinearParams
+State = common.ThresholdState
+
+
+def partition_specs(cfg: MatryoshkaConfig) -> Params:
+    return common.LINEAR_PARTITION_SPECS
+
+
+def input_scale_target(cfg: MatryoshkaConfig) -> str:
+    return "sq_norm_d"
+
+
+def init(cfg: MatryoshkaConfig, key: jax.Array, d: int, sample: np.ndarray) -> tuple[Params, State]:
+    return batchtopk.init(cfg, key, d, sample)
+
+
+def encode(cfg: MatryoshkaConfig, params: Params, state: State, x: jax.Array) -> jax.Array:
+    return batchtopk.encode_threshold(cfg, params, state, x)
+
+
+def decode(cfg: MatryoshkaConfig, params: Params, f: jax.Array) -> jax.Array:
+    return f @ params.W_dec + params.b_dec
+
+
+def prefix_errors(cfg: MatryoshkaConfig, codes: batchtopk.BatchCodes, params: Params, x: jax.Array):
+    """(Σ_tokens ‖x − x̂_m‖² per prefix [M], x̂ of the full dictionary [B, d])."""
+    b, d = x.shape
+    ends = jnp.asarray(cfg.group_ends(), jnp.int32)
+    m = len(cfg.group_ends())
+    gid = jnp.searchsorted(ends, codes.lat, side="right").astype(jnp.int32)  # group of each entry
+    parts = jax.ops.segment_sum(
+        batchtopk.contributions(codes, params.W_dec), codes.rows * m + gid, num_segments=b * m
+    ).reshape(b, m, d)
+    recon = jnp.cumsum(parts, axis=1) + params.b_dec  # [B, M, d]: x̂ of each prefix
+    errs = jnp.sum(jnp.square(x[:, None, :] - recon), axis=(0, 2))
+    return errs, recon[:, -1]
+
+
+def loss(
+    cfg: MatryoshkaConfig, params: Params, state: State, x: jax.Array, ctx: StepCtx
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    b = x.shape[0]
+    x_c = x - params.b_dec
+    pre = jax.nn.relu(x_c @ params.W_enc + params.b_enc)
+    scale = batchtopk.score_scale(cfg, params)
+    codes = batchtopk.select_batch(cfg, params, x_c, pre, scale, cfg.k)
+    errs, x_hat = prefix_errors(cfg, codes, params, x)
+    _, var = common.fvu_terms(x, x_hat)
+    err = errs[-1]
+    k_aux = min(cfg.k_aux or x.shape[1] // 2, cfg.n_latents)
+    aux = common.auxk_loss(
+        x_c, pre, ctx.dead, x - x_hat, params.W_enc, params.b_enc, params.W_dec, k_aux, scale
+    )
+    thr, seen = batchtopk.kept_threshold(codes)
+    total = jnp.mean(errs) / jnp.maximum(var, 1e-12) + cfg.aux_coef * aux
+    return total, {
+        "err": err,
+        "var": var,
+        **batchtopk.code_stats(codes, b, cfg.n_latents),
+        "aux": aux,
+        "prefix_fvu": errs / jnp.maximum(var, 1e-12),
+        "threshold": jax.lax.stop_gradient(thr),
+        "threshold_seen": seen,
+        "overflow": codes.overflow,
+        "progress": ctx.progress,
+    }
+
+
+def update_state(cfg: MatryoshkaConfig, state: State, aux: dict[str, jax.Array], step: jax.Array) -> State:
+    return batchtopk.update_state(cfg, state, aux, step)
+
+
+def project_grads(cfg: MatryoshkaConfig, params: Params, grads: Params) -> Params:
+    return batchtopk.project_grads(cfg, params, grads)
+
+
+def constrain(cfg: MatryoshkaConfig, params: Params) -> Params:
+    return batchtopk.constrain(cfg, params)
+
+
+def fold_scale(cfg: MatryoshkaConfig, params: Params, state: State, s: float) -> tuple[Params, State]:
+    return batchtopk.fold_scale(cfg, params, state, s)

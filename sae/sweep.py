@@ -1,0 +1,560 @@
+"""Sweeps in lockstep: many SAEs trained on one pass over the activation stream.
+
+    saewb sweep sweep.yaml
+
+Every member sees the same batches in the same order (one `ActivationStream` per hook, all seeded
+with the sweep's data seed, read in step: the streams of different hooks of one harvest visit the
+same tokens in the same order). One jitted function advances every member by one step: members whose
+architecture config and optimiser settings agree and differ only in their init ``seed`` are stacked
+and ``jax.vmap``-ed into one jitted step; the other groups (another k, n, lambda, arch or hook) get
+their own jitted step, called in turn on the same batch. Each member is an ordinary run of the workspace (``runs`` / ``metrics`` rows, checkpoints in
+``<workspace>.runs/<run>/``, a final SAE that ``sae.load`` and ``saewb eval`` read).
+
+The pieces are the trainer's (``sae.trainer``): ``Trainer`` (optimizer, schedules, the step,
+dead-latent counters, metric rows), the init sample and input scale, the checkpoint layout and
+``save_final``; ``sae.runs`` for the tables. A member trained here gets the parameters that
+``sae.trainer.train`` gives the same config on the same batches, up to float reduction order (vmap
+batches the matrix products).
+
+YAML format (keys with dashes or underscores)::
+
+    workspace: ws.duckdb          # or a list: [shard0.duckdb, shard1.duckdb, export_dir] (the first holds the runs)
+    harvest: default              # optional: the workspace's only harvest
+    name: sw                      # sweep name; member runs are named <name>-<member>
+    hook: blocks.3.hook_out       # default hook of the members
+    arch: topk                    # default architecture of the members
+    eval_tokens: 200000           # held-out tokens evaluated per member at the end (0: none)
+    train:                        # shared by every member (one stream: same batch size, steps, order)
+      train_tokens: 2000000
+      batch_size: 4096
+      seed: 0                     # the data order (and the default init seed)
+      log_every: 50
+      ckpt_every: 500
+    defaults:                     # architecture fields (and per-member train fields) for every member
+      n_latents: 4096
+    grid:                         # optional: the cartesian product of these values
+      k: [16, 32]
+      n_latents: [2048, 4096]
+      seed: [0, 1]                # a member's seed seeds its init; the data order stays train.seed
+    members:                      # optional: explicit members (each crossed with the grid)
+      - {name: wide, n_latents: 8192}
+      - {name: l1, arch: relu_l1, l1_coef: 5.0, hook: blocks.2.hook_out}
+
+A member may set ``name``, ``hook``, ``arch``, its architecture's fields and these train fields:
+``seed lr warmup_steps decay_frac grad_clip adam_b1 adam_b2 adam_eps dead_window_tokens
+dense_threshold init_sample_tokens``. Grid members are named from their values (``k16-n_latents2048-seed0``).
+Everything (unknown keys, k > n, hooks, widths, names, a different config under an existing run
+name or sweep) is checked before any work.
+
+Resume: checkpoints of all members are written at the same steps, then the sweep's state file
+(``<workspace>.runs/.sweeps/<name>.json``) records that step. An interrupted sweep restarts every
+member from that step with its saved state and the streams seeked to it, so it reaches bit for bit
+the parameters of an uninterrupted one (keep_checkpoints >= 2 keeps the recorded step on disk while
+the next one is written).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from sae import checkpoint as ckpt
+from sae import common
+from sae.base import arch_module
+from sae.trainer import (
+    TrainConfig,
+    Trainer,
+    TrainResult,
+    TrainState,
+    _check_batch,
+    _collect_sample,
+    _resample,
+    _state_part,
+    _zero_window,
+    config_record,
+    save_final,
+)
+
+TOP_KEYS = ("workspace", "harvest", "name", "hook", "arch", "eval_tokens", "progress", "train", "defaults", "grid",
+            "members")
+MEMBER_TRAIN_KEYS = ("seed", "lr", "warmup_steps", "decay_frac", "grad_clip", "adam_b1", "adam_b2", "adam_eps",
+                     "dead_window_tokens", "dense_threshold", "init_sample_tokens")
+"""Train fields a member may set: they change its init or optimiser, not the shared stream."""
+
+
+class SweepError(ValueError):
+    """A sweep file or sweep state that cannot be run; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class Member:
+    """One SAE of a sweep."""
+
+    name: str
+    """Run name in the workspace."""
+    hook: str
+    sae_config: Any
+    train_config: TrainConfig
+
+
+@dataclass
+class SweepPlan:
+    """A validated sweep."""
+
+    name: str
+    workspace: Path
+    sources: list[str]
+    """Data sources (workspaces / Parquet exports); the first is `workspace`."""
+    harvest: str
+    members: list[Member]
+    widths: dict[str, int]
+    """Hook -> activation width d."""
+    data_seed: int
+    eval_tokens: int = 200_000
+    progress: bool = True
+    record: dict[str, Any] = field(default_factory=dict)
+    """The sweep's identity, compared on resume."""
+
+    def run_record(self, m: Member) -> dict[str, Any]:
+        """A member's stored run config: the `saewb train` record plus the sweep and the data seed."""
+        out = {**config_record(m.sae_config, m.train_config), "hook": m.hook, "harvest": self.harvest,
+               "sweep": self.name, "data_seed": self.data_seed}
+        return {**out, "sources": self.sources} if len(self.sources) > 1 else out
+
+    @property
+    def state_path(self) -> Path:
+        from saewb.workspace import Workspace
+
+        return Workspace(self.workspace).runs_dir / ".sweeps" / f"{self.name}.json"
+
+
+def _norm(d: Any, where: str) -> dict[str, Any]:
+    if d is None:
+        return {}
+    if not isinstance(d, dict):
+        raise SweepError(f"{where} must be a mapping of option: value, got {type(d).__name__}")
+    return {str(k).replace("-", "_"): v for k, v in d.items()}
+
+
+def _value_name(v: Any) -> str:
+    return str(v).replace(".", "p").replace("-", "m")
+
+
+def load_sweep(path: str | Path) -> dict[str, Any]:
+    import yaml
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"sweep file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise SweepError(f"sweep file {path} is not valid YAML: {err}") from err
+    return _norm(data, f"sweep file {path}")
+
+
+def plan_sweep(values: dict[str, Any]) -> SweepPlan:
+    """Validate a sweep (the YAML's mapping) into a plan; raises SweepError / ValueError naming the fix."""
+    from activations.store import as_sources, check_name, is_parquet_source, open_parts
+    from sae.base import config_fields, make_config
+    from saewb.workspace import Workspace
+
+    unknown = sorted(set(values) - set(TOP_KEYS))
+    if unknown:
+        raise SweepError(f"unknown top-level key(s) {unknown}; valid keys are {list(TOP_KEYS)}")
+    for req in ("workspace", "name", "train"):
+        if req not in values:
+            raise SweepError(f"the sweep file needs `{req}:` (see `saewb sweep --help` for the format)")
+    name = check_name(str(values["name"]), "sweep name")
+    train = _norm(values["train"], "train")
+    train_fields = set(config_fields(TrainConfig))
+    bad = sorted(set(train) - train_fields)
+    if bad:
+        raise SweepError(f"unknown train field(s) {bad}; valid fields are {sorted(train_fields)}")
+    base_tc = TrainConfig(**train)
+    base_tc.validate()
+    if getattr(base_tc, "mesh_data", 1) * getattr(base_tc, "mesh_model", 1) != 1:
+        raise SweepError("a sweep trains on one device; drop mesh_data / mesh_model from train:")
+    if base_tc.keep_checkpoints < 2:
+        raise SweepError("a sweep needs keep_checkpoints >= 2 (its resume step stays on disk while the next is written)")
+    defaults = _norm(values.get("defaults"), "defaults")
+    grid = _norm(values.get("grid"), "grid")
+    for k, v in grid.items():
+        if not isinstance(v, list) or not v:
+            raise SweepError(f"grid: {k} must be a non-empty list of values, got {v!r}")
+    raw_members = values.get("members") or [{}]
+    if not isinstance(raw_members, list):
+        raise SweepError("members must be a list of mappings")
+    if not grid and values.get("members") is None:
+        raise SweepError("the sweep has no members: give `members:` and/or `grid:`")
+
+    sources = as_sources(values["workspace"])
+    if is_parquet_source(sources[0]):
+        raise SweepError(f"the first workspace ({sources[0]}) must be a workspace .duckdb file: it holds the runs")
+    ws = Workspace(sources[0])
+    if not ws.exists():
+        raise FileNotFoundError(f"workspace {ws.path} does not exist; create it with `saewb harvest --workspace {ws.path} ...`")
+
+    specs: list[tuple[str, dict[str, Any]]] = []
+    for i, raw in enumerate(raw_members):
+        base = {**defaults, **_norm(raw, f"members[{i}]")}
+        for combo in itertools.product(*grid.values()) if grid else [()]:
+            vals = {**base, **dict(zip(grid, combo, strict=True))}
+            label = "-".join(f"{k}{_value_name(v)}" for k, v in zip(grid, combo, strict=True))
+            mname = "-".join(p for p in (str(vals.pop("name", "")) or "", label) if p) or f"m{i}"
+            specs.append((f"{name}-{mname}", vals))
+
+    parts_by_hook: dict[str, int] = {}
+    members: list[Member] = []
+    harvest_name = None
+    for run_name, vals in specs:
+        check_name(run_name, "member run name")
+        hook = str(vals.pop("hook", values.get("hook", "")))
+        if not hook:
+            raise SweepError(f"member {run_name!r} has no hook; set `hook:` at the top or in the member")
+        arch = arch_module(str(vals.pop("arch", values.get("arch", "topk"))))
+        arch_fields = set(config_fields(arch.Config))
+        wrong = sorted(set(vals) - arch_fields - set(MEMBER_TRAIN_KEYS))
+        if wrong:
+            shared = sorted(set(wrong) & train_fields)
+            hint = (f"; {shared} must be the same for every member: put them under train:" if shared
+                    else f"; {arch.Config.arch} fields are {sorted(arch_fields)}")
+            raise SweepError(f"member {run_name!r}: option(s) {wrong} do not apply{hint}")
+        sae_cfg = make_config(arch.Config, {k: v for k, v in vals.items() if k in arch_fields})
+        tc = dataclasses.replace(base_tc, **{k: v for k, v in vals.items() if k in MEMBER_TRAIN_KEYS})
+        tc.validate()
+        if hook not in parts_by_hook:
+            parts = open_parts(sources, values.get("harvest"), hook)
+            parts_by_hook[hook] = int(parts[0].info.hooks[hook])
+            harvest_name = parts[0].info.name
+        sae_cfg.validate(parts_by_hook[hook])
+        members.append(Member(run_name, hook, sae_cfg, tc))
+    names = [m.name for m in members]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise SweepError(f"member names {dupes} occur twice; give the members distinct `name:`s")
+    resolved = [str(s) if "://" in str(s) else str(Path(s).resolve()) for s in sources]
+    plan = SweepPlan(
+        name=name, workspace=ws.path, sources=resolved, harvest=str(harvest_name), members=members,
+        widths=parts_by_hook, data_seed=base_tc.seed, eval_tokens=int(values.get("eval_tokens", 200_000)),
+        progress=bool(values.get("progress", True)),
+    )
+    plan.record = json.loads(json.dumps({"sources": plan.sources, "harvest": plan.harvest, "data_seed": plan.data_seed,
+                                         "members": {m.name: plan.run_record(m) for m in members}}))
+    _check_existing(plan)
+    return plan
+
+
+def _check_existing(plan: SweepPlan) -> None:
+    from sae import runs
+    from saewb.workspace import Workspace
+
+    ws = Workspace(plan.workspace)
+    if plan.state_path.exists():
+        stored = json.loads(plan.state_path.read_text())
+        if stored["record"] != plan.record:
+            raise SweepError(
+                f"sweep {plan.name!r} already ran in {ws.path} with a different config; use another name:, "
+                "or repeat the original file to resume it"
+            )
+    for m in plan.members:
+        row = runs.get_run(ws, m.name)
+        if row is not None and row["config"] != json.loads(json.dumps(plan.run_record(m))):
+            raise SweepError(
+                f"a run named {m.name!r} already exists with a different config (or outside this sweep); "
+                "rename the sweep or the member"
+            )
+
+
+# --------------------------------------------------------------------------- lockstep training
+
+
+_STEP_CACHE: dict[str, Any] = {}
+"""Jitted group steps by group config: a resume in the same process reuses their compilation."""
+
+
+@dataclass
+class _Group:
+    """Members advanced together: stacked and vmapped when `vmapped`, else one member."""
+
+    members: list[int]
+    trainer: Trainer
+    hook: str
+    vmapped: bool
+
+
+def _group_key(m: Member) -> str:
+    tc = {k: v for k, v in dataclasses.asdict(m.train_config).items() if k != "seed"}
+    return json.dumps([m.hook, m.sae_config.arch, dataclasses.asdict(m.sae_config), tc], sort_keys=True, default=str)
+
+
+def _stack(trees: list[Any]) -> Any:
+    """Stack on the host and put once: eager jnp.stack would compile a kernel per leaf shape."""
+    return jax.tree_util.tree_map(lambda *a: jnp.asarray(np.stack([np.asarray(x) for x in a])), *trees)
+
+
+def _unstack(tree: Any, i: int) -> Any:
+    """Member i of a stacked tree already fetched to the host (numpy indexing compiles nothing)."""
+    return jax.tree_util.tree_map(lambda a: np.asarray(a)[i], tree)
+
+
+def _resamples(m: Member) -> bool:
+    """Whether the member's architecture resamples dead latents (host code) at some step of the run."""
+    due = getattr(arch_module(m.sae_config.arch), "resample_due", None)
+    total = m.train_config.total_steps
+    return due is not None and any(due(m.sae_config, s, total) for s in range(1, total + 1))
+
+
+def _groups(members: list[Member], widths: dict[str, int]) -> list[_Group]:
+    by_key: dict[str, list[int]] = {}
+    for i, m in enumerate(members):
+        # Host-side resampling edits one member's params between steps: such members go alone.
+        resamples = _resamples(m)
+        by_key.setdefault(_group_key(m) if not resamples else f"alone-{i}", []).append(i)
+    out = []
+    for idx in by_key.values():
+        m = members[idx[0]]
+        out.append(_Group(idx, Trainer(m.sae_config, m.train_config, widths[m.hook]), m.hook, len(idx) > 1))
+    return out
+
+
+def train_lockstep(
+    members: list[Member],
+    batches: dict[str, Callable[[int], Iterator[np.ndarray]]],
+    *,
+    run_dirs: dict[str, Path] | None = None,
+    state_path: Path | None = None,
+    state_record: dict[str, Any] | None = None,
+    on_log: Callable[[str, dict[str, float]], None] | None = None,
+    on_checkpoint: Callable[[str, Path, int], None] | None = None,
+    progress: bool = True,
+) -> dict[str, TrainResult]:
+    """Train (or resume) every member on one pass over `batches[hook](start)` (one iterator per hook).
+
+    The members must share batch_size, train_tokens, log_every, ckpt_every and keep_checkpoints.
+    With `run_dirs` and `state_path`, checkpoints go to each member's run directory and the step
+    they were all written at to `state_path`; a sweep with a state file resumes from that step.
+    """
+    shared = ("batch_size", "train_tokens", "log_every", "ckpt_every", "keep_checkpoints")
+    tc0 = members[0].train_config
+    for m in members:
+        diff = [k for k in shared if getattr(m.train_config, k) != getattr(tc0, k)]
+        if diff:
+            raise SweepError(f"member {m.name!r} differs in {diff}; lockstep members must share them")
+    total = tc0.total_steps
+    hooks = list(dict.fromkeys(m.hook for m in members))
+
+    start = 0
+    if state_path is not None and state_path.exists():
+        start = int(json.loads(state_path.read_text())["step"])
+    scales: list[float] = []
+    states: list[TrainState] = []
+    widths: dict[str, int] = {}
+    if start > 0:
+        assert run_dirs is not None
+        for m in members:
+            cdir = ckpt.checkpoints_dir(run_dirs[m.name]) / f"step_{start:09d}"
+            manifest = ckpt.read_manifest(cdir)
+            widths[m.hook] = int(manifest["d"])
+            trainer = Trainer(m.sae_config, m.train_config, widths[m.hook])
+            template = trainer.init_state(np.zeros((2, widths[m.hook]), np.float32))
+            trees, _ = ckpt.read_bundle(
+                cdir, {"params": template.params, "opt_state": template.opt_state, "state": _state_part(template)}
+            )
+            states.append(template.replace(params=trees["params"], opt_state=trees["opt_state"], **trees["state"]))
+            scales.append(float(manifest["scale"]))
+    else:
+        samples: dict[str, np.ndarray] = {}
+        for hook in hooks:
+            want = max(m.train_config.init_sample_tokens for m in members if m.hook == hook)
+            samples[hook] = _collect_sample(batches[hook], want)
+            widths[hook] = int(samples[hook].shape[1])
+        for m in members:
+            # the same sample, scale and init that `train` computes for this member on these batches
+            sample = samples[m.hook][: m.train_config.init_sample_tokens]
+            arch = arch_module(m.sae_config.arch)
+            m.sae_config.validate(widths[m.hook])
+            scale = common.estimate_input_scale(sample, arch.input_scale_target(m.sae_config), widths[m.hook])
+            trainer = Trainer(m.sae_config, m.train_config, widths[m.hook])
+            states.append(trainer.init_state(sample * np.float32(scale)))
+            scales.append(scale)
+
+    groups = _groups(members, widths)
+    g_states = [_stack([states[i] for i in g.members]) if g.vmapped else states[g.members[0]] for g in groups]
+    g_scales = [jnp.asarray([scales[i] for i in g.members], jnp.float32) if g.vmapped else jnp.float32(scales[g.members[0]])
+                for g in groups]
+    del states
+    hook_index = {h: i for i, h in enumerate(hooks)}
+
+    # One jitted step per group, called one after the other on the same batch. A first version
+    # compiled all groups into one program and was OOM-killed at 9 GB RSS (8 TopK members,
+    # B = 1024, n <= 4096, CPU); separate programs free each group's intermediates before the next.
+    step_fns = []
+    for g in groups:
+        key = json.dumps([[_group_key(members[i]) for i in g.members], widths[g.hook]], sort_keys=True)
+        if key not in _STEP_CACHE:
+            fn = g.trainer._step_impl
+            _STEP_CACHE[key] = jax.jit(jax.vmap(fn, in_axes=(0, None, 0)) if g.vmapped else fn, donate_argnums=(0,))
+        step_fns.append(_STEP_CACHE[key])
+    hook_of = [hook_index[g.hook] for g in groups]
+
+    def step_fn(all_states: tuple, xs: tuple, all_scales: tuple) -> tuple:
+        return tuple(f(ts, xs[h], sc) for f, ts, h, sc in zip(step_fns, all_states, hook_of, all_scales, strict=True))
+
+    def host_view(gi: int) -> list[TrainState]:
+        """The members of group gi with what metric rows need (counters, window, step) on the host."""
+        ts = g_states[gi]
+        part = jax.device_get({"win": ts.win, "since_fired": ts.since_fired, "step": ts.step})
+        views = [_unstack(part, j) for j in range(len(groups[gi].members))] if groups[gi].vmapped else [part]
+        return [TrainState(params=None, opt_state=None, arch_state=None, rng=None, **v) for v in views]
+
+    def save(step: int) -> None:
+        assert run_dirs is not None and state_path is not None
+        for gi, g in enumerate(groups):
+            host = jax.device_get(g_states[gi])
+            for j, i in enumerate(g.members):
+                m = members[i]
+                ts = _unstack(host, j) if g.vmapped else host
+                meta = {"config": config_record(m.sae_config, m.train_config), "d": widths[m.hook], "scale": scales[i],
+                        "rng": [int(v) for v in np.asarray(ts.rng)], "last_metrics": last_rows.get(m.name, {}),
+                        "extra": {"sweep_state": str(state_path)}}
+                trees = {"params": ts.params, "opt_state": ts.opt_state, "state": _state_part(ts)}
+                path = ckpt.save_checkpoint(run_dirs[m.name], step, trees, meta, keep=m.train_config.keep_checkpoints)
+                if on_checkpoint is not None:
+                    on_checkpoint(m.name, path, step)
+        # Only now does the sweep move on: a kill before this line resumes from the previous step.
+        state_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"step": step, "record": state_record or {}}))
+        os.replace(tmp, state_path)
+
+    last_rows: dict[str, dict[str, float]] = {}
+    histories: dict[str, list[dict[str, float]]] = {m.name: [] for m in members}
+    its = {h: batches[h](start) for h in hooks}
+    bar = tqdm(total=total, initial=start, disable=not progress, desc=f"sweep x{len(members)}", unit="step")
+    t_last, steps_since = time.perf_counter(), 0
+    step = start
+    while step < total:
+        xs_host = {h: _check_batch(next(its[h]), tc0, widths[h]) for h in hooks}
+        xs = tuple(jnp.asarray(xs_host[h]) for h in hooks)
+        g_states = list(step_fn(tuple(g_states), xs, tuple(g_scales)))
+        step += 1
+        steps_since += 1
+        for gi, g in enumerate(groups):
+            due = getattr(g.trainer.arch, "resample_due", None)
+            if not g.vmapped and due is not None and due(g.trainer.cfg, step, total):
+                i = g.members[0]
+                g_states[gi] = _resample(g.trainer, g_states[gi], xs_host[g.hook], scales[i],
+                                         members[i].train_config.seed + step)
+        if step % tc0.log_every == 0 or step == total:
+            jax.block_until_ready(g_states)
+            now = time.perf_counter()
+            tps = steps_since * tc0.batch_size / max(now - t_last, 1e-9)  # tokens per second per member
+            for gi, g in enumerate(groups):
+                for i, view in zip(g.members, host_view(gi), strict=True):
+                    row = g.trainer.metrics_row(view, tps)
+                    histories[members[i].name].append(row)
+                    last_rows[members[i].name] = row
+                    if on_log is not None:
+                        on_log(members[i].name, row)
+                win = _zero_window(g.trainer.cfg.n_latents)
+                g_states[gi] = g_states[gi].replace(win=_stack([win] * len(g.members)) if g.vmapped else win)
+            bar.set_postfix(fvu=f"{np.mean([r['fvu'] for r in last_rows.values()]):.4f}")
+            t_last, steps_since = time.perf_counter(), 0
+        if run_dirs is not None and state_path is not None and (step % tc0.ckpt_every == 0 or step == total):
+            save(step)
+        bar.update(1)
+    bar.close()
+
+    results: dict[str, TrainResult] = {}
+    for gi, g in enumerate(groups):
+        host = jax.device_get((g_states[gi].params, g_states[gi].arch_state))
+        for j, i in enumerate(g.members):
+            m = members[i]
+            p_host, s_host = _unstack(host, j) if g.vmapped else host
+            ts = TrainState(params=jax.tree_util.tree_map(jnp.asarray, p_host), opt_state=None,
+                            arch_state=jax.tree_util.tree_map(jnp.asarray, s_host), since_fired=None, step=None,
+                            rng=None, win=None)
+            params, astate = g.trainer.arch.fold_scale(m.sae_config, ts.params, ts.arch_state, scales[i])
+            run_dir = run_dirs[m.name] if run_dirs is not None else None
+            final = dict(histories[m.name][-1]) if histories[m.name] else {}
+            if not final and run_dir is not None:  # resumed at the very end: the last logged row
+                final = ckpt.read_manifest(ckpt.checkpoints_dir(run_dir) / f"step_{start:09d}").get("last_metrics", {})
+            res = TrainResult(params=params, arch_state=astate, config=m.sae_config, train_config=m.train_config,
+                              scale=scales[i], d=widths[m.hook], final_metrics=final, run_dir=run_dir,
+                              history=histories[m.name])
+            if run_dir is not None:
+                save_final(run_dir, res)
+            results[m.name] = res
+    return results
+
+
+def run_sweep(plan: SweepPlan) -> dict[str, dict[str, Any]]:
+    """Train (or resume) every member of a planned sweep, log them as runs, evaluate them on held-out tokens."""
+    from activations.stream import ActivationStream
+    from sae import runs
+    from sae.api import load_dir
+    from sae.metrics import evaluate
+    from saewb.workspace import Workspace
+
+    ws = Workspace(plan.workspace)
+    tc0 = plan.members[0].train_config
+    data: Any = plan.sources if len(plan.sources) > 1 else ws
+    hooks = list(dict.fromkeys(m.hook for m in plan.members))
+    streams = {h: ActivationStream(data, h, harvest=plan.harvest, batch_size=tc0.batch_size, seed=plan.data_seed)
+               for h in hooks}
+    start = int(json.loads(plan.state_path.read_text())["step"]) if plan.state_path.exists() else 0
+    run_dirs = {m.name: ws.runs_dir / m.name for m in plan.members}
+    for m in plan.members:
+        runs.start_run(ws, m.name, harvest=plan.harvest, hook=m.hook, arch=m.sae_config.arch,
+                       config=plan.run_record(m), checkpoint_path=str(run_dirs[m.name]), resume_step=start)
+
+    def on_log(name: str, row: dict[str, float]) -> None:
+        runs.log_metrics(ws, name, [row])
+
+    def on_checkpoint(name: str, path: Path, step: int) -> None:
+        runs.set_checkpoint(ws, name, str(path))
+
+    try:
+        results = train_lockstep(
+            plan.members, {h: (lambda s, st=streams[h]: st.batches(start=s)) for h in hooks}, run_dirs=run_dirs,
+            state_path=plan.state_path, state_record=plan.record, on_log=on_log, on_checkpoint=on_checkpoint,
+            progress=plan.progress,
+        )
+    except KeyboardInterrupt:
+        for m in plan.members:
+            runs.finish_run(ws, m.name, "interrupted")
+        raise
+    except BaseException:
+        for m in plan.members:
+            runs.finish_run(ws, m.name, "failed")
+        raise
+    out: dict[str, dict[str, Any]] = {}
+    evals: dict[str, Any] = {}
+    for m in plan.members:
+        final: dict[str, Any] = {f"train_{k}": v for k, v in results[m.name].final_metrics.items()}
+        if plan.eval_tokens > 0:
+            try:
+                if m.hook not in evals:
+                    evals[m.hook] = ActivationStream(data, m.hook, harvest=plan.harvest, seed=plan.data_seed,
+                                                     batch_size=min(tc0.batch_size, 4096), split="eval")
+                ev = evals[m.hook]
+                n_batches = max(1, plan.eval_tokens // ev.batch_size)
+                final.update(evaluate(load_dir(run_dirs[m.name]), itertools.islice(ev.epoch(), n_batches)))
+            except ValueError as err:  # e.g. an empty eval split: keep the training metrics
+                final["eval_error"] = str(err)
+        runs.finish_run(ws, m.name, "done", final, str(run_dirs[m.name] / "sae"))
+        out[m.name] = final
+    return out
