@@ -46,7 +46,6 @@ import json
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +56,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
-from quality import export_split, fvu_l0_dead, gba_htf_for_l0, token_order  # noqa: E402
+from quality import export_split, fvu_l0_dead, gba_htf_for_l0, ordered_batches, token_order  # noqa: E402
 
 SKIP_ARCHS = {"itda"}  # not gradient-trained (matching pursuit on stored activations): its own section
 
@@ -100,12 +99,8 @@ def train_and_eval(cfg: Any, train: np.ndarray, order: np.ndarray, ev: np.ndarra
     steps = len(order) // batch
     tc = TrainConfig(train_tokens=steps * batch, batch_size=batch, seed=seed, log_every=max(1, steps // 5))
 
-    def batches(start: int) -> Iterator[np.ndarray]:
-        for s in range(start, steps):
-            yield np.ascontiguousarray(train[order[s * batch : (s + 1) * batch]])
-
     t0 = time.perf_counter()
-    res = sae_train(cfg, tc, batches, progress=False)
+    res = sae_train(cfg, tc, ordered_batches(train, order, batch), progress=False)
     secs = time.perf_counter() - t0
     model = SAE(cfg, res.params, res.arch_state, res.d)
     out = []

@@ -33,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +105,17 @@ def fvu_l0_dead(encode: Any, decode: Any, ev: np.ndarray, chunk: int = 4096) -> 
     return {"fvu": err / var, "l0": l0 / len(ev), "dead_eval": float(np.mean(~fired))}
 
 
+def ordered_batches(train: np.ndarray, order: np.ndarray, batch: int) -> Callable[[int], Iterator[np.ndarray]]:
+    """The trainer's data source over a fixed token order: deterministic in `start`, as resume requires."""
+    steps = len(order) // batch
+
+    def batches(start: int) -> Iterator[np.ndarray]:
+        for s in range(start, steps):
+            yield np.ascontiguousarray(train[order[s * batch : (s + 1) * batch]])
+
+    return batches
+
+
 def train_ours(cfg: Any, train: np.ndarray, order: np.ndarray, ev: np.ndarray, batch: int, seed: int,
                lr: float | None = None) -> dict[str, Any]:
     import jax
@@ -116,13 +127,9 @@ def train_ours(cfg: Any, train: np.ndarray, order: np.ndarray, ev: np.ndarray, b
     steps = len(order) // batch
     tc = TrainConfig(train_tokens=steps * batch, batch_size=batch, seed=seed, lr=lr, log_every=max(1, steps // 10))
 
-    def batches(start: int) -> Iterator[np.ndarray]:
-        # Same order as the SAELens worker; deterministic in `start` as the trainer's resume requires.
-        for s in range(start, steps):
-            yield np.ascontiguousarray(train[order[s * batch : (s + 1) * batch]])
-
     t0 = time.perf_counter()
-    res = sae_train(cfg, tc, batches, progress=False)
+    # Same order as the SAELens worker.
+    res = sae_train(cfg, tc, ordered_batches(train, order, batch), progress=False)
     secs = time.perf_counter() - t0
     arch = arch_module(cfg.arch)
     enc = jax.jit(lambda x: arch.encode(cfg, res.params, res.arch_state, x))

@@ -1,4 +1,4 @@
-"""Sparse autoencoders in JAX: TopK, ReLU + L1 and (Group) Bias Adaptation, one generic trainer.
+"""Sparse autoencoders in JAX, one file per architecture (registry: ``sae.archs``), one generic trainer.
 
     import sae
     model = sae.load("ws.runs/my-run")            # or sae.load("my-run", workspace="ws.duckdb")

@@ -332,15 +332,9 @@ def run_plan(plan: TrainPlan) -> dict[str, Any]:
             plan.sae_config, tc, lambda start: stream.batches(start=start, with_index=with_index), run_dir=run_dir,
             on_log=on_log, on_checkpoint=on_checkpoint, progress=plan.progress, **extra,
         )
-    except KeyboardInterrupt:
+    except BaseException as err:
         if lead:
-            runs.finish_run(ws, plan.name, "interrupted")
-        if wb is not None:
-            wb.finish(None, ok=False)
-        raise
-    except BaseException:
-        if lead:
-            runs.finish_run(ws, plan.name, "failed")
+            runs.finish_run(ws, plan.name, "interrupted" if isinstance(err, KeyboardInterrupt) else "failed")
         if wb is not None:
             wb.finish(None, ok=False)
         raise
