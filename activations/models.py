@@ -111,7 +111,6 @@ def resolve_model_source(name_or_path: str) -> str:
 
 def load_model(name_or_path: str, device: str = "cpu") -> Any:
     """Boot a TransformerBridge in eval mode; raises ModelNotAvailableError with a fix when it can't."""
-    import torch
     from transformer_lens.model_bridge import TransformerBridge
 
     source = resolve_model_source(name_or_path)
@@ -122,7 +121,7 @@ def load_model(name_or_path: str, device: str = "cpu") -> Any:
             f"could not load model {name_or_path!r}: {err}. Pass a local folder with --model /path/to/model."
         ) from err
     model.eval()
-    torch.set_grad_enabled(False)
+    model.requires_grad_(False)  # frozen weights: no autograd graph, without switching grad off process-wide
     return model
 
 

@@ -115,7 +115,7 @@ def latent_table(path: str, run: str, version: str) -> pd.DataFrame:
     rows = tables.latent_summary(Workspace(path), run)
     frame = pd.DataFrame(rows)[["latent", "freq", "mean_act", "max_act", "n_fires", "family"]]
     labels = labels_for(path, run)
-    frame["label"] = frame["latent"].map(labels).fillna("")
+    frame["label"] = [labels.get(int(i), "") for i in frame["latent"]]
     return frame
 
 

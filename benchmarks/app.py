@@ -176,9 +176,11 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=1_000_000)
     parser.add_argument("--latents", type=int, default=16_384)
     parser.add_argument("--samples", type=int, default=200)
+    parser.add_argument("--sections", nargs="+", choices=("pages", "synthetic"), default=["pages", "synthetic"],
+                        help="pages: AppTest and browser timings on --workspace; synthetic: dashboard queries at scale")
     args = parser.parse_args()
 
-    if Path(args.workspace).exists():
+    if "pages" in args.sections and Path(args.workspace).exists():
         print(f"Page renders on {args.workspace} (run {args.run}); AppTest, seconds\n")
         print("| page | cold | warm (median of 5) | goal |")
         print("|---|---|---|---|")
@@ -197,8 +199,10 @@ def main() -> None:
         for name, sec in visits.items():
             print(f"| {name} | {sec:.2f} | < 1 s |")
         print()
-    else:
+    elif "pages" in args.sections:
         print(f"({args.workspace} not found: run `make demo-pipeline` for the page timings)\n")
+    if "synthetic" not in args.sections:
+        return
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "synthetic.duckdb"

@@ -162,12 +162,12 @@ def load_dir(path: str | Path) -> SAE:
         params, state = trees["params"], trees["state"]
         metrics = manifest.get("final_metrics", {})
     else:  # a training checkpoint: fold the input scale now
-        from sae.trainer import TrainConfig, Trainer, _state_part
+        from sae.trainer import TrainConfig, Trainer, state_part
 
         tc = TrainConfig(**manifest["config"]["train"])
         template = Trainer(cfg, tc, d).init_state(np.zeros((2, d), np.float32))
         trees, _ = ckpt.read_bundle(
-            path, {"params": template.params, "opt_state": template.opt_state, "state": _state_part(template)}
+            path, {"params": template.params, "opt_state": template.opt_state, "state": state_part(template)}
         )
         arch = arch_module(cfg.arch)
         params, state = arch.fold_scale(cfg, trees["params"], trees["state"]["arch_state"], float(manifest["scale"]))

@@ -165,7 +165,7 @@ def omp(w: jax.Array, x_c: jax.Array, vis: jax.Array, k: int) -> tuple[jax.Array
 
 def _topk_code(cfg: MaskedConfig, params: Params, x_in: jax.Array) -> tuple[jax.Array, jax.Array]:
     pre = jax.nn.relu(x_in @ params.W_enc + params.b_enc)
-    _, idx = jax.lax.top_k(jax.lax.stop_gradient(pre), cfg.k)
+    _, idx = common.top_k(jax.lax.stop_gradient(pre), cfg.k)  # sharded over latents under a model mesh
     vals = jax.nn.relu(gather_encode(x_in, params.W_enc, params.b_enc, idx, pre))
     return vals, idx
 

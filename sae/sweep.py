@@ -78,13 +78,13 @@ from sae.trainer import (
     Trainer,
     TrainResult,
     TrainState,
-    _check_batch,
-    _collect_sample,
-    _resample,
-    _state_part,
-    _zero_window,
+    check_batch,
+    collect_sample,
     config_record,
+    resample_dead,
     save_final,
+    state_part,
+    zero_window,
 )
 
 TOP_KEYS = ("workspace", "harvest", "name", "hook", "arch", "eval_tokens", "progress", "train", "defaults", "grid",
@@ -371,7 +371,7 @@ def train_lockstep(
             trainer = Trainer(m.sae_config, m.train_config, widths[m.hook])
             template = trainer.init_state(np.zeros((2, widths[m.hook]), np.float32))
             trees, _ = ckpt.read_bundle(
-                cdir, {"params": template.params, "opt_state": template.opt_state, "state": _state_part(template)}
+                cdir, {"params": template.params, "opt_state": template.opt_state, "state": state_part(template)}
             )
             states.append(template.replace(params=trees["params"], opt_state=trees["opt_state"], **trees["state"]))
             scales.append(float(manifest["scale"]))
@@ -379,7 +379,7 @@ def train_lockstep(
         samples: dict[str, np.ndarray] = {}
         for hook in hooks:
             want = max(m.train_config.init_sample_tokens for m in members if m.hook == hook)
-            samples[hook] = _collect_sample(batches[hook], want)
+            samples[hook] = collect_sample(batches[hook], want)
             widths[hook] = int(samples[hook].shape[1])
         for m in members:
             # the same sample, scale and init that `train` computes for this member on these batches
@@ -405,7 +405,7 @@ def train_lockstep(
     for g in groups:
         key = json.dumps([[_group_key(members[i]) for i in g.members], widths[g.hook]], sort_keys=True)
         if key not in _STEP_CACHE:
-            fn = g.trainer._step_impl
+            fn = g.trainer.step_impl
             _STEP_CACHE[key] = jax.jit(jax.vmap(fn, in_axes=(0, None, 0)) if g.vmapped else fn, donate_argnums=(0,))
         step_fns.append(_STEP_CACHE[key])
     hook_of = [hook_index[g.hook] for g in groups]
@@ -430,7 +430,7 @@ def train_lockstep(
                 meta = {"config": config_record(m.sae_config, m.train_config), "d": widths[m.hook], "scale": scales[i],
                         "rng": [int(v) for v in np.asarray(ts.rng)], "last_metrics": last_rows.get(m.name, {}),
                         "extra": {"sweep_state": str(state_path)}}
-                trees = {"params": ts.params, "opt_state": ts.opt_state, "state": _state_part(ts)}
+                trees = {"params": ts.params, "opt_state": ts.opt_state, "state": state_part(ts)}
                 path = ckpt.save_checkpoint(run_dirs[m.name], step, trees, meta, keep=m.train_config.keep_checkpoints)
                 if on_checkpoint is not None:
                     on_checkpoint(m.name, path, step)
@@ -447,7 +447,7 @@ def train_lockstep(
     t_last, steps_since = time.perf_counter(), 0
     step = start
     while step < total:
-        xs_host = {h: _check_batch(next(its[h]), tc0, widths[h]) for h in hooks}
+        xs_host = {h: check_batch(next(its[h]), tc0, widths[h]) for h in hooks}
         xs = tuple(jnp.asarray(xs_host[h]) for h in hooks)
         g_states = list(step_fn(tuple(g_states), xs, tuple(g_scales)))
         step += 1
@@ -456,7 +456,7 @@ def train_lockstep(
             due = getattr(g.trainer.arch, "resample_due", None)
             if not g.vmapped and due is not None and due(g.trainer.cfg, step, total):
                 i = g.members[0]
-                g_states[gi] = _resample(g.trainer, g_states[gi], xs_host[g.hook], scales[i],
+                g_states[gi] = resample_dead(g.trainer, g_states[gi], xs_host[g.hook], scales[i],
                                          members[i].train_config.seed + step)
         if step % tc0.log_every == 0 or step == total:
             jax.block_until_ready(g_states)
@@ -469,7 +469,7 @@ def train_lockstep(
                     last_rows[members[i].name] = row
                     if on_log is not None:
                         on_log(members[i].name, row)
-                win = _zero_window(g.trainer.cfg.n_latents)
+                win = zero_window(g.trainer.cfg.n_latents)
                 g_states[gi] = g_states[gi].replace(win=_stack([win] * len(g.members)) if g.vmapped else win)
             bar.set_postfix(fvu=f"{np.mean([r['fvu'] for r in last_rows.values()]):.4f}")
             t_last, steps_since = time.perf_counter(), 0

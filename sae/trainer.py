@@ -181,7 +181,8 @@ class TrainState:
     win: Any  # dict of metric accumulators since the last log row
 
 
-def _zero_window(n: int) -> dict[str, jax.Array]:
+def zero_window(n: int) -> dict[str, jax.Array]:
+    """Empty per-latent metric sums for the next logging window."""
     # separate buffers: the step donates its input and XLA refuses to donate one buffer twice
     out = {name: jnp.zeros((), jnp.float32) for name in ("tokens", "err", "var", "l0", "loss", "steps")}
     out["fires"] = jnp.zeros((n,), jnp.float32)
@@ -214,7 +215,8 @@ def config_record(cfg: Any, tc: TrainConfig) -> dict[str, Any]:
     return {"arch": cfg.arch, "sae": asdict(cfg), "train": train}
 
 
-def _collect_sample(batches: Callable[[int], Iterator[np.ndarray]], tokens: int) -> np.ndarray:
+def collect_sample(batches: Callable[[int], Iterator[np.ndarray]], tokens: int) -> np.ndarray:
+    """The first ``tokens`` rows of the stream, for initialisation (b_dec, input scale)."""
     out: list[np.ndarray] = []
     have = 0
     for b in batches(0):
@@ -262,7 +264,7 @@ class Trainer:
             sharding.check_divisible(self.mesh, tc.batch_size, cfg.n_latents)
         self._shardings: Any = None
         self._sharded_step: Any = None
-        self._step = jax.jit(self._step_impl, donate_argnums=(0,))
+        self._step = jax.jit(self.step_impl, donate_argnums=(0,))
 
     def place(self, ts: TrainState) -> TrainState:
         """Lay a train state (host or single-device arrays) out on the mesh; identity without one."""
@@ -275,7 +277,7 @@ class Trainer:
 
     def reset_window(self, ts: TrainState) -> TrainState:
         """``ts`` with zeroed metric accumulators (after a log row)."""
-        win = _zero_window(self.cfg.n_latents)
+        win = zero_window(self.cfg.n_latents)
         if self.mesh is not None:
             win = sharding.place(win, self._shardings.win)
         return ts.replace(win=win)
@@ -292,7 +294,7 @@ class Trainer:
             since_fired=jnp.zeros((n,), jnp.int32),
             step=jnp.zeros((), jnp.int32),
             rng=key,
-            win=_zero_window(n),
+            win=zero_window(n),
         )
         ts = jax.tree_util.tree_map(jnp.array, ts)  # no two leaves may share a (donated) buffer
         return self.place(ts)
@@ -309,7 +311,8 @@ class Trainer:
 
         return loss
 
-    def _step_impl(self, ts: TrainState, batch: jax.Array, scale: jax.Array) -> TrainState:
+    def step_impl(self, ts: TrainState, batch: jax.Array, scale: jax.Array) -> TrainState:
+        """One optimiser step, unjitted: the trainer jits it, the sweep vmaps it over members."""
         x = batch * scale
         dead = ts.since_fired >= self.window
         ctx = StepCtx(dead=dead, progress=ts.step.astype(jnp.float32) / max(1, self.tc.total_steps))
@@ -351,7 +354,7 @@ class Trainer:
             rep = jax.sharding.NamedSharding(self.mesh, sharding.REPLICATED)
             data = jax.sharding.NamedSharding(self.mesh, sharding.BATCH_SPEC)
             self._sharded_step = jax.jit(
-                self._step_impl, in_shardings=(self._shardings, data, rep), out_shardings=self._shardings,
+                self.step_impl, in_shardings=(self._shardings, data, rep), out_shardings=self._shardings,
                 donate_argnums=(0,),
             )
         x = sharding.put_batch(np.asarray(batch, np.float32), self.mesh, self.tc.batch_size)
@@ -377,7 +380,7 @@ class Trainer:
         }
 
 
-def _check_batch(batch: np.ndarray, tc: TrainConfig, d: int, rows: slice | None = None) -> np.ndarray:
+def check_batch(batch: np.ndarray, tc: TrainConfig, d: int, rows: slice | None = None) -> np.ndarray:
     """A float32 [batch_size, d] batch; with ``rows`` (several processes) this process's rows of it,
     cut here from a full batch or taken as given when the iterator already yields only them."""
     arr = np.asarray(batch, np.float32)
@@ -445,11 +448,11 @@ def train(
         trainer = Trainer(cfg, tc, d)
         template = trainer.init_state(np.zeros((2, d), np.float32))
         trees, _ = ckpt.read_bundle(
-            latest, {"params": template.params, "opt_state": template.opt_state, "state": _state_part(template)}
+            latest, {"params": template.params, "opt_state": template.opt_state, "state": state_part(template)}
         )
         ts = trainer.place(template.replace(params=trees["params"], opt_state=trees["opt_state"], **trees["state"]))
     else:
-        sample = _collect_sample(batches, tc.init_sample_tokens)
+        sample = collect_sample(batches, tc.init_sample_tokens)
         d = int(sample.shape[1])
         if hasattr(cfg, "validate"):
             cfg.validate(d)
@@ -459,7 +462,7 @@ def train(
 
     def save(ts: TrainState) -> Path | None:
         assert run_dir is not None
-        trees = {"params": ts.params, "opt_state": ts.opt_state, "state": _state_part(ts)}
+        trees = {"params": ts.params, "opt_state": ts.opt_state, "state": state_part(ts)}
         if trainer.mesh is not None:
             trees = sharding.to_host(trees)  # one layout on disk, whatever the mesh (collective)
         if not lead:
@@ -492,12 +495,12 @@ def train(
     it = local_batches(start, rows) if rows is not None and local_batches is not None else batches(start)
     step = start
     while step < total:
-        batch = _check_batch(next(it), tc, d, rows)
+        batch = check_batch(next(it), tc, d, rows)
         ts = trainer.step(ts, batch, scale)
         step += 1
         steps_since += 1
         if resample_due is not None and resample_due(cfg, step, total):
-            ts = _resample(trainer, ts, batch, scale, tc.seed + step)
+            ts = resample_dead(trainer, ts, batch, scale, tc.seed + step)
         if step % tc.log_every == 0 or step == total:
             jax.block_until_ready(ts.step)
             now = time.perf_counter()
@@ -536,7 +539,7 @@ def train(
     return result
 
 
-def _resample(trainer: Trainer, ts: TrainState, batch: np.ndarray, scale: float, seed: int) -> TrainState:
+def resample_dead(trainer: Trainer, ts: TrainState, batch: np.ndarray, scale: float, seed: int) -> TrainState:
     """The architecture's dead-latent resampling (host code) on the whole state and global batch."""
     cfg, arch = trainer.cfg, trainer.arch
     if trainer.mesh is None:
@@ -550,7 +553,8 @@ def _resample(trainer: Trainer, ts: TrainState, batch: np.ndarray, scale: float,
     return trainer.place(host.replace(params=params, opt_state=_reset_adam_moments(host.opt_state, mask)))
 
 
-def _state_part(ts: TrainState) -> dict[str, Any]:
+def state_part(ts: TrainState) -> dict[str, Any]:
+    """The non-parameter training state a checkpoint stores for an exact resume."""
     return {"arch_state": ts.arch_state, "since_fired": ts.since_fired, "step": ts.step, "rng": ts.rng, "win": ts.win}
 
 

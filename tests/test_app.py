@@ -82,6 +82,36 @@ def test_label_is_saved_in_the_workspace(demo_ws: Path) -> None:
     con.close()
 
 
+def test_latent_table_sorts_and_pages_on_the_server(demo_ws: Path) -> None:
+    from app.views.features import PAGE_ROWS
+
+    at = _app(demo_ws, "views/features.py", run="demo")
+    first = at.dataframe[0].value
+    assert len(first) == PAGE_ROWS and list(first["latent"]) == list(range(PAGE_ROWS))
+    at.selectbox(key="latent_sort").select("frequency, highest first")
+    at.number_input(key="latent_page").set_value(2)
+    at.run()
+    second = at.dataframe[0].value
+    con = duckdb.connect(str(demo_ws), read_only=True)
+    n = con.execute("SELECT count(*) FROM latent_stats WHERE run = 'demo'").fetchone()[0]
+    con.close()
+    assert len(second) == PAGE_ROWS and n > 2 * PAGE_ROWS
+    freqs = list(second["freq"])
+    assert freqs == sorted(freqs, reverse=True)  # sorted over all latents, then cut: page 2 starts below page 1
+    at.number_input(key="latent_page").set_value(1)
+    at.run()
+    assert min(at.dataframe[0].value["freq"]) >= max(freqs)
+    last = -(-n // PAGE_ROWS)
+    at.number_input(key="latent_page").set_value(last)
+    at.run()
+    assert len(at.dataframe[0].value) == n - (last - 1) * PAGE_ROWS
+    at.number_input(key="latent_min_freq").set_value(float(sorted(freqs)[len(freqs) // 2]))
+    at.run()  # the filter leaves fewer rows than the page started at: the page moves back to the last one
+    assert not at.exception, [e.value for e in at.exception]
+    left = at.dataframe[0].value
+    assert 0 < len(left) <= PAGE_ROWS and at.number_input(key="latent_page").value < last
+
+
 def test_search_text_goes_through_parameters_only(demo_ws: Path) -> None:
     at = _app(demo_ws, "views/features.py", run="demo")
     at.text_input(key="token_query").input("'; DROP TABLE tokens; --")

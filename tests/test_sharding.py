@@ -133,7 +133,7 @@ def _mesh_worker(part: str, out: Path, work: Path) -> None:
         r = train(_configs()["topk"], tc16, synthetic_batches, progress=False)
         trainer = Trainer(_configs()["topk"], tc16, D)
         ts = trainer.init_state(next(synthetic_batches(0)))
-        hlo = jax.jit(trainer._step_impl).lower(ts, jnp.zeros((BATCH, D)), jnp.float32(1.0)).as_text()
+        hlo = jax.jit(trainer.step_impl).lower(ts, jnp.zeros((BATCH, D)), jnp.float32(1.0)).as_text()
         res["bf16"] = {
             "loss": [h["loss"] for h in r.history],
             "param_dtypes": sorted({str(a.dtype) for a in jax.tree_util.tree_leaves(r.params)}),

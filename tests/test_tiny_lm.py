@@ -37,8 +37,8 @@ def test_shipped_files_are_small_and_described() -> None:
     assert sum(files.values()) <= 25 * 2**20
     manifest = json.loads((TINY_LM_DIR / "manifest.json").read_text())
     result = manifest["result"]
-    # The goal, val_ppl below the bigram baseline, is not reached yet (docs/tiny_lm.md); above unigram it is.
-    assert result["val_ppl"] < result["baselines"]["unigram"]["ppl"]
+    # Clearly below the bigram baseline on the same validation targets (docs/tiny_lm.md).
+    assert result["val_ppl"] < 0.8 * result["baselines"]["bigram"]["ppl"]
     assert result["baselines"]["bigram"]["ppl"] < result["baselines"]["unigram"]["ppl"]
     assert manifest["corpus"]["sources"][0]["source"] == "stdlib"
     assert resolve_model_source("tiny-lm") == str(TINY_LM_DIR)
@@ -130,3 +130,19 @@ def test_steering_moves_logits_along_the_stored_logit_effect(tiny_lm_ws: Path) -
         corrs.append(np.corrcoef(predicted, actual)[0, 1])
     # Later LayerNorms and blocks bend the direct path, but it must still dominate for most latents.
     assert np.median(corrs) > 0.3, corrs
+
+
+def test_loading_a_model_freezes_it_and_leaves_autograd_on() -> None:
+    """Loading a model must not switch autograd off for the whole process (notebooks train in it too)."""
+    import torch
+
+    from activations.models import load_model
+
+    model = load_model("tiny-lm")
+    assert torch.is_grad_enabled()
+    assert not any(p.requires_grad for p in model.parameters())
+    logits = model(torch.tensor([[0, 5, 9]]))
+    assert not logits.requires_grad  # frozen weights: no graph is recorded
+    w = torch.zeros(3, requires_grad=True)
+    (w * 2).sum().backward()
+    assert w.grad is not None

@@ -7,6 +7,17 @@ import streamlit as st
 from app import data
 from app.ui import DASHBOARD, analysed_run, guarded
 
+PAGE_ROWS = 100
+"""Rows the latent table sends to the browser at once; a 16k-row grid takes seconds to draw."""
+SORT_ORDERS = {
+    "latent id": ("latent", True),
+    "frequency, highest first": ("freq", False),
+    "frequency, lowest first": ("freq", True),
+    "max activation, highest first": ("max_act", False),
+    "mean activation, highest first": ("mean_act", False),
+}
+"""Sort choices -> (column, ascending); ties keep latent order."""
+
 
 @guarded
 def render() -> None:
@@ -42,7 +53,8 @@ def render() -> None:
 
     st.subheader(f"{len(table)} latents")
     c1, c2, c3 = st.columns(3)
-    min_freq = c1.number_input("Min firing frequency", value=0.0, min_value=0.0, max_value=1.0, format="%.5f")
+    min_freq = c1.number_input("Min firing frequency", value=0.0, min_value=0.0, max_value=1.0, format="%.5f",
+                               key="latent_min_freq")
     families = sorted(f for f in table["family"].dropna().unique())
     family = c2.selectbox("Family", ["any", *families])
     label_query = c3.text_input("Label contains")
@@ -51,14 +63,26 @@ def render() -> None:
         shown = shown[shown["family"] == family]
     if label_query:
         shown = shown[shown["label"].str.contains(label_query, case=False, regex=False)]
+
+    # Sorted and paged on the server: the browser draws PAGE_ROWS rows, not every latent.
+    c4, c5 = st.columns(2)
+    order = c4.selectbox("Sort by", list(SORT_ORDERS), key="latent_sort")
+    column, ascending = SORT_ORDERS[order]
+    shown = shown.sort_values([column, "latent"], ascending=[ascending, True], kind="stable")
+    n_pages = max(1, -(-len(shown) // PAGE_ROWS))
+    if st.session_state.get("latent_page", 1) > n_pages:  # the filters shrank the table under the page
+        st.session_state["latent_page"] = n_pages
+    page = int(c5.number_input(f"Page (of {n_pages})", min_value=1, max_value=n_pages, step=1, key="latent_page"))
+    window = shown.iloc[(page - 1) * PAGE_ROWS : page * PAGE_ROWS]
+    st.caption(f"{len(shown)} latents match; rows {min(len(shown), (page - 1) * PAGE_ROWS + 1)}"
+               f" to {(page - 1) * PAGE_ROWS + len(window)}. Select a row to open its dashboard.")
     event = st.dataframe(
-        shown, hide_index=True, on_select="rerun", selection_mode="single-row", key="latent_table",
+        window, hide_index=True, on_select="rerun", selection_mode="single-row", key="latent_table",
         column_config={"freq": st.column_config.NumberColumn(format="%.5f")},
     )
     rows = event.selection.rows if event else []
     if rows:
-        latent = int(shown.iloc[rows[0]]["latent"])
+        latent = int(window.iloc[rows[0]]["latent"])
         st.switch_page(DASHBOARD, query_params={"run": run, "latent": str(latent)})
-
 
 render()
