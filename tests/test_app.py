@@ -149,3 +149,18 @@ def test_concurrent_sessions_do_not_mix_forward_passes(demo_ws: Path) -> None:
     for tokens, codes in results:
         assert codes.shape[0] == len(tokens)
     assert len({len(tokens) for tokens, _ in results}) == len(texts)
+
+
+def test_pages_have_no_bare_strings_for_streamlit_magic_to_print() -> None:
+    """Streamlit's "magic" writes any bare string expression of a page script onto the page
+    (only the module docstring is exempt), so attribute docstrings there show up as stray text."""
+    import ast
+
+    for page in PAGES:
+        tree = ast.parse((Path(MAIN).parent / page).read_text())
+        stray = [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Expr)
+                 and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)
+                 and node is not tree.body[0]]
+        funcs = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)]
+        docstrings = {f.body[0].lineno for f in funcs if f.body and isinstance(f.body[0], ast.Expr)}
+        assert [line for line in stray if line not in docstrings] == [], page

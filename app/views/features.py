@@ -7,16 +7,15 @@ import streamlit as st
 from app import data
 from app.ui import DASHBOARD, analysed_run, guarded
 
-PAGE_ROWS = 100
-"""Rows the latent table sends to the browser at once; a 16k-row grid takes seconds to draw."""
-SORT_ORDERS = {
+# Plain comments, not attribute docstrings: Streamlit's "magic" would print a bare string on the page.
+PAGE_ROWS = 100  # rows the latent table sends to the browser at once
+SORT_ORDERS = {  # sort choice -> (column, ascending); ties keep latent order
     "latent id": ("latent", True),
     "frequency, highest first": ("freq", False),
     "frequency, lowest first": ("freq", True),
     "max activation, highest first": ("max_act", False),
     "mean activation, highest first": ("mean_act", False),
 }
-"""Sort choices -> (column, ascending); ties keep latent order."""
 
 
 @guarded
