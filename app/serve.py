@@ -9,6 +9,7 @@ in the process-wide ``st.cache_resource`` cache before the first user arrives.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import socket
@@ -59,6 +60,7 @@ def warm_up(path: str, run: str) -> float:
 
 _WARMED: set[tuple[str, str]] = set()
 _WARMED_LOCK = threading.Lock()
+_WARM_THREADS: list[threading.Thread] = []
 
 
 def start_warm_up(path: str) -> None:
@@ -81,7 +83,19 @@ def start_warm_up(path: str) -> None:
                 seconds = warm_up(path, run)
                 print(f"{READY_MARK} {run!r} ({seconds:.1f} s)", file=sys.stderr, flush=True)
 
-    threading.Thread(target=work, name="saewb-warm-up", daemon=True).start()
+    thread = threading.Thread(target=work, name="saewb-warm-up", daemon=True)
+    _WARM_THREADS.append(thread)
+    thread.start()
+
+
+def _join_warm_ups(timeout_s: float = 120.0) -> None:
+    """At exit, let a running warm-up finish: a daemon thread killed inside torch or XLA aborts
+    the interpreter (exit status 134), e.g. a short pytest run that opened the Runs page."""
+    for thread in _WARM_THREADS:
+        thread.join(timeout_s)
+
+
+atexit.register(_join_warm_ups)
 
 
 def free_port() -> int:

@@ -60,6 +60,11 @@ def analysed_run(path: str) -> tuple[str, str]:
     return run, analysed[run]
 
 
+def shown_token(token: str) -> str:
+    """A token as a table cell: quoted and escaped, so whitespace tokens (`\\n   `, ` `) stay visible."""
+    return repr(token)
+
+
 def highlight(tokens: list[str], acts: list[float], scale: float, center: int | None = None) -> str:
     """Tokens as HTML spans shaded by activation, the value in a hover title."""
     spans = []

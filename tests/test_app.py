@@ -164,3 +164,16 @@ def test_pages_have_no_bare_strings_for_streamlit_magic_to_print() -> None:
         funcs = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)]
         docstrings = {f.body[0].lineno for f in funcs if f.body and isinstance(f.body[0], ast.Expr)}
         assert [line for line in stray if line not in docstrings] == [], page
+
+
+def test_next_token_tables_keep_whitespace_tokens_visible(tiny_lm_ws: Path) -> None:
+    """The LM's likeliest next tokens after `def parse(text):` are newlines and indents; shown raw,
+    their cells would look empty, so every token is shown quoted and escaped."""
+    at = _app(tiny_lm_ws, "views/interventions.py", run="lm", latents="7", edit="steer", coeff="40", tokens="4")
+    at.button(key="iv_run").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    clean, edited = at.dataframe[0].value, at.dataframe[1].value
+    for frame in (clean, edited):
+        cells = list(frame["next token"])
+        assert len(cells) == 10 and all(c[0] in "'\"" and c[-1] == c[0] for c in cells), cells
+    assert any("\\n" in c for c in clean["next token"])  # a newline token is spelt out, not blank

@@ -7,7 +7,7 @@ import pandas as pd
 import streamlit as st
 
 from app import data
-from app.ui import analysed_run, guarded, highlight, latent_links
+from app.ui import analysed_run, guarded, highlight, latent_links, shown_token
 
 
 @guarded
@@ -65,8 +65,8 @@ def render() -> None:
             st.bar_chart(pd.DataFrame({"activation": np.round(edges[:-1], 3), "density": density}), x="activation", y="density", height=220)
         if s.get("logit_pos_tokens"):
             st.subheader("Logit effect")
-            pos = pd.DataFrame({"token": s["logit_pos_tokens"], "logit": s["logit_pos"]})
-            neg = pd.DataFrame({"token": s["logit_neg_tokens"], "logit": s["logit_neg"]})
+            pos = pd.DataFrame({"token": [shown_token(t) for t in s["logit_pos_tokens"]], "logit": s["logit_pos"]})
+            neg = pd.DataFrame({"token": [shown_token(t) for t in s["logit_neg_tokens"]], "logit": s["logit_neg"]})
             a, b = st.columns(2)
             a.caption("promoted")
             a.dataframe(pos, hide_index=True)

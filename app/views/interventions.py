@@ -9,7 +9,7 @@ import pandas as pd
 import streamlit as st
 
 from app import data
-from app.ui import guarded, trained_run
+from app.ui import guarded, shown_token, trained_run
 
 EDITS = ("steer", "ablate", "clamp", "scale")
 
@@ -66,10 +66,10 @@ def render() -> None:
             r = intervene_lm(model, ctx, prompt, iv, max_new_tokens=new_tokens, seed=0)
         a, b = st.columns(2)
         a.subheader("Clean")
-        a.dataframe(pd.DataFrame(r.top_clean, columns=["next token", "p"]), hide_index=True)
+        a.dataframe(_next_tokens(r.top_clean), hide_index=True)
         a.code(prompt + r.generated_clean)
         b.subheader("Edited")
-        b.dataframe(pd.DataFrame(r.top_edited, columns=["next token", "p"]), hide_index=True)
+        b.dataframe(_next_tokens(r.top_edited), hide_index=True)
         b.code(prompt + r.generated_edited)
         if new_tokens:
             same = r.generated_clean == r.generated_edited
@@ -86,6 +86,10 @@ def render() -> None:
         frame["rank_edited"] = frame["sim_edited"].rank(ascending=False).astype(int)
         st.subheader("Semantic search, before and after the edit")
         st.dataframe(frame.sort_values("sim_edited", ascending=False), hide_index=True, key="iv_result")
+
+
+def _next_tokens(top: list[tuple[str, float]]) -> pd.DataFrame:
+    return pd.DataFrame([(shown_token(t), p) for t, p in top], columns=["next token", "p"])
 
 
 render()
