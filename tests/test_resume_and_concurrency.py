@@ -85,17 +85,19 @@ import sys, time, json
 from saewb.workspace import Workspace
 from activations.stream import ActivationStream
 ws = Workspace(sys.argv[1])
-seen, streamed, t_end = [], 0, time.monotonic() + float(sys.argv[2])
-while time.monotonic() < t_end:
+seen, streamed, status, t_end = [], 0, None, time.monotonic() + float(sys.argv[2])
+print("polling", flush=True)
+while status != "complete" and time.monotonic() < t_end:  # read until the writer is done
     if ws.exists() and ws.table_exists("harvest_hooks"):
         with ws.read() as con:
-            row = con.execute("SELECT n_tokens FROM harvests").fetchone()
+            row = con.execute("SELECT n_tokens, status FROM harvests").fetchone()
         if row and row[0] > 0:
             seen.append(row[0])
+            status = row[1]
             s = ActivationStream(ws, "blocks.1.hook_out", batch_size=256, split="all")
             streamed = max(streamed, sum(len(b) for b in s.epoch()))
-    time.sleep(0.05)
-print(json.dumps({"seen": seen, "streamed": streamed}))
+    time.sleep(0.02)
+print(json.dumps({"seen": seen, "streamed": streamed, "status": status}))
 """
 
 
@@ -103,11 +105,21 @@ def test_reader_and_writer_processes_never_block_each_other(tmp_path: Path) -> N
     import json
 
     ws = tmp_path / "shared.duckdb"
-    writer = _start(ws)
-    reader = subprocess.run([sys.executable, "-c", READER, str(ws), "25"], capture_output=True, text=True, timeout=300)
-    assert reader.returncode == 0, reader.stderr
-    report = json.loads(reader.stdout.strip().splitlines()[-1])
+    # The reader polls before the writer starts and until it finishes, and the writer makes many
+    # small commits, so the reader sees several of them land however fast the machine is.
+    reader = subprocess.Popen([sys.executable, "-c", READER, str(ws), "300"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    assert reader.stdout is not None and reader.stdout.readline().strip() == "polling"
+    writer = subprocess.Popen(
+        [sys.executable, "-m", "saewb.cli", *HARVEST_ARGS, "--workspace", str(ws), "--max-tokens", "40000",
+         "--commit-tokens", "1000"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    out, err = reader.communicate(timeout=360)
+    assert reader.returncode == 0, err
+    report = json.loads(out.strip().splitlines()[-1])
     assert writer.wait(timeout=600) == 0, writer.stderr.read() if writer.stderr else ""
+    assert report["status"] == "complete"
     seen = report["seen"]
     assert len(seen) >= 5 and len(set(seen)) >= 2  # the reader kept reading and saw new commits land
     assert seen == sorted(seen)
