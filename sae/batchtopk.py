@@ -185,8 +185,7 @@ def encode_threshold(cfg: BatchTopKConfig, params: Params, state: State, x: jax.
 
     def by_topk() -> jax.Array:
         _, idx = common.top_k(score, cfg.k)
-        rows = jnp.arange(x.shape[0])[:, None]
-        return jnp.zeros_like(pre).at[rows, idx].set(jnp.take_along_axis(pre, idx, axis=1))
+        return common.dense_codes(jnp.take_along_axis(pre, idx, axis=1), idx, pre.shape[1])
 
     return jax.lax.cond(state.count > 0, by_threshold, by_topk)
 

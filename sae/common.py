@@ -94,6 +94,12 @@ def estimate_input_scale(sample: np.ndarray, target: str, d: int) -> float:
     raise ValueError(f"unknown input scaling target {target!r}; use sq_norm_d, norm_sqrt_d, unit or none")
 
 
+def dense_codes(vals: jax.Array, idx: jax.Array, n: int) -> jax.Array:
+    """[B, n] codes from a sparse code: values [B, k] at latent indices [B, k] (distinct per row)."""
+    rows = jnp.arange(vals.shape[0])[:, None]
+    return jnp.zeros((vals.shape[0], n), vals.dtype).at[rows, idx].add(vals)
+
+
 def random_unit_rows(key: jax.Array, n: int, d: int, norm: float = 1.0) -> jax.Array:
     """n random directions in R^d, each of Euclidean norm ``norm``."""
     w = jax.random.normal(key, (n, d), dtype=jnp.float32)

@@ -180,8 +180,7 @@ def encode_sparse(cfg: MaskedConfig, params: Params, x: jax.Array) -> tuple[jax.
 
 def encode(cfg: MaskedConfig, params: Params, state: State, x: jax.Array) -> jax.Array:
     vals, idx = encode_sparse(cfg, params, x)
-    rows = jnp.arange(x.shape[0])[:, None]
-    return jnp.zeros((x.shape[0], params.W_dec.shape[0]), x.dtype).at[rows, idx].add(vals)
+    return common.dense_codes(vals, idx, params.W_dec.shape[0])
 
 
 def decode(cfg: MaskedConfig, params: Params, f: jax.Array) -> jax.Array:

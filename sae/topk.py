@@ -128,8 +128,7 @@ def encode_sparse(cfg: TopKConfig, params: Params, x: jax.Array, k: int | None =
 
 def encode(cfg: TopKConfig, params: Params, state: State, x: jax.Array, k: int | None = None) -> jax.Array:
     vals, idx = encode_sparse(cfg, params, x, k)
-    rows = jnp.arange(x.shape[0])[:, None]
-    return jnp.zeros((x.shape[0], params.W_enc.shape[1]), x.dtype).at[rows, idx].set(vals)
+    return common.dense_codes(vals, idx, params.W_enc.shape[1])
 
 
 def decode(cfg: TopKConfig, params: Params, f: jax.Array) -> jax.Array:
