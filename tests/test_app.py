@@ -177,3 +177,28 @@ def test_next_token_tables_keep_whitespace_tokens_visible(tiny_lm_ws: Path) -> N
         cells = list(frame["next token"])
         assert len(cells) == 10 and all(c[0] in "'\"" and c[-1] == c[0] for c in cells), cells
     assert any("\\n" in c for c in clean["next token"])  # a newline token is spelt out, not blank
+
+
+def test_dashboard_histogram_and_logit_tables_show_the_stored_stats(tiny_lm_ws: Path) -> None:
+    """The dashboard draws the stored histogram (one bar per bin, tallest at the modal bin) and the
+    stored logit effects, as plain HTML."""
+    import html as html_lib
+    import re
+
+    import numpy as np
+
+    from analysis import tables
+    from saewb.workspace import Workspace
+
+    ws = Workspace(tiny_lm_ws)
+    busiest = max(tables.latent_summary(ws, "lm"), key=lambda r: r["n_fires"])["latent"]
+    summary = tables.dashboard(ws, "lm", busiest)["summary"]
+    at = _app(tiny_lm_ws, "views/dashboard.py", run="lm", latent=str(busiest))
+    page = "".join(h.proto.body for h in at.get("html"))
+    heights = [float(h) for h in re.findall(r'density [^"]*" style="flex:1;height:([\d.]+)%', page)]
+    assert len(heights) == len(summary["hist"]) and max(heights) == 100.0
+    assert heights.index(100.0) == int(np.argmax(summary["hist"]))
+    cells = re.findall(r"<td>([^<]*)</td>", page)
+    assert summary["logit_pos_tokens"] and summary["logit_neg_tokens"]
+    for token in (*summary["logit_pos_tokens"], *summary["logit_neg_tokens"]):
+        assert html_lib.escape(repr(token)) in cells, token

@@ -7,7 +7,7 @@ import pandas as pd
 import streamlit as st
 
 from app import data
-from app.ui import analysed_run, guarded, highlight, latent_links, shown_token
+from app.ui import analysed_run, guarded, highlight, histogram, html_table, latent_links, shown_token
 
 
 @guarded
@@ -46,32 +46,32 @@ def render() -> None:
         if not board["top"]:
             st.caption("This latent never fired on the analysed tokens.")
         scale = float(s["max_act"] or 1.0)
-        for ctx in board["top"]:
-            st.html(f"<small>{ctx.value:.3f} · doc {ctx.doc_id}</small>" + highlight(ctx.tokens, ctx.acts, scale, ctx.center))
+        # one element for all contexts: each element costs the browser a mount
+        st.html("".join(f'<div style="margin-bottom:0.5rem"><small>{ctx.value:.3f} · doc {ctx.doc_id}</small>'
+                        f"{highlight(ctx.tokens, ctx.acts, scale, ctx.center)}</div>" for ctx in board["top"]))
         if board["bands"]:
             st.subheader("Samples by activation quantile band")
             ranges = {b: (lo, hi) for b, lo, hi in board["band_ranges"]}
             for band in sorted({c.band for c in board["bands"]}, reverse=True):
                 lo, hi = ranges.get(band, (0.0, 0.0))
                 with st.expander(f"band {band}: {lo:.3f} to {hi:.3f}"):
-                    for ctx in (c for c in board["bands"] if c.band == band):
-                        st.html(highlight(ctx.tokens, ctx.acts, scale, ctx.center))
+                    st.html("".join(highlight(c.tokens, c.acts, scale, c.center) for c in board["bands"] if c.band == band))
     with right:
         st.subheader("Activation histogram")
         hist = np.asarray(s["hist"] or [], dtype=float)
         if hist.size:
             edges = np.linspace(0, scale, hist.size + 1)
             density = hist / max(hist.sum() * (edges[1] - edges[0]), 1e-12)
-            st.bar_chart(pd.DataFrame({"activation": np.round(edges[:-1], 3), "density": density}), x="activation", y="density", height=220)
+            st.html(histogram(density, edges))
         if s.get("logit_pos_tokens"):
             st.subheader("Logit effect")
             pos = pd.DataFrame({"token": [shown_token(t) for t in s["logit_pos_tokens"]], "logit": s["logit_pos"]})
             neg = pd.DataFrame({"token": [shown_token(t) for t in s["logit_neg_tokens"]], "logit": s["logit_neg"]})
             a, b = st.columns(2)
             a.caption("promoted")
-            a.dataframe(pos, hide_index=True)
+            a.html(html_table(pos, formats={"logit": ".3f"}))
             b.caption("suppressed")
-            b.dataframe(neg, hide_index=True)
+            b.html(html_table(neg, formats={"logit": ".3f"}))
         st.subheader("Nearest latents (decoder cosine)")
         latent_links(run, board["neighbors"][:8], lambda v: f"cos {v:.3f}", "nb")
         st.subheader("Co-occurring latents")
@@ -79,7 +79,7 @@ def render() -> None:
         st.subheader("Family")
         fam = board["family"]
         if fam:
-            st.dataframe(pd.DataFrame(fam), hide_index=True)
+            st.html(html_table(pd.DataFrame(fam), {"weight": ".3f"}))
         else:
             st.caption("not part of a family")
 

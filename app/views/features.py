@@ -23,6 +23,11 @@ def render() -> None:
     st.title("Features")
     path = str(data.workspace().path)
     run, version = analysed_run(path)
+    # A row selected in the table: open its dashboard before drawing anything (the page would be thrown away)
+    picked = st.session_state.get("latent_table", {}).get("selection", {}).get("rows", [])
+    shown_latents = st.session_state.get("latent_window", [])
+    if picked and picked[0] < len(shown_latents):
+        st.switch_page(DASHBOARD, query_params={"run": run, "latent": str(shown_latents[picked[0]])})
     table = data.latent_table(path, run, version)
 
     by_id, by_token, by_text = st.tabs(["By latent id", "By token", "By text"])
@@ -75,13 +80,11 @@ def render() -> None:
     window = shown.iloc[(page - 1) * PAGE_ROWS : page * PAGE_ROWS]
     st.caption(f"{len(shown)} latents match; rows {min(len(shown), (page - 1) * PAGE_ROWS + 1)}"
                f" to {(page - 1) * PAGE_ROWS + len(window)}. Select a row to open its dashboard.")
-    event = st.dataframe(
+    st.session_state["latent_window"] = [int(j) for j in window["latent"]]  # what the table's rows are
+    st.dataframe(
         window, hide_index=True, on_select="rerun", selection_mode="single-row", key="latent_table",
         column_config={"freq": st.column_config.NumberColumn(format="%.5f")},
     )
-    rows = event.selection.rows if event else []
-    if rows:
-        latent = int(window.iloc[rows[0]]["latent"])
-        st.switch_page(DASHBOARD, query_params={"run": run, "latent": str(latent)})
+
 
 render()
