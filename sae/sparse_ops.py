@@ -167,3 +167,48 @@ def _encode_data_bwd(res, g: jax.Array):
 
 
 _gather_encode_data.defvjp(_encode_data_fwd, _encode_data_bwd)
+
+
+@jax.custom_vjp
+def prefix_errors(x_c: jax.Array, vals: jax.Array, idx: jax.Array, w_dec: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Errors of every prefix of a sparse code, one row gather per pick (HierarchicalTopK's loss).
+
+    With r_j = x_c − Σ_{i≤j} vals[:, i] · w_dec[idx[:, i]]: returns ([K] Σ_tokens ‖r_j‖² for j = 1..K,
+    r_K [B, d]). Memory O(B·d): the [B, K, d] block of prefix reconstructions is never formed. The
+    backward walks the picks from last to first, rebuilding r_{j-1} = r_j + v_j·w_j and accumulating
+    Q_j = Σ_{i≥j} ∂L/∂r_i; then dv_j = −Q_j·w_j, dW_dec[idx_j] −= v_j·Q_j and dx_c = Q_1.
+    """
+    return _prefix_errors_fwd(x_c, vals, idx, w_dec)[0]
+
+
+def _prefix_errors_fwd(x_c: jax.Array, vals: jax.Array, idx: jax.Array, w_dec: jax.Array):
+    def body(j: jax.Array, carry: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        r, errs = carry
+        r = r - _column(vals, j, keepdims=True) * _rows(w_dec, _column(idx, j))
+        return r, errs.at[j].set(jnp.sum(jnp.square(r.astype(jnp.float32))))
+
+    r, errs = jax.lax.fori_loop(0, idx.shape[1], body, (x_c, jnp.zeros((idx.shape[1],), jnp.float32)))
+    return (errs, r), (vals, idx, w_dec, r)
+
+
+def _prefix_errors_bwd(res, cot: tuple[jax.Array, jax.Array]):
+    vals, idx, w_dec, r_last = res
+    g_errs, g_r = cot
+    kk = idx.shape[1]
+
+    def body(t: jax.Array, carry):
+        r, q, dv, dw = carry  # r = r_j, q = Q_{j+1}
+        j = kk - 1 - t
+        q = q + (2.0 * g_errs[j]).astype(q.dtype) * r
+        row = _rows(w_dec, _column(idx, j))
+        v = _column(vals, j, keepdims=True)
+        dv = jax.lax.dynamic_update_index_in_dim(dv, -jnp.sum(q * row, axis=1).astype(dv.dtype), j, axis=1)
+        dw = dw.at[_column(idx, j)].add(-(v * q).astype(dw.dtype), mode="promise_in_bounds")
+        return r + v * row, q, dv, dw
+
+    init = (r_last, g_r.astype(r_last.dtype), jnp.zeros_like(vals), jnp.zeros_like(w_dec))
+    _, q, dv, dw = jax.lax.fori_loop(0, kk, body, init)
+    return q, dv, None, dw
+
+
+prefix_errors.defvjp(_prefix_errors_fwd, _prefix_errors_bwd)
