@@ -66,6 +66,10 @@ def test_dashboard_shows_contexts_and_rejects_unknown_latents(demo_ws: Path) -> 
     assert f"Latent {busiest}" in at.title[0].value
     html = "".join(h.proto.body for h in at.get("html"))
     assert 'class="tok"' in html  # highlighted context tokens with hover values
+    dead = [r["latent"] for r in stats if r["n_fires"] == 0]
+    assert dead, "the demo fixture has no latent that never fired: the dead-latent dashboard goes untested"
+    never = _app(demo_ws, "views/dashboard.py", run="demo", latent=str(dead[0]))  # _app asserts no exception
+    assert "never fired" in _text(never) and "Nearest latents (decoder cosine)" in _text(never)
     bad = _app(demo_ws, "views/dashboard.py", run="demo", latent="999999")
     assert "does not exist" in _text(bad)
     words = _app(demo_ws, "views/dashboard.py", run="demo", latent="seven")

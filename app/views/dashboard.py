@@ -43,12 +43,12 @@ def render() -> None:
     left, right = st.columns([3, 2])
     with left:
         st.subheader("Top activating contexts")
+        scale = float(s["max_act"] or 1.0)
         if not board["top"]:
             st.caption("This latent never fired on the analysed tokens.")
-        scale = float(s["max_act"] or 1.0)
-        # one element for all contexts: each element costs the browser a mount
-        st.html("".join(f'<div style="margin-bottom:0.5rem"><small>{ctx.value:.3f} · doc {ctx.doc_id}</small>'
-                        f"{highlight(ctx.tokens, ctx.acts, scale, ctx.center)}</div>" for ctx in board["top"]))
+        else:  # one element for all contexts: each element costs the browser a mount
+            st.html("".join(f'<div style="margin-bottom:0.5rem"><small>{ctx.value:.3f} · doc {ctx.doc_id}</small>'
+                            f"{highlight(ctx.tokens, ctx.acts, scale, ctx.center)}</div>" for ctx in board["top"]))
         if board["bands"]:
             st.subheader("Samples by activation quantile band")
             ranges = {b: (lo, hi) for b, lo, hi in board["band_ranges"]}
