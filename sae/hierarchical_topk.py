@@ -11,7 +11,8 @@ so the top-j prefix of the code is trained to be a good j-sparse code for every 
 Memory: the prefix errors come from ``sparse_ops.prefix_errors``, a loop over the K picks with a
 hand-written backward, so no [B, K, d] block of prefix reconstructions is ever formed (O(chunk·d) per
 chunk of ``chunk_size`` tokens under ``lax.map``). Against autodiff through a gathered, chunked
-[chunk, K, d] cumsum it is 3.8× faster per gradient step (n = 512, K = 64, B = 1024, CPU).
+[chunk, K, d] cumsum it is 3.8× faster per gradient step (n = 512, K = 64, B = 1024, CPU), and a 2M-token
+run took 161 s instead of 676 s with the same held-out FVU to 4 decimals.
 
 Deviations [adapt]: "score" order is TopK's (pre·‖W_dec,i‖ with the free decoder, i.e. by the
 norm of each latent's contribution; with the unit decoder, by value); AuxK on the residual of x̂_K
