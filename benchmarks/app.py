@@ -144,7 +144,7 @@ def browser_times(workspace: Path, run: str) -> tuple[dict[str, float], dict[str
     """(timings of the server start, seconds per page) in the real server and a real browser.
 
     Pages are opened as a user does, from the sidebar of one open tab; the first round is each
-    page's first visit after the start-up warm-up, the median of three more rounds is the warm time.
+    page's first visit after the start-up warm-up, the median of the other rounds is the warm time.
     The page is checked on every animation frame: Playwright's own waits poll at 0.1 s then 0.5 s
     steps, which rounded a 0.3 s page up to 0.8 s.
     """

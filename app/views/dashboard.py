@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
+from analysis.tables import hist_edges
 from app import data
 from app.ui import analysed_run, guarded, highlight, histogram, html_table, latent_links, shown_token
 
@@ -60,7 +61,7 @@ def render() -> None:
         st.subheader("Activation histogram")
         hist = np.asarray(s["hist"] or [], dtype=float)
         if hist.size:
-            edges = np.linspace(0, scale, hist.size + 1)
+            edges = hist_edges(scale, hist.size)
             density = hist / max(hist.sum() * (edges[1] - edges[0]), 1e-12)
             st.html(histogram(density, edges))
         if s.get("logit_pos_tokens"):
