@@ -6,15 +6,19 @@ locks out read-only opens. So no process ever holds a connection for long:
 * writers open, write one bounded transaction (one chunk of a harvest, one batch of metrics),
   commit and close;
 * readers open read-only, run their queries, and close;
-* both retry with backoff while another process holds the lock.
+* both retry with backoff while another process holds the lock;
+* a process that had to wait says so in a waiting room (a shared `flock` on a sidecar file), and
+  a process about to open lets those already waiting go first.
 
-Every hold is short (well under a second for the chunk sizes used here), so a reader waits at
-most one writer transaction and a writer at most one read. Neither ever blocks the other for
-the length of a job.
+Every hold is short (well under a second for the chunk sizes used here). Without the waiting room a
+harvest whose writer thread commits back to back re-opens the file the instant it closes it, and a
+polling reader can miss every gap for the whole job. With it a reader waits at most about one writer
+transaction and a writer at most one read, so neither blocks the other for the length of a job.
 """
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from collections.abc import Iterator
@@ -25,6 +29,60 @@ import duckdb
 
 LOCK_TIMEOUT_S = 60.0
 """How long an open waits for another process's lock before giving up."""
+
+YIELD_S = 1.0
+"""The longest an open stands aside for processes already in the waiting room."""
+
+WAITING_POLL_S = 0.02
+"""The longest a waiting process sleeps between tries, so a writer standing aside is soon free."""
+
+try:
+    import fcntl
+except ImportError:  # Windows: no waiting room, plain retries
+    fcntl = None  # type: ignore[assignment]
+
+
+class _WaitingRoom:
+    """Who is waiting for the workspace: each waiter holds a shared flock on a sidecar file.
+
+    The kernel drops a dead process's flock, so a killed waiter never leaves a stale entry.
+    """
+
+    def __init__(self, db_path: Path) -> None:
+        self.path = db_path.parent / f".{db_path.name}.waiting"
+
+    def _fd(self) -> int | None:
+        if fcntl is None:
+            return None
+        for flags in (os.O_RDWR | os.O_CREAT, os.O_RDONLY):  # a read-only directory still works if it exists
+            try:
+                return os.open(self.path, flags, 0o666)
+            except OSError:
+                continue
+        return None
+
+    def occupied(self) -> bool:
+        fd = self._fd()
+        if fd is None:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        finally:
+            os.close(fd)  # closing drops the probe's lock too
+        return False
+
+    def enter(self) -> int | None:
+        fd = self._fd()
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        return fd
+
+    @staticmethod
+    def leave(fd: int | None) -> None:
+        if fd is not None:
+            os.close(fd)
 
 
 class WorkspaceBusyError(RuntimeError):
@@ -63,13 +121,22 @@ class Workspace:
             raise WorkspaceNotFoundError(
                 f"workspace {self.path} does not exist; create it with `saewb harvest --workspace {self.path} ...`"
             )
+        room = _WaitingRoom(self.path)
+        stand_aside_until = time.monotonic() + YIELD_S
+        while room.occupied() and time.monotonic() < stand_aside_until:
+            time.sleep(0.002)
         deadline = time.monotonic() + self.lock_timeout_s
-        delay = 0.005
+        delay, waiting = 0.005, None
         while True:
             try:
-                return duckdb.connect(str(self.path), read_only=read_only, config=config or {})
+                con = duckdb.connect(str(self.path), read_only=read_only, config=config or {})
+                room.leave(waiting)
+                return con
             except duckdb.Error as err:  # IOException / ConnectionException on lock conflicts
+                if waiting is None and _is_lock_conflict(err):
+                    waiting = room.enter()
                 if not _is_lock_conflict(err) or time.monotonic() > deadline:
+                    room.leave(waiting)
                     if _is_lock_conflict(err):
                         raise WorkspaceBusyError(
                             f"workspace {self.path} stayed locked by another process for "
@@ -78,7 +145,7 @@ class Workspace:
                         ) from err
                     raise
                 time.sleep(delay * (0.5 + random.random()))
-                delay = min(delay * 2, 0.2)
+                delay = min(delay * 2, WAITING_POLL_S)
 
     @contextmanager
     def read(self, memory_limit: str | None = None) -> Iterator[duckdb.DuckDBPyConnection]:

@@ -52,7 +52,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path: Path) -> None:
     killed = tmp_path / "killed.duckdb"
     proc = _start(killed)
     deadline = time.monotonic() + 300
-    while _committed(killed) < 3000:  # at least two commits in, then kill mid-flight
+    while _committed(killed) < 1500:  # a commit is in; kill mid-flight, five commits before the end
         assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
         assert time.monotonic() < deadline
         time.sleep(0.2)
@@ -125,3 +125,70 @@ def test_reader_and_writer_processes_never_block_each_other(tmp_path: Path) -> N
     assert seen == sorted(seen)
     assert report["streamed"] > 0
     assert harvest_info(ws).n_tokens >= 8000  # the writer finished despite the reader
+
+
+BACK_TO_BACK_WRITER = r"""
+import sys, time, numpy as np, pyarrow as pa
+from saewb.workspace import Workspace
+ws = Workspace(sys.argv[1])
+with ws.write() as con:
+    con.execute("CREATE TABLE t (i BIGINT, x FLOAT[64])")
+    con.execute("CREATE TABLE c (n BIGINT)")
+    con.execute("INSERT INTO c VALUES (0)")
+print("ready", flush=True)
+sys.stdin.readline()
+x = pa.FixedSizeListArray.from_arrays(pa.array(np.random.rand(500 * 64).astype(np.float32)), 64)
+n, t_end = 0, time.monotonic() + float(sys.argv[2])
+while time.monotonic() < t_end:  # re-opens the instant it closes, like a harvest's writer thread
+    with ws.write() as con:
+        rows = pa.table({"i": np.arange(500) + 500 * n, "x": x})
+        con.execute("INSERT INTO t SELECT * FROM rows")
+        n += 1
+        con.execute("UPDATE c SET n = ?", [n])
+print(n, flush=True)
+"""
+
+POLLING_READER = r"""
+import sys, time, json
+from saewb.workspace import Workspace
+ws = Workspace(sys.argv[1])
+
+def poll(seconds):
+    seen, t_end = [], time.monotonic() + seconds
+    while time.monotonic() < t_end:
+        with ws.read() as con:
+            seen.append(con.execute("SELECT n FROM c").fetchone()[0])
+        time.sleep(0.05)
+    return seen
+
+print(len(poll(1.5)), flush=True)  # alone: how often this machine lets it read
+print(json.dumps(poll(4.0)))  # beside the writer
+"""
+
+
+def test_a_reader_gets_in_between_back_to_back_commits(tmp_path: Path) -> None:
+    """A writer that re-opens as soon as it closes must not starve a polling reader."""
+    import json
+
+    ws = tmp_path / "busy.duckdb"
+    writer = subprocess.Popen([sys.executable, "-c", BACK_TO_BACK_WRITER, str(ws), "6"], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert writer.stdout is not None and writer.stdin is not None
+    assert writer.stdout.readline().strip() == "ready", writer.stderr
+    reader = subprocess.Popen([sys.executable, "-c", POLLING_READER, str(ws)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    assert reader.stdout is not None
+    alone = int(reader.stdout.readline())
+    writer.stdin.write("go\n")
+    writer.stdin.flush()
+    out, err = reader.communicate(timeout=120)
+    assert reader.returncode == 0, err
+    w_out, w_err = writer.communicate(timeout=120)
+    assert writer.returncode == 0, w_err
+    seen, commits = json.loads(out), int(w_out.strip())
+    assert seen == sorted(seen)
+    assert commits > 20 and seen[-1] - seen[0] > 10, (commits, seen)  # the writer was busy throughout
+    # Beside the writer the reader keeps most of its pace (it waits about one commit per read).
+    # Measured: 0.8 of its pace; without the waiting room, 0.3.
+    rate_alone, rate_beside = alone / 1.5, len(seen) / 4.0
+    assert rate_beside >= 0.65 * rate_alone, (rate_alone, rate_beside, seen)
