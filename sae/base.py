@@ -11,7 +11,10 @@ An architecture is a module exposing pure functions over explicit pytrees:
 * ``project_grads(cfg, params, grads)`` and ``constrain(cfg, params)`` (unit-norm machinery);
 * ``fold_scale(cfg, params, state, s) -> (params, state)``: inference form taking raw activations;
 * ``input_scale_target(cfg) -> str`` (see ``common.estimate_input_scale``);
-* ``partition_specs(cfg) -> Params`` of PartitionSpecs.
+* ``partition_specs(cfg) -> Params`` of PartitionSpecs;
+* optionally ``SKIPS_AUX_WITHOUT_DEAD = True`` when ``loss`` reads ``ctx.dead`` only for AuxK (through
+  ``common.auxk_loss``): the trainer then checks before each step whether any latent is dead and,
+  when none is, passes ``dead=None`` so the step is compiled without the AuxK branch at all.
 """
 
 from __future__ import annotations
@@ -28,8 +31,9 @@ from flax import struct
 class StepCtx:
     """Per-step context the trainer hands to ``loss``."""
 
-    dead: jax.Array
-    """bool [n]: latents that have not fired within the dead window (in tokens)."""
+    dead: jax.Array | None
+    """bool [n]: latents that have not fired within the dead window (in tokens); None when the
+    trainer checked that none has (see ``SKIPS_AUX_WITHOUT_DEAD``)."""
     progress: jax.Array
     """float scalar in [0, 1]: fraction of training steps done (for coefficient warmups)."""
 

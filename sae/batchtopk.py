@@ -89,6 +89,7 @@ class BatchTopKConfig:
 
 
 Config = BatchTopKConfig
+SKIPS_AUX_WITHOUT_DEAD = True  # ctx.dead feeds AuxK only (see sae.base)
 Params = common.LinearParams
 State = common.ThresholdState
 

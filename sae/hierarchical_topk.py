@@ -65,6 +65,7 @@ class HierarchicalTopKConfig:
 
 
 Config = HierarchicalTopKConfig
+SKIPS_AUX_WITHOUT_DEAD = True  # ctx.dead feeds AuxK only (see sae.base)
 Params = common.LinearParams
 State = common.StepState
 
@@ -129,8 +130,8 @@ def loss(
     cfg: HierarchicalTopKConfig, params: Params, state: State, x: jax.Array, ctx: StepCtx
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     x_c = x - params.b_dec
-    pre, idx, scale = topk._select(cfg, params, x_c, cfg.k)  # sorted by score, descending
-    vals = jax.nn.relu(gather_encode(x_c, params.W_enc, params.b_enc, idx, pre))
+    pre, idx, chosen, scale = topk._select(cfg, params, x_c, cfg.k)  # sorted by score, descending
+    vals = jax.nn.relu(gather_encode(x_c, params.W_enc, params.b_enc, idx, chosen=chosen))
     errs, resid = cumulative_errors(x_c, vals, idx, params.W_dec, cfg.chunk_size)
     var = jnp.sum(jnp.square(x - jnp.mean(x, axis=0, keepdims=True)))
     k_aux = min(cfg.k_aux or x.shape[1] // 2, cfg.n_latents)

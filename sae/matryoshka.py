@@ -83,6 +83,7 @@ class MatryoshkaConfig:
 
 
 Config = MatryoshkaConfig
+SKIPS_AUX_WITHOUT_DEAD = True  # ctx.dead feeds AuxK only (see sae.base)
 Params = common.LinearParams
 State = common.ThresholdState
 

@@ -101,6 +101,7 @@ def gather_encode(
     idx: jax.Array,
     pre: jax.Array | None = None,
     b_dec: jax.Array | None = None,
+    chosen: jax.Array | None = None,
 ) -> jax.Array:
     """Pre-activations of the chosen latents only: x_c [B, d], w_enc [d, n], idx [B, k] → [B, k].
 
@@ -108,13 +109,19 @@ def gather_encode(
     choose idx), or their ReLU when the caller applies ReLU to the result (relu(relu(z)) = relu(z),
     with the same zero gradient where z <= 0). When given, the forward values are read from it,
     O(B·k), instead of computing k dot products per token, O(B·k·d). No gradient flows into ``pre``.
+    ``chosen`` [B, k]: those values already read (top-k returns them), the cheapest of the three.
 
     ``b_dec``: pass it when x_c = x − b_dec with x data (the training case). Then no per-token
     gradient is formed for x_c; b_dec gets its exact gradient −W_enc · db_enc in one matrix-vector
     product instead (Σ_b dx_c[b] = W_enc · db_enc, since each chosen pair (b, j) adds g[b, j] to
     both). Without ``b_dec`` the full gradient of x_c is returned, for callers that need it.
     """
-    vals = row_dots(x_c, idx, w_enc.T) + b_enc[idx] if pre is None else jnp.take_along_axis(pre, idx, axis=1)
+    if chosen is not None:
+        vals = chosen
+    elif pre is not None:
+        vals = jnp.take_along_axis(pre, idx, axis=1)
+    else:
+        vals = row_dots(x_c, idx, w_enc.T) + b_enc[idx]
     vals = jax.lax.stop_gradient(vals)
     if b_dec is None:
         return _gather_encode(x_c, w_enc, b_enc, idx, vals)

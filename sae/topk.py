@@ -77,6 +77,7 @@ class TopKConfig:
 
 
 Config = TopKConfig
+SKIPS_AUX_WITHOUT_DEAD = True  # ctx.dead feeds AuxK only (see sae.base)
 
 
 Params = common.LinearParams
@@ -111,18 +112,19 @@ def _score_scale(cfg: TopKConfig, params: Params) -> jax.Array | None:
 
 
 def _select(cfg: TopKConfig, params: Params, x_c: jax.Array, k: int):
+    """(pre [B, n], picks [B, k], their pre-activations [B, k], score scale)."""
     pre = jax.nn.relu(x_c @ params.W_enc + params.b_enc)
     scale = _score_scale(cfg, params)
     score = jax.lax.stop_gradient(pre if scale is None else pre * scale)
-    _, idx = common.top_k(score, k)  # local top-k + global merge when latents are sharded
-    return pre, idx, scale
+    top, idx = common.top_k(score, k)  # local top-k + global merge when latents are sharded
+    return pre, idx, common.unscaled(top, idx, scale), scale
 
 
 def encode_sparse(cfg: TopKConfig, params: Params, x: jax.Array, k: int | None = None):
     """(values [B, k], indices [B, k]) of the kept latents."""
     x_c = x - params.b_dec
-    pre, idx, _ = _select(cfg, params, x_c, k or cfg.k)
-    vals = jax.nn.relu(gather_encode(x_c, params.W_enc, params.b_enc, idx, pre))
+    _, idx, chosen, _ = _select(cfg, params, x_c, k or cfg.k)
+    vals = jax.nn.relu(gather_encode(x_c, params.W_enc, params.b_enc, idx, chosen=chosen))
     return vals, idx
 
 
@@ -140,9 +142,9 @@ def loss(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     x_c = x - params.b_dec
     kk = 4 * cfg.k if cfg.multi_topk else cfg.k
-    pre, idx_all, scale = _select(cfg, params, x_c, kk)
-    # forward values read from the dense ``pre`` (O(B·k)); the backward is the sparse kernel's
-    vals_all = jax.nn.relu(gather_encode(x_c, params.W_enc, params.b_enc, idx_all, pre, b_dec=params.b_dec))
+    pre, idx_all, chosen, scale = _select(cfg, params, x_c, kk)
+    # forward values are top-k's own (O(B·k)); the backward is the sparse kernel's
+    vals_all = jax.nn.relu(gather_encode(x_c, params.W_enc, params.b_enc, idx_all, chosen=chosen, b_dec=params.b_dec))
     # top_k returns sorted picks, so the first k of the 4k are the top k.
     vals, idx = vals_all[:, : cfg.k], idx_all[:, : cfg.k]
     x_hat = sparse_decode(vals, idx, params.W_dec) + params.b_dec

@@ -264,7 +264,9 @@ class Trainer:
             sharding.check_divisible(self.mesh, tc.batch_size, cfg.n_latents)
         self._shardings: Any = None
         self._sharded_step: Any = None
-        self._step = jax.jit(self.step_impl, donate_argnums=(0,))
+        self._step = jax.jit(self.step_impl, donate_argnums=(0,), static_argnums=(3,))
+        self._skips_aux = bool(getattr(self.arch, "SKIPS_AUX_WITHOUT_DEAD", False))
+        self._any_dead = jax.jit(lambda since: jnp.any(since >= self.window))
 
     def place(self, ts: TrainState) -> TrainState:
         """Lay a train state (host or single-device arrays) out on the mesh; identity without one."""
@@ -311,10 +313,16 @@ class Trainer:
 
         return loss
 
-    def step_impl(self, ts: TrainState, batch: jax.Array, scale: jax.Array) -> TrainState:
-        """One optimiser step, unjitted: the trainer jits it, the sweep vmaps it over members."""
+    def step_impl(self, ts: TrainState, batch: jax.Array, scale: jax.Array, maybe_dead: bool = True) -> TrainState:
+        """One optimiser step, unjitted: the trainer jits it, the sweep vmaps it over members.
+
+        ``maybe_dead=False`` (static) promises that no latent is dead; the loss then gets
+        ``ctx.dead = None`` and the AuxK branch is left out of the program. Merely skipping it at
+        run time inside a ``lax.cond`` still cost 100 ms of a 720 ms TopK step (B = 4096,
+        n = 16384, CPU): the cond's gradient materialises dense zero cotangents and residuals.
+        """
         x = batch * scale
-        dead = ts.since_fired >= self.window
+        dead = ts.since_fired >= self.window if maybe_dead else None
         ctx = StepCtx(dead=dead, progress=ts.step.astype(jnp.float32) / max(1, self.tc.total_steps))
         grad_fn = jax.value_and_grad(self._loss_fn(), argnums=1, has_aux=True)
         (loss, aux), grads = grad_fn(self.cfg, ts.params, ts.arch_state, x, ctx)
@@ -346,8 +354,10 @@ class Trainer:
     def step(self, ts: TrainState, batch: np.ndarray, scale: float) -> TrainState:
         """One step; with a mesh, ``batch`` is the global batch or (several processes) this
         process's rows of it."""
+        # A one-scalar read: the host waits for the previous step before dispatching this one.
+        maybe_dead = not self._skips_aux or bool(sharding.to_host(self._any_dead(ts.since_fired)))
         if self.mesh is None:
-            return self._step(ts, jnp.asarray(batch), jnp.float32(scale))
+            return self._step(ts, jnp.asarray(batch), jnp.float32(scale), maybe_dead)
         if self._sharded_step is None:
             if self._shardings is None:
                 raise RuntimeError("place the train state on the mesh first (Trainer.place / init_state)")
@@ -355,11 +365,11 @@ class Trainer:
             data = jax.sharding.NamedSharding(self.mesh, sharding.BATCH_SPEC)
             self._sharded_step = jax.jit(
                 self.step_impl, in_shardings=(self._shardings, data, rep), out_shardings=self._shardings,
-                donate_argnums=(0,),
+                donate_argnums=(0,), static_argnums=(3,),
             )
         x = sharding.put_batch(np.asarray(batch, np.float32), self.mesh, self.tc.batch_size)
         with jax.set_mesh(self.mesh):  # the arch's top-k reads the mesh while tracing
-            return self._sharded_step(ts, x, np.float32(scale))
+            return self._sharded_step(ts, x, np.float32(scale), maybe_dead)
 
     def metrics_row(self, ts: TrainState, tokens_per_s: float) -> dict[str, float]:
         host = sharding.to_host({"win": ts.win, "since_fired": ts.since_fired, "step": ts.step})

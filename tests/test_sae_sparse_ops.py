@@ -112,10 +112,11 @@ def test_dead_top_k_matches_the_masked_search(n_dead: int) -> None:
     dead[rng.choice(n, n_dead, replace=False)] = True
     score = rng.random((b, n)).astype(np.float32)
     score[:, :8] = 0.0  # ties (ReLU zeros) must break alike
-    got = jax.jit(lambda s, m: common.dead_top_k(s, m, k))(jnp.asarray(score), jnp.asarray(dead))
-    want = jax.lax.top_k(jnp.where(jnp.asarray(dead)[None, :], score, -jnp.inf), k)[1]
+    got_vals, got = jax.jit(lambda s, m: common.dead_top_k(s, m, k))(jnp.asarray(score), jnp.asarray(dead))
+    want_vals, want = jax.lax.top_k(jnp.where(jnp.asarray(dead)[None, :], score, -jnp.inf), k)
     valid = min(k, n_dead)  # past #dead both return arbitrary live latents, which AuxK masks out
     np.testing.assert_array_equal(np.asarray(got)[:, :valid], np.asarray(want)[:, :valid])
+    np.testing.assert_array_equal(np.asarray(got_vals), np.asarray(want_vals))  # −inf past #dead
     assert dead[np.asarray(got)[:, :valid]].all()
 
 

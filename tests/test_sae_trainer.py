@@ -161,6 +161,32 @@ def test_auxk_zero_without_dead_and_positive_with() -> None:
     assert float(loss(some)) > 0.0
 
 
+def test_step_leaves_auxk_out_only_when_nothing_is_dead() -> None:
+    """Trainer.step compiles AuxK out when no latent is dead (same update), and keeps it otherwise."""
+    from sae.trainer import Trainer
+
+    cfg = TopKConfig(n_latents=64, k=4)
+    tc = TrainConfig(batch_size=128, train_tokens=128 * 50, dead_window_tokens=1000)
+    batch = next(sparse_batches()(0))
+    trainer = Trainer(cfg, tc, D)
+
+    def fresh(since: int):
+        ts = trainer.init_state(batch)
+        return ts.replace(since_fired=jnp.full((64,), since, jnp.int32))
+
+    def updated(ts, maybe_dead: bool | None = None):
+        out = trainer.step(ts, batch, 1.0) if maybe_dead is None else trainer._step(ts, jnp.asarray(batch),
+                                                                                   jnp.float32(1.0), maybe_dead)
+        return np.asarray(out.params.W_enc)
+
+    # nothing dead: the step Trainer.step runs equals the full program's (AuxK is zero there)
+    np.testing.assert_allclose(updated(fresh(0)), updated(fresh(0), True), rtol=1e-5, atol=1e-7)
+    # all dead: Trainer.step must run AuxK, so it differs from the program without it
+    with_aux = updated(fresh(5000))
+    np.testing.assert_allclose(with_aux, updated(fresh(5000), True), rtol=1e-5, atol=1e-7)
+    assert np.abs(with_aux - updated(fresh(5000), False)).max() > 1e-6
+
+
 def test_bad_configs_are_refused_with_fix() -> None:
     with pytest.raises(ValueError, match="k=50 must be between 1 and n_latents=16"):
         make_config(TopKConfig, {"n_latents": 16, "k": 50})
