@@ -43,6 +43,8 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere: `sae` lives at t
 
 PREFIX = "@@"
 
+from saewb.hugepages import reexec_with_huge_pages  # noqa: E402 - after the path insert
+
 
 @dataclass
 class Timed:
@@ -108,15 +110,14 @@ def peer(name: str, framework: str, kind: str, venv: str | None, script: str, ar
     return t, Worker(python, script, args)
 
 
-def ours_topk(d: int, n: int, k: int, batch: int, warmup: int, k_aux: int | None = None,
-              name: str = "ours TopK") -> Timed:
+def ours_topk(d: int, n: int, k: int, batch: int, warmup: int) -> Timed:
     import jax
     import numpy as np
 
     from sae.topk import TopKConfig
     from sae.trainer import TrainConfig, Trainer
 
-    cfg = TopKConfig(n_latents=n, k=k, k_aux=k_aux)
+    cfg = TopKConfig(n_latents=n, k=k)
     # A huge token budget: the schedule stays in its flat part and no latent reaches the dead window.
     tc = TrainConfig(train_tokens=10**12, batch_size=batch)
     trainer = Trainer(cfg, tc, d)
@@ -136,7 +137,7 @@ def ours_topk(d: int, n: int, k: int, batch: int, warmup: int, k_aux: int | None
         return time.perf_counter() - t0
 
     run(warmup)  # compiles
-    return Timed(name, f"jax {jax.__version__}", "train", rep=run, info={"devices": str(jax.devices())})
+    return Timed("ours TopK", f"jax {jax.__version__}", "train", rep=run, info={"devices": str(jax.devices())})
 
 
 def jax_matmul(d: int, n: int, batch: int, warmup: int) -> Timed:
@@ -176,11 +177,9 @@ def main() -> None:
     p.add_argument("--rep-seconds", type=float, default=None, help="target seconds per timing (sets steps)")
     p.add_argument("--no-peers", action="store_true", help="time only ours and the matmul bounds")
     p.add_argument("--sparsify-adam", action="store_true", help="also time sparsify with its Adam option")
-    p.add_argument("--aux-diagnostic", action="store_true",
-                   help="also time ours with k_aux=1: what the step costs when the AuxK branch is ~free "
-                   "(the peers skip AuxK while no latent is dead, as in these timings)")
     p.add_argument("--json", type=Path, default=None, help="write raw timings here")
     a = p.parse_args()
+    reexec_with_huge_pages()  # as the saewb program runs; the peer workers inherit it too
     n = a.n or (4096 if a.quick else 16384)
     batch = a.batch or (1024 if a.quick else 4096)
     reps = a.reps or (5 if a.quick else 7)
@@ -202,8 +201,6 @@ def main() -> None:
             specs.append(peer("sparsify TopK (adam)", "torch", "train", "sparsify", "_peer_sparsify.py",
                               ["speed", *shape, "--k", str(k), "--optimizer", "adam"]))
     timed: list[Timed] = [jax_matmul(d, n, batch, int(warm)), ours_topk(d, n, k, batch, int(warm))]
-    if a.aux_diagnostic:
-        timed.append(ours_topk(d, n, k, batch, int(warm), k_aux=1, name="ours TopK, k_aux=1 (diagnostic)"))
     for t, w in specs:
         if w is not None:
             try:
@@ -237,7 +234,10 @@ def main() -> None:
     ours = med.get("ours TopK", float("nan"))
     print(f"\n### Train-step throughput: d={d}, n={n}, k={k}, batch={batch}, fp32, CPU "
           f"({os.cpu_count()} cores, {platform.processor() or platform.machine()})\n")
-    print(f"{reps} interleaved rounds; each timing = `steps` consecutive steps; tokens/s median [min, max].\n")
+    pages = os.environ.get("GLIBC_TUNABLES", "") or "unset (4 kB pages)"
+    print(f"{reps} interleaved rounds; each timing = `steps` consecutive steps; tokens/s median [min, max]. "
+          f"Every implementation ran with GLIBC_TUNABLES={pages} (see saewb/hugepages.py; "
+          "SAEWB_NO_HUGEPAGES=1 turns it off).\n")
     print("| implementation | framework | steps/timing | tokens/s (median) | [min, max] | ms/step | ours ÷ this |")
     print("|---|---|---:|---:|---|---:|---:|")
     for t in timed:

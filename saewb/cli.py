@@ -53,5 +53,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def entry() -> int:
+    """The `saewb` program: once under huge-page malloc (see saewb.hugepages), then main()."""
+    from saewb.hugepages import reexec_with_huge_pages
+
+    reexec_with_huge_pages()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

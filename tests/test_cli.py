@@ -38,3 +38,35 @@ def test_bad_input_gets_a_clear_error_not_a_traceback(tmp_path: Path) -> None:
     assert "Traceback" not in bad_hook.stderr
     bad_corpus = run_saewb("harvest", "--workspace", ws, "--corpus", "nope.txt", "--max-tokens", "100", check=False)
     assert bad_corpus.returncode == 1 and "neither a built-in" in bad_corpus.stderr
+
+
+PRINT_TUNABLES = (
+    "import os; from saewb.hugepages import reexec_with_huge_pages as r; r(); "
+    "print(os.environ.get('GLIBC_TUNABLES', '-'), flush=True)"
+)
+
+
+def _run_reexec(env_extra: dict[str, str]) -> str:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "SAEWB_NO_HUGEPAGES")}
+    out = subprocess.run([sys.executable, "-c", PRINT_TUNABLES], env={**env, **env_extra}, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def test_program_reexecutes_once_under_huge_page_malloc() -> None:
+    import platform
+    import sys
+
+    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+        assert _run_reexec({}) == "-"  # nothing to do elsewhere
+        return
+    assert _run_reexec({}) == "glibc.malloc.hugetlb=1"  # the same command again with the tunable (a loop would time out)
+    # other tunables are kept; an explicit choice, or the opt-out, is left alone
+    assert _run_reexec({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}) == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+    assert _run_reexec({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) == "glibc.malloc.hugetlb=0"
+    assert _run_reexec({"SAEWB_NO_HUGEPAGES": "1"}) == "-"
