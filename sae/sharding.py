@@ -250,12 +250,39 @@ def model_shards() -> int:
     return int(mesh.shape[MODEL_AXIS])
 
 
+TOP_K_BLOCK = 16
+"""Block width of ``block_top_k``: 16 was fastest of 8 to 128 (B = 4096, n = 16384, k = 32, CPU)."""
+
+
+def block_top_k(score: jax.Array, k: int, block: int = TOP_K_BLOCK) -> tuple[jax.Array, jax.Array]:
+    """``jax.lax.top_k(score, k)`` over [B, n], index for index, searching k·block candidates.
+
+    Rows are cut into blocks of ``block``; every member of the top k lies in a block whose maximum
+    is among the k largest block maxima (fewer than k blocks can hold a larger element). Those k
+    blocks, taken in index order so that ties break as ``lax.top_k``'s (lower index first), give
+    the candidates. On CPU the search alone took 68 ms against 130 ms (B = 4096, n = 16384, k = 32),
+    and a whole TopK step 488 ms against 531 ms under huge-page malloc (equal with 4 kB pages).
+    Needs n divisible by ``block``.
+    """
+    b, n = score.shape
+    blocks = score.reshape(b, n // block, block)
+    _, best = jax.lax.top_k(jnp.max(blocks, axis=2), k)
+    best = jnp.sort(best, axis=1)
+    candidates = jnp.take_along_axis(blocks, best[:, :, None], axis=1).reshape(b, k * block)
+    vals, pos = jax.lax.top_k(candidates, k)
+    return vals, jnp.take_along_axis(best, pos // block, axis=1) * block + pos % block
+
+
 def top_k(score: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     """Top-k over latents [B, n]: ``sharded_top_k`` under a mesh whose model axis is > 1 (and
-    divides n and the batch splits over data), ``jax.lax.top_k`` otherwise."""
+    divides n and the batch splits over data), ``block_top_k`` on CPU where it applies,
+    ``jax.lax.top_k`` otherwise. All three return the same values and indices."""
     m = model_shards()
     if m > 1 and score.ndim == 2 and score.shape[1] % m == 0:
         data = jax.sharding.get_abstract_mesh().shape.get(DATA_AXIS, 1)
         if score.shape[0] % data == 0:
             return sharded_top_k(score, k)
+    n = score.shape[-1]
+    if score.ndim == 2 and jax.default_backend() == "cpu" and n % TOP_K_BLOCK == 0 and 4 * k * TOP_K_BLOCK <= n:
+        return block_top_k(score, k)
     return jax.lax.top_k(score, k)

@@ -144,3 +144,20 @@ def test_sparse_kernels_match_dense_autodiff(k: int) -> None:
     for g_s, g_d in zip(jax.grad(sparse_loss, argnums=(0, 1, 2, 3, 4))(*args),
                         jax.grad(dense_loss, argnums=(0, 1, 2, 3, 4))(*args), strict=True):
         np.testing.assert_allclose(np.asarray(g_s), np.asarray(g_d), rtol=2e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize("k", [1, 7, 32])
+def test_block_top_k_equals_lax_top_k_ties_included(k: int) -> None:
+    from sae.sharding import block_top_k
+
+    rng = np.random.default_rng(k)
+    score = np.maximum(rng.standard_normal((64, 1024)), 0.0).astype(np.float32)  # half ReLU zeros
+    score[:8] = np.where(rng.random((8, 1024)) < 0.995, 0.0, score[:8])  # rows with fewer than k positives
+    score[8:16] = np.round(score[8:16], 1)  # many equal values across blocks
+    score[16] = 1.0  # one row all equal
+    score[17, ::16] = 5.0  # every block's maximum ties
+    want_v, want_i = jax.lax.top_k(jnp.asarray(score), k)
+    for block in (8, 16, 32):
+        got_v, got_i = jax.jit(lambda s, b=block: block_top_k(s, k, b))(jnp.asarray(score))
+        np.testing.assert_array_equal(np.asarray(got_v), np.asarray(want_v))
+        np.testing.assert_array_equal(np.asarray(got_i), np.asarray(want_i))
