@@ -34,6 +34,7 @@ from activations.stream import ActivationStream  # noqa: E402
 from sae.sweep import Member, train_lockstep  # noqa: E402
 from sae.topk import TopKConfig  # noqa: E402
 from sae.trainer import TrainConfig, train  # noqa: E402
+from saewb.hugepages import reexec_with_huge_pages  # noqa: E402
 
 
 def members(steps: int, batch: int, log_every: int) -> list[Member]:
@@ -80,6 +81,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=1024)
     ap.add_argument("--reps", type=int, default=3)
     args = ap.parse_args()
+    reexec_with_huge_pages()  # both modes run as the saewb program runs them
     log_every = max(1, args.steps // 8)
     ms = members(args.steps, args.batch_size, log_every)
     tokens = args.steps * args.batch_size * len(ms)

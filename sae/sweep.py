@@ -56,6 +56,7 @@ the next one is written).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import os
@@ -401,17 +402,22 @@ def train_lockstep(
     # One jitted step per group, called one after the other on the same batch. A first version
     # compiled all groups into one program and was OOM-killed at 9 GB RSS (8 TopK members,
     # B = 1024, n <= 4096, CPU); separate programs free each group's intermediates before the next.
-    step_fns = []
-    for g in groups:
-        key = json.dumps([[_group_key(members[i]) for i in g.members], widths[g.hook]], sort_keys=True)
+    def compiled(gi: int, maybe_dead: bool) -> Any:
+        g = groups[gi]
+        key = json.dumps([[_group_key(members[i]) for i in g.members], widths[g.hook], maybe_dead], sort_keys=True)
         if key not in _STEP_CACHE:
-            fn = g.trainer.step_impl
+            fn = functools.partial(g.trainer.step_impl, maybe_dead=maybe_dead)  # static: AuxK in or out
             _STEP_CACHE[key] = jax.jit(jax.vmap(fn, in_axes=(0, None, 0)) if g.vmapped else fn, donate_argnums=(0,))
-        step_fns.append(_STEP_CACHE[key])
+        return _STEP_CACHE[key]
+
     hook_of = [hook_index[g.hook] for g in groups]
 
     def step_fn(all_states: tuple, xs: tuple, all_scales: tuple) -> tuple:
-        return tuple(f(ts, xs[h], sc) for f, ts, h, sc in zip(step_fns, all_states, hook_of, all_scales, strict=True))
+        out = []
+        for gi, (ts, h, sc) in enumerate(zip(all_states, hook_of, all_scales, strict=True)):
+            # a vmapped group compiles AuxK in when any member has a dead latent
+            out.append(compiled(gi, groups[gi].trainer.maybe_dead(ts.since_fired))(ts, xs[h], sc))
+        return tuple(out)
 
     def host_view(gi: int) -> list[TrainState]:
         """The members of group gi with what metric rows need (counters, window, step) on the host."""

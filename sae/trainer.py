@@ -351,11 +351,17 @@ class Trainer:
             win=win,
         )
 
+    def maybe_dead(self, since_fired: jax.Array) -> bool:
+        """The static ``maybe_dead`` of ``step_impl`` for a state with these counters (any shape).
+
+        A one-scalar read: the host waits for the previous step before dispatching the next.
+        """
+        return not self._skips_aux or bool(sharding.to_host(self._any_dead(since_fired)))
+
     def step(self, ts: TrainState, batch: np.ndarray, scale: float) -> TrainState:
         """One step; with a mesh, ``batch`` is the global batch or (several processes) this
         process's rows of it."""
-        # A one-scalar read: the host waits for the previous step before dispatching this one.
-        maybe_dead = not self._skips_aux or bool(sharding.to_host(self._any_dead(ts.since_fired)))
+        maybe_dead = self.maybe_dead(ts.since_fired)
         if self.mesh is None:
             return self._step(ts, jnp.asarray(batch), jnp.float32(scale), maybe_dead)
         if self._sharded_step is None:
