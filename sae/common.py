@@ -6,6 +6,9 @@ architecture files import these rather than carrying copies.
 
 from __future__ import annotations
 
+import contextvars
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import jax
@@ -127,6 +130,23 @@ def fvu_terms(x: jax.Array, x_hat: jax.Array) -> tuple[jax.Array, jax.Array]:
     return err, var
 
 
+_MEMBERS_VMAPPED: contextvars.ContextVar[bool] = contextvars.ContextVar("members_vmapped", default=False)
+
+
+@contextmanager
+def members_vmapped() -> Iterator[None]:
+    """Trace inside this when the step is vmapped over sweep members.
+
+    Under ``vmap`` a ``lax.switch`` on a per-member value runs every branch, so data-dependent
+    shortcuts cost more than they save; ``dead_top_k`` then takes its one plain search.
+    """
+    token = _MEMBERS_VMAPPED.set(True)
+    try:
+        yield
+    finally:
+        _MEMBERS_VMAPPED.reset(token)
+
+
 DEAD_BUCKETS = (256, 1024, 4096)
 """Static widths for ``dead_top_k``'s compacted search (the dead count picks the smallest that fits)."""
 
@@ -142,7 +162,7 @@ def dead_top_k(score: jax.Array, dead: jax.Array, k: int) -> tuple[jax.Array, ja
     """
     masked = lambda: tuple(top_k(jnp.where(dead[None, :], score, -jnp.inf), k))  # noqa: E731
     buckets = [b for b in DEAD_BUCKETS if k <= b < score.shape[1]]
-    if not buckets or model_shards() > 1:
+    if not buckets or model_shards() > 1 or _MEMBERS_VMAPPED.get():
         return masked()
     n_dead = jnp.sum(dead)
 

@@ -55,6 +55,7 @@ the next one is written).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -413,10 +414,13 @@ def train_lockstep(
     hook_of = [hook_index[g.hook] for g in groups]
 
     def step_fn(all_states: tuple, xs: tuple, all_scales: tuple) -> tuple:
+        # Every group's flag first (a vmapped group compiles AuxK in when any member has a dead
+        # latent), then every dispatch: one wait per step, and the groups' programs still overlap.
+        flags = [g.trainer.maybe_dead(ts.since_fired) for g, ts in zip(groups, all_states, strict=True)]
         out = []
-        for gi, (ts, h, sc) in enumerate(zip(all_states, hook_of, all_scales, strict=True)):
-            # a vmapped group compiles AuxK in when any member has a dead latent
-            out.append(compiled(gi, groups[gi].trainer.maybe_dead(ts.since_fired))(ts, xs[h], sc))
+        for gi, (flag, ts, h, sc) in enumerate(zip(flags, all_states, hook_of, all_scales, strict=True)):
+            with common.members_vmapped() if groups[gi].vmapped else contextlib.nullcontext():  # read when tracing
+                out.append(compiled(gi, flag)(ts, xs[h], sc))
         return tuple(out)
 
     def host_view(gi: int) -> list[TrainState]:
