@@ -85,7 +85,7 @@ def main() -> None:
     log_every = max(1, args.steps // 8)
     ms = members(args.steps, args.batch_size, log_every)
     tokens = args.steps * args.batch_size * len(ms)
-    rows: dict[str, list[tuple[float, float]]] = {"sequential": [], "lockstep": []}
+    rows: dict[str, list[tuple[float, float, float]]] = {"sequential": [], "lockstep": []}
     speedups, steady_speedups = [], []
     for rep in range(args.reps):
         # alternate the order so that drifting machine load does not favour one mode
@@ -93,21 +93,26 @@ def main() -> None:
         got = {}
         for mode in order:
             fn = run_sequential if mode == "sequential" else run_lockstep
-            got[mode] = fn(args.workspace, args.hook, ms)
+            cpu0 = time.process_time()  # every thread of this process: cores kept busy = cpu / wall
+            wall, st = fn(args.workspace, args.hook, ms)
+            got[mode] = (wall, st, (time.process_time() - cpu0) / wall)
             rows[mode].append(got[mode])
-            print(f"rep {rep} {mode}: wall {got[mode][0]:.1f}s, steady {got[mode][1]:,.0f} member-tok/s", flush=True)
+            print(f"rep {rep} {mode}: wall {wall:.1f}s, steady {st:,.0f} member-tok/s, "
+                  f"{got[mode][2]:.2f} cores busy", flush=True)
         speedups.append(got["sequential"][0] / got["lockstep"][0])
         steady_speedups.append(got["lockstep"][1] / got["sequential"][1])
     print(f"\n8 TopK members (k 16/32 x n 2048/4096 x 2 seeds), {args.steps} steps of {args.batch_size} tokens "
           f"each, hook {args.hook}; medians of {args.reps} reps")
-    print("| mode | wall s | member-tokens/s (end to end) | member-tokens/s (steady) |")
-    print("|---|---|---|---|")
+    print(f"cores: {os.cpu_count()}; 'cores busy' = process CPU time / wall time")
+    print("| mode | wall s | member-tokens/s (end to end) | member-tokens/s (steady) | cores busy |")
+    print("|---|---|---|---|---|")
     for mode, vals in rows.items():
         wall = statistics.median(v[0] for v in vals)
         st = statistics.median(v[1] for v in vals)
-        print(f"| {mode} | {wall:.1f} | {tokens / wall:,.0f} | {st:,.0f} |")
+        busy = statistics.median(v[2] for v in vals)
+        print(f"| {mode} | {wall:.1f} | {tokens / wall:,.0f} | {st:,.0f} | {busy:.2f} |")
     print(f"| speed-up (same rep) | {statistics.median(speedups):.2f}x | {statistics.median(speedups):.2f}x | "
-          f"{statistics.median(steady_speedups):.2f}x |")
+          f"{statistics.median(steady_speedups):.2f}x | |")
 
 
 if __name__ == "__main__":

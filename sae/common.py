@@ -186,7 +186,7 @@ def unscaled(score_vals: jax.Array, idx: jax.Array, score_scale: jax.Array | Non
 
 def auxk_loss(
     x_c: jax.Array,
-    pre: jax.Array,
+    pre: jax.Array | None,
     dead: jax.Array | None,
     residual: jax.Array,
     w_enc: jax.Array,
@@ -195,30 +195,33 @@ def auxk_loss(
     k_aux: int,
     score_scale: jax.Array | None = None,
     b_dec: jax.Array | None = None,
+    picks: tuple[jax.Array, jax.Array] | None = None,
 ) -> jax.Array:
     """AuxK (Gao et al. 2024): reconstruct the stopped residual from the top-k_aux dead latents.
 
     ``pre`` is the dense ReLU'd pre-activation: its scores pick the indices (no gradient flows through
     the choice) and supply the chosen values' forward; their gradient goes through the sparse
-    backward of ``gather_encode`` to the dead latents' encoder columns at O(B·k_aux·d). ê has no
-    b_dec (pass ``b_dec`` when x_c = x − b_dec: see ``gather_encode``). Returns
-    ‖e − ê‖² / ‖e − mean_batch(e)‖², and 0 when nothing is dead. Only the first
-    #dead picks count, which caps k_aux at the number of dead latents.
+    backward of ``gather_encode`` to the dead latents' encoder columns at O(B·k_aux·d). ``picks``:
+    those (scores, indices) [B, k_aux] when the caller already searched them (``encode_top_k``); then
+    ``pre`` is not read. ê has no b_dec (pass ``b_dec`` when x_c = x − b_dec: see ``gather_encode``).
+    Returns ‖e − ê‖² / ‖e − mean_batch(e)‖², and 0 when nothing is dead. Only the first #dead picks
+    count, which caps k_aux at the number of dead latents.
 
-    The whole computation sits in a ``lax.cond`` on #dead > 0, so a step with no dead latent (the
-    usual case) skips the masked top-k_aux and the O(B·k_aux·d) kernels entirely. The branch reads
-    the selection scores (the caller's top-k already made them), not ``pre``: a second [B, n]
+    The trainer compiles this out (``dead`` None) when no latent is dead; otherwise it sits in a
+    ``lax.cond`` on #dead > 0. The branch reads the selection scores, not ``pre``: a second [B, n]
     operand of the cond costs its own materialised buffer, measured at 50 ms a step (B = 4096,
     n = 16384, CPU).
     """
     if dead is None:  # the trainer checked: nothing is dead, so no branch is compiled
-        return jnp.zeros((), pre.dtype)
+        return jnp.zeros((), residual.dtype)
     n_dead = jnp.sum(dead)
-    score = jax.lax.stop_gradient(pre if score_scale is None else pre * score_scale)
+    if picks is None:
+        assert pre is not None, "auxk_loss needs pre or picks"
+        score = jax.lax.stop_gradient(pre if score_scale is None else pre * score_scale)
 
     def aux_branch() -> jax.Array:
         e = jax.lax.stop_gradient(residual)
-        top, idx = dead_top_k(score, dead, k_aux)
+        top, idx = dead_top_k(score, dead, k_aux) if picks is None else picks
         chosen = unscaled(top, idx, score_scale)
         vals = jax.nn.relu(gather_encode(x_c, w_enc, b_enc, idx, chosen=chosen, b_dec=b_dec))
         keep = (jnp.arange(k_aux) < n_dead)[None, :]
@@ -226,12 +229,58 @@ def auxk_loss(
         e_hat = sparse_decode(vals, idx, w_dec)
         num = jnp.sum(jnp.square(e - e_hat))
         den = jnp.sum(jnp.square(e - jnp.mean(e, axis=0, keepdims=True)))
-        return (num / jnp.maximum(den, 1e-12)).astype(pre.dtype)
+        return (num / jnp.maximum(den, 1e-12)).astype(residual.dtype)
 
     def zero_branch() -> jax.Array:
-        return jnp.zeros((), pre.dtype)
+        return jnp.zeros((), residual.dtype)
 
     return jax.lax.cond(n_dead > 0, aux_branch, zero_branch)
+
+
+ENCODE_CHUNK = 512
+"""Tokens per chunk of ``encode_top_k`` on CPU: 512 was fastest of 128 to 1024 (select 522 → 350 ms at
+B = 4096, n = 16384, k = 32, d = 384; a [512, n] block of scores stays in cache)."""
+ENCODE_CHUNK_MIN_SCORES = 8 * 2**20
+"""``encode_top_k`` chunks only from this many scores (B·n, 32 MB in fp32) on: smaller, the dense matrix
+stays in cache anyway. Whole TopK steps, chunked vs dense, medians of 16: 153 vs 172 ms at n = 16384,
+B = 1024; 131 vs 149 ms at n = 2048, B = 4096; 60 vs 58 ms at n = 4096, B = 1024 (no gain)."""
+
+
+def encode_top_k(
+    x_c: jax.Array,
+    w_enc: jax.Array,
+    b_enc: jax.Array,
+    k: int,
+    score_scale: jax.Array | None = None,
+    dead: jax.Array | None = None,
+    k_aux: int = 0,
+) -> tuple[jax.Array, jax.Array, tuple[jax.Array, jax.Array] | None]:
+    """(scores [B, k], indices [B, k], dead picks) of the top k of ReLU(x_c W_enc + b_enc) · score_scale.
+
+    With ``dead`` the top-k_aux among dead latents (``dead_top_k``) comes from the same scores, as
+    (scores, indices) [B, k_aux]; else None. No gradient flows through any of it. On CPU, without a
+    mesh, the tokens go in chunks of ``ENCODE_CHUNK`` under ``lax.map``: each chunk's dense scores
+    are searched while still in cache, and the [B, n] matrix is never formed (a TopK step without
+    dead latents: see ``benchmarks/train_speed.py``) once it would not fit in cache
+    (``ENCODE_CHUNK_MIN_SCORES``). Elsewhere it is one dense product.
+    """
+
+    def search(xc: jax.Array) -> tuple[jax.Array, ...]:
+        pre = jax.nn.relu(xc @ w_enc + b_enc)
+        score = jax.lax.stop_gradient(pre if score_scale is None else pre * score_scale)
+        top, idx = top_k(score, k)  # local top-k + global merge when latents are sharded
+        return (top, idx) if dead is None else (top, idx, *dead_top_k(score, dead, k_aux))
+
+    b, d = x_c.shape
+    mesh = jax.sharding.get_abstract_mesh()
+    n = w_enc.shape[-1]
+    if jax.default_backend() != "cpu" or not mesh.empty or b <= ENCODE_CHUNK or b * n < ENCODE_CHUNK_MIN_SCORES:
+        out = search(x_c)
+    else:
+        pad = (-b) % ENCODE_CHUNK
+        chunks = jnp.pad(x_c, ((0, pad), (0, 0))).reshape(-1, ENCODE_CHUNK, d)
+        out = tuple(o.reshape(b + pad, -1)[:b] for o in jax.lax.map(search, jax.lax.stop_gradient(chunks)))
+    return out[0], out[1], (None if dead is None else (out[2], out[3]))
 
 
 @struct.dataclass

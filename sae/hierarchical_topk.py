@@ -130,13 +130,13 @@ def loss(
     cfg: HierarchicalTopKConfig, params: Params, state: State, x: jax.Array, ctx: StepCtx
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     x_c = x - params.b_dec
-    pre, idx, chosen, scale = topk._select(cfg, params, x_c, cfg.k)  # sorted by score, descending
+    k_aux = min(cfg.k_aux or x.shape[1] // 2, cfg.n_latents)
+    idx, chosen, scale, dead_picks = topk._select(cfg, params, x_c, cfg.k, ctx.dead, k_aux)  # sorted, descending
     vals = jax.nn.relu(gather_encode(x_c, params.W_enc, params.b_enc, idx, chosen=chosen))
     errs, resid = cumulative_errors(x_c, vals, idx, params.W_dec, cfg.chunk_size)
     var = jnp.sum(jnp.square(x - jnp.mean(x, axis=0, keepdims=True)))
-    k_aux = min(cfg.k_aux or x.shape[1] // 2, cfg.n_latents)
     aux = common.auxk_loss(
-        x_c, pre, ctx.dead, resid, params.W_enc, params.b_enc, params.W_dec, k_aux, scale
+        x_c, None, ctx.dead, resid, params.W_enc, params.b_enc, params.W_dec, k_aux, scale, picks=dead_picks
     )
     active = vals > 0
     fires = jnp.zeros((cfg.n_latents,), jnp.float32).at[idx.reshape(-1)].add(active.reshape(-1))

@@ -3,8 +3,9 @@
 pre = ReLU((x − b_dec) W_enc + b_enc); keep the top k per token; x̂ = f W_dec + b_dec.
 loss = ‖x − x̂‖²/Var(x) + aux_coef · AuxK  (+ ‖x − x̂_{4k}‖²/Var(x) / 8 with ``multi_topk``).
 
-Only the choice of indices uses the dense encoder product (the kept values are read from it); the
-decoder forward and every gradient go through the O(B·k·d) kernels of ``sae.sparse_ops``.
+Only the choice of indices uses the dense encoder product (the kept values come out of the search,
+which runs chunk by chunk on CPU: ``common.encode_top_k``); the decoder forward and every gradient go
+through the O(B·k·d) kernels of ``sae.sparse_ops``.
 
 Decoder modes (``decoder``):
 
@@ -111,19 +112,21 @@ def _score_scale(cfg: TopKConfig, params: Params) -> jax.Array | None:
     return None
 
 
-def _select(cfg: TopKConfig, params: Params, x_c: jax.Array, k: int):
-    """(pre [B, n], picks [B, k], their pre-activations [B, k], score scale)."""
-    pre = jax.nn.relu(x_c @ params.W_enc + params.b_enc)
+def _select(
+    cfg: TopKConfig, params: Params, x_c: jax.Array, k: int, dead: jax.Array | None = None, k_aux: int = 0
+):
+    """(picks [B, k], their pre-activations [B, k], score scale, the dead picks for AuxK or None).
+
+    The dense scores are never returned: ``common.encode_top_k`` searches them chunk by chunk."""
     scale = _score_scale(cfg, params)
-    score = jax.lax.stop_gradient(pre if scale is None else pre * scale)
-    top, idx = common.top_k(score, k)  # local top-k + global merge when latents are sharded
-    return pre, idx, common.unscaled(top, idx, scale), scale
+    top, idx, dead_picks = common.encode_top_k(x_c, params.W_enc, params.b_enc, k, scale, dead, k_aux)
+    return idx, common.unscaled(top, idx, scale), scale, dead_picks
 
 
 def encode_sparse(cfg: TopKConfig, params: Params, x: jax.Array, k: int | None = None):
     """(values [B, k], indices [B, k]) of the kept latents."""
     x_c = x - params.b_dec
-    _, idx, chosen, _ = _select(cfg, params, x_c, k or cfg.k)
+    idx, chosen, _, _ = _select(cfg, params, x_c, k or cfg.k)
     vals = jax.nn.relu(gather_encode(x_c, params.W_enc, params.b_enc, idx, chosen=chosen))
     return vals, idx
 
@@ -142,7 +145,9 @@ def loss(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     x_c = x - params.b_dec
     kk = 4 * cfg.k if cfg.multi_topk else cfg.k
-    pre, idx_all, chosen, scale = _select(cfg, params, x_c, kk)
+    d = x.shape[1]
+    k_aux = min(cfg.k_aux or d // 2, cfg.n_latents)
+    idx_all, chosen, scale, dead_picks = _select(cfg, params, x_c, kk, ctx.dead, k_aux)
     # forward values are top-k's own (O(B·k)); the backward is the sparse kernel's
     vals_all = jax.nn.relu(gather_encode(x_c, params.W_enc, params.b_enc, idx_all, chosen=chosen, b_dec=params.b_dec))
     # top_k returns sorted picks, so the first k of the 4k are the top k.
@@ -150,10 +155,9 @@ def loss(
     x_hat = sparse_decode(vals, idx, params.W_dec) + params.b_dec
     err, var = common.fvu_terms(x, x_hat)
     fvu = err / jnp.maximum(var, 1e-12)
-    d = x.shape[1]
-    k_aux = min(cfg.k_aux or d // 2, cfg.n_latents)
     aux = common.auxk_loss(
-        x_c, pre, ctx.dead, x - x_hat, params.W_enc, params.b_enc, params.W_dec, k_aux, scale, b_dec=params.b_dec
+        x_c, None, ctx.dead, x - x_hat, params.W_enc, params.b_enc, params.W_dec, k_aux, scale, b_dec=params.b_dec,
+        picks=dead_picks,
     )
     total = fvu + cfg.aux_coef * aux
     if cfg.multi_topk:

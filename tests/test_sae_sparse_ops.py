@@ -33,10 +33,14 @@ def _dense_topk_loss(cfg: topk.TopKConfig, params: topk.Params, x: jax.Array, de
     return err / var + cfg.aux_coef * aux
 
 
+@pytest.mark.parametrize("b", [32, 1100])  # 1100 > ENCODE_CHUNK: the selection runs in padded chunks on CPU
 @pytest.mark.parametrize("some_dead", [True, False])
 @pytest.mark.parametrize("decoder", ["unit", "free"])
-def test_sparse_backward_matches_dense_autodiff(decoder: str, some_dead: bool) -> None:
-    d, n, b = 12, 64, 32
+def test_sparse_backward_matches_dense_autodiff(
+    decoder: str, some_dead: bool, b: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    d, n = 12, 64
+    monkeypatch.setattr(common, "ENCODE_CHUNK_MIN_SCORES", 0)  # chunk even this small problem
     cfg = topk.TopKConfig(n_latents=n, k=5, decoder=decoder)
     key = jax.random.PRNGKey(3)
     x = jax.random.normal(key, (b, d)) + 0.5
@@ -118,6 +122,35 @@ def test_dead_top_k_matches_the_masked_search(n_dead: int) -> None:
     np.testing.assert_array_equal(np.asarray(got)[:, :valid], np.asarray(want)[:, :valid])
     np.testing.assert_array_equal(np.asarray(got_vals), np.asarray(want_vals))  # −inf past #dead
     assert dead[np.asarray(got)[:, :valid]].all()
+
+
+@pytest.mark.parametrize("n_dead", [0, 30, 2000])
+def test_encode_top_k_in_chunks_equals_the_dense_search(n_dead: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunked (B > ENCODE_CHUNK, padded) or not, the picks and the dead picks are those of one dense search."""
+    b, d, n, k, k_aux = common.ENCODE_CHUNK * 2 + 37, 16, 2048, 16, 8
+    monkeypatch.setattr(common, "ENCODE_CHUNK_MIN_SCORES", 0)  # chunk this small problem too
+    rng = np.random.default_rng(n_dead)
+    x_c = jnp.asarray(rng.normal(size=(b, d)).astype(np.float32))
+    w_enc = jnp.asarray(rng.normal(size=(d, n)).astype(np.float32))
+    b_enc = jnp.asarray(rng.normal(size=n).astype(np.float32) - 2.0)  # many ReLU zeros: ties must break alike
+    scale = jnp.asarray(rng.uniform(0.5, 2.0, (1, n)).astype(np.float32))
+    dead_np = np.zeros(n, bool)
+    dead_np[rng.choice(n, n_dead, replace=False)] = True
+    dead = jnp.asarray(dead_np) if n_dead else None
+    search = lambda x: common.encode_top_k(x, w_enc, b_enc, k, scale, dead, k_aux)  # noqa: E731
+    assert "scan" in str(jax.make_jaxpr(search)(x_c))  # the chunked path is the one under test
+    got_v, got_i, got_dead = jax.jit(search)(x_c)
+    score = jax.nn.relu(x_c @ w_enc + b_enc) * scale
+    want_v, want_i = jax.lax.top_k(score, k)
+    np.testing.assert_array_equal(np.asarray(got_i), np.asarray(want_i))
+    np.testing.assert_allclose(np.asarray(got_v), np.asarray(want_v), rtol=1e-6)
+    if dead is None:
+        assert got_dead is None
+        return
+    want_dv, want_di = jax.lax.top_k(jnp.where(dead[None, :], score, -jnp.inf), k_aux)
+    valid = min(k_aux, n_dead)
+    np.testing.assert_array_equal(np.asarray(got_dead[1])[:, :valid], np.asarray(want_di)[:, :valid])
+    np.testing.assert_allclose(np.asarray(got_dead[0]), np.asarray(want_dv), rtol=1e-6)
 
 
 @pytest.mark.parametrize("k", [3, 80])  # 80 > SCATTER_LOOP_K: the one-pick-at-a-time scatter
