@@ -209,7 +209,7 @@ def loss(
     codes = select_batch(cfg, params, x_c, pre, scale, cfg.k)
     x_hat = decode_codes(codes, params, b)
     err, var = common.fvu_terms(x, x_hat)
-    k_aux = min(cfg.k_aux or x.shape[1] // 2, cfg.n_latents)
+    k_aux = common.aux_width(cfg.k_aux, x.shape[1], cfg.n_latents)
     aux = common.auxk_loss(
         x_c, pre, ctx.dead, x - x_hat, params.W_enc, params.b_enc, params.W_dec, k_aux, scale
     )

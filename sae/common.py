@@ -184,6 +184,11 @@ def unscaled(score_vals: jax.Array, idx: jax.Array, score_scale: jax.Array | Non
     return score_vals if score_scale is None else score_vals / score_scale[0, idx]
 
 
+def aux_width(k_aux: int | None, d: int, n_latents: int) -> int:
+    """Latents AuxK uses: ``k_aux``, or d/2 when None (Gao et al.), at most n."""
+    return min(k_aux or d // 2, n_latents)
+
+
 def auxk_loss(
     x_c: jax.Array,
     pre: jax.Array | None,
@@ -218,10 +223,13 @@ def auxk_loss(
     if picks is None:
         assert pre is not None, "auxk_loss needs pre or picks"
         score = jax.lax.stop_gradient(pre if score_scale is None else pre * score_scale)
+        search = lambda: dead_top_k(score, dead, k_aux)  # noqa: E731  (inside the branch: skipped when none is dead)
+    else:
+        search = lambda: picks  # noqa: E731
 
     def aux_branch() -> jax.Array:
         e = jax.lax.stop_gradient(residual)
-        top, idx = dead_top_k(score, dead, k_aux) if picks is None else picks
+        top, idx = search()
         chosen = unscaled(top, idx, score_scale)
         vals = jax.nn.relu(gather_encode(x_c, w_enc, b_enc, idx, chosen=chosen, b_dec=b_dec))
         keep = (jnp.arange(k_aux) < n_dead)[None, :]
@@ -259,10 +267,9 @@ def encode_top_k(
 
     With ``dead`` the top-k_aux among dead latents (``dead_top_k``) comes from the same scores, as
     (scores, indices) [B, k_aux]; else None. No gradient flows through any of it. On CPU, without a
-    mesh, the tokens go in chunks of ``ENCODE_CHUNK`` under ``lax.map``: each chunk's dense scores
-    are searched while still in cache, and the [B, n] matrix is never formed (a TopK step without
-    dead latents: see ``benchmarks/train_speed.py``) once it would not fit in cache
-    (``ENCODE_CHUNK_MIN_SCORES``). Elsewhere it is one dense product.
+    mesh, once the [B, n] scores would not fit in cache (``ENCODE_CHUNK_MIN_SCORES``), the tokens go
+    in chunks of ``ENCODE_CHUNK`` under ``lax.map``: each chunk's scores are searched while still in
+    cache and the [B, n] matrix is never formed. Elsewhere it is one dense product.
     """
 
     def search(xc: jax.Array) -> tuple[jax.Array, ...]:
@@ -271,10 +278,9 @@ def encode_top_k(
         top, idx = top_k(score, k)  # local top-k + global merge when latents are sharded
         return (top, idx) if dead is None else (top, idx, *dead_top_k(score, dead, k_aux))
 
-    b, d = x_c.shape
-    mesh = jax.sharding.get_abstract_mesh()
-    n = w_enc.shape[-1]
-    if jax.default_backend() != "cpu" or not mesh.empty or b <= ENCODE_CHUNK or b * n < ENCODE_CHUNK_MIN_SCORES:
+    (b, d), n = x_c.shape, w_enc.shape[-1]
+    dense = jax.default_backend() != "cpu" or not jax.sharding.get_abstract_mesh().empty
+    if dense or b <= ENCODE_CHUNK or b * n < ENCODE_CHUNK_MIN_SCORES:
         out = search(x_c)
     else:
         pad = (-b) % ENCODE_CHUNK

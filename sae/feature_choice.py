@@ -207,7 +207,7 @@ def loss(
     total = fvu
     aux = jnp.zeros((), jnp.float32)
     if cfg.aux_zipf_coef > 0:
-        k_aux = min(cfg.k_aux or x.shape[1] // 2, cfg.n_latents)
+        k_aux = common.aux_width(cfg.k_aux, x.shape[1], cfg.n_latents)
         aux = common.auxk_loss(
             x_c, pre, under_used(cfg, state), x - x_hat, params.W_enc, params.b_enc, params.W_dec, k_aux
         )

@@ -135,7 +135,7 @@ def loss(
     cfg: HierarchicalTopKConfig, params: Params, state: State, x: jax.Array, ctx: StepCtx
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     x_c = x - params.b_dec
-    k_aux = min(cfg.k_aux or x.shape[1] // 2, cfg.n_latents)
+    k_aux = common.aux_width(cfg.k_aux, x.shape[1], cfg.n_latents)
     idx, chosen, scale, dead_picks = topk._select(cfg, params, x_c, cfg.k, ctx.dead, k_aux)  # sorted, descending
     vals = jax.nn.relu(gather_encode(x_c, params.W_enc, params.b_enc, idx, chosen=chosen))
     errs, resid = cumulative_errors(x_c, vals, idx, params.W_dec, cfg.chunk_size)

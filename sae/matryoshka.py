@@ -133,7 +133,7 @@ def loss(
     errs, x_hat = prefix_errors(cfg, codes, params, x)
     _, var = common.fvu_terms(x, x_hat)
     err = errs[-1]
-    k_aux = min(cfg.k_aux or x.shape[1] // 2, cfg.n_latents)
+    k_aux = common.aux_width(cfg.k_aux, x.shape[1], cfg.n_latents)
     aux = common.auxk_loss(
         x_c, pre, ctx.dead, x - x_hat, params.W_enc, params.b_enc, params.W_dec, k_aux, scale
     )

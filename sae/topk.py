@@ -145,8 +145,7 @@ def loss(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     x_c = x - params.b_dec
     kk = 4 * cfg.k if cfg.multi_topk else cfg.k
-    d = x.shape[1]
-    k_aux = min(cfg.k_aux or d // 2, cfg.n_latents)
+    k_aux = common.aux_width(cfg.k_aux, x.shape[1], cfg.n_latents)
     idx_all, chosen, scale, dead_picks = _select(cfg, params, x_c, kk, ctx.dead, k_aux)
     # forward values are top-k's own (O(B·k)); the backward is the sparse kernel's
     vals_all = jax.nn.relu(gather_encode(x_c, params.W_enc, params.b_enc, idx_all, chosen=chosen, b_dec=params.b_dec))
