@@ -17,7 +17,8 @@ import numpy as np
 from flax import struct
 from jax.sharding import PartitionSpec
 
-from sae.sharding import MODEL_AXIS, model_shards, top_k
+from sae import native
+from sae.sharding import MODEL_AXIS, model_shards, native_here, top_k
 from sae.sparse_ops import gather_encode, sparse_decode
 
 LATENT_AXIS = MODEL_AXIS
@@ -273,7 +274,11 @@ def encode_top_k(
     """
 
     def search(xc: jax.Array) -> tuple[jax.Array, ...]:
-        pre = jax.nn.relu(xc @ w_enc + b_enc)
+        z = xc @ w_enc
+        if dead is None and native_here(z):  # ReLU, bias and scale applied inside the search
+            scale = jnp.ones_like(b_enc) if score_scale is None else score_scale
+            return native.relu_top_k(z, b_enc, scale.astype(z.dtype), k)
+        pre = jax.nn.relu(z + b_enc)
         score = jax.lax.stop_gradient(pre if score_scale is None else pre * score_scale)
         top, idx = top_k(score, k)  # local top-k + global merge when latents are sharded
         return (top, idx) if dead is None else (top, idx, *dead_top_k(score, dead, k_aux))

@@ -30,6 +30,8 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from sae import native
+
 DATA_AXIS = "data"
 """Mesh axis the batch is split over."""
 MODEL_AXIS = "model"
@@ -273,15 +275,24 @@ def block_top_k(score: jax.Array, k: int, block: int = TOP_K_BLOCK) -> tuple[jax
     return vals, jnp.take_along_axis(best, pos // block, axis=1) * block + pos % block
 
 
+def native_here(x: jax.Array) -> bool:
+    """Whether the native CPU top-k (``sae.native``) serves ``x`` here: float32 on the CPU backend
+    outside any mesh (XLA cannot partition the custom call), with the kernel built."""
+    return jax.sharding.get_abstract_mesh().empty and native.usable_for(x)
+
+
 def top_k(score: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     """Top-k over latents [B, n]: ``sharded_top_k`` under a mesh whose model axis is > 1 (and
-    divides n and the batch splits over data), ``block_top_k`` on CPU where it applies,
-    ``jax.lax.top_k`` otherwise. All three return the same values and indices."""
+    divides n and the batch splits over data); on CPU the native kernel outside a mesh, else
+    ``block_top_k`` where it applies; ``jax.lax.top_k`` otherwise. All return the same values and
+    indices."""
     m = model_shards()
     if m > 1 and score.ndim == 2 and score.shape[1] % m == 0:
         data = jax.sharding.get_abstract_mesh().shape.get(DATA_AXIS, 1)
         if score.shape[0] % data == 0:
             return sharded_top_k(score, k)
+    if native_here(score):
+        return native.top_k(score, k)
     n = score.shape[-1]
     if score.ndim == 2 and jax.default_backend() == "cpu" and n % TOP_K_BLOCK == 0 and 4 * k * TOP_K_BLOCK <= n:
         return block_top_k(score, k)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sae import common, topk
+from sae import common, native, topk
 from sae.base import StepCtx
 from sae.sparse_ops import gather_encode, sparse_decode
 
@@ -125,10 +125,18 @@ def test_dead_top_k_matches_the_masked_search(n_dead: int) -> None:
 
 
 @pytest.mark.parametrize("n_dead", [0, 30, 2000])
-def test_encode_top_k_in_chunks_equals_the_dense_search(n_dead: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Chunked (B > ENCODE_CHUNK, padded) or not, the picks and the dead picks are those of one dense search."""
+@pytest.mark.parametrize("use_native", [True, False], ids=["native", "xla"])
+def test_encode_top_k_in_chunks_equals_the_dense_search(
+    n_dead: int, use_native: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chunked (B > ENCODE_CHUNK, padded) or not, with the native CPU search or in plain XLA, the
+    picks and the dead picks are those of one dense search."""
     b, d, n, k, k_aux = common.ENCODE_CHUNK * 2 + 37, 16, 2048, 16, 8
     monkeypatch.setattr(common, "ENCODE_CHUNK_MIN_SCORES", 0)  # chunk this small problem too
+    if use_native:
+        assert native.available(), "the native top-k kernel did not build: is g++ installed?"
+    else:
+        monkeypatch.setattr(native, "usable_for", lambda x: False)
     rng = np.random.default_rng(n_dead)
     x_c = jnp.asarray(rng.normal(size=(b, d)).astype(np.float32))
     w_enc = jnp.asarray(rng.normal(size=(d, n)).astype(np.float32))
@@ -138,7 +146,9 @@ def test_encode_top_k_in_chunks_equals_the_dense_search(n_dead: int, monkeypatch
     dead_np[rng.choice(n, n_dead, replace=False)] = True
     dead = jnp.asarray(dead_np) if n_dead else None
     search = lambda x: common.encode_top_k(x, w_enc, b_enc, k, scale, dead, k_aux)  # noqa: E731
-    assert "scan" in str(jax.make_jaxpr(search)(x_c))  # the chunked path is the one under test
+    jaxpr = str(jax.make_jaxpr(search)(x_c))
+    assert "scan" in jaxpr  # the chunked path is the one under test
+    assert ("saewb_" in jaxpr) == use_native  # and the native search exactly when asked for
     got_v, got_i, got_dead = jax.jit(search)(x_c)
     score = jax.nn.relu(x_c @ w_enc + b_enc) * scale
     want_v, want_i = jax.lax.top_k(score, k)
