@@ -16,7 +16,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK = 1
 export XLA_PYTHON_CLIENT_PREALLOCATE = false
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: install browser demo demo-pipeline demo-lm demo-lm-pipeline saelens-venv test docs lint bench clean
+.PHONY: install browser compiler demo demo-pipeline demo-lm demo-lm-pipeline saelens-venv test docs lint bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,12 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || { \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium chromium-driver; }
+
+# The native CPU top-k (sae/native) is compiled on first use; its tests need a C++ compiler.
+compiler:
+	@command -v g++ >/dev/null 2>&1 || command -v clang++ >/dev/null 2>&1 || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -q && $$SUDO apt-get install -y -q g++; }
 
 ## demo: the whole pipeline on the built-in corpus and MiniLM, then serve the app on localhost.
 demo: demo-pipeline
@@ -64,7 +70,7 @@ saelens-venv:
 		|| PEERS=saelens PYTHON=$$(command -v python3.11 || command -v $(PYTHON)) \
 		bash benchmarks/peers_setup.sh
 
-test: $(STAMP) browser saelens-venv
+test: $(STAMP) browser compiler saelens-venv
 	$(PY) -m pytest -q
 
 ## docs: regenerate docs/config_reference.md from the config dataclasses (tests/test_docs.py checks it).
