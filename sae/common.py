@@ -270,14 +270,16 @@ def encode_top_k(
     (scores, indices) [B, k_aux]; else None. No gradient flows through any of it. On CPU, without a
     mesh, once the [B, n] scores would not fit in cache (``ENCODE_CHUNK_MIN_SCORES``), the tokens go
     in chunks of ``ENCODE_CHUNK`` under ``lax.map``: each chunk's scores are searched while still in
-    cache and the [B, n] matrix is never formed. Elsewhere it is one dense product.
+    cache and the [B, n] matrix is never formed. Elsewhere it is one dense product. On CPU outside a
+    mesh, steps without dead latents search with ``native.relu_top_k``, which never writes the scores.
     """
+
+    native_scale = jnp.ones_like(b_enc) if score_scale is None else score_scale.astype(b_enc.dtype)
 
     def search(xc: jax.Array) -> tuple[jax.Array, ...]:
         z = xc @ w_enc
         if dead is None and native_here(z):  # ReLU, bias and scale applied inside the search
-            scale = jnp.ones_like(b_enc) if score_scale is None else score_scale
-            return native.relu_top_k(z, b_enc, scale.astype(z.dtype), k)
+            return native.relu_top_k(z, b_enc, native_scale, k)
         pre = jax.nn.relu(z + b_enc)
         score = jax.lax.stop_gradient(pre if score_scale is None else pre * score_scale)
         top, idx = top_k(score, k)  # local top-k + global merge when latents are sharded

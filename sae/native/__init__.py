@@ -10,6 +10,7 @@ compiler, or if the build fails, callers fall back to pure XLA after one warning
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import hashlib
 import logging
@@ -77,8 +78,6 @@ def available() -> bool:
                     "Install one (apt install g++) or set SAEWB_NATIVE=0 to silence this.")
         return False
     try:
-        import ctypes
-
         lib = ctypes.cdll.LoadLibrary(str(_build(compiler)))
         for target, symbol in TARGETS.items():
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
@@ -110,7 +109,7 @@ def _top_k_jvp(k: int, primals: tuple[jax.Array], tangents: tuple[jax.Array]):
 
 def relu_top_k(z: jax.Array, bias: jax.Array, scale: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     """``jax.lax.top_k(relu(z + bias) * scale, k)`` without forming the scores: z [..., n] float32,
-    bias and scale [n]. For selection only: no gradient."""
+    bias and scale with n elements ([n] or [1, n]). For selection only: no gradient."""
     return _call("saewb_relu_top_k_f32", k, *(jax.lax.stop_gradient(a) for a in (z, bias, scale)))
 
 

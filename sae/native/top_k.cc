@@ -5,7 +5,7 @@
 // order (the float bits read as a sign-magnitude integer, so -0.0 < +0.0 and NaN above +inf),
 // ties broken by the lower index. XLA's own CPU top-k sorts every row partially, one row at a
 // time on one thread; here each row is one pass that keeps a buffer of the best candidates and
-// skips 16-wide blocks whose maximum cannot enter it, and blocks of rows share XLA's threads.
+// skips, with one vector compare, every 16-wide block with nothing above its floor, and blocks of rows share XLA's threads.
 
 #include <algorithm>
 #include <atomic>
@@ -42,12 +42,16 @@ inline int32_t IndexOf(Cand c) { return static_cast<int32_t>(0xffffffffu - stati
 
 constexpr int64_t kBlock = 16;
 
+// Candidates first taken unconditionally, and the buffer size that triggers a Shrink after that.
+inline int64_t HeadSize(int64_t n, int64_t k) { return std::max(k, std::min(n, 8 * k)); }
+inline int64_t Capacity(int64_t k) { return std::max<int64_t>(4 * k, 64); }
+
 // Keeps the k best of buf and returns the key of the k-th: a later element (larger index) enters
 // only with a strictly larger key.
 int32_t Shrink(std::vector<Cand>& buf, int64_t k) {
   std::nth_element(buf.begin(), buf.begin() + (k - 1), buf.end(), std::greater<Cand>());
   buf.resize(k);
-  return KeyOf(*std::min_element(buf.begin(), buf.end()));
+  return KeyOf(buf[k - 1]);  // nth_element put the k-th best there
 }
 
 // The plain score, and ReLU(z + bias) * scale per latent as XLA computes it (NaN propagates, and
@@ -74,7 +78,7 @@ constexpr int64_t kTile = 256;  // scores computed per pass, kept in L1
 template <typename Score>
 void RowTopK(const float* x, const Score& score, int64_t n, int64_t k, float* vals, int32_t* idx,
              std::vector<Cand>& buf) {
-  const int64_t cap = std::max<int64_t>(4 * k, 64);
+  const int64_t cap = Capacity(k);
   alignas(64) float tile[kTile];
   alignas(64) int32_t keys[kTile];
   alignas(64) uint8_t hit[kTile];
@@ -82,7 +86,7 @@ void RowTopK(const float* x, const Score& score, int64_t n, int64_t k, float* va
   int32_t floor = INT32_MIN;
   // The first `head` elements all enter; the k-th best of them is a high first floor, so few
   // later elements pass it (about k ln(n / head) of them in a random order).
-  const int64_t head = std::max(k, std::min(n, 8 * k));
+  const int64_t head = HeadSize(n, k);
   bool filling = true;
   for (int64_t start = 0; start < n; start += kTile) {
     const int64_t len = std::min(kTile, n - start);
@@ -145,7 +149,7 @@ struct Work {
 
   void Drain() {
     std::vector<Cand> buf;
-    buf.reserve(std::max<int64_t>(8 * k, 64) + 1);
+    buf.reserve(std::max(HeadSize(n, k), Capacity(k)) + 1);
     for (int64_t b; (b = next.fetch_add(1)) < blocks;) {
       const int64_t end = std::min(rows, (b + 1) * per_block);
       for (int64_t r = b * per_block; r < end; ++r) RowTopK(x + r * n, score, n, k, vals + r * k, idx + r * k, buf);
