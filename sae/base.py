@@ -36,6 +36,9 @@ class StepCtx:
     trainer checked that none has (see ``SKIPS_AUX_WITHOUT_DEAD``)."""
     progress: jax.Array
     """float scalar in [0, 1]: fraction of training steps done (for coefficient warmups)."""
+    k_active: jax.Array | None = None
+    """int scalar: this member's k when a sweep vmaps TopK members of several k in one step (the
+    config then holds the largest, and picks past ``k_active`` are zeroed); None otherwise."""
 
 
 def registry() -> dict[str, types.ModuleType]:

@@ -7,6 +7,7 @@ architecture files import these rather than carrying copies.
 from __future__ import annotations
 
 import contextvars
+import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -18,7 +19,7 @@ from flax import struct
 from jax.sharding import PartitionSpec
 
 from sae import native
-from sae.sharding import MODEL_AXIS, model_shards, native_here, top_k
+from sae.sharding import MODEL_AXIS, model_shards, top_k
 from sae.sparse_ops import gather_encode, sparse_decode
 
 LATENT_AXIS = MODEL_AXIS
@@ -53,12 +54,37 @@ class StepState:
     step: Any
 
 
+_MEDIANS: contextvars.ContextVar[dict[bytes, np.ndarray] | None] = contextvars.ContextVar("medians", default=None)
+
+
+@contextmanager
+def shared_geometric_medians() -> Iterator[None]:
+    """Within this, ``geometric_median`` runs once per distinct sample: a sweep's members that share
+    a hook start from the same init sample."""
+    token = _MEDIANS.set({})
+    try:
+        yield
+    finally:
+        _MEDIANS.reset(token)
+
+
 def geometric_median(x: np.ndarray, iters: int = 100, eps: float = 1e-8, tol: float = 1e-7) -> np.ndarray:
     """Weiszfeld's algorithm: the point minimising the summed Euclidean distance to the rows of x.
 
     Computed in float64 numpy on a sample (it runs once, before training). Starts from the mean and
     stops early when a step moves less than ``tol`` relative to the scale of the data.
     """
+    memo = _MEDIANS.get()
+    if memo is None:
+        return _weiszfeld(x, iters, eps, tol)
+    arr = np.ascontiguousarray(x)
+    key = hashlib.blake2b(repr((arr.shape, arr.dtype.str, iters, eps, tol)).encode() + arr.tobytes(), digest_size=16).digest()
+    if key not in memo:
+        memo[key] = _weiszfeld(arr, iters, eps, tol)
+    return memo[key].copy()
+
+
+def _weiszfeld(x: np.ndarray, iters: int, eps: float, tol: float) -> np.ndarray:
     pts = np.asarray(x, dtype=np.float64)
     if pts.ndim != 2 or len(pts) == 0:
         raise ValueError(f"geometric_median needs a non-empty [N, d] array, got shape {pts.shape}")
@@ -171,7 +197,7 @@ def dead_top_k(score: jax.Array, dead: jax.Array, k: int) -> tuple[jax.Array, ja
         def search() -> tuple[jax.Array, jax.Array]:
             cols = jnp.nonzero(dead, size=width, fill_value=0)[0]
             picked = jnp.where((jnp.arange(width) < n_dead)[None, :], score[:, cols], -jnp.inf)
-            vals, pos = jax.lax.top_k(picked, k)
+            vals, pos = top_k(picked, k)  # native on CPU
             return vals, cols[pos]
 
         return search
@@ -278,7 +304,7 @@ def encode_top_k(
 
     def search(xc: jax.Array) -> tuple[jax.Array, ...]:
         z = xc @ w_enc
-        if dead is None and native_here(z):  # ReLU, bias and scale applied inside the search
+        if dead is None and native.serves(z):  # ReLU, bias and scale applied inside the search
             return native.relu_top_k(z, b_enc, native_scale, k)
         pre = jax.nn.relu(z + b_enc)
         score = jax.lax.stop_gradient(pre if score_scale is None else pre * score_scale)

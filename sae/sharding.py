@@ -275,12 +275,6 @@ def block_top_k(score: jax.Array, k: int, block: int = TOP_K_BLOCK) -> tuple[jax
     return vals, jnp.take_along_axis(best, pos // block, axis=1) * block + pos % block
 
 
-def native_here(x: jax.Array) -> bool:
-    """Whether the native CPU top-k (``sae.native``) serves ``x`` here: float32 on the CPU backend
-    outside any mesh (XLA cannot partition the custom call), with the kernel built."""
-    return jax.sharding.get_abstract_mesh().empty and native.usable_for(x)
-
-
 def top_k(score: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     """Top-k over latents [B, n]: ``sharded_top_k`` under a mesh whose model axis is > 1 (and
     divides n and the batch splits over data); on CPU the native kernel outside a mesh, else
@@ -291,7 +285,7 @@ def top_k(score: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
         data = jax.sharding.get_abstract_mesh().shape.get(DATA_AXIS, 1)
         if score.shape[0] % data == 0:
             return sharded_top_k(score, k)
-    if native_here(score):
+    if native.serves(score):
         return native.top_k(score, k)
     n = score.shape[-1]
     if score.ndim == 2 and jax.default_backend() == "cpu" and n % TOP_K_BLOCK == 0 and 4 * k * TOP_K_BLOCK <= n:

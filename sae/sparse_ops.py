@@ -16,12 +16,19 @@ row gather per j fused into a running multiply-add (``weighted_row_sum``, ``row_
 avoided when the caller passes ``b_dec`` (see ``gather_encode``). Scatters stay one
 ``.at[].add`` of B·k rows (0.17; a loop over j was 0.20). Indices come from top-k, so they are
 in bounds and the gathers skip bounds handling. Indices get no gradient.
+
+On CPU, for float32 outside a mesh, the three row kernels (``weighted_row_sum``, ``row_dots``,
+``scatter_outer``) run natively instead (``sae.native``, ``sparse.cc``): tokens or latents shared
+between threads, and the scatter reads each token's row in place instead of writing the [B·k, d]
+block. The XLA versions below are the reference and serve accelerators and meshes.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from sae import native
 
 
 def _rows(m: jax.Array, col: jax.Array) -> jax.Array:
@@ -35,6 +42,8 @@ def _column(a: jax.Array, j: jax.Array, keepdims: bool = False) -> jax.Array:
 
 def weighted_row_sum(vals: jax.Array, idx: jax.Array, m: jax.Array) -> jax.Array:
     """Σ_j vals[:, j] · m[idx[:, j]] → [B, d], never materialising the [B, k, d] gathered block."""
+    if native.serves(vals, m):
+        return native.weighted_row_sum(vals, idx, m)
 
     def body(j: jax.Array, acc: jax.Array) -> jax.Array:
         return acc + _column(vals, j, keepdims=True) * _rows(m, _column(idx, j))
@@ -45,6 +54,8 @@ def weighted_row_sum(vals: jax.Array, idx: jax.Array, m: jax.Array) -> jax.Array
 
 def row_dots(g: jax.Array, idx: jax.Array, m: jax.Array) -> jax.Array:
     """[B, k] of g[b] · m[idx[b, j]], one fused row gather per j."""
+    if native.serves(g, m):
+        return native.row_dots(g, idx, m)
 
     def body(j: jax.Array, out: jax.Array) -> jax.Array:
         dots = jnp.sum(g * _rows(m, _column(idx, j)), axis=1)
@@ -60,6 +71,8 @@ SCATTER_LOOP_K = 64
 
 def scatter_outer(coef: jax.Array, idx: jax.Array, rows: jax.Array, n: int) -> jax.Array:
     """[n, d] with Σ over (b, j) of coef[b, j] · rows[b] added at row idx[b, j]."""
+    if native.serves(coef, rows):
+        return native.scatter_outer(coef, idx, rows, n)[0]
     d = rows.shape[1]
     dtype = jnp.result_type(coef, rows)
     if idx.shape[1] <= SCATTER_LOOP_K:
@@ -121,7 +134,8 @@ def gather_encode(
     elif pre is not None:
         vals = jnp.take_along_axis(pre, idx, axis=1)
     else:
-        vals = row_dots(x_c, idx, w_enc.T) + b_enc[idx]
+        sg = jax.lax.stop_gradient  # the native kernels have no gradient rule; none is wanted here
+        vals = row_dots(sg(x_c), idx, sg(w_enc).T) + b_enc[idx]
     vals = jax.lax.stop_gradient(vals)
     if b_dec is None:
         return _gather_encode(x_c, w_enc, b_enc, idx, vals)
@@ -131,6 +145,9 @@ def gather_encode(
 def _encoder_grads(g: jax.Array, x_c: jax.Array, w_enc: jax.Array, idx: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(dW_enc [d, n], db_enc [n]) of x_c · W_enc[:, idx] + b_enc[idx] with output cotangent g [B, k]."""
     n = w_enc.shape[1]
+    if native.serves(g, x_c):  # written in W_enc's [d, n] layout, the bias sums alongside
+        d_w, d_b = native.scatter_outer(g, idx, x_c, n, transposed=True)
+        return d_w.astype(w_enc.dtype), d_b
     return scatter_outer(g, idx, x_c, n).T.astype(w_enc.dtype), _scatter_sum(g, idx, n)
 
 

@@ -151,6 +151,8 @@ def loss(
     vals_all = jax.nn.relu(gather_encode(x_c, params.W_enc, params.b_enc, idx_all, chosen=chosen, b_dec=params.b_dec))
     # top_k returns sorted picks, so the first k of the 4k are the top k.
     vals, idx = vals_all[:, : cfg.k], idx_all[:, : cfg.k]
+    if ctx.k_active is not None:  # a sweep member with a smaller k: its top k are the first k picks
+        vals = jnp.where(jnp.arange(cfg.k)[None, :] < ctx.k_active, vals, 0.0)
     x_hat = sparse_decode(vals, idx, params.W_dec) + params.b_dec
     err, var = common.fvu_terms(x, x_hat)
     fvu = err / jnp.maximum(var, 1e-12)
@@ -172,6 +174,12 @@ def loss(
         "fires": fires,
         "aux": aux,
     }
+
+
+def vmaps_k(cfg: TopKConfig) -> bool:
+    """Whether sweep members that differ from this config only in k can share one vmapped step
+    (``StepCtx.k_active``): the picks of a smaller k are the first picks of a larger one."""
+    return not cfg.multi_topk
 
 
 def update_state(cfg: TopKConfig, state: State, aux: dict[str, jax.Array], step: jax.Array) -> State:

@@ -313,17 +313,20 @@ class Trainer:
 
         return loss
 
-    def step_impl(self, ts: TrainState, batch: jax.Array, scale: jax.Array, maybe_dead: bool = True) -> TrainState:
+    def step_impl(
+        self, ts: TrainState, batch: jax.Array, scale: jax.Array, maybe_dead: bool = True, k_active: jax.Array | None = None
+    ) -> TrainState:
         """One optimiser step, unjitted: the trainer jits it, the sweep vmaps it over members.
 
         ``maybe_dead=False`` (static) promises that no latent is dead; the loss then gets
         ``ctx.dead = None`` and the AuxK branch is left out of the program. Merely skipping it at
         run time inside a ``lax.cond`` still cost 100 ms of a 720 ms TopK step (B = 4096,
         n = 16384, CPU): the cond's gradient materialises dense zero cotangents and residuals.
+        ``k_active``: see ``StepCtx`` (sweeps only).
         """
         x = batch * scale
         dead = ts.since_fired >= self.window if maybe_dead else None
-        ctx = StepCtx(dead=dead, progress=ts.step.astype(jnp.float32) / max(1, self.tc.total_steps))
+        ctx = StepCtx(dead=dead, progress=ts.step.astype(jnp.float32) / max(1, self.tc.total_steps), k_active=k_active)
         grad_fn = jax.value_and_grad(self._loss_fn(), argnums=1, has_aux=True)
         (loss, aux), grads = grad_fn(self.cfg, ts.params, ts.arch_state, x, ctx)
         updates, opt_state = self.tx.update(grads, ts.opt_state, ts.params)

@@ -33,12 +33,22 @@ def _dense_topk_loss(cfg: topk.TopKConfig, params: topk.Params, x: jax.Array, de
     return err / var + cfg.aux_coef * aux
 
 
+def _kernels(use_native: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Native CPU kernels (top-k and the sparse row kernels) or their plain XLA references."""
+    if use_native:
+        assert native.available(), "the native kernels did not build: is g++ installed?"
+    else:
+        monkeypatch.setattr(native, "usable_for", lambda x: False)
+
+
 @pytest.mark.parametrize("b", [32, 1100])  # 1100 > ENCODE_CHUNK: the selection runs in padded chunks on CPU
 @pytest.mark.parametrize("some_dead", [True, False])
 @pytest.mark.parametrize("decoder", ["unit", "free"])
+@pytest.mark.parametrize("use_native", [True, False], ids=["native", "xla"])
 def test_sparse_backward_matches_dense_autodiff(
-    decoder: str, some_dead: bool, b: int, monkeypatch: pytest.MonkeyPatch
+    use_native: bool, decoder: str, some_dead: bool, b: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    _kernels(use_native, monkeypatch)
     d, n = 12, 64
     monkeypatch.setattr(common, "ENCODE_CHUNK_MIN_SCORES", 0)  # chunk even this small problem
     cfg = topk.TopKConfig(n_latents=n, k=5, decoder=decoder)
@@ -133,10 +143,7 @@ def test_encode_top_k_in_chunks_equals_the_dense_search(
     picks and the dead picks are those of one dense search."""
     b, d, n, k, k_aux = common.ENCODE_CHUNK * 2 + 37, 16, 2048, 16, 8
     monkeypatch.setattr(common, "ENCODE_CHUNK_MIN_SCORES", 0)  # chunk this small problem too
-    if use_native:
-        assert native.available(), "the native top-k kernel did not build: is g++ installed?"
-    else:
-        monkeypatch.setattr(native, "usable_for", lambda x: False)
+    _kernels(use_native, monkeypatch)
     rng = np.random.default_rng(n_dead)
     x_c = jnp.asarray(rng.normal(size=(b, d)).astype(np.float32))
     w_enc = jnp.asarray(rng.normal(size=(d, n)).astype(np.float32))
@@ -164,7 +171,9 @@ def test_encode_top_k_in_chunks_equals_the_dense_search(
 
 
 @pytest.mark.parametrize("k", [3, 80])  # 80 > SCATTER_LOOP_K: the one-pick-at-a-time scatter
-def test_sparse_kernels_match_dense_autodiff(k: int) -> None:
+@pytest.mark.parametrize("use_native", [True, False], ids=["native", "xla"])
+def test_sparse_kernels_match_dense_autodiff(use_native: bool, k: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    _kernels(use_native, monkeypatch)
     b, n, d = 24, 200, 10
     rng = np.random.default_rng(k)
     idx = jnp.asarray(np.argsort(rng.random((b, n)), axis=1)[:, :k].astype(np.int32))

@@ -72,6 +72,7 @@ def _sweep_file(tmp_path: Path, ws: Path, **over: object) -> Path:
         "members": [
             {"name": "a", "k": 4, "seed": 0},
             {"name": "b", "k": 4, "seed": 1},  # differs from a only by seed: vmapped with it
+            {"name": "d", "k": 2, "seed": 1},  # and by k too: vmapped with them, its picks past 2 zeroed
             {"name": "c", "k": 6, "n_latents": 24, "hook": "blocks.0.hook_out"},  # another hook and shape
         ],
     }
@@ -105,7 +106,7 @@ def test_sweep_equals_runs_trained_one_by_one(swept: Path, tmp_path: Path) -> No
 
     plan = plan_sweep(load_sweep(_sweep_file(tmp_path, swept)))
     groups = _groups(plan.members, plan.widths)
-    assert sorted(len(g.members) for g in groups) == [1, 2] and any(g.vmapped for g in groups)
+    assert sorted(len(g.members) for g in groups) == [1, 3] and any(g.vmapped for g in groups)
     for m in plan.members:
         stream = ActivationStream(swept, m.hook, batch_size=64, seed=3)
         solo = train(m.sae_config, m.train_config, lambda s, st=stream: st.batches(start=s), progress=False)
@@ -182,3 +183,43 @@ def test_malformed_yaml_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture
     path.write_text("train: [unclosed\n")
     assert saewb(["sweep", str(path)]) == 1
     assert "not valid YAML" in capsys.readouterr().err
+
+
+def test_shared_geometric_medians_compute_once_per_sample(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sweep's members of one hook share their init sample: its median is computed once, and is the
+    median computed alone."""
+    from sae import common
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(300, 8)).astype(np.float32), rng.normal(size=(300, 8)).astype(np.float32)
+    alone = common.geometric_median(a)
+    calls = []
+    weiszfeld = common._weiszfeld
+    monkeypatch.setattr(common, "_weiszfeld", lambda *args: calls.append(1) or weiszfeld(*args))
+    with common.shared_geometric_medians():
+        got = [common.geometric_median(x) for x in (a, a.copy(), b, a)]
+    assert len(calls) == 2  # a once (equal copies included), b once
+    np.testing.assert_array_equal(got[0], alone)
+    np.testing.assert_array_equal(got[3], alone)
+    assert not np.array_equal(got[2], alone)
+    common.geometric_median(a)  # outside the context nothing is kept
+    assert len(calls) == 3
+
+
+def test_topk_members_of_other_k_share_a_step_within_a_factor_of_two() -> None:
+    from sae.sweep import Member, _groups
+    from sae.topk import TopKConfig
+    from sae.trainer import TrainConfig
+
+    tc = TrainConfig(train_tokens=4096, batch_size=64)
+    ms = [Member(f"m{k}", "h", TopKConfig(n_latents=64, k=k), tc) for k in (8, 4, 16, 5, 40)]
+    ms.append(Member("multi", "h", TopKConfig(n_latents=64, k=6, multi_topk=True), tc))  # 4k picks: alone
+    groups = _groups(ms, {"h": 12})
+    got = sorted(sorted(ms[i].sae_config.k for i in g.members) for g in groups)
+    assert got == [[4, 5, 8], [6], [16], [40]]
+    for g in groups:
+        ks = [ms[i].sae_config.k for i in g.members]
+        assert g.trainer.cfg.k == max(ks)
+        assert (g.k_active is None) == (len(set(ks)) == 1)
+        if g.k_active is not None:
+            assert list(np.asarray(g.k_active)) == ks

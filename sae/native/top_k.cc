@@ -8,15 +8,13 @@
 // skips, with one vector compare, every 16-wide block with nothing above its floor, and blocks of rows share XLA's threads.
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <functional>
-#include <memory>
-#include <thread>
 #include <utility>
 #include <vector>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -135,29 +133,6 @@ void RowTopK(const float* x, const Score& score, int64_t n, int64_t k, float* va
   }
 }
 
-// Rows are handed out in blocks from an atomic counter to the calling thread and to one task per
-// other pool thread. A task that starts late finds no block left; the caller waits only for
-// blocks that a running thread has claimed, so a busy pool cannot deadlock it.
-template <typename Score>
-struct Work {
-  const float* x;
-  Score score;
-  float* vals;
-  int32_t* idx;
-  int64_t rows, n, k, per_block, blocks;
-  std::atomic<int64_t> next{0}, done{0};
-
-  void Drain() {
-    std::vector<Cand> buf;
-    buf.reserve(std::max(HeadSize(n, k), Capacity(k)) + 1);
-    for (int64_t b; (b = next.fetch_add(1)) < blocks;) {
-      const int64_t end = std::min(rows, (b + 1) * per_block);
-      for (int64_t r = b * per_block; r < end; ++r) RowTopK(x + r * n, score, n, k, vals + r * k, idx + r * k, buf);
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
-};
-
 template <typename Score>
 ffi::Error Run(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x, const Score& score,
                ffi::ResultBuffer<ffi::F32>& vals, ffi::ResultBuffer<ffi::S32>& idx, int64_t k) {
@@ -167,20 +142,16 @@ ffi::Error Run(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x, const Score& sco
   if (k < 1 || k > n) return ffi::Error::InvalidArgument("top_k needs 1 <= k <= the last axis");
   const int64_t rows = static_cast<int64_t>(x.element_count()) / n;
   if (rows == 0) return ffi::Error::Success();
-  auto work = std::make_shared<Work<Score>>();
-  work->x = x.typed_data();
-  work->score = score;
-  work->vals = vals->typed_data();
-  work->idx = idx->typed_data();
-  work->rows = rows;
-  work->n = n;
-  work->k = k;
-  work->per_block = std::max<int64_t>(1, std::min<int64_t>(64, (1 << 18) / n));
-  work->blocks = (rows + work->per_block - 1) / work->per_block;
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), work->blocks) - 1;
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([work] { work->Drain(); });
-  work->Drain();
-  while (work->done.load(std::memory_order_acquire) < work->blocks) std::this_thread::yield();
+  const float* data = x.typed_data();
+  float* out_vals = vals->typed_data();
+  int32_t* out_idx = idx->typed_data();
+  const int64_t per_block = std::max<int64_t>(1, std::min<int64_t>(64, (1 << 18) / n));
+  saewb::ParallelFor(pool, (rows + per_block - 1) / per_block, [&](int64_t b) {
+    thread_local std::vector<Cand> buf;
+    buf.reserve(std::max(HeadSize(n, k), Capacity(k)) + 1);
+    for (int64_t r = b * per_block, end = std::min(rows, (b + 1) * per_block); r < end; ++r)
+      RowTopK(data + r * n, score, n, k, out_vals + r * k, out_idx + r * k, buf);
+  });
   return ffi::Error::Success();
 }
 
