@@ -33,7 +33,7 @@ browser:
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium chromium-driver; }
 
-# The native CPU top-k (sae/native) is compiled on first use; its tests need a C++ compiler.
+# The native CPU kernels (sae/native) are compiled on first use; their tests need a C++ compiler.
 compiler:
 	@command -v g++ >/dev/null 2>&1 || command -v clang++ >/dev/null 2>&1 || { \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \

@@ -8,8 +8,8 @@ same tokens in the same order). One jitted function advances every member by one
 architecture config and optimiser settings agree and differ only in their init ``seed`` are stacked
 and ``jax.vmap``-ed into one jitted step (TopK members may also differ in k, up to a factor of 2: the
 step searches the largest and zeroes each member's picks past its own k, which leaves exactly its
-top k); the other
-groups (another n, lambda, arch or hook) get their own jitted step, called in turn on the same batch. Each member is an ordinary run of the workspace (``runs`` / ``metrics`` rows, checkpoints in
+top k); the other groups (another n, lambda, arch or hook) get their own jitted step, called in turn
+on the same batch. Each member is an ordinary run of the workspace (``runs`` / ``metrics`` rows, checkpoints in
 ``<workspace>.runs/<run>/``, a final SAE that ``sae.load`` and ``saewb eval`` read).
 
 The pieces are the trainer's (``sae.trainer``): ``Trainer`` (optimizer, schedules, the step,
@@ -436,10 +436,13 @@ def train_lockstep(
     # One jitted step per group, called one after the other on the same batch. A first version
     # compiled all groups into one program and was OOM-killed at 9 GB RSS (8 TopK members,
     # B = 1024, n <= 4096, CPU); separate programs free each group's intermediates before the next.
+    # What identifies a group's step program, built once (it is looked up every step).
+    group_keys = [[[_group_key(members[i]) for i in g.members],
+                   None if g.k_active is None else np.asarray(g.k_active).tolist(), widths[g.hook]] for g in groups]
+
     def compiled(gi: int, maybe_dead: bool) -> Any:
         g = groups[gi]
-        ks = None if g.k_active is None else [int(k) for k in np.asarray(g.k_active)]
-        key = json.dumps([[_group_key(members[i]) for i in g.members], ks, widths[g.hook], maybe_dead], sort_keys=True)
+        key = json.dumps([*group_keys[gi], maybe_dead], sort_keys=True)
         if key not in _STEP_CACHE:
             def fn(ts: TrainState, x: jax.Array, scale: jax.Array, k_active: jax.Array | None) -> TrainState:
                 return g.trainer.step_impl(ts, x, scale, maybe_dead, k_active)  # maybe_dead static: AuxK in or out

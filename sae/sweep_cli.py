@@ -18,7 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="train many SAEs in lockstep on one pass over the activation stream",
         description=(
             "Train every member of a sweep file on the same batches in one pass: members that differ only in "
-            "their seed are vmapped, the others (k, n, lambda, arch, hook) get their own jitted step on the same batch. "
+            "their seed (and, for TopK, in k within a factor of 2) are vmapped, the others (n, lambda, arch, hook) "
+            "get their own jitted step on the same batch. "
             "Each member becomes an ordinary run (saewb runs / eval / analyze). Running the same file again "
             "resumes an interrupted sweep exactly.\n\n" + fmt
         ),

@@ -28,82 +28,74 @@ namespace {
 constexpr int64_t kTokensPerBlock = 16;
 constexpr int64_t kLatentsPerBlock = 16;
 
-// [B, k] picks against an [n, d] matrix: the shapes every kernel checks first.
-struct Picks {
-  int64_t b, k, n, d;
-};
-
-ffi::Error CheckPicks(ffi::Buffer<ffi::S32>& idx, int64_t n, int64_t d, Picks& p) {
+// Checks idx: [B, k], every index in [0, n).
+ffi::Error CheckIndices(ffi::Buffer<ffi::S32>& idx, int64_t n, int64_t& b, int64_t& k) {
   const auto dims = idx.dimensions();
   if (dims.size() != 2) return ffi::Error::InvalidArgument("sparse kernels need idx of shape [B, k]");
-  p = Picks{dims[0], dims[1], n, d};
+  b = dims[0];
+  k = dims[1];
   const int32_t* ix = idx.typed_data();
-  for (int64_t t = 0, total = p.b * p.k; t < total; ++t)
+  for (int64_t t = 0, total = b * k; t < total; ++t)
     if (static_cast<uint32_t>(ix[t]) >= static_cast<uint32_t>(n))
       return ffi::Error::InvalidArgument("sparse kernels need every index in [0, n)");
   return ffi::Error::Success();
 }
 
-bool MatrixShape(ffi::Buffer<ffi::F32>& m, int64_t& n, int64_t& d) {
+// The two gathers: per_token(b, k, d, row) for each token b, where row(j) points at m[idx[b, j]] of
+// m [n, d]; the tokens are shared between threads. `arg` is the gather's other input: [B, k] values when `arg_per_pick`,
+// else a [B, d] row per token.
+template <typename PerToken>
+ffi::Error GatherRows(ffi::ThreadPool& pool, const char* shape_error, ffi::Buffer<ffi::F32>& arg,
+                      bool arg_per_pick, ffi::Buffer<ffi::S32>& idx, ffi::Buffer<ffi::F32>& m,
+                      PerToken per_token) {
   const auto dims = m.dimensions();
-  if (dims.size() != 2) return false;
-  n = dims[0];
-  d = dims[1];
-  return true;
+  if (dims.size() != 2) return ffi::Error::InvalidArgument(shape_error);
+  const int64_t n = dims[0], d = dims[1];
+  int64_t b, k;
+  if (auto err = CheckIndices(idx, n, b, k); err.failure()) return err;
+  if (static_cast<int64_t>(arg.element_count()) != b * (arg_per_pick ? k : d))
+    return ffi::Error::InvalidArgument(shape_error);
+  const int32_t* ix = idx.typed_data();
+  const float* mat = m.typed_data();
+  saewb::ParallelFor(pool, (b + kTokensPerBlock - 1) / kTokensPerBlock, [&](int64_t blk) {
+    for (int64_t t = blk * kTokensPerBlock, end = std::min(b, t + kTokensPerBlock); t < end; ++t)
+      per_token(t, k, d, [&](int64_t j) { return mat + static_cast<int64_t>(ix[t * k + j]) * d; });
+  });
+  return ffi::Error::Success();
 }
 
 ffi::Error WeightedRowSumImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> vals, ffi::Buffer<ffi::S32> idx,
                               ffi::Buffer<ffi::F32> m, ffi::ResultBuffer<ffi::F32> out) {
-  int64_t n, d;
-  if (!MatrixShape(m, n, d)) return ffi::Error::InvalidArgument("weighted_row_sum needs m of shape [n, d]");
-  Picks p;
-  if (auto err = CheckPicks(idx, n, d, p); err.failure()) return err;
-  if (static_cast<int64_t>(vals.element_count()) != p.b * p.k)
-    return ffi::Error::InvalidArgument("weighted_row_sum needs vals shaped like idx");
   const float* v = vals.typed_data();
-  const int32_t* ix = idx.typed_data();
-  const float* mat = m.typed_data();
   float* o = out->typed_data();
-  saewb::ParallelFor(pool, (p.b + kTokensPerBlock - 1) / kTokensPerBlock, [&](int64_t blk) {
-    for (int64_t b = blk * kTokensPerBlock, end = std::min(p.b, b + kTokensPerBlock); b < end; ++b) {
-      float* __restrict acc = o + b * d;
-      std::fill(acc, acc + d, 0.0f);
-      for (int64_t j = 0; j < p.k; ++j) {
-        const float c = v[b * p.k + j];
-        const float* __restrict row = mat + static_cast<int64_t>(ix[b * p.k + j]) * d;
+  return GatherRows(pool, "weighted_row_sum needs vals and idx [B, k] and m [n, d]", vals, true, idx, m,
+                    [&](int64_t b, int64_t k, int64_t d, auto row) {
+                      float* __restrict acc = o + b * d;
+                      std::fill(acc, acc + d, 0.0f);
+                      for (int64_t j = 0; j < k; ++j) {
+                        const float c = v[b * k + j];
+                        const float* __restrict r = row(j);
 #pragma omp simd
-        for (int64_t t = 0; t < d; ++t) acc[t] += c * row[t];
-      }
-    }
-  });
-  return ffi::Error::Success();
+                        for (int64_t t = 0; t < d; ++t) acc[t] += c * r[t];
+                      }
+                    });
 }
 
 ffi::Error RowDotsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::S32> idx,
                        ffi::Buffer<ffi::F32> m, ffi::ResultBuffer<ffi::F32> out) {
-  int64_t n, d;
-  if (!MatrixShape(m, n, d)) return ffi::Error::InvalidArgument("row_dots needs m of shape [n, d]");
-  Picks p;
-  if (auto err = CheckPicks(idx, n, d, p); err.failure()) return err;
-  if (static_cast<int64_t>(g.element_count()) != p.b * d)
-    return ffi::Error::InvalidArgument("row_dots needs g of shape [B, d]");
   const float* gv = g.typed_data();
-  const int32_t* ix = idx.typed_data();
-  const float* mat = m.typed_data();
   float* o = out->typed_data();
-  saewb::ParallelFor(pool, (p.b + kTokensPerBlock - 1) / kTokensPerBlock, [&](int64_t blk) {
-    for (int64_t b = blk * kTokensPerBlock, end = std::min(p.b, b + kTokensPerBlock); b < end; ++b) {
-      const float* __restrict gb = gv + b * d;
-      for (int64_t j = 0; j < p.k; ++j) {
-        const float* __restrict row = mat + static_cast<int64_t>(ix[b * p.k + j]) * d;
-        float s = 0.0f;
+  return GatherRows(pool, "row_dots needs g [B, d], idx [B, k] and m [n, d]", g, false, idx, m,
+                    [&](int64_t b, int64_t k, int64_t d, auto row) {
+                      const float* __restrict gb = gv + b * d;
+                      for (int64_t j = 0; j < k; ++j) {
+                        const float* __restrict r = row(j);
+                        float s = 0.0f;
 #pragma omp simd reduction(+ : s)
-        for (int64_t t = 0; t < d; ++t) s += gb[t] * row[t];
-        o[b * p.k + j] = s;
-      }
-    }
-  });
-  return ffi::Error::Success();
+                        for (int64_t t = 0; t < d; ++t) s += gb[t] * r[t];
+                        o[b * k + j] = s;
+                      }
+                    });
 }
 
 ffi::Error ScatterOuterImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> coef, ffi::Buffer<ffi::S32> idx,
@@ -115,9 +107,9 @@ ffi::Error ScatterOuterImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> coef, ff
     return ffi::Error::InvalidArgument("scatter_outer needs rows [B, d] and an output [n, d] or [d, n]");
   const int64_t n = transposed ? out_dims[1] : out_dims[0];
   const int64_t d = transposed ? out_dims[0] : out_dims[1];
-  Picks p;
-  if (auto err = CheckPicks(idx, n, d, p); err.failure()) return err;
-  if (row_dims[0] != p.b || row_dims[1] != d || static_cast<int64_t>(coef.element_count()) != p.b * p.k)
+  int64_t b, k;
+  if (auto err = CheckIndices(idx, n, b, k); err.failure()) return err;
+  if (row_dims[0] != b || row_dims[1] != d || static_cast<int64_t>(coef.element_count()) != b * k)
     return ffi::Error::InvalidArgument("scatter_outer needs coef [B, k], idx [B, k] and rows [B, d]");
   const float* cf = coef.typed_data();
   const int32_t* ix = idx.typed_data();
@@ -126,7 +118,7 @@ ffi::Error ScatterOuterImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> coef, ff
   float* sm = sums->typed_data();
 
   // Counting sort of the pairs by latent; within a latent they stay in increasing (b, j) order.
-  const int64_t pairs = p.b * p.k;
+  const int64_t pairs = b * k;
   std::vector<int64_t> start(n + 1, 0);
   for (int64_t t = 0; t < pairs; ++t) ++start[ix[t] + 1];
   for (int64_t i = 0; i < n; ++i) start[i + 1] += start[i];
@@ -147,7 +139,7 @@ ffi::Error ScatterOuterImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> coef, ff
       for (int64_t q = start[i]; q < start[i + 1]; ++q) {
         const int64_t t = order[q];
         const float c = cf[t];
-        const float* __restrict row = r + (t / p.k) * d;
+        const float* __restrict row = r + (t / k) * d;
         total += c;
 #pragma omp simd
         for (int64_t u = 0; u < d; ++u) acc[u] += c * row[u];
