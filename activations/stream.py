@@ -93,7 +93,8 @@ class ActivationStream:
         """Global tok_idx of each part's first token."""
         self.n_committed = int(sizes.sum())
         self.chunk_counts = self._count_chunks()
-        self._resident: tuple[tuple[int, ...], np.ndarray, np.ndarray] | None = None
+        self._last: tuple[tuple[int, ...], np.ndarray, np.ndarray] | None = None
+        """The last buffer read, kept until another is read (see `_buffer`)."""
         self.n_tokens = int(self.chunk_counts.sum())
         if self.n_tokens == 0:
             raise HarvestError(
@@ -169,13 +170,15 @@ class ActivationStream:
         return idx, x
 
     def _buffer(self, chunks: np.ndarray, single: bool) -> tuple[np.ndarray, np.ndarray]:
-        """A buffer's rows; a cache that fits in one buffer is read once and kept for every epoch."""
-        if not single:
-            return self._read_chunks(chunks)
-        key = tuple(sorted(chunks.tolist()))
-        if self._resident is None or self._resident[0] != key:
-            self._resident = (key, *self._read_chunks(np.array(key, dtype=np.int64)))
-        return self._resident[1], self._resident[2]
+        """A buffer's rows. The last buffer read is kept, so a cache that fits in one buffer is read
+        once for every epoch, and a run's init sample and its first batches share one read."""
+        if single:
+            chunks = np.sort(chunks)  # the same rows in every epoch; only the visiting order differs
+        key = tuple(chunks.tolist())
+        if self._last is None or self._last[0] != key:
+            self._last = None  # dropped before the next read: at most one buffer alive
+            self._last = (key, *self._read_chunks(np.asarray(key, dtype=np.int64)))
+        return self._last[1], self._last[2]
 
     def _buffers(self, epoch: int) -> tuple[list[np.ndarray], np.ndarray]:
         """The epoch's buffers (lists of chunk ids) and how many tokens each one holds."""

@@ -98,3 +98,25 @@ def test_seeds_differ_and_repeat(minilm_ws: Path) -> None:
 def test_unknown_hook_lists_the_harvested_ones(minilm_ws: Path) -> None:
     with pytest.raises(HarvestError, match="blocks.1.hook_out, blocks.2.hook_out"):
         ActivationStream(minilm_ws, "blocks.5.hook_out")
+
+
+def test_a_restarted_stream_rereads_nothing_it_holds(minilm_ws: Path) -> None:
+    """A run reads its init sample from batches(0) and then trains from batches(0): one buffer read."""
+    s = _stream(minilm_ws)
+    reads: list[tuple[int, ...]] = []
+    read_chunks = s._read_chunks
+
+    def counted(chunks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        reads.append(tuple(chunks.tolist()))
+        return read_chunks(chunks)
+
+    s._read_chunks = counted  # type: ignore[method-assign]
+    first = next(s.batches(with_index=True))[0]
+    np.testing.assert_array_equal(next(s.batches(with_index=True))[0], first)
+    assert len(reads) == 1
+    # a batch in another buffer reads that buffer; going back to the start reads the first one again
+    later = s.batches(start=s.batches_per_epoch // 2, with_index=True)
+    next(later)
+    assert len(reads) == 2 and reads[1] != reads[0]
+    np.testing.assert_array_equal(next(s.batches(with_index=True))[0], first)
+    assert len(reads) == 3 and reads[2] == reads[0]
