@@ -17,22 +17,20 @@ Sparsity per target L0 t (``--l0``, default 16/32/64):
 
 Eval: the whole held-out split (documents hashed into the 5% eval bucket, special tokens excluded),
 with each saved SAE's inference form (BatchTopK/Matryoshka: the tracked threshold θ, so its L0 is
-not forced to k). FVU = Σ‖x − x̂‖²/Σ‖x − μ‖², L0 = mean non-zeros per token, dead = never fired on it.
+not forced to k). FVU = Σ‖x − x̂‖²/Σ‖x − μ‖², L0 = mean non-zeros per token, dead = never fired on it (the run's own
+dead fraction at the end of training, over its dead window, is printed next to it).
 One seed per cell; run-to-run noise is not measured here, so read small differences with care.
 
 Sections: ``--section l0fvu`` (this table), ``masked`` (``benchmarks/masked_recovery.py``), ``itda``
 (``benchmarks/itda.py``), ``all``. Arguments this script does not know are passed to those sections.
 
-Budget: the defaults (n = 512, 50k tokens, batch 256: 195 steps) were chosen by measurement on the
-shared 2-core machine (load average ~20 from other jobs): one TopK run at n = 1024, 200k tokens,
-batch 1024 took 19 min of wall time, and the TopK family (TopK, BatchTopK, Matryoshka,
-HierarchicalTopK) costs several times more per step than the dense archs (JumpReLU: ~70 s per run of
-100k tokens at n = 512), which points at the O(B·k_aux·d) scatters of AuxK (k_aux = d/2 = 192 > k).
-Larger budgets are flags; run arch subsets in parallel processes and merge their logs:
+Budget: the defaults (n = 4096, 1M tokens per run, batch 1024: 976 steps, about 4 epochs of the demo
+cache) take 60 to 140 s per run on an otherwise idle 2-core CPU, about 50 min for the whole
+table. Larger budgets are flags; arch subsets can run in separate processes and their logs be
+merged:
 
-    XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" \
-      .venv/bin/python benchmarks/architectures.py --archs topk > a.txt &     # one process per subset
-    .venv/bin/python benchmarks/architectures.py --from-logs a.txt b.txt ...    # the merged tables
+    .venv/bin/python benchmarks/architectures.py --archs topk,batchtopk > a.txt    # one process per subset
+    .venv/bin/python benchmarks/architectures.py --from-logs a.txt b.txt ...      # the merged tables
 
 Run:   .venv/bin/python benchmarks/architectures.py --section l0fvu            # every arch, one process
        .venv/bin/python benchmarks/architectures.py --train-tokens 30000 --archs topk,batchtopk  # smoke
@@ -82,7 +80,7 @@ def config_for(arch: str, n: int, target: int, args: argparse.Namespace) -> Any:
         coefs = dict(zip(args.l0, args.l1_coefs, strict=False))
         return cls(n_latents=n, l1_coef=coefs.get(target, args.l1_coefs[-1]))
     if arch == "gba":
-        base = cls(n_latents=n)
+        base = cls(n_latents=n, **({"update_every": args.gba_update_every} if args.gba_update_every else {}))
         return dataclasses.replace(base, htf=gba_htf_for_l0(n, float(target), base.n_groups, base.ltf))
     if "k" in fields:
         return cls(n_latents=n, k=target)
@@ -107,7 +105,8 @@ def train_and_eval(cfg: Any, train: np.ndarray, order: np.ndarray, ev: np.ndarra
     for k in eval_ks:
         m = fvu_l0_dead(lambda x, k=k: model.encode(x, k=k), model.decode, ev)
         m.update(seconds=secs, tokens=steps * batch, train_fvu=res.final_metrics.get("fvu", float("nan")),
-                 train_l0=res.final_metrics.get("l0", float("nan")))
+                 train_l0=res.final_metrics.get("l0", float("nan")),
+                 train_dead=res.final_metrics.get("dead_frac", float("nan")))
         out.append(m)
     return out
 
@@ -131,7 +130,7 @@ def section_l0fvu(args: argparse.Namespace) -> list[dict[str, Any]]:
         rows.append(row)
         print("@@" + json.dumps(row), flush=True)
         print(f"{arch:<18} t={target:<3} L0={m['l0']:7.2f} FVU={m['fvu']:.4f} dead={m['dead_eval']:.3f} "
-              f"({m['seconds']:.0f}s)  {detail}", flush=True)
+              f"(training: {m['train_dead']:.3f}) ({m['seconds']:.0f}s)  {detail}", flush=True)
 
     for arch in archs:
         if arch == "hierarchical_topk":
@@ -158,7 +157,7 @@ def section_l0fvu(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def _detail(cfg: Any) -> str:
-    keys = ("k", "l1_coef", "htf", "target_l0", "l0_coef")
+    keys = ("k", "l1_coef", "htf", "update_every", "target_l0", "l0_coef")
     return ", ".join(f"{k}={getattr(cfg, k):.4g}" if isinstance(getattr(cfg, k), float) else f"{k}={getattr(cfg, k)}"
                      for k in keys if getattr(cfg, k, None) is not None)
 
@@ -213,9 +212,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--section", choices=("l0fvu", "masked", "itda", "all"), default="l0fvu")
     p.add_argument("--workspace", type=Path, default=ROOT / "workspace.duckdb", help="read only")
     p.add_argument("--hook", default="blocks.3.hook_out")
-    p.add_argument("--n", type=int, default=512, help="latents")
-    p.add_argument("--train-tokens", type=int, default=50_000, help="tokens per run")
-    p.add_argument("--batch", type=int, default=256, help="tokens per step")
+    p.add_argument("--n", type=int, default=4096, help="latents")
+    p.add_argument("--train-tokens", type=int, default=1_000_000, help="tokens per run")
+    p.add_argument("--batch", type=int, default=1024, help="tokens per step")
     p.add_argument("--eval-tokens", type=int, default=0, help="cap on held-out tokens (0: the whole split)")
     p.add_argument("--l0", type=int, nargs="+", default=[16, 32, 64], help="target L0 values")
     p.add_argument("--archs", default="", help="comma-separated subset (default: every gradient-trained arch)")
@@ -223,6 +222,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--l1-coefs", type=float, nargs="+", default=[10.0, 5.0, 2.5],
                    help="relu_l1 λ per target L0 (in --l0 order)")
     p.add_argument("--jumprelu-coef", type=float, default=1.0, help="jumprelu l0_coef with target_l0")
+    p.add_argument("--gba-update-every", type=int, default=0, help="gba bias-update period T (0: its default)")
     p.add_argument("--from-logs", type=Path, nargs="+", help="only re-print the tables from these logs")
     args, rest = p.parse_known_args(argv)
     if args.from_logs:

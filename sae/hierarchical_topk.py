@@ -15,9 +15,10 @@ chunk of ``chunk_size`` tokens under ``lax.map``). Against autodiff through a ga
 run took 161 s instead of 676 s with the same held-out FVU to 4 decimals.
 
 Measured against TopK trained separately at each k (``benchmarks/architectures.py``, MiniLM demo cache,
-held-out FVU, one seed): at n = 4096, K = 64, within 0.01 at every k, as the paper claims (2M tokens:
-−0.0011 / −0.0005 / +0.0077 at k = 16 / 32 / 64; 8M: +0.0077 at 64). At n = 512 (d = 384, barely
-overcomplete) the gap at k = 64 is larger and grows with training (+0.013 at 2M, +0.021 at 8M).
+held-out FVU, one seed): at n = 4096, K = 64, within 0.01 at every k, as the paper claims, from 2M
+tokens on (2M: −0.0006 / −0.0002 / +0.0078 at k = 16 / 32 / 64; 8M: +0.0077 at 64). The full budget
+converges last: after 1M tokens k = 64 is +0.016 behind. At n = 512 (d = 384, barely overcomplete)
+the gap at k = 64 is larger and grows with training (+0.013 at 2M, +0.021 at 8M).
 
 Deviations [adapt]: "score" order is TopK's (pre·‖W_dec,i‖ with the free decoder, i.e. by the
 norm of each latent's contribution; with the unit decoder, by value); AuxK on the residual of x̂_K
