@@ -177,7 +177,7 @@ class ActivationStream:
         key = tuple(chunks.tolist())
         if self._last is None or self._last[0] != key:
             self._last = None  # dropped before the next read: at most one buffer alive
-            self._last = (key, *self._read_chunks(np.asarray(key, dtype=np.int64)))
+            self._last = (key, *self._read_chunks(chunks))
         return self._last[1], self._last[2]
 
     def _buffers(self, epoch: int) -> tuple[list[np.ndarray], np.ndarray]:

@@ -17,8 +17,8 @@ Sparsity per target L0 t (``--l0``, default 16/32/64):
 
 Eval: the whole held-out split (documents hashed into the 5% eval bucket, special tokens excluded),
 with each saved SAE's inference form (BatchTopK/Matryoshka: the tracked threshold θ, so its L0 is
-not forced to k). FVU = Σ‖x − x̂‖²/Σ‖x − μ‖², L0 = mean non-zeros per token, dead = never fired on it (the run's own
-dead fraction at the end of training, over its dead window, is printed next to it).
+not forced to k). FVU = Σ‖x − x̂‖²/Σ‖x − μ‖², L0 = mean non-zeros per token, dead = never fired on
+it (the run's own dead fraction at the end of training, over its dead window, is printed next to it).
 One seed per cell; run-to-run noise is not measured here, so read small differences with care.
 
 Sections: ``--section l0fvu`` (this table), ``masked`` (``benchmarks/masked_recovery.py``), ``itda``
@@ -80,7 +80,7 @@ def config_for(arch: str, n: int, target: int, args: argparse.Namespace) -> Any:
         coefs = dict(zip(args.l0, args.l1_coefs, strict=False))
         return cls(n_latents=n, l1_coef=coefs.get(target, args.l1_coefs[-1]))
     if arch == "gba":
-        base = cls(n_latents=n, **({"update_every": args.gba_update_every} if args.gba_update_every else {}))
+        base = cls(n_latents=n, update_every=args.gba_update_every or cls.update_every)
         return dataclasses.replace(base, htf=gba_htf_for_l0(n, float(target), base.n_groups, base.ltf))
     if "k" in fields:
         return cls(n_latents=n, k=target)
