@@ -6,7 +6,9 @@ Layout (chosen by measurement, see docs/storage.md):
 * `harvest_hooks`: the hooks of each harvest, their width and activation table;
 * `documents`: (harvest, doc_id, source, text);
 * `tokens`: (harvest, tok_idx, doc_id, pos, seq_id, seq_pos, token_id, token_str, is_special, role);
-* one table per harvest and hook, `(tok_idx BIGINT, x FLOAT[d])`, rows in tok_idx order.
+* one table per harvest and hook, `(tok_idx BIGINT, x FLOAT[d])`, rows in tok_idx order;
+* `nonfinite_tokens`: (harvest, hook, tok_idx, doc_id) of the activation rows a harvest run with
+  `--nonfinite skip` found NaN/inf and stored as zeros; the training stream leaves these tokens out.
 
 `tok_idx` numbers the tokens of a harvest from 0 without gaps; it joins activations to tokens.
 
@@ -73,11 +75,37 @@ CREATE TABLE IF NOT EXISTS tokens (
     is_special BOOLEAN NOT NULL,
     role VARCHAR
 );
+CREATE TABLE IF NOT EXISTS nonfinite_tokens (
+    harvest VARCHAR NOT NULL,
+    hook VARCHAR NOT NULL,
+    tok_idx BIGINT NOT NULL,
+    doc_id BIGINT NOT NULL
+);
 """
 
 
 class HarvestError(ValueError):
     """A harvest that does not exist, or a config that clashes with a stored one."""
+
+
+class NonFiniteActivationsError(HarvestError):
+    """Activations that are NaN or infinite, found by the harvest or by the training stream."""
+
+
+def nonfinite_rows(x: np.ndarray) -> np.ndarray:
+    """Indices of the rows of a [rows, d] matrix holding a NaN or an infinity."""
+    return np.flatnonzero(~np.isfinite(x).all(axis=1))
+
+
+def nonfinite_counts(ws: Workspace, harvest: str) -> dict[str, int]:
+    """Hook -> how many of the harvest's tokens were found non-finite and skipped there."""
+    if not ws.table_exists("nonfinite_tokens"):
+        return {}
+    with ws.read() as con:
+        rows = con.execute(
+            "SELECT hook, count(*) FROM nonfinite_tokens WHERE harvest = ? GROUP BY hook ORDER BY hook", [harvest]
+        ).fetchall()
+    return {h: int(n) for h, n in rows}
 
 
 @dataclass(frozen=True)
