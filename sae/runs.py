@@ -157,7 +157,7 @@ def mark_stopped(ws: Workspace, names: list[str], err: BaseException, reasons: d
     else the error's message). Never raises: on a full or read-only disk the record may not be
     writable, and the error the user must see is `err`."""
     status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
-    default = " ".join(str(err).split()) or type(err).__name__
+    default = getattr(err, "reason", None) or " ".join(str(err).split()) or type(err).__name__
     with contextlib.suppress(Exception):
         for name in names:
             finish_run(ws, name, status, reason=None if status == "interrupted" else (reasons or {}).get(name, default))

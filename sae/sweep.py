@@ -508,7 +508,7 @@ def train_lockstep(
                 stop_diverged(run_dirs[name] if run_dirs is not None else None, reason)  # records the reason
             names = ", ".join(f"{n} ({r})" for n, r in reasons.items())
             err = RunDivergedError(f"sweep stopped, member(s) {names}; the last good checkpoints are kept: lower "
-                                   "their lr in the sweep file and run it again to go on from them")
+                                   "their lr in the sweep file and run it again to go on from them", "")
             err.reasons = reasons  # type: ignore[attr-defined]
             raise err
 

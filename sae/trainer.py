@@ -144,6 +144,11 @@ DIVERGED_FILE = "DIVERGED.json"
 class RunDivergedError(RuntimeError):
     """The divergence guard stopped a run; its message says why and how to go on."""
 
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        """What the runs table records (it begins with ``runs.DIVERGED``)."""
+
 
 def divergence(row: dict[str, float], history: list[dict[str, float]]) -> str | None:
     """Why the metric row of a run means it diverged, or None (see the module docstring)."""
@@ -154,8 +159,8 @@ def divergence(row: dict[str, float], history: list[dict[str, float]]) -> str | 
     best = min(recent) if recent else 1.0
     limit = DIVERGENCE_FACTOR * max(best, 0.01)
     if row["fvu"] > limit:
-        return (f"{runs.DIVERGED}: the FVU reached {row['fvu']:.3g} at step {int(row['step'])}, over "
-                f"{DIVERGENCE_FACTOR:g}x its best recent FVU ({best:.3g})")
+        ref = f"its best recent FVU ({best:.3g})" if recent else "the FVU of predicting the mean (1)"
+        return f"{runs.DIVERGED}: the FVU reached {row['fvu']:.3g} at step {int(row['step'])}, over {DIVERGENCE_FACTOR:g}x {ref}"
     return None
 
 
@@ -165,10 +170,11 @@ def stop_diverged(run_dir: Path | None, reason: str, what: str = "run") -> RunDi
     if run_dir is not None:
         latest = ckpt.latest_checkpoint(run_dir)
         kept = int(ckpt.read_manifest(latest)["step"]) if latest is not None else None
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
         (Path(run_dir) / DIVERGED_FILE).write_text(json.dumps({"reason": reason, "checkpoint_step": kept}))
     how = (f"its last good checkpoint (step {kept}) is kept: run the same command with a lower --lr to go on from it"
            if kept is not None else "no checkpoint was written yet: run the same command with a lower --lr to start over")
-    return RunDivergedError(f"{what} stopped, {reason}; {how}")
+    return RunDivergedError(f"{what} stopped, {reason}; {how}", reason)
 
 
 def diverged_before(run_dir: Path | None) -> bool:
