@@ -80,11 +80,10 @@ def make_config(cls: type, values: dict[str, Any]) -> Any:
 # --------------------------------------------------------------------------- hyper-parameter ranges
 
 _RANGE_TEXT = {">0": "> 0", ">=0": ">= 0", ">=1": ">= 1", "[0,1]": "in [0, 1]", "[0,1)": "in [0, 1)",
-               "(0,1)": "in (0, 1)", "(0,1]": "in (0, 1]", "int": "an integer"}
+               "(0,1)": "in (0, 1)", "(0,1]": "in (0, 1]"}
 _RANGE_TEST = {
     ">0": lambda v: v > 0, ">=0": lambda v: v >= 0, ">=1": lambda v: v >= 1, "[0,1]": lambda v: 0 <= v <= 1,
     "[0,1)": lambda v: 0 <= v < 1, "(0,1)": lambda v: 0 < v < 1, "(0,1]": lambda v: 0 < v <= 1,
-    "int": lambda v: True,
 }
 RANGES: dict[str, str] = {
     # TrainConfig
@@ -107,6 +106,11 @@ field name: `check_ranges` applies it to any config dataclass, so training and s
 architectures' own `validate` adds the checks that tie fields together (k <= n_latents, ...)."""
 
 
+def range_text(rule: str) -> str:
+    """A RANGES rule as the docs and the errors write it (`> 0`, `in [0, 1)`)."""
+    return _RANGE_TEXT[rule]
+
+
 def _is_numeric(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
@@ -124,7 +128,7 @@ def check_ranges(cfg: Any) -> None:
                 ok = float(v).is_integer()
             if not ok:
                 flag = "--" + f.name.replace("_", "-")
-                raise ValueError(f"{flag} must be {_RANGE_TEXT[rule]}, got {v!r}; fix {flag} (or `{f.name}:` in the YAML)")
+                raise ValueError(f"{flag} must be {range_text(rule)}, got {v!r}; fix {flag} (or `{f.name}:` in the YAML)")
 
 
 def validate_config(cfg: Any, d: int | None = None) -> None:

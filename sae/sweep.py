@@ -495,7 +495,8 @@ def train_lockstep(
         reasons: dict[str, str] = {}
         for gi, g in enumerate(groups):
             finite = np.asarray(jax.device_get(_finite_members(g_states[gi].params, g.vmapped))).reshape(-1)
-            for j, (i, view) in enumerate(zip(g.members, host_view(gi), strict=True)):
+            views = host_view(gi) if rows is None else [None] * len(g.members)
+            for j, (i, view) in enumerate(zip(g.members, views, strict=True)):
                 name = members[i].name
                 row = rows[name] if rows is not None else g.trainer.metrics_row(view, 0.0)
                 reason = divergence(row, histories[name])

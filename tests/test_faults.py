@@ -27,12 +27,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_sweep import HOOKS, _synthetic_workspace
+import test_sweep
 
 from saewb.cli import main as saewb
 from saewb.workspace import Workspace
 
 HOOK = "blocks.1.hook_out"
+HOOKS = test_sweep.HOOKS
+ws_template = test_sweep.ws_template
+"""A synthetic workspace (module fixture of test_sweep): two hooks, 4000 tokens, no model needed."""
+ws = test_sweep.ws
+"""A private copy of it per test."""
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = [
     "--hook",
@@ -59,15 +64,22 @@ TRAIN = [
 ]
 
 
-@pytest.fixture(scope="module")
-def ws_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _synthetic_workspace(tmp_path_factory.mktemp("faults") / "template.duckdb")
+def _sweep_file(ws: Path, members: list[dict], train_tokens: int, **train: int) -> Path:
+    """A sweep YAML beside `ws` on HOOK (members default to n_latents 32, k 4)."""
+    import yaml
 
-
-@pytest.fixture
-def ws(ws_template: Path, tmp_path: Path) -> Path:
-    path = tmp_path / "ws.duckdb"
-    shutil.copy(ws_template, path)
+    spec = {
+        "workspace": str(ws),
+        "name": "sw",
+        "hook": HOOK,
+        "progress": False,
+        "eval_tokens": 0,
+        "train": {"train_tokens": train_tokens, "batch_size": 64, "init_sample_tokens": 512, **train},
+        "defaults": {"n_latents": 32, "k": 4},
+        "members": members,
+    }
+    path = ws.with_suffix(".yaml")
+    path.write_text(yaml.safe_dump(spec))
     return path
 
 
@@ -181,22 +193,8 @@ def test_out_of_range_values_are_refused_before_any_work(
     assert _run_row(ws, "bad") is None and not (Workspace(ws).runs_dir / "bad").exists()  # nothing started
 
 
-def test_a_sweep_checks_ranges_from_the_same_place(
-    ws: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    import yaml
-
-    spec = {
-        "workspace": str(ws),
-        "name": "sw",
-        "hook": HOOK,
-        "progress": False,
-        "train": {"train_tokens": 2048, "batch_size": 64},
-        "defaults": {"n_latents": 32, "k": 4},
-        "members": [{"name": "ok"}, {"name": "bad", "lr": -1}],
-    }
-    path = tmp_path / "sweep.yaml"
-    path.write_text(yaml.safe_dump(spec))
+def test_a_sweep_checks_ranges_from_the_same_place(ws: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = _sweep_file(ws, [{"name": "ok"}, {"name": "bad", "lr": -1}], 2048)
     assert "--lr must be > 0, got -1" in _fails(capsys, ["sweep", str(path)])
     assert _run_row(ws, "sw-ok") is None
 
@@ -374,40 +372,22 @@ def test_a_huge_lr_ends_failed_with_the_reason_then_a_lower_lr_finishes(
 
 
 def test_a_diverging_sweep_member_fails_and_resumes_with_a_lower_lr(
-    ws: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ws: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import yaml
-
-    spec = {
-        "workspace": str(ws),
-        "name": "sw",
-        "hook": HOOK,
-        "progress": False,
-        "eval_tokens": 256,
-        "train": {
-            "train_tokens": 1024,
-            "batch_size": 64,
-            "log_every": 4,
-            "ckpt_every": 8,
-            "init_sample_tokens": 512,
-        },
-        "defaults": {"n_latents": 32, "k": 4},
-        "members": [{"name": "calm"}, {"name": "hot", "lr": 1000.0}],
-    }
-    path = tmp_path / "sweep.yaml"
-    path.write_text(yaml.safe_dump(spec))
+    members = [{"name": "calm"}, {"name": "hot", "lr": 1000.0}]
+    path = _sweep_file(ws, members, 1024, log_every=4, ckpt_every=8)
     line = _fails(capsys, ["sweep", str(path)])
     assert "sw-hot (diverged: the FVU reached" in line
     assert (
         _run_row(ws, "sw-hot")["reason"].startswith("diverged")
         and _run_row(ws, "sw-calm")["status"] == "failed"
     )
-    spec["members"][1]["lr"] = 1e-3
-    path.write_text(yaml.safe_dump(spec))
+    members[1]["lr"] = 1e-3
+    _sweep_file(ws, members, 1024, log_every=4, ckpt_every=8)
     assert saewb(["sweep", str(path)]) == 0
     for name in ("sw-calm", "sw-hot"):
         row = _run_row(ws, name)
-        assert row["status"] == "done" and np.isfinite(row["final_metrics"]["fvu"])
+        assert row["status"] == "done" and np.isfinite(row["final_metrics"]["train_fvu"])
 
 
 def test_itda_fit_stops_on_non_finite_data(tmp_path: Path) -> None:
@@ -604,31 +584,12 @@ def _kill_at_random(argv: list[str], ready: Callable[[], bool], seed: int) -> No
 
 
 def test_sigkill_during_a_sweep_then_resume_equals_uninterrupted(ws_template: Path, tmp_path: Path) -> None:
-    import yaml
-
     from sae import runs
     from sae.sweep import load_sweep, plan_sweep, run_sweep
 
     def sweep_file(ws: Path) -> Path:
-        spec = {
-            "workspace": str(ws),
-            "name": "sw",
-            "hook": HOOK,
-            "progress": False,
-            "eval_tokens": 0,
-            "train": {
-                "train_tokens": 64 * 96,
-                "batch_size": 64,
-                "log_every": 8,
-                "ckpt_every": 8,
-                "init_sample_tokens": 512,
-            },
-            "defaults": {"n_latents": 32},
-            "members": [{"name": "a", "k": 4}, {"name": "b", "k": 6, "seed": 1}],
-        }
-        path = ws.with_suffix(".yaml")
-        path.write_text(yaml.safe_dump(spec))
-        return path
+        members = [{"name": "a"}, {"name": "b", "k": 6, "seed": 1}]
+        return _sweep_file(ws, members, 64 * 96, log_every=8, ckpt_every=8)
 
     killed, clean = tmp_path / "killed.duckdb", tmp_path / "clean.duckdb"
     shutil.copy(ws_template, killed)
@@ -636,9 +597,7 @@ def test_sigkill_during_a_sweep_then_resume_equals_uninterrupted(ws_template: Pa
     state = Workspace(killed).runs_dir / ".sweeps" / "sw.json"
     seed = random.randrange(1000)
     _kill_at_random(["sweep", str(sweep_file(killed))], state.exists, seed)
-    assert state.exists() and json.loads(state.read_text())["step"] < 96, (
-        f"seed {seed}: killed after the end"
-    )
+    assert state.exists() and json.loads(state.read_text())["step"] < 96, f"seed {seed}: killed after the end"
     run_sweep(plan_sweep(load_sweep(sweep_file(killed))))
     run_sweep(plan_sweep(load_sweep(sweep_file(clean))))
     for name in ("sw-a", "sw-b"):
