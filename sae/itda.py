@@ -377,7 +377,7 @@ def fit(
                 "n_atoms": float(len(book)),
                 "added": float(win["added"]),
             }
-            reason = divergence(row, history)
+            reason = divergence(row, history, explosion=False)
             if reason is not None:
                 raise stop_diverged(run_dir, reason, "the ITDA fit")
             history.append(row)

@@ -150,11 +150,17 @@ class RunDivergedError(RuntimeError):
         """What the runs table records (it begins with ``runs.DIVERGED``)."""
 
 
-def divergence(row: dict[str, float], history: list[dict[str, float]]) -> str | None:
-    """Why the metric row of a run means it diverged, or None (see the module docstring)."""
+def divergence(row: dict[str, float], history: list[dict[str, float]], explosion: bool = True) -> str | None:
+    """Why the metric row of a run means it diverged, or None (see the module docstring).
+
+    ``explosion=False`` checks finiteness only (ITDA: no learning rate to blow up, and its first rows,
+    decomposed on a nearly empty dictionary, may legitimately exceed the mean predictor's FVU).
+    """
     for key in ("loss", "fvu"):
         if key in row and not math.isfinite(row[key]):
             return f"{runs.DIVERGED}: the {key} turned {row[key]} at step {int(row['step'])}"
+    if not explosion:
+        return None
     recent = [r["fvu"] for r in history[-DIVERGENCE_HISTORY:] if math.isfinite(r.get("fvu", math.nan))]
     best = min(recent) if recent else 1.0
     limit = DIVERGENCE_FACTOR * max(best, 0.01)

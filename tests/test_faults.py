@@ -247,6 +247,10 @@ def test_nan_and_inf_rows_in_a_workspace_never_train_into_a_done_run(
     assert saewb(["train", "--workspace", str(ws), *TRAIN, "--name", "skipped"]) == 0
     row = _run_row(ws, "skipped")
     assert row["status"] == "done" and np.isfinite(row["final_metrics"]["fvu"])
+    # analyze reads every stored row: the rows still NaN in the table are refused, not turned into NaN statistics
+    assert "analysing them would give NaN statistics" in _fails(
+        capsys, ["analyze", "skipped", "--workspace", str(ws)]
+    )
 
 
 def _nan_model(src: Path, out: Path, poison: dict[int, float]) -> Path:
@@ -657,3 +661,22 @@ def test_sigkill_during_analyze_then_rerun_equals_uninterrupted(ws_template: Pat
         with Workspace(clean).read() as con:
             b = con.execute(query).fetchall()
         assert a == b, f"seed {seed}: {table} differs"
+
+
+def test_every_failure_kind_reads_as_one_line() -> None:
+    import errno
+
+    from saewb.errors import describe
+
+    denied = describe(PermissionError(errno.EACCES, "Permission denied", "/data/ws.duckdb"))
+    assert denied.startswith(
+        "permission denied (/data/ws.duckdb); the data written so far is intact: fix the"
+    )
+    full = describe(OSError(errno.ENOSPC, "No space left on device"))
+    assert full.startswith("no space left on the device; the data written so far is intact")
+    ours = describe(ValueError("k=9 must be between 1 and n_latents=8;\n  lower --k"))
+    assert ours == "k=9 must be between 1 and n_latents=8; lower --k"
+    surprise = describe(TypeError("unsupported operand type(s)\nmore detail"))
+    assert (
+        surprise == "unexpected TypeError: unsupported operand type(s) (rerun with --debug for the traceback)"
+    )
