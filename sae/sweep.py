@@ -53,6 +53,11 @@ Resume: checkpoints of all members are written at the same steps, then the sweep
 member from that step with its saved state and the streams seeked to it, so it reaches bit for bit
 the parameters of an uninterrupted one (keep_checkpoints >= 2 keeps the recorded step on disk while
 the next one is written).
+
+Divergence: the trainer's guard (``sae.trainer.divergence``) watches every member at each metric row
+and before each checkpoint; a member that diverges stops the sweep before any checkpoint past the
+last good one, is marked failed with the reason (the others as stopped with it), and may come back
+with another ``lr`` (only that) to go on from the recorded step.
 """
 
 from __future__ import annotations
