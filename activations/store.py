@@ -272,10 +272,21 @@ def export_parquet(workspace: str | Path | Workspace, out_dir: str | Path, harve
                 [n, str(out / fname)],
             )
             hooks[hook] = {"d": d, "file": fname}
+        skipped = con.execute(
+            "SELECT count(*) FROM information_schema.tables WHERE table_name = 'nonfinite_tokens'"
+        ).fetchone()[0] and con.execute(
+            "SELECT count(*) FROM nonfinite_tokens WHERE harvest = ? AND tok_idx < ?", [info.name, n]
+        ).fetchone()[0]
+        if skipped:  # the rows a --nonfinite skip harvest stored as zeros travel with the export
+            con.execute(
+                "COPY (SELECT * FROM nonfinite_tokens WHERE harvest = ? AND tok_idx < ? ORDER BY hook, tok_idx) "
+                "TO ? (FORMAT parquet)", [info.name, n, str(out / "nonfinite_tokens.parquet")],
+            )
     manifest = {
         "format": PARQUET_FORMAT, "name": info.name, "config": info.config, "status": info.status,
         "n_windows": info.n_windows, "n_tokens": n, "n_docs": info.n_docs,
         "tokens": "tokens.parquet", "documents": "documents.parquet", "hooks": hooks,
+        **({"nonfinite_tokens": "nonfinite_tokens.parquet"} if skipped else {}),
     }
     tmp = out / (PARQUET_MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1))
@@ -324,6 +335,8 @@ class HarvestPart:
     ws: Workspace | None
     """The workspace; None for a Parquet export."""
     tokens_file: str | None = None
+    nonfinite_file: str | None = None
+    """An export's `nonfinite_tokens` rows (None: the harvest skipped none)."""
 
     @property
     def parquet(self) -> bool:
@@ -372,7 +385,8 @@ def open_part(source: str | Path | Workspace, harvest: str | None = None) -> Har
         n_docs=m["n_docs"], hooks={h: int(v["d"]) for h, v in m["hooks"].items()},
         tables={h: _join(location, v["file"]) for h, v in m["hooks"].items()},
     )
-    return HarvestPart(location, info, None, _join(location, m["tokens"]))
+    skipped = _join(location, m["nonfinite_tokens"]) if m.get("nonfinite_tokens") else None
+    return HarvestPart(location, info, None, _join(location, m["tokens"]), skipped)
 
 
 def as_sources(sources: str | Path | Workspace | Sequence[str | Path | Workspace]) -> list[str | Path | Workspace]:

@@ -111,7 +111,12 @@ class ActivationStream:
             )
 
     def _skipped_clause(self, part: HarvestPart) -> tuple[str, list[str]]:
-        if part.ws is None or not part.ws.table_exists("nonfinite_tokens"):
+        if part.ws is None:  # a Parquet export carries its skipped tokens in a file of its own
+            if part.nonfinite_file is None:
+                return "", []
+            return (" AND NOT EXISTS (SELECT 1 FROM read_parquet(?) n WHERE n.hook = ? AND n.tok_idx = t.tok_idx)",
+                    [part.nonfinite_file, self.hook])
+        if not part.ws.table_exists("nonfinite_tokens"):
             return "", []
         with part.read() as con:
             found = con.execute("SELECT 1 FROM nonfinite_tokens WHERE harvest = ? AND hook = ? LIMIT 1",

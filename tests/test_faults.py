@@ -314,11 +314,17 @@ def test_harvest_refuses_non_finite_activations_or_skips_and_records_them(
     assert info.status == "complete" and 0 < counts["blocks.0.hook_out"] < info.n_tokens
     _, x = read_activations(Workspace(ws), info.tables["blocks.0.hook_out"], 0, info.n_tokens)
     assert np.isfinite(x).all()  # stored as zeros
-    batches = list(ActivationStream(ws, "blocks.0.hook_out", batch_size=100, split="all").epoch())
-    assert all(np.isfinite(b).all() for b in batches)
-    assert (
-        sum(len(b) for b in batches) <= info.n_tokens - counts["blocks.0.hook_out"]
-    )  # the skipped rows left out
+    stream = ActivationStream(ws, "blocks.0.hook_out", batch_size=100, split="all")
+    batches = list(stream.epoch(with_index=True))
+    assert all(np.isfinite(x).all() for _, x in batches)
+    with Workspace(ws).read() as con:
+        skipped = {r[0] for r in con.execute("SELECT tok_idx FROM nonfinite_tokens").fetchall()}
+    seen = np.concatenate([idx for idx, _ in batches])
+    assert len(skipped) == counts["blocks.0.hook_out"] and not skipped & set(seen.tolist())  # left out
+    # A Parquet export carries them: streaming it gives the same tokens
+    assert saewb(["export-parquet", str(ws), str(tmp_path / "export")]) == 0
+    exported = ActivationStream(tmp_path / "export", "blocks.0.hook_out", batch_size=100, split="all")
+    np.testing.assert_array_equal(np.concatenate([i for i, _ in exported.epoch(with_index=True)]), seen)
 
 
 # --------------------------------------------------------------------------- diverging runs
