@@ -34,6 +34,9 @@ _HASH_MUL = 2654435761
 _HASH_MOD = 4294967296
 _BUCKETS = 10_000
 READ_MEMORY_LIMIT = "128MB"
+EVAL_FRACTION = 0.05
+"""Share of documents held out (the eval split): the one default of the stream, the end-of-run
+evaluation of `saewb train` / `saewb sweep` and `saewb eval`."""
 
 
 def split_threshold(eval_fraction: float) -> int:
@@ -69,7 +72,7 @@ class ActivationStream:
         batch_size: int = 4096,
         seed: int = 0,
         split: Split = "train",
-        eval_fraction: float = 0.05,
+        eval_fraction: float = EVAL_FRACTION,
         exclude_special: bool = True,
         buffer_tokens: int = 131_072,
         chunk_tokens: int = 8192,

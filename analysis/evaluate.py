@@ -27,13 +27,10 @@ from typing import Any
 import numpy as np
 
 from activations.store import HarvestError, harvest_info
-from activations.stream import ActivationStream, doc_split_sql, split_threshold
+from activations.stream import EVAL_FRACTION, ActivationStream, doc_split_sql, split_threshold
 from analysis.splice import hooked, sae_hook_fn, zero_ablate_hook_fn
 from saewb.progress import progress_bar
 from saewb.workspace import Workspace
-
-EVAL_FRACTION = 0.05
-"""Share of documents held out; the same default the trainer and the stream use."""
 
 EVALS_SCHEMA = """CREATE TABLE IF NOT EXISTS evals (
     run VARCHAR NOT NULL,

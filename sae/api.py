@@ -162,15 +162,11 @@ def load_dir(path: str | Path) -> SAE:
         params, state = trees["params"], trees["state"]
         metrics = manifest.get("final_metrics", {})
     else:  # a training checkpoint: fold the input scale now
-        from sae.trainer import TrainConfig, Trainer, state_part
+        from sae.lifecycle import read_train_state
+        from sae.trainer import TrainConfig, Trainer
 
-        tc = TrainConfig(**manifest["config"]["train"])
-        template = Trainer(cfg, tc, d).init_state(np.zeros((2, d), np.float32))
-        trees, _ = ckpt.read_bundle(
-            path, {"params": template.params, "opt_state": template.opt_state, "state": state_part(template)}
-        )
-        arch = arch_module(cfg.arch)
-        params, state = arch.fold_scale(cfg, trees["params"], trees["state"]["arch_state"], float(manifest["scale"]))
+        ts = read_train_state(Trainer(cfg, TrainConfig(**manifest["config"]["train"]), d), path)
+        params, state = arch_module(cfg.arch).fold_scale(cfg, ts.params, ts.arch_state, float(manifest["scale"]))
         metrics = {}
     return SAE(cfg, params, state, d, metrics=metrics, path=path)
 

@@ -18,3 +18,8 @@ ARCH_MODULES: tuple[str, ...] = (
     "masked",
     "itda",
 )
+
+OWN_FIT: frozenset[str] = frozenset({"itda"})
+"""Architectures not trained by gradient steps: their module's ``fit`` (the signature and result of
+``sae.trainer.train``) trains them, on batches that carry ``tok_idx``. `saewb train` runs it; a sweep
+(lockstep gradient steps) refuses them when it is planned (``sae.orchestrate.check_lockstep``)."""

@@ -172,23 +172,11 @@ class TrainPlan:
         return {**out, "sources": list(self.sources)} if self.sources else out
 
 
-def _load_yaml(path: Path) -> dict[str, Any]:
-    import yaml
-
-    if not path.exists():
-        raise FileNotFoundError(f"config file {path} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"config file {path} must hold a mapping of option: value")
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
-
-
 def plan_from_values(values: dict[str, Any]) -> TrainPlan:
     """Validate merged options into a plan; raises ValueError naming the problem and the fix."""
     from activations.store import harvest_info
     from sae.base import arch_module, config_fields, make_config, validate_config
     from sae.trainer import TrainConfig
-    from saewb.workspace import Workspace
 
     values = {k: v for k, v in values.items() if v is not None}
     train_fields = set(config_fields(TrainConfig))
@@ -209,19 +197,10 @@ def plan_from_values(values: dict[str, Any]) -> TrainPlan:
     sae_cfg = make_config(arch.Config, {k: values[k] for k in arch_fields if k in values})
     tc = TrainConfig(**{k: values[k] for k in train_fields if k in values})
     tc.validate()
-    from activations.store import as_sources, is_parquet_source, open_parts
+    from activations.store import open_parts
+    from sae.orchestrate import open_sources
 
-    sources = as_sources(values["workspace"])
-    if is_parquet_source(sources[0]):
-        raise ValueError(
-            f"the first --workspace ({sources[0]}) must be a workspace .duckdb file: it holds the run's records "
-            "and checkpoints; put a workspace first and the Parquet exports after it"
-        )
-    ws = Workspace(sources[0])
-    if not ws.exists():
-        raise FileNotFoundError(
-            f"workspace {ws.path} does not exist; create it with `saewb harvest --workspace {ws.path} ...`"
-        )
+    ws, sources = open_sources(values["workspace"])
     info = harvest_info(ws, values.get("harvest"))
     hook = str(values["hook"])
     if hook not in info.hooks:
@@ -257,8 +236,7 @@ def plan_from_values(values: dict[str, Any]) -> TrainPlan:
         progress=bool(values.get("progress", True)),
         wandb=bool(values.get("wandb", False)),
         wandb_project=values.get("wandb_project"),
-        sources=tuple(str(src) if "://" in str(src) else str(Path(src).resolve()) for src in sources)
-        if len(sources) > 1 else (),
+        sources=tuple(sources) if len(sources) > 1 else (),
     )
 
 
@@ -266,46 +244,34 @@ def _check_existing(plan: TrainPlan) -> int:
     """Refuse a different config under an existing name; return the step a resume starts from."""
     from sae import checkpoint as ckpt
     from sae import runs
+    from sae.lifecycle import refuse_different_config
     from saewb.workspace import Workspace
 
     ws = Workspace(plan.workspace)
-    record = json.loads(json.dumps(plan.record()))
     row = runs.get_run(ws, plan.name)
-    if row is not None and not runs.may_resume(row["config"], record, runs.is_diverged(row)):
-        raise ValueError(
-            f"a run named {plan.name!r} already exists with a different config; "
-            "pick another --name, or repeat its original config to resume it"
-            + (" (after a divergence only --lr may change)" if runs.is_diverged(row) else "")
-        )
+    if row is not None:
+        refuse_different_config(row["config"], plan.record(), runs.is_diverged(row),
+                                f"a run named {plan.name!r} already exists")
     latest = ckpt.latest_checkpoint(ws.runs_dir / plan.name)
     return int(ckpt.read_manifest(latest)["step"]) if latest is not None else 0
 
 
 def run_plan(plan: TrainPlan) -> dict[str, Any]:
     """Train (or resume) the planned run, log to the workspace, evaluate on the held-out split."""
-    import itertools
-
     import jax
 
     from activations.stream import ActivationStream
-    from sae import runs
-    from sae.api import load_dir
-    from sae.metrics import evaluate
-    from sae.trainer import train
+    from sae.lifecycle import heldout_metrics
+    from sae.orchestrate import RunSpec, fit_function, train_runs
     from saewb.workspace import Workspace
 
     lead = jax.process_index() == 0  # several processes: process 0 alone writes the workspace
     ws = Workspace(plan.workspace)
     resume_step = _check_existing(plan)
     record = plan.record()
-    run_dir = ws.runs_dir / plan.name
+    spec = RunSpec(plan.name, plan.hook, plan.sae_config.arch, record, ws.runs_dir / plan.name)
     tc = plan.train_config
     stream = ActivationStream(plan.data(), plan.hook, harvest=plan.harvest, batch_size=tc.batch_size, seed=tc.seed)
-    if lead:
-        runs.start_run(
-            ws, plan.name, harvest=plan.harvest, hook=plan.hook, arch=plan.sae_config.arch, config=record,
-            checkpoint_path=str(run_dir), resume_step=resume_step,
-        )
     extra: dict[str, Any] = {}
     if jax.process_count() > 1:  # each process reads only its rows of every global batch
         extra["local_batches"] = lambda start, rows: stream.batches(start=start, rows=rows)
@@ -315,65 +281,40 @@ def run_plan(plan: TrainPlan) -> dict[str, Any]:
         from sae.wandb_log import WandbLogger
 
         wb = WandbLogger(ws.path, plan.name, plan.wandb_project, record)
+    fit, with_index = fit_function(plan.sae_config.arch)
 
-    def on_log(row: dict[str, float]) -> None:
-        runs.log_metrics(ws, plan.name, [row])  # one short transaction per log row
-        if wb is not None:
-            wb.log(row)
-
-    def on_checkpoint(path: Path, step: int) -> None:
-        runs.set_checkpoint(ws, plan.name, str(path))
-
-    fit, with_index = train, False
-    if plan.sae_config.arch == "itda":  # not gradient based: its own fit, fed tok_idx to label the atoms
-        from sae.itda import fit
-        with_index = True
-    try:
+    def train(on_log: Any, on_checkpoint: Any) -> dict[str, Any]:
         result = fit(
-            plan.sae_config, tc, lambda start: stream.batches(start=start, with_index=with_index), run_dir=run_dir,
-            on_log=on_log, on_checkpoint=on_checkpoint, progress=plan.progress, **extra,
+            plan.sae_config, tc, lambda start: stream.batches(start=start, with_index=with_index), run_dir=spec.run_dir,
+            on_log=lambda row: on_log(plan.name, row), on_checkpoint=lambda path, step: on_checkpoint(plan.name, path, step),
+            progress=plan.progress, **extra,
         )
-    except BaseException as err:
-        if lead:
-            runs.mark_stopped(ws, [plan.name], err)
+        return {plan.name: result}
+
+    def heldout(spec: RunSpec) -> Any:
+        def eval_stream() -> ActivationStream:
+            return ActivationStream(plan.data(), plan.hook, harvest=plan.harvest, batch_size=min(tc.batch_size, 4096),
+                                    seed=tc.seed, split="eval")
+
+        return lambda: heldout_metrics(spec.run_dir, eval_stream, plan.eval_tokens)
+
+    try:
+        final = train_runs(ws, plan.harvest, [spec], resume_step, train, heldout, lead=lead,
+                           on_row=None if wb is None else lambda name, row: wb.log(row))[plan.name]
+    except BaseException:
         if wb is not None:
             wb.finish(None, ok=False)
         raise
-    final = {f"train_{k}": v for k, v in result.final_metrics.items()}
-    if not lead:
-        return final
-    try:
-        ev = ActivationStream(plan.data(), plan.hook, harvest=plan.harvest, batch_size=min(tc.batch_size, 4096),
-                              seed=tc.seed, split="eval")
-        n_batches = max(1, plan.eval_tokens // ev.batch_size)
-        model = load_dir(run_dir)
-        final.update(evaluate(model, itertools.islice(ev.epoch(), n_batches)))
-    except ValueError as err:  # e.g. an empty eval split: keep the training metrics
-        final["eval_error"] = str(err)
-    check_final(ws, plan.name, final)
-    runs.finish_run(ws, plan.name, "done", final, str(run_dir / "sae"))
     if wb is not None:
         wb.finish(final, ok=True)
     return final
 
 
-def check_final(ws: Any, name: str, final: dict[str, Any]) -> None:
-    """Never mark a run done whose final FVU (held-out or training) is not finite: mark it failed."""
-    import math
-
-    from sae import runs
-
-    bad = {k: v for k, v in final.items() if k in ("fvu", "train_fvu") and not math.isfinite(v)}
-    if bad:
-        err = RuntimeError(f"{runs.DIVERGED}: run {name!r} ended with a non-finite FVU ({bad}); it is marked failed, "
-                           "not done: run the same command with a lower --lr to go on from its last checkpoint")
-        runs.finish_run(ws, name, "failed", final, reason=str(err))
-        raise err
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     cli_values = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config", "debug") and v is not None}
-    values = _load_yaml(args.config) if args.config else {}
+    from sae.orchestrate import load_yaml
+
+    values = load_yaml(args.config, "config file") if args.config else {}
     values.update(cli_values)
     from sae import distributed
 

@@ -35,7 +35,6 @@ k = 32, tau = 0.2 gives 2,458 atoms at held-out FVU 0.138 (L0 30.8); tau = 0.4 g
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -268,7 +267,15 @@ def fit(
     batch ``start``, deterministically. Same signature and result type as ``sae.trainer.train``
     (one process only: ``local_batches`` is refused).
     """
-    from sae.trainer import TrainResult, config_record, divergence, stop_diverged
+    from sae.lifecycle import (
+        checkpoint_meta,
+        config_record,
+        finish_training,
+        resume_manifest,
+        stop_diverged,
+        write_checkpoint,
+    )
+    from sae.trainer import divergence
 
     if local_batches is not None or jax.process_count() > 1:
         raise ValueError("the ITDA fit runs in a single process (it is cheap); start it without jax.distributed")
@@ -280,16 +287,11 @@ def fit(
     validate_config(cfg)
     record = config_record(cfg, tc)
     run_dir = Path(run_dir) if run_dir is not None else None
-    latest = ckpt.latest_checkpoint(run_dir) if run_dir is not None else None
+    resume = resume_manifest(run_dir, record)
     history: list[dict[str, float]] = []
     last_row: dict[str, float] = {}
-    if latest is not None:
-        manifest = ckpt.read_manifest(latest)
-        if manifest["config"] != json.loads(json.dumps(record)):
-            raise ValueError(
-                f"run directory {run_dir} holds a run with a different config; "
-                "use another --name, or repeat the original config to resume"
-            )
+    if resume is not None:
+        latest, manifest = resume
         params, state, _ = load_saved(cfg, latest, manifest)
         d = int(manifest["d"])
         b_dec = np.asarray(params.b_dec)
@@ -314,15 +316,9 @@ def fit(
         assert run_dir is not None
         if not (np.isfinite(book.atoms).all() and np.isfinite(b_dec).all()):
             raise stop_diverged(run_dir, f"diverged: the dictionary turned non-finite by batch {step}", "the ITDA fit")
-        trees = {
-            "params": Params(W_dec=book.atoms, b_dec=b_dec),
-            "state": State(labels=book.labels),
-        }
-        meta = {"config": record, "d": d, "scale": 1.0, "n_atoms": len(book),
-                "last_metrics": history[-1] if history else last_row, **({"extra": extra_meta} if extra_meta else {})}
-        path = ckpt.save_checkpoint(run_dir, step, trees, meta, keep=tc.keep_checkpoints)
-        if on_checkpoint is not None:
-            on_checkpoint(path, step)
+        trees = {"params": Params(W_dec=book.atoms, b_dec=b_dec), "state": State(labels=book.labels)}
+        meta = checkpoint_meta(record, d, 1.0, history[-1] if history else last_row, extra_meta, n_atoms=len(book))
+        write_checkpoint(run_dir, step, trees, meta, tc.keep_checkpoints, on_checkpoint)
 
     total = tc.total_steps
     bar = progress_bar("fit itda", total, initial=start, unit="batch", enabled=progress)
@@ -397,14 +393,7 @@ def fit(
         raise ValueError("the ITDA dictionary is empty: train on at least one batch")
     params = Params(W_dec=jnp.asarray(book.atoms), b_dec=jnp.asarray(b_dec))
     state = State(labels=jnp.asarray(book.labels))
-    final = dict(history[-1]) if history else dict(last_row)
-    result = TrainResult(params=params, arch_state=state, config=cfg, train_config=tc, scale=1.0, d=d,
-                         final_metrics=final, run_dir=run_dir, history=history)
-    if run_dir is not None:
-        meta = {"config": record, "d": d, "input_scale_folded": 1.0, "final_metrics": final, "n_atoms": len(book)}
-        ckpt.write_bundle(run_dir / "sae", {"params": Params(W_dec=book.atoms, b_dec=b_dec),
-                                            "state": State(labels=book.labels)}, meta)
-    return result
+    return finish_training(cfg, tc, params, state, 1.0, d, history, last_row, run_dir, n_atoms=len(book))
 
 
 # ------------------------------------------------------------------------------------ comparison

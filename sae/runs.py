@@ -104,12 +104,11 @@ def start_run(
     cfg_json = json.dumps(config, sort_keys=True)
     with ws.write() as con:
         row = con.execute("SELECT config, status, reason FROM runs WHERE name = ?", [name]).fetchone()
-        diverged = row is not None and is_diverged({"status": row[1], "reason": row[2]})
-        if row is not None and not may_resume(json.loads(row[0]), json.loads(cfg_json), diverged):
-            raise ValueError(
-                f"a run named {name!r} already exists with a different config; "
-                "pick another --name, or repeat its original config to resume it"
-            )
+        if row is not None:
+            from sae.lifecycle import refuse_different_config
+
+            refuse_different_config(json.loads(row[0]), json.loads(cfg_json),
+                                    is_diverged({"status": row[1], "reason": row[2]}), f"a run named {name!r} already exists")
         now = _now()
         if row is None:
             con.execute(

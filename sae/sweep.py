@@ -13,8 +13,8 @@ on the same batch. Each member is an ordinary run of the workspace (``runs`` / `
 ``<workspace>.runs/<run>/``, a final SAE that ``sae.load`` and ``saewb eval`` read).
 
 The pieces are the trainer's (``sae.trainer``): ``Trainer`` (optimizer, schedules, the step,
-dead-latent counters, metric rows), the init sample and input scale, the checkpoint layout and
-``save_final``; ``sae.runs`` for the tables. A member trained here gets the parameters that
+dead-latent counters, metric rows), the init sample and input scale; the run lifecycle's
+(``sae.lifecycle``): checkpoints, resume and the saved SAE; ``sae.runs`` for the tables. A member trained here gets the parameters that
 ``sae.trainer.train`` gives the same config on the same batches, up to float reduction order (vmap
 batches the matrix products).
 
@@ -81,21 +81,26 @@ import numpy as np
 from sae import checkpoint as ckpt
 from sae import common
 from sae.base import arch_module, validate_config
-from sae.trainer import (
-    DIVERGED_FILE,
+from sae.lifecycle import (
     RunDivergedError,
+    TrainResult,
+    checkpoint_meta,
+    config_record,
+    finish_training,
+    read_train_state,
+    refuse_different_config,
+    stop_diverged,
+    train_trees,
+    write_checkpoint,
+)
+from sae.trainer import (
     TrainConfig,
     Trainer,
-    TrainResult,
     TrainState,
     check_batch,
     collect_sample,
-    config_record,
     divergence,
     resample_dead,
-    save_final,
-    state_part,
-    stop_diverged,
     zero_window,
 )
 from saewb.progress import progress_bar
@@ -154,11 +159,9 @@ class SweepPlan:
 
 
 def _norm(d: Any, where: str) -> dict[str, Any]:
-    if d is None:
-        return {}
-    if not isinstance(d, dict):
-        raise SweepError(f"{where} must be a mapping of option: value, got {type(d).__name__}")
-    return {str(k).replace("-", "_"): v for k, v in d.items()}
+    from sae.orchestrate import normalise_keys
+
+    return normalise_keys(d, where, SweepError)
 
 
 def _value_name(v: Any) -> str:
@@ -166,23 +169,16 @@ def _value_name(v: Any) -> str:
 
 
 def load_sweep(path: str | Path) -> dict[str, Any]:
-    import yaml
+    from sae.orchestrate import load_yaml
 
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"sweep file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise SweepError(f"sweep file {path} is not valid YAML: {err}") from err
-    return _norm(data, f"sweep file {path}")
+    return load_yaml(path, "sweep file", SweepError)
 
 
 def plan_sweep(values: dict[str, Any]) -> SweepPlan:
     """Validate a sweep (the YAML's mapping) into a plan; raises SweepError / ValueError naming the fix."""
-    from activations.store import as_sources, check_name, is_parquet_source, open_parts
+    from activations.store import check_name, open_parts
     from sae.base import config_fields, make_config
-    from saewb.workspace import Workspace
+    from sae.orchestrate import check_lockstep, open_sources
 
     unknown = sorted(set(values) - set(TOP_KEYS))
     if unknown:
@@ -213,12 +209,7 @@ def plan_sweep(values: dict[str, Any]) -> SweepPlan:
     if not grid and values.get("members") is None:
         raise SweepError("the sweep has no members: give `members:` and/or `grid:`")
 
-    sources = as_sources(values["workspace"])
-    if is_parquet_source(sources[0]):
-        raise SweepError(f"the first workspace ({sources[0]}) must be a workspace .duckdb file: it holds the runs")
-    ws = Workspace(sources[0])
-    if not ws.exists():
-        raise FileNotFoundError(f"workspace {ws.path} does not exist; create it with `saewb harvest --workspace {ws.path} ...`")
+    ws, resolved = open_sources(values["workspace"], SweepError)
 
     specs: list[tuple[str, dict[str, Any]]] = []
     for i, raw in enumerate(raw_members):
@@ -237,7 +228,9 @@ def plan_sweep(values: dict[str, Any]) -> SweepPlan:
         hook = str(vals.pop("hook", values.get("hook", "")))
         if not hook:
             raise SweepError(f"member {run_name!r} has no hook; set `hook:` at the top or in the member")
-        arch = arch_module(str(vals.pop("arch", values.get("arch", "topk"))))
+        arch_name = str(vals.pop("arch", values.get("arch", "topk")))
+        arch = arch_module(arch_name)
+        check_lockstep(arch_name, f"member {run_name!r}", SweepError)
         arch_fields = set(config_fields(arch.Config))
         wrong = sorted(set(vals) - arch_fields - set(MEMBER_TRAIN_KEYS))
         if wrong:
@@ -249,7 +242,7 @@ def plan_sweep(values: dict[str, Any]) -> SweepPlan:
         tc = dataclasses.replace(base_tc, **{k: v for k, v in vals.items() if k in MEMBER_TRAIN_KEYS})
         tc.validate()
         if hook not in parts_by_hook:
-            parts = open_parts(sources, values.get("harvest"), hook)
+            parts = open_parts(resolved, values.get("harvest"), hook)
             parts_by_hook[hook] = int(parts[0].info.hooks[hook])
             harvest_name = parts[0].info.name
         validate_config(sae_cfg, parts_by_hook[hook])
@@ -258,7 +251,6 @@ def plan_sweep(values: dict[str, Any]) -> SweepPlan:
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise SweepError(f"member names {dupes} occur twice; give the members distinct `name:`s")
-    resolved = [str(s) if "://" in str(s) else str(Path(s).resolve()) for s in sources]
     plan = SweepPlan(
         name=name, workspace=ws.path, sources=resolved, harvest=str(harvest_name), members=members,
         widths=parts_by_hook, data_seed=base_tc.seed, eval_tokens=int(values.get("eval_tokens", 200_000)),
@@ -289,12 +281,10 @@ def _check_existing(plan: SweepPlan) -> None:
             )
     for m in plan.members:
         row = rows[m.name]
-        if row is not None and not runs.may_resume(row["config"], json.loads(json.dumps(plan.run_record(m))),
-                                                   runs.is_diverged(row)):
-            raise SweepError(
-                f"a run named {m.name!r} already exists with a different config (or outside this sweep); "
-                "rename the sweep or the member"
-            )
+        if row is not None:
+            refuse_different_config(row["config"], plan.run_record(m), runs.is_diverged(row),
+                                    f"a run named {m.name!r} (of this sweep or not) already exists",
+                                    error=SweepError, fix="rename the sweep or the member")
 
 
 # --------------------------------------------------------------------------- lockstep training
@@ -427,12 +417,7 @@ def train_lockstep(
             cdir = ckpt.checkpoints_dir(run_dirs[m.name]) / f"step_{start:09d}"
             manifest = ckpt.read_manifest(cdir)
             widths[m.hook] = int(manifest["d"])
-            trainer = Trainer(m.sae_config, m.train_config, widths[m.hook])
-            template = trainer.init_state(np.zeros((2, widths[m.hook]), np.float32))
-            trees, _ = ckpt.read_bundle(
-                cdir, {"params": template.params, "opt_state": template.opt_state, "state": state_part(template)}
-            )
-            states.append(template.replace(params=trees["params"], opt_state=trees["opt_state"], **trees["state"]))
+            states.append(read_train_state(Trainer(m.sae_config, m.train_config, widths[m.hook]), cdir))
             scales.append(float(manifest["scale"]))
     else:
         samples: dict[str, np.ndarray] = {}
@@ -525,14 +510,11 @@ def train_lockstep(
             for j, i in enumerate(g.members):
                 m = members[i]
                 ts = _unstack(host, j) if g.vmapped else host
-                meta = {"config": config_record(m.sae_config, m.train_config), "d": widths[m.hook], "scale": scales[i],
-                        "rng": [int(v) for v in np.asarray(ts.rng)], "last_metrics": last_rows.get(m.name, {}),
-                        "extra": {"sweep_state": str(state_path)}}
-                trees = {"params": ts.params, "opt_state": ts.opt_state, "state": state_part(ts)}
-                path = ckpt.save_checkpoint(run_dirs[m.name], step, trees, meta, keep=m.train_config.keep_checkpoints)
-                (run_dirs[m.name] / DIVERGED_FILE).unlink(missing_ok=True)  # now saved with its new config
-                if on_checkpoint is not None:
-                    on_checkpoint(m.name, path, step)
+                meta = checkpoint_meta(config_record(m.sae_config, m.train_config), widths[m.hook], scales[i],
+                                       last_rows.get(m.name, {}), {"sweep_state": str(state_path)},
+                                       rng=[int(v) for v in np.asarray(ts.rng)])
+                write_checkpoint(run_dirs[m.name], step, train_trees(ts), meta, m.train_config.keep_checkpoints,
+                                 None if on_checkpoint is None else partial(on_checkpoint, m.name))
         # Only now does the sweep move on: a kill before this line resumes from the previous step.
         state_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = state_path.with_suffix(".tmp")
@@ -588,19 +570,13 @@ def train_lockstep(
         for j, i in enumerate(g.members):
             m = members[i]
             p_host, s_host = _unstack(host, j) if g.vmapped else host
-            ts = TrainState(params=jax.tree_util.tree_map(jnp.asarray, p_host), opt_state=None,
-                            arch_state=jax.tree_util.tree_map(jnp.asarray, s_host), since_fired=None, step=None,
-                            rng=None, win=None)
-            params, astate = g.trainer.arch.fold_scale(m.sae_config, ts.params, ts.arch_state, scales[i])
             run_dir = run_dirs[m.name] if run_dirs is not None else None
-            final = dict(histories[m.name][-1]) if histories[m.name] else {}
-            if not final and run_dir is not None:  # resumed at the very end: the last logged row
-                final = ckpt.read_manifest(ckpt.checkpoints_dir(run_dir) / f"step_{start:09d}").get("last_metrics", {})
-            res = TrainResult(params=params, arch_state=astate, config=m.sae_config, train_config=m.train_config,
-                              scale=scales[i], d=widths[m.hook], final_metrics=final, run_dir=run_dir,
-                              history=histories[m.name])
-            if run_dir is not None:
-                save_final(run_dir, res)
+            last_row = {}
+            if not histories[m.name] and run_dir is not None:  # resumed at the very end: the last logged row
+                last_row = ckpt.read_manifest(ckpt.checkpoints_dir(run_dir) / f"step_{start:09d}").get("last_metrics", {})
+            res = finish_training(m.sae_config, m.train_config, jax.tree_util.tree_map(jnp.asarray, p_host),
+                                  jax.tree_util.tree_map(jnp.asarray, s_host), scales[i], widths[m.hook],
+                                  histories[m.name], last_row, run_dir)
             results[m.name] = res
     return results
 
@@ -608,10 +584,8 @@ def train_lockstep(
 def run_sweep(plan: SweepPlan) -> dict[str, dict[str, Any]]:
     """Train (or resume) every member of a planned sweep, log them as runs, evaluate them on held-out tokens."""
     from activations.stream import ActivationStream
-    from sae import runs
-    from sae.api import load_dir
-    from sae.cli import check_final
-    from sae.metrics import evaluate
+    from sae.lifecycle import heldout_metrics
+    from sae.orchestrate import RunSpec, train_runs
     from saewb.workspace import Workspace
 
     ws = Workspace(plan.workspace)
@@ -621,43 +595,24 @@ def run_sweep(plan: SweepPlan) -> dict[str, dict[str, Any]]:
     streams = {h: ActivationStream(data, h, harvest=plan.harvest, batch_size=tc0.batch_size, seed=plan.data_seed)
                for h in hooks}
     start = int(json.loads(plan.state_path.read_text())["step"]) if plan.state_path.exists() else 0
-    run_dirs = {m.name: ws.runs_dir / m.name for m in plan.members}
-    for m in plan.members:
-        runs.start_run(ws, m.name, harvest=plan.harvest, hook=m.hook, arch=m.sae_config.arch,
-                       config=plan.run_record(m), checkpoint_path=str(run_dirs[m.name]), resume_step=start)
+    specs = [RunSpec(m.name, m.hook, m.sae_config.arch, plan.run_record(m), ws.runs_dir / m.name) for m in plan.members]
 
-    def on_log(name: str, row: dict[str, float]) -> None:
-        runs.log_metrics(ws, name, [row])
-
-    def on_checkpoint(name: str, path: Path, step: int) -> None:
-        runs.set_checkpoint(ws, name, str(path))
-
-    try:
-        results = train_lockstep(
-            plan.members, {h: (lambda s, st=streams[h]: st.batches(start=s)) for h in hooks}, run_dirs=run_dirs,
-            state_path=plan.state_path, state_record=plan.record, on_log=on_log, on_checkpoint=on_checkpoint,
-            progress=plan.progress,
+    def train(on_log: Any, on_checkpoint: Any) -> dict[str, Any]:
+        return train_lockstep(
+            plan.members, {h: (lambda s, st=streams[h]: st.batches(start=s)) for h in hooks},
+            run_dirs={s.name: s.run_dir for s in specs}, state_path=plan.state_path, state_record=plan.record,
+            on_log=on_log, on_checkpoint=on_checkpoint, progress=plan.progress,
         )
-    except BaseException as err:
-        reasons = getattr(err, "reasons", {})  # the members the divergence guard stopped
-        others = {m.name: f"stopped with the sweep: {' '.join(str(err).split())}" for m in plan.members} if reasons else {}
-        runs.mark_stopped(ws, [m.name for m in plan.members], err, {**others, **reasons})
-        raise
-    out: dict[str, dict[str, Any]] = {}
-    evals: dict[str, Any] = {}
-    for m in plan.members:
-        final: dict[str, Any] = {f"train_{k}": v for k, v in results[m.name].final_metrics.items()}
-        if plan.eval_tokens > 0:
-            try:
-                if m.hook not in evals:
-                    evals[m.hook] = ActivationStream(data, m.hook, harvest=plan.harvest, seed=plan.data_seed,
-                                                     batch_size=min(tc0.batch_size, 4096), split="eval")
-                ev = evals[m.hook]
-                n_batches = max(1, plan.eval_tokens // ev.batch_size)
-                final.update(evaluate(load_dir(run_dirs[m.name]), itertools.islice(ev.epoch(), n_batches)))
-            except ValueError as err:  # e.g. an empty eval split: keep the training metrics
-                final["eval_error"] = str(err)
-        check_final(ws, m.name, final)
-        runs.finish_run(ws, m.name, "done", final, str(run_dirs[m.name] / "sae"))
-        out[m.name] = final
-    return out
+
+    evals: dict[str, Any] = {}  # one eval stream per hook
+
+    def heldout(spec: RunSpec) -> Any:
+        def eval_stream() -> ActivationStream:
+            if spec.hook not in evals:
+                evals[spec.hook] = ActivationStream(data, spec.hook, harvest=plan.harvest, seed=plan.data_seed,
+                                                    batch_size=min(tc0.batch_size, 4096), split="eval")
+            return evals[spec.hook]
+
+        return (lambda: heldout_metrics(spec.run_dir, eval_stream, plan.eval_tokens)) if plan.eval_tokens > 0 else None
+
+    return train_runs(ws, plan.harvest, specs, start, train, heldout)

@@ -36,11 +36,10 @@ params, state and batch; the master weights, Adam moments, state updates and met
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,9 +49,24 @@ import numpy as np
 import optax
 from flax import struct
 
-from sae import checkpoint as ckpt
 from sae import common, runs, sharding
 from sae.base import StepCtx, arch_module, validate_config
+from sae.lifecycle import (  # noqa: F401  (re-exported: the trainer's public names)
+    DIVERGED_FILE,
+    EXECUTION_FIELDS,
+    RunDivergedError,
+    TrainResult,
+    checkpoint_meta,
+    config_record,
+    diverged_before,
+    finish_training,
+    read_train_state,
+    resume_manifest,
+    save_final,
+    stop_diverged,
+    train_trees,
+    write_checkpoint,
+)
 from saewb.progress import progress_bar
 
 
@@ -128,28 +142,12 @@ class TrainConfig:
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
-EXECUTION_FIELDS = ("mesh_data", "mesh_model")
-"""TrainConfig fields that change where a run executes, not what it computes: left out of the
-run's identity, so a run may resume on another mesh."""
 
 
 DIVERGENCE_FACTOR = 100.0
 """A run has diverged when its FVU exceeds this many times its best recent FVU (floored at 0.01)."""
 DIVERGENCE_HISTORY = 20
 """How many recent metric rows the divergence guard compares with."""
-DIVERGED_FILE = "DIVERGED.json"
-"""Written in a run directory when the guard stops the run; lets a resume change lr."""
-
-
-class RunDivergedError(RuntimeError):
-    """The divergence guard stopped a run; its message says why and how to go on."""
-
-    def __init__(self, message: str, reason: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-        """What the runs table records (it begins with ``runs.DIVERGED``)."""
-
-
 def divergence(row: dict[str, float], history: list[dict[str, float]], explosion: bool = True) -> str | None:
     """Why the metric row of a run means it diverged, or None (see the module docstring).
 
@@ -168,24 +166,6 @@ def divergence(row: dict[str, float], history: list[dict[str, float]], explosion
         ref = f"its best recent FVU ({best:.3g})" if recent else "the FVU of predicting the mean (1)"
         return f"{runs.DIVERGED}: the FVU reached {row['fvu']:.3g} at step {int(row['step'])}, over {DIVERGENCE_FACTOR:g}x {ref}"
     return None
-
-
-def stop_diverged(run_dir: Path | None, reason: str, what: str = "run") -> RunDivergedError:
-    """Record the reason in ``run_dir`` and build the error that stops the run."""
-    kept = None
-    if run_dir is not None:
-        latest = ckpt.latest_checkpoint(run_dir)
-        kept = int(ckpt.read_manifest(latest)["step"]) if latest is not None else None
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-        (Path(run_dir) / DIVERGED_FILE).write_text(json.dumps({"reason": reason, "checkpoint_step": kept}))
-    how = (f"its last good checkpoint (step {kept}) is kept: run the same command with a lower --lr to go on from it"
-           if kept is not None else "no checkpoint was written yet: run the same command with a lower --lr to start over")
-    return RunDivergedError(f"{what} stopped, {reason}; {how}", reason)
-
-
-def diverged_before(run_dir: Path | None) -> bool:
-    """Whether the guard stopped this run (so a resume may change its lr)."""
-    return run_dir is not None and (Path(run_dir) / DIVERGED_FILE).exists()
 
 
 _all_finite = jax.jit(lambda tree: jnp.all(jnp.stack(
@@ -257,32 +237,6 @@ def zero_window(n: int) -> dict[str, jax.Array]:
     out = {name: jnp.zeros((), jnp.float32) for name in ("tokens", "err", "var", "l0", "loss", "steps")}
     out["fires"] = jnp.zeros((n,), jnp.float32)
     return out
-
-
-@dataclass
-class TrainResult:
-    params: Any
-    """Inference-form params (input scale folded in: they take raw activations)."""
-    arch_state: Any
-    config: Any
-    train_config: TrainConfig
-    scale: float
-    d: int
-    final_metrics: dict[str, float]
-    run_dir: Path | None
-    history: list[dict[str, float]] = field(default_factory=list)
-
-
-def config_record(cfg: Any, tc: TrainConfig) -> dict[str, Any]:
-    """The JSON-able identity of a run (compared on resume).
-
-    The mesh is left out (a layout, not a result); compute_dtype only when it is not the default,
-    so runs recorded before it existed keep their identity.
-    """
-    train = {k: v for k, v in asdict(tc).items() if k not in EXECUTION_FIELDS}
-    if train.get("compute_dtype") == "float32":
-        del train["compute_dtype"]
-    return {"arch": cfg.arch, "sae": asdict(cfg), "train": train}
 
 
 def collect_sample(batches: Callable[[int], Iterator[np.ndarray]], tokens: int) -> np.ndarray:
@@ -515,32 +469,17 @@ def train(
     arch = arch_module(cfg.arch)
     record = config_record(cfg, tc)
     run_dir = Path(run_dir) if run_dir is not None else None
-    latest = ckpt.latest_checkpoint(run_dir) if run_dir is not None else None
+    resume = resume_manifest(run_dir, record)
     lead = jax.process_index() == 0
-    if jax.process_count() > 1:
-        from sae import distributed
-
-        distributed.check_same(int(latest.name.removeprefix("step_")) if latest is not None else -1,
-                               "the checkpoint to resume from (is run_dir on a filesystem every process shares?)")
 
     last_row: dict[str, float] = {}
-    if latest is not None:
-        manifest = ckpt.read_manifest(latest)
+    if resume is not None:
+        latest, manifest = resume
         last_row = manifest.get("last_metrics", {})
-        if not runs.may_resume(manifest["config"], json.loads(json.dumps(record)), diverged_before(run_dir)):
-            raise ValueError(
-                f"run directory {run_dir} holds a run with a different config; "
-                "use another --name, or repeat the original config to resume"
-                + (" (after a divergence only --lr may change)" if diverged_before(run_dir) else "")
-            )
         d = int(manifest["d"])
         scale = float(manifest["scale"])
         trainer = Trainer(cfg, tc, d)
-        template = trainer.init_state(np.zeros((2, d), np.float32))
-        trees, _ = ckpt.read_bundle(
-            latest, {"params": template.params, "opt_state": template.opt_state, "state": state_part(template)}
-        )
-        ts = trainer.place(template.replace(params=trees["params"], opt_state=trees["opt_state"], **trees["state"]))
+        ts = trainer.place(read_train_state(trainer, latest))
     else:
         sample = collect_sample(batches, tc.init_sample_tokens)
         d = int(sample.shape[1])
@@ -559,28 +498,16 @@ def train(
 
     def save(ts: TrainState) -> Path | None:
         assert run_dir is not None
-        trees = {"params": ts.params, "opt_state": ts.opt_state, "state": state_part(ts)}
+        trees = train_trees(ts)
         if trainer.mesh is not None:
             trees = sharding.to_host(trees)  # one layout on disk, whatever the mesh (collective)
         if not lead:
             return None
         step = int(np.asarray(trees["state"]["step"]))
-        meta = {
-            "config": record,
-            "d": d,
-            "scale": scale,
-            "rng": [int(v) for v in np.asarray(trees["state"]["rng"])],
-            "last_metrics": history[-1] if history else last_row,
-        }
-        if trainer.mesh is not None:
-            meta["mesh"] = {str(k): int(v) for k, v in trainer.mesh.shape.items()}
-        if extra_meta:
-            meta["extra"] = extra_meta
-        path = ckpt.save_checkpoint(run_dir, step, trees, meta, keep=tc.keep_checkpoints)
-        (run_dir / DIVERGED_FILE).unlink(missing_ok=True)  # the checkpoint now holds the new config
-        if on_checkpoint is not None:
-            on_checkpoint(path, step)
-        return path
+        mesh = {"mesh": {str(k): int(v) for k, v in trainer.mesh.shape.items()}} if trainer.mesh is not None else {}
+        meta = checkpoint_meta(record, d, scale, history[-1] if history else last_row, extra_meta,
+                               rng=[int(v) for v in np.asarray(trees["state"]["rng"])], **mesh)
+        return write_checkpoint(run_dir, step, trees, meta, tc.keep_checkpoints, on_checkpoint)
 
     total = tc.total_steps
     start = int(np.asarray(sharding.to_host(ts.step)))
@@ -622,22 +549,7 @@ def train(
     if trainer.mesh is not None:  # back to ordinary single-device arrays on every process
         host = sharding.to_host((final_params, final_state))
         final_params, final_state = jax.tree_util.tree_map(jnp.asarray, host)
-    params, astate = arch.fold_scale(cfg, final_params, final_state, scale)
-    final = dict(history[-1]) if history else dict(last_row)
-    result = TrainResult(
-        params=params,
-        arch_state=astate,
-        config=cfg,
-        train_config=tc,
-        scale=scale,
-        d=d,
-        final_metrics=final,
-        run_dir=run_dir,
-        history=history,
-    )
-    if run_dir is not None and lead:
-        save_final(run_dir, result)
-    return result
+    return finish_training(cfg, tc, final_params, final_state, scale, d, history, last_row, run_dir, write=lead)
 
 
 def resample_dead(trainer: Trainer, ts: TrainState, batch: np.ndarray, scale: float, seed: int) -> TrainState:
@@ -656,17 +568,4 @@ def resample_dead(trainer: Trainer, ts: TrainState, batch: np.ndarray, scale: fl
 
 def state_part(ts: TrainState) -> dict[str, Any]:
     """The non-parameter training state a checkpoint stores for an exact resume."""
-    return {"arch_state": ts.arch_state, "since_fired": ts.since_fired, "step": ts.step, "rng": ts.rng, "win": ts.win}
-
-
-def save_final(run_dir: Path, result: TrainResult) -> Path:
-    """The saved SAE: inference-form params (raw activations) + arch state + JSON config."""
-    meta = {
-        "config": config_record(result.config, result.train_config),
-        "d": result.d,
-        "input_scale_folded": result.scale,
-        "final_metrics": result.final_metrics,
-    }
-    return ckpt.write_bundle(
-        Path(run_dir) / "sae", {"params": result.params, "state": result.arch_state}, meta
-    )
+    return train_trees(ts)["state"]

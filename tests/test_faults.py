@@ -411,7 +411,7 @@ def test_itda_fit_stops_on_non_finite_data(tmp_path: Path) -> None:
 
 def test_a_non_finite_final_fvu_is_never_marked_done(ws: Path) -> None:
     from sae import runs
-    from sae.cli import check_final
+    from sae.lifecycle import check_final
 
     runs.start_run(
         Workspace(ws), "r", harvest="default", hook=HOOK, arch="topk", config={"x": 1}, checkpoint_path=""

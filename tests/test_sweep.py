@@ -167,6 +167,7 @@ def test_interrupted_sweep_resumes_exactly(swept: Path, ws: Path, tmp_path: Path
         ({"train": {"batch_size": 64, "train_tokens": 10}}, "less than one batch"),
         ({"members": None, "grid": None}, "no members"),
         ({"workspace": "missing.duckdb"}, "does not exist"),
+        ({"members": [{"name": "a", "arch": "itda"}]}, "cannot train in lockstep with a sweep"),
     ],
 )
 def test_bad_sweep_files_are_refused_before_work(
