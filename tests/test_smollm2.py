@@ -41,10 +41,14 @@ def _greedy(model: Any, prompt_ids: list[int], n: int) -> str:
     from analysis.interventions import _generate
 
     with torch.inference_mode():
-        return model.tokenizer.decode(_generate(model, torch.tensor([prompt_ids]), n, lambda _: [], False, 1.0, 0))
+        return model.tokenizer.decode(
+            _generate(model, torch.tensor([prompt_ids]), n, lambda _: [], False, 1.0, 0)
+        )
 
 
-def test_smollm2_loads_offline_from_the_cache_and_answers(smollm2: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_smollm2_loads_offline_from_the_cache_and_answers(
+    smollm2: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     folder = smollm2_folder()
     gguf = smollm2_gguf()
@@ -57,8 +61,11 @@ def test_smollm2_loads_offline_from_the_cache_and_answers(smollm2: Any, monkeypa
     assert (cfg.n_layers, cfg.d_model, cfg.d_vocab) == (30, 576, 49152)
     # The dequantised weights are the instruct model: it answers through its own chat template.
     tok = smollm2.tokenizer
-    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                     add_generation_prompt=True, tokenize=False)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
     answer = _greedy(smollm2, tok(prompt, add_special_tokens=False)["input_ids"], 6)
     assert answer.startswith("The capital of France is Paris")
 
@@ -95,20 +102,46 @@ def test_harvest_train_eval_on_smollm2_python_code(smollm2: Any, tmp_path: Path)
     from sae.cli import plan_from_values, run_plan
 
     ws = tmp_path / "ws.duckdb"
-    info = run_harvest(HarvestConfig(model="smollm2", corpus="python-code", hooks=(HOOK,), ctx_len=64,
-                                     max_tokens=5000, commit_tokens=2500), ws, progress=False)
+    info = run_harvest(
+        HarvestConfig(
+            model="smollm2",
+            corpus="python-code",
+            hooks=(HOOK,),
+            ctx_len=64,
+            max_tokens=5000,
+            commit_tokens=2500,
+        ),
+        ws,
+        progress=False,
+    )
     assert info.hooks == {HOOK: 576}
     con = duckdb.connect(str(ws), read_only=True)
-    n_tokens, first = con.execute("SELECT count(*), min(token_str) FILTER (WHERE tok_idx = 0) FROM tokens").fetchone()
+    n_tokens, first = con.execute(
+        "SELECT count(*), min(token_str) FILTER (WHERE tok_idx = 0) FROM tokens"
+    ).fetchone()
     sources = [r[0] for r in con.execute("SELECT source FROM documents ORDER BY doc_id LIMIT 2").fetchall()]
     con.close()
     assert 5000 <= n_tokens < 5000 + 64
     assert first == "<|im_start|>"  # the tokenizer's BOS, prepended as TransformerLens does
     assert sources[0].startswith("stdlib/") and sources[0].endswith(".py:1")
-    run_plan(plan_from_values({
-        "workspace": str(ws), "hook": HOOK, "arch": "topk", "n_latents": 512, "k": 16, "train_tokens": 60_000,
-        "batch_size": 1024, "lr": 3e-3, "seed": 0, "name": "smol", "progress": False, "eval_tokens": 1024,
-    }))
+    run_plan(
+        plan_from_values(
+            {
+                "workspace": str(ws),
+                "hook": HOOK,
+                "arch": "topk",
+                "n_latents": 512,
+                "k": 16,
+                "train_tokens": 60_000,
+                "batch_size": 1024,
+                "lr": 3e-3,
+                "seed": 0,
+                "name": "smol",
+                "progress": False,
+                "eval_tokens": 1024,
+            }
+        )
+    )
     m = evaluate_run(ws, "smol", model=smollm2, max_seqs=8, batch_size=8)
     assert m["model_kind"] == "causal_lm" and m["lm_targets"] >= 400
     assert 0.5 < m["ce_clean"] < 4.5  # a real pretrained LM on Python source (uniform: ln 49152 = 10.8)
@@ -122,19 +155,38 @@ def test_chat_harvest_on_smollm2_flags_roles(tmp_path: Path) -> None:
 
     chat = tmp_path / "chat.jsonl"
     rows = [
-        {"messages": [{"role": "user", "content": "What does zip do?"}, {"role": "assistant", "content": "It pairs items."}]},
-        {"messages": [{"role": "system", "content": "Answer in one line."}, {"role": "user", "content": "Define a class."},
-                      {"role": "assistant", "content": "Use the class keyword."}]},
+        {
+            "messages": [
+                {"role": "user", "content": "What does zip do?"},
+                {"role": "assistant", "content": "It pairs items."},
+            ]
+        },
+        {
+            "messages": [
+                {"role": "system", "content": "Answer in one line."},
+                {"role": "user", "content": "Define a class."},
+                {"role": "assistant", "content": "Use the class keyword."},
+            ]
+        },
     ]
     chat.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     ws = tmp_path / "ws.duckdb"
-    run_harvest(HarvestConfig(model="smollm2", corpus=str(chat), chat=True, hooks=("blocks.0.hook_out",), ctx_len=128),
-                ws, progress=False)
+    run_harvest(
+        HarvestConfig(
+            model="smollm2", corpus=str(chat), chat=True, hooks=("blocks.0.hook_out",), ctx_len=128
+        ),
+        ws,
+        progress=False,
+    )
     con = duckdb.connect(str(ws), read_only=True)
 
     def text(doc: int, role: str) -> str:
-        return "".join(r[0] for r in con.execute(
-            "SELECT token_str FROM tokens WHERE doc_id = ? AND role = ? ORDER BY pos", [doc, role]).fetchall())
+        return "".join(
+            r[0]
+            for r in con.execute(
+                "SELECT token_str FROM tokens WHERE doc_id = ? AND role = ? ORDER BY pos", [doc, role]
+            ).fetchall()
+        )
 
     assert text(0, "user").strip() == "What does zip do?"
     assert text(0, "assistant").strip() == "It pairs items."
@@ -142,8 +194,12 @@ def test_chat_harvest_on_smollm2_flags_roles(tmp_path: Path) -> None:
     # SmolLM2's template adds its default system prompt when none is given: scaffolding, not a turn.
     assert "You are a helpful AI assistant named SmolLM" in text(0, "template")
     assert text(0, "system") == ""
-    specials = dict(con.execute("SELECT token_str, bool_and(is_special) FROM tokens "
-                                "WHERE token_str IN ('<|im_start|>', '<|im_end|>') GROUP BY 1").fetchall())
+    specials = dict(
+        con.execute(
+            "SELECT token_str, bool_and(is_special) FROM tokens "
+            "WHERE token_str IN ('<|im_start|>', '<|im_end|>') GROUP BY 1"
+        ).fetchall()
+    )
     assert specials == {"<|im_start|>": True, "<|im_end|>": True}
     assert con.execute("SELECT count(DISTINCT doc_id) FROM tokens").fetchone() == (2,)
     con.close()
@@ -165,7 +221,9 @@ def test_python_code_streams_dedups_and_splits_at_lines(tmp_path: Path) -> None:
     root = tmp_path / "lib"
     (root / "pkg").mkdir(parents=True)
     (root / "a.py").write_text("def a():\n    return 'the first file, long enough to keep'\n")
-    (root / "b.py").write_text("def a():\n    return 'the first file, long enough to keep'\n")  # exact duplicate of a.py
+    (root / "b.py").write_text(
+        "def a():\n    return 'the first file, long enough to keep'\n"
+    )  # exact duplicate of a.py
     (root / "pkg" / "__pycache__").mkdir()
     (root / "pkg" / "__pycache__" / "x.py").write_text("skipped = 'bytecode folders are not walked'\n")
     long_lines = [f"value_{i} = {i} * {i}  # a line of code\n" for i in range(200)]
