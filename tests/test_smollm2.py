@@ -16,7 +16,15 @@ from typing import Any
 import duckdb
 import pytest
 
-from activations.corpus import CorpusSpec, iter_documents, python_code, python_code_roots, split_lines
+from activations.corpus import (
+    _MIN_DOC_CHARS,
+    CorpusSpec,
+    iter_documents,
+    python_code,
+    python_code_files,
+    python_code_roots,
+    split_lines,
+)
 from activations.models import (
     SMOLLM2_INSTALL,
     ModelNotAvailableError,
@@ -123,7 +131,7 @@ def test_harvest_train_eval_on_smollm2_python_code(smollm2: Any, tmp_path: Path)
     con.close()
     assert 5000 <= n_tokens < 5000 + 64
     assert first == "<|im_start|>"  # the tokenizer's BOS, prepended as TransformerLens does
-    assert sources[0].startswith("stdlib/") and sources[0].endswith(".py:1")
+    assert sources[0].split("/")[0] in ("stdlib", "site-packages") and ".py:" in sources[0]
     run_plan(
         plan_from_values(
             {
@@ -206,38 +214,48 @@ def test_chat_harvest_on_smollm2_flags_roles(tmp_path: Path) -> None:
 
 
 def test_python_code_is_deterministic_and_covers_stdlib_and_packages() -> None:
-    labels = [label for label, _ in python_code_roots()]
-    assert labels == ["stdlib", "site-packages"]
+    roots = python_code_roots()
+    assert [label for label, _ in roots] == ["stdlib", "site-packages"]
     first = list(itertools.islice(iter_documents(CorpusSpec("python-code")), 1500))
     again = list(itertools.islice(python_code(), 1500))
     assert first == again
     assert len({d.text for d in first}) == len(first)  # no exact duplicates
-    assert all(0 < len(d.text) <= 16_000 for d in first)
-    files = [d.source.rsplit(":", 1)[0] for d in first]
-    assert files == sorted(files, key=lambda s: s.split("/"))  # sorted folder walk
+    assert all(_MIN_DOC_CHARS <= len(d.text) <= 16_000 for d in first)
+    # A prefix spans the stdlib and the installed packages, in the fixed hash order of the file names.
+    names = [name for name, _ in python_code_files(roots)]
+    files = list(dict.fromkeys(d.source.rsplit(":", 1)[0] for d in first))
+    positions = [names.index(f) for f in files]
+    assert positions == sorted(positions)
+    assert {f.split("/")[0] for f in files[:50]} == {"stdlib", "site-packages"}
 
 
 def test_python_code_streams_dedups_and_splits_at_lines(tmp_path: Path) -> None:
     root = tmp_path / "lib"
-    (root / "pkg").mkdir(parents=True)
-    (root / "a.py").write_text("def a():\n    return 'the first file, long enough to keep'\n")
-    (root / "b.py").write_text(
-        "def a():\n    return 'the first file, long enough to keep'\n"
-    )  # exact duplicate of a.py
-    (root / "pkg" / "__pycache__").mkdir()
-    (root / "pkg" / "__pycache__" / "x.py").write_text("skipped = 'bytecode folders are not walked'\n")
+    (root / "pkg" / "__pycache__").mkdir(parents=True)
+    (root / "pkg" / "__pycache__" / "x.py").write_text("skipped = 'bytecode folders are never walked'\n")
+    for i in range(6):
+        (root / f"m{i}.py").write_text(f"def f{i}():\n    return 'module {i}, long enough to be kept'\n")
+    (root / "copy.py").write_text(
+        "def f0():\n    return 'module 0, long enough to be kept'\n"
+    )  # same as m0.py
+    (root / "tiny.py").write_text("x = 1\n")  # nearly empty: skipped
     long_lines = [f"value_{i} = {i} * {i}  # a line of code\n" for i in range(200)]
     (root / "pkg" / "long.py").write_text("".join(long_lines))
     docs = python_code(max_doc_chars=1000, roots=[("t", root)])
     head = next(docs)
-    assert head.source == "t/a.py:1"
-    # Streamed: files are read when their turn comes, so a file written now is seen as it is now.
-    (root / "pkg" / "z.py").write_text("written = 'after the first document was yielded'\n")
+    # Streamed: each file is read when its turn comes, so files rewritten now are seen rewritten.
+    rewritten = [f"t/m{i}.py:1" for i in range(1, 6) if f"t/m{i}.py:1" != head.source]
+    for source in rewritten:
+        path = root / source[2:-2]
+        path.write_text(path.read_text().replace("long enough", "rewritten after the first document"))
     rest = list(docs)
-    sources = [d.source for d in rest]
-    assert sources[-1] == "t/pkg/z.py:1" and not any("b.py" in s or "__pycache__" in s for s in sources)
+    seen = {d.source: d.text for d in rest if d.source in rewritten}
+    assert sorted(seen) == rewritten and all("rewritten after the first document" in t for t in seen.values())
+    sources = [d.source for d in [head, *rest]]
+    assert not any("__pycache__" in s or "tiny.py" in s for s in sources)
+    assert sum(s in ("t/m0.py:1", "t/copy.py:1") for s in sources) == 1  # the exact copy is kept once
     pieces = [d for d in rest if d.source.startswith("t/pkg/long.py")]
     assert len(pieces) > 1 and all(len(d.text) <= 1000 and d.text.endswith("\n") for d in pieces)
     assert "".join(d.text for d in pieces) == "".join(long_lines)  # nothing lost, cut only between lines
-    assert [int(d.source.rsplit(":", 1)[1]) for d in pieces][0] == 1
+    assert pieces[0].source == "t/pkg/long.py:1"
     assert list(split_lines("x" * 25, 10)) == [(1, "x" * 10), (1, "x" * 10), (1, "x" * 5)]
