@@ -55,7 +55,7 @@ demo-pipeline: $(STAMP)
 
 ## demo-lm: the same pipeline through the built-in SmolLM2-135M-Instruct (`smollm2`, a third of the way in)
 ## over the built-in `python-code` corpus, so CE/KL scores, logit effects and steered generation are those of
-## a real pretrained LM; about 9 minutes on 2 cores (README), plus ~40 s the first time to unpack the model.
+## a real pretrained LM; about 15 minutes on 2 busy cores (README), plus ~40 s the first time to unpack the model.
 demo-lm: demo-lm-pipeline
 	$(SAEWB) app $(LM_WORKSPACE) --port $(PORT)
 

