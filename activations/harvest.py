@@ -31,7 +31,14 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from activations.corpus import BUILTIN_CORPORA, CorpusSpec, Document, corpus_size_chars, iter_documents
+from activations.corpus import (
+    BUILTIN_CORPORA,
+    CorpusSpec,
+    Document,
+    corpus_size_chars,
+    iter_documents,
+    python_code_fingerprint,
+)
 from activations.models import HookPlan, load_model, plan_hooks
 from activations.store import (
     HarvestError,
@@ -103,6 +110,8 @@ class HarvestConfig:
         }
         if self.shard is not None:  # absent when unsharded: older harvests keep resuming
             out["shard"] = list(self.shard)
+        if self.corpus == "python-code":  # its content is whatever is installed: resume only on the same files
+            out["python_code_files"] = python_code_fingerprint()
         return out
 
 
