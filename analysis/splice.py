@@ -55,8 +55,9 @@ class Steering:
 
 def decoder_rows(sae: Any) -> np.ndarray:
     """The raw (not normalised) decoder rows [n_latents, d] of an SAE, in activation units."""
-    p = sae.params
-    w = p.W if sae.config.arch == "gba" else p.W_dec
+    from sae.base import arch_module, optional
+
+    w = optional(arch_module(sae.config.arch), "decoder_rows")(sae.config, sae.params)
     return np.asarray(w, dtype=np.float32)
 
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sae import checkpoint as ckpt
-from sae.base import arch_module, make_config
+from sae.base import arch_module, make_config, optional
 
 MIN_BUCKET = 16
 LARGE_BUCKET = 4096
@@ -78,8 +78,7 @@ class SAE:
 
     @property
     def n_latents(self) -> int:
-        count = getattr(self.arch, "latent_count", None)  # architectures whose size is not in the config (ITDA)
-        return int(count(self.config, self.params) if count is not None else self.config.n_latents)
+        return int(optional(self.arch, "latent_count")(self.config, self.params))
 
     def _check(self, x: Any, width: int, what: str) -> None:
         if x.ndim != 2 or x.shape[1] != width:
@@ -121,8 +120,7 @@ class SAE:
     @property
     def decoder_directions(self) -> np.ndarray:
         """Dictionary atoms as unit rows [n_latents, d]."""
-        p = self.params
-        w = np.asarray(p.W if self.config.arch == "gba" else p.W_dec)
+        w = np.asarray(optional(self.arch, "decoder_rows")(self.config, self.params))
         return w / np.maximum(np.linalg.norm(w, axis=1, keepdims=True), 1e-12)
 
 
@@ -152,7 +150,7 @@ def load_dir(path: str | Path) -> SAE:
     manifest = ckpt.read_manifest(path)
     cfg = _from_record(manifest["config"])
     d = int(manifest["d"])
-    load_saved = getattr(arch_module(cfg.arch), "load_saved", None)
+    load_saved = optional(arch_module(cfg.arch), "load_saved")
     if load_saved is not None:  # sizes come from the manifest (ITDA's dictionary grows while fitting)
         params, state, metrics = load_saved(cfg, path, manifest)
         return SAE(cfg, params, state, d, metrics=metrics, path=path)

@@ -1,20 +1,11 @@
-"""What every architecture module provides, and the registry of architectures.
+"""What every architecture module provides (``Architecture``), and the registry of architectures.
 
-An architecture is a module exposing pure functions over explicit pytrees:
-
-* ``Config``: frozen dataclass (``arch`` class attribute names it);
-* ``init(cfg, key, d, sample) -> (params, state)``; ``sample`` is a scaled [N, d] float32 array;
-* ``encode(cfg, params, state, x) -> f`` (dense [B, n]) and ``decode(cfg, params, f) -> x̂``;
-* ``loss(cfg, params, state, batch, ctx) -> (loss, aux)`` with aux keys ``err``, ``var`` (FVU
-  terms), ``l0``, ``fires`` ([n] count of tokens on which each latent fired), ``recon`` (x − x̂ sum sq);
-* ``update_state(cfg, state, aux, step) -> state`` for the updates that are not gradients;
-* ``project_grads(cfg, params, grads)`` and ``constrain(cfg, params)`` (unit-norm machinery);
-* ``fold_scale(cfg, params, state, s) -> (params, state)``: inference form taking raw activations;
-* ``input_scale_target(cfg) -> str`` (see ``common.estimate_input_scale``);
-* ``partition_specs(cfg) -> Params`` of PartitionSpecs;
-* optionally ``SKIPS_AUX_WITHOUT_DEAD = True`` when ``loss`` reads ``ctx.dead`` only for AuxK (through
-  ``common.auxk_loss``): the trainer then checks before each step whether any latent is dead and,
-  when none is, passes ``dead=None`` so the step is compiled without the AuxK branch at all.
+An architecture is a module exposing pure functions over explicit pytrees; ``Architecture`` below
+is that contract, written once: its required members, then ``OPTIONAL`` (the members a module may
+leave out, each with what leaving it out means). Code outside an architecture reads an optional
+member with ``optional(arch, name)`` and never switches on an architecture's name: what differs
+between architectures (inference form, export form, decoder rows) lives in its module.
+``tests/test_arch_conformance.py`` checks every registered module against the contract.
 """
 
 from __future__ import annotations
@@ -22,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import types
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 from flax import struct
@@ -40,6 +31,98 @@ class StepCtx:
     k_active: jax.Array | None = None
     """int scalar: this member's k when a sweep vmaps TopK members of several k in one step (the
     config then holds the largest, and picks past ``k_active`` are zeroed); None otherwise."""
+
+
+class Architecture(Protocol):
+    """The members every architecture module has (checked by tests/test_arch_conformance.py).
+
+    The gradient members (``loss`` ... ``constrain``) are required of the architectures the trainer
+    trains; one with its own fit (``sae.archs.OWN_FIT``) has ``fit`` instead (the signature and
+    result of ``sae.trainer.train``).
+    """
+
+    Config: type
+    """Frozen dataclass; its ``arch`` class attribute names the architecture."""
+
+    def init(self, cfg: Any, key: jax.Array, d: int, sample: Any) -> tuple[Any, Any]:
+        """(params, state); ``sample`` is a scaled [N, d] float32 array."""
+
+    def encode(self, cfg: Any, params: Any, state: Any, x: jax.Array) -> jax.Array:
+        """Dense latents [B, n] of a batch [B, d]."""
+
+    def decode(self, cfg: Any, params: Any, f: jax.Array) -> jax.Array:
+        """The reconstruction [B, d] of latents [B, n]."""
+
+    def loss(self, cfg: Any, params: Any, state: Any, batch: jax.Array, ctx: StepCtx) -> tuple[jax.Array, dict]:
+        """(loss, aux) with aux keys ``err``, ``var`` (FVU terms), ``l0``, ``fires`` ([n] count of
+        tokens on which each latent fired), ``recon`` (x − x̂ sum sq)."""
+
+    def update_state(self, cfg: Any, state: Any, aux: dict, step: jax.Array) -> Any:
+        """The state updates that are not gradients."""
+
+    def project_grads(self, cfg: Any, params: Any, grads: Any) -> Any:
+        """Decoder gradients with the component along each unit row removed (unit-norm machinery)."""
+
+    def constrain(self, cfg: Any, params: Any) -> Any:
+        """Params after an optimiser step, renormalised."""
+
+    def fold_scale(self, cfg: Any, params: Any, state: Any, s: float) -> tuple[Any, Any]:
+        """The inference form, taking raw activations (the input scale ``s`` folded in)."""
+
+    def input_scale_target(self, cfg: Any) -> str:
+        """What the input scale aims at (see ``common.estimate_input_scale``)."""
+
+    def partition_specs(self, cfg: Any) -> Any:
+        """Params of PartitionSpecs (how a mesh splits them)."""
+
+
+OPTIONAL: dict[str, str] = {
+    "SKIPS_AUX_WITHOUT_DEAD": "True when ``loss`` reads ``ctx.dead`` only for AuxK (through ``common.auxk_loss``): "
+    "the trainer then passes ``dead=None`` when no latent is dead, and the step is compiled without AuxK. "
+    "Left out: False.",
+    "resample_due": "``(cfg, step, total_steps) -> bool``: whether to resample dead latents after this step "
+    "(host code, with ``resample``). Left out: never.",
+    "resample": "``(cfg, params, state, batch, dead, seed) -> (params, reset mask)``: dead-latent resampling.",
+    "vmaps_k": "``(cfg) -> bool``: sweep members differing only in k may share one vmapped step "
+    "(``StepCtx.k_active``). Left out: False.",
+    "latent_count": "``(cfg, params) -> int``: latents not fixed by the config (ITDA). Left out: ``cfg.n_latents``.",
+    "load_saved": "``(cfg, path, manifest) -> (params, state, metrics)``: read a saved SAE or checkpoint whose "
+    "sizes come from the manifest. Left out: read into ``init``'s templates.",
+    "state_partition_specs": "``(cfg) -> state of PartitionSpecs``. Left out: per-latent arrays split by shape.",
+    "decoder_rows": "``(cfg, params) -> [n, d]``: the dictionary atoms (not unit). Left out: ``params.W_dec``.",
+    "saelens_export": "``(model) -> (cfg fields, weights)``: the SAELens form of a loaded SAE (``sae.interop``). "
+    "Left out: not exportable.",
+    "SAELENS_IMPORTS": "The SAELens architectures ``saelens_import`` reads. Left out: none.",
+    "saelens_import": "``(cfg.json dict, weights, where) -> (config, params, state)``: our SAE equal to an SAELens one "
+    "(the generic checks are ``sae.interop.from_saelens``'s).",
+    "fit": "``fit(cfg, tc, batches, ...)``: its own fit, for the architectures in ``sae.archs.OWN_FIT``.",
+}
+"""The members an architecture module may leave out, and what leaving each out means."""
+
+
+def _decoder_rows(cfg: Any, params: Any) -> Any:
+    return params.W_dec
+
+
+def _latent_count(cfg: Any, params: Any) -> int:
+    return int(cfg.n_latents)
+
+
+_DEFAULTS: dict[str, Any] = {
+    "SKIPS_AUX_WITHOUT_DEAD": False,
+    "SAELENS_IMPORTS": (),
+    "vmaps_k": lambda cfg: False,
+    "latent_count": _latent_count,
+    "decoder_rows": _decoder_rows,
+}
+
+
+def optional(arch: types.ModuleType, name: str) -> Any:
+    """An architecture's optional member ``name`` (see ``OPTIONAL``), its default, or None when
+    leaving it out means "not supported"."""
+    if name not in OPTIONAL:
+        raise KeyError(f"{name!r} is not an optional architecture member; they are {sorted(OPTIONAL)}")
+    return getattr(arch, name, _DEFAULTS.get(name))
 
 
 def registry() -> dict[str, types.ModuleType]:

@@ -27,7 +27,7 @@ usable θ.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -259,3 +259,22 @@ def fold_scale(cfg: BatchTopKConfig, params: Params, state: State, s: float) -> 
     if score_scale(cfg, params) is not None:
         state = state.replace(ema=state.ema / s)
     return folded, state
+
+
+def saelens_export(model: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """SAELens ``jumprelu``: threshold inference f = ReLU(pre)·1[score > θ] with θ_i = θ / score scale_i
+    (SAELens converts its own BatchTopK the same way). Matryoshka shares it."""
+    from sae.interop import InteropError
+
+    cfg, p, state = model.config, model.params, model.state
+    if int(np.min(np.asarray(state.count))) == 0:
+        raise InteropError(
+            f"this {cfg.arch} SAE has no inference threshold yet (saved before tracking started); train longer"
+        )
+    theta = np.broadcast_to(np.asarray(common.threshold_value(state, cfg.threshold_decay), np.float32),
+                            (model.n_latents,))
+    scale = score_scale(cfg, p)  # score = pre · scale: score > θ ⇔ pre > θ / scale
+    if scale is not None:
+        theta = theta / np.maximum(np.asarray(scale, np.float32)[0], 1e-12)
+    return {"architecture": "jumprelu", "apply_b_dec_to_input": True}, {
+        "W_enc": p.W_enc, "b_enc": p.b_enc, "W_dec": p.W_dec, "b_dec": p.b_dec, "threshold": np.maximum(theta, 0.0)}

@@ -47,6 +47,11 @@ LINEAR_PARTITION_SPECS = LinearParams(
 """The latent axis of W_enc, b_enc and W_dec sharded over `model`; b_dec replicated."""
 
 
+def linear_params(weights: dict[str, Any]) -> LinearParams:
+    """``LinearParams`` from arrays named W_enc, b_enc, W_dec, b_dec (an SAELens weights file)."""
+    return LinearParams(**{k: jnp.asarray(weights[k], jnp.float32) for k in ("W_enc", "b_enc", "W_dec", "b_dec")})
+
+
 @struct.dataclass
 class StepState:
     """Architecture state for SAEs that keep nothing besides the trainer's dead-latent counters."""

@@ -250,3 +250,10 @@ def fold_scale(cfg: FeatureChoiceConfig, params: Params, state: State, s: float)
         Params(W_enc=params.W_enc * s, b_enc=params.b_enc, W_dec=params.W_dec / s, b_dec=params.b_dec / s),
         state,
     )
+
+
+def saelens_export(model: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """SAELens ``jumprelu`` with its per-latent θ on the pre-activations."""
+    p = model.params
+    return {"architecture": "jumprelu", "apply_b_dec_to_input": True}, {"W_enc": p.W_enc, "b_enc": p.b_enc, "W_dec": p.W_dec, "b_dec": p.b_dec,
+                                                       "threshold": np.maximum(np.asarray(model.state.theta, np.float32), 0.0)}

@@ -233,9 +233,33 @@ def constrain(cfg: GBAConfig, params: Params) -> Params:
     return params.replace(W=common.normalize_rows(params.W), a=jnp.maximum(params.a, 0.0))
 
 
+def decoder_rows(cfg: GBAConfig, params: Params) -> jax.Array:
+    """The tied dictionary ``W`` (the decoder scales its rows by ``a``)."""
+    return params.W
+
+
 def fold_scale(cfg: GBAConfig, params: Params, state: State, s: float) -> tuple[Params, State]:
     """Trained on s·x: u = w·(s·x − b_pre) = s·w·(x − b_pre/s); x̂_raw = x̂/s."""
     return (
         Params(W=params.W, a=params.a / s, b_pre=params.b_pre / s, s_in=params.s_in * s),
         state,
     )
+
+
+def saelens_export(model: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """SAELens ``standard`` (activation relu) or ``jumprelu`` (b_enc = 0, θ = −b; b ≤ 0, so
+    u·1[u + b > 0] = ReLU(u)·1[u > −b]); the tied weights are untied: W_enc = s_in·Wᵀ, W_dec = a·W."""
+    from sae.interop import InteropError
+
+    p = model.params
+    s_in = float(np.asarray(p.s_in))
+    b = np.asarray(model.state.b, np.float32)
+    w_enc = np.asarray(p.W, np.float32).T * s_in
+    w_dec = np.asarray(p.a, np.float32)[:, None] * np.asarray(p.W, np.float32)
+    if model.config.activation == "relu":
+        return {"architecture": "standard", "apply_b_dec_to_input": True}, {
+            "W_enc": w_enc, "b_enc": b, "W_dec": w_dec, "b_dec": p.b_pre}
+    if (b > 0).any():
+        raise InteropError("a GBA JumpReLU SAE with positive biases has no SAELens jumprelu form")
+    return {"architecture": "jumprelu", "apply_b_dec_to_input": True}, {
+        "W_enc": w_enc, "b_enc": np.zeros_like(b), "W_dec": w_dec, "b_dec": p.b_pre, "threshold": -b}

@@ -171,3 +171,7 @@ def constrain(cfg: HierarchicalTopKConfig, params: Params) -> Params:
 def fold_scale(cfg: HierarchicalTopKConfig, params: Params, state: State, s: float) -> tuple[Params, State]:
     """TopK's: the folded score equals the folded value, so every budget's choice is unchanged."""
     return topk.fold_scale(cfg, params, state, s)
+
+
+saelens_export = topk.saelens_export
+"""SAELens ``topk`` with k = K: its default budget is a plain top-K code."""

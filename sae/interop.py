@@ -7,7 +7,9 @@ An SAELens directory holds ``cfg.json`` (``architecture``, ``d_in``, ``d_sae``, 
 This is what ``SAE.save_model`` writes and ``SAE.load_from_disk`` reads in sae-lens 6.x; GemmaScope and
 the other releases on the Hugging Face hub use the same files once downloaded.
 
-Architecture mapping (every one exact: the same latent values and reconstructions, up to float rounding):
+Architecture mapping (every one exact: the same latent values and reconstructions, up to float rounding;
+each architecture's export form is its module's ``saelens_export``, its import form ``saelens_import``,
+see ``sae.base.OPTIONAL``):
 
 =================================  ====================================================================
 ours                               SAELens
@@ -53,7 +55,6 @@ SAELENS_WEIGHTS = "sae_weights.safetensors"
 SAELENS_FORMAT_VERSION = "6.0.0"
 """Written as ``metadata.sae_lens_version``: the 6.x layout of ``cfg.json`` (older versions trigger
 SAELens's pre-6 key renaming)."""
-SUPPORTED_IMPORT = ("standard", "topk", "jumprelu")
 _NORMALISATIONS_OK = ("none", "expected_average_only_in", None)
 """Input normalisations that leave inference a plain function of the raw activations (SAELens folds
 the expected-average scale into the weights before saving)."""
@@ -68,47 +69,19 @@ class InteropError(ValueError):
 
 def to_saelens(model: SAE) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """(cfg fields, float32 weights) of the SAELens form of one of our SAEs (see the module table)."""
-    cfg = model.config
-    p = model.params
-    arch = cfg.arch
+    from sae.base import optional, registry
+
+    export = optional(model.arch, "saelens_export")
+    if export is None:
+        exportable = [name for name, mod in registry().items() if optional(mod, "saelens_export") is not None]
+        raise InteropError(
+            f"architecture {model.config.arch!r} has no SAELens form; exportable: {', '.join(exportable)}"
+        )
+    fields, w = export(model)
 
     def f32(a: Any) -> np.ndarray:
         return np.ascontiguousarray(np.asarray(a, np.float32))
 
-    if arch in ("topk", "hierarchical_topk"):  # hierarchical: its default budget K is a plain top-K code
-        fields = {"architecture": "topk", "apply_b_dec_to_input": True, "k": int(cfg.k),
-                  "rescale_acts_by_decoder_norm": False}
-        w = {"W_enc": p.W_enc, "b_enc": p.b_enc, "W_dec": p.W_dec, "b_dec": p.b_dec}
-    elif arch == "relu_l1":
-        fields = {"architecture": "standard", "apply_b_dec_to_input": cfg.variant == "classic"}
-        w = {"W_enc": p.W_enc, "b_enc": p.b_enc, "W_dec": p.W_dec, "b_dec": p.b_dec}
-    elif arch == "gba":
-        s_in = float(np.asarray(p.s_in))
-        b = np.asarray(model.state.b, np.float32)
-        w_enc = np.asarray(p.W, np.float32).T * s_in
-        w_dec = np.asarray(p.a, np.float32)[:, None] * np.asarray(p.W, np.float32)
-        if cfg.activation == "relu":
-            fields = {"architecture": "standard", "apply_b_dec_to_input": True}
-            w = {"W_enc": w_enc, "b_enc": b, "W_dec": w_dec, "b_dec": p.b_pre}
-        else:
-            if (b > 0).any():
-                raise InteropError("a GBA JumpReLU SAE with positive biases has no SAELens jumprelu form")
-            fields = {"architecture": "jumprelu", "apply_b_dec_to_input": True}
-            w = {"W_enc": w_enc, "b_enc": np.zeros_like(b), "W_dec": w_dec, "b_dec": p.b_pre, "threshold": -b}
-    elif arch == "jumprelu":
-        fields = {"architecture": "jumprelu", "apply_b_dec_to_input": _jumprelu_applies_b_dec(cfg)}
-        w = {"W_enc": p.W_enc, "b_enc": p.b_enc, "W_dec": p.W_dec, "b_dec": p.b_dec,
-             "threshold": _jumprelu_threshold(model)}
-    elif arch in ("batchtopk", "matryoshka", "feature_choice"):
-        # threshold inference f = ReLU(pre)·1[score > θ] is SAELens's jumprelu with θ_i = θ / score scale_i
-        fields = {"architecture": "jumprelu", "apply_b_dec_to_input": True}
-        w = {"W_enc": p.W_enc, "b_enc": p.b_enc, "W_dec": p.W_dec, "b_dec": p.b_dec,
-             "threshold": _threshold_inference(model)}
-    else:
-        raise InteropError(
-            f"architecture {arch!r} has no SAELens form; exportable: topk, hierarchical_topk, relu_l1, gba, "
-            "jumprelu, batchtopk, matryoshka, feature_choice"
-        )
     weights = {k: f32(v) for k, v in w.items()}
     cfg_dict = {
         "d_in": int(model.d),
@@ -120,39 +93,6 @@ def to_saelens(model: SAE) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         **fields,
     }
     return cfg_dict, weights
-
-
-def _jumprelu_threshold(model: SAE) -> np.ndarray:
-    """Our jumprelu arch's per-latent threshold, whether stored directly or as its log."""
-    for tree in (model.params, model.state):
-        if hasattr(tree, "threshold"):
-            return np.asarray(tree.threshold, np.float32)
-        if hasattr(tree, "log_threshold"):
-            return np.exp(np.asarray(tree.log_threshold, np.float32))
-    raise InteropError("this jumprelu SAE has no threshold or log_threshold parameter to export")
-
-
-def _threshold_inference(model: Any) -> np.ndarray:
-    """Per-latent pre-activation thresholds of the threshold-inference SAEs (BatchTopK family)."""
-    cfg, p, state = model.config, model.params, model.state
-    n = model.n_latents
-    if hasattr(state, "theta"):  # feature choice: per-latent θ on pre directly
-        return np.maximum(np.asarray(state.theta, np.float32), 0.0)
-    from sae import batchtopk, common
-
-    if int(np.min(np.asarray(state.count))) == 0:
-        raise InteropError(
-            f"this {cfg.arch} SAE has no inference threshold yet (saved before tracking started); train longer"
-        )
-    theta = np.broadcast_to(np.asarray(common.threshold_value(state, cfg.threshold_decay), np.float32), (n,))
-    scale = batchtopk.score_scale(cfg, p)  # score = pre · scale: score > θ ⇔ pre > θ / scale
-    if scale is not None:
-        theta = theta / np.maximum(np.asarray(scale, np.float32)[0], 1e-12)
-    return np.maximum(theta, 0.0)
-
-
-def _jumprelu_applies_b_dec(cfg: Any) -> bool:
-    return bool(getattr(cfg, "apply_b_dec_to_input", getattr(cfg, "pre_encoder_bias", True)))
 
 
 def write_saelens(out_dir: str | Path, cfg_dict: dict[str, Any], weights: dict[str, np.ndarray],
@@ -233,17 +173,23 @@ def _need(weights: dict[str, np.ndarray], names: tuple[str, ...], path: Any) -> 
         raise InteropError(f"{path}/{SAELENS_WEIGHTS} lacks {missing} (has {sorted(weights)})")
 
 
+def importers() -> dict[str, Any]:
+    """SAELens architecture → our architecture module that reads it (its ``SAELENS_IMPORTS``)."""
+    from sae.base import optional, registry
+
+    found = {name: mod for mod in registry().values() for name in optional(mod, "SAELENS_IMPORTS")}
+    return dict(sorted(found.items()))
+
+
 def from_saelens(cfg: dict[str, Any], weights: dict[str, np.ndarray], where: Any = "SAELens SAE") -> SAE:
-    """Our SAE equivalent to an SAELens (cfg, weights) pair; raises InteropError when there is none."""
-    import jax.numpy as jnp
+    """Our SAE equivalent to an SAELens (cfg, weights) pair; raises InteropError when there is none.
 
-    from sae import common
-    from sae.base import arch_module, make_config, registry
-
+    The generic checks are here; each architecture's import form is its module's ``saelens_import``."""
     arch = cfg.get("architecture", "standard")  # pre-6 configs without it are standard SAEs
-    if arch not in SUPPORTED_IMPORT:
+    readers = importers()
+    if arch not in readers:
         raise InteropError(
-            f"{where}: SAELens architecture {arch!r} is not supported; importable: {', '.join(SUPPORTED_IMPORT)}"
+            f"{where}: SAELens architecture {arch!r} is not supported; importable: {', '.join(readers)}"
         )
     norm = cfg.get("normalize_activations", "none")
     if norm not in _NORMALISATIONS_OK:
@@ -262,76 +208,8 @@ def from_saelens(cfg: dict[str, Any], weights: dict[str, np.ndarray], where: Any
     for key, want in (("d_in", d), ("d_sae", n)):
         if key in cfg and int(cfg[key]) != want:
             raise InteropError(f"{where}: cfg.json says {key}={cfg[key]} but the weights have {want}")
-    apply_b_dec = bool(cfg.get("apply_b_dec_to_input", True))
-
-    def linear(we: np.ndarray, be: np.ndarray, wd: np.ndarray) -> Any:
-        return common.LinearParams(W_enc=jnp.asarray(we), b_enc=jnp.asarray(be), W_dec=jnp.asarray(wd),
-                                   b_dec=jnp.asarray(b_dec))
-
-    state = common.StepState(step=jnp.zeros((), jnp.int32))
-    if arch == "standard":
-        ours = make_config(arch_module("relu_l1").Config,
-                           {"n_latents": n, "variant": "classic" if apply_b_dec else "april"})
-        return SAE(ours, linear(w_enc, b_enc, w_dec), state, d)
-    if arch == "topk":
-        if "k" not in cfg:
-            raise InteropError(f"{where}: a topk cfg.json needs `k`")
-        if cfg.get("rescale_acts_by_decoder_norm"):
-            # choosing on pre·‖W_dec,i‖ and decoding f/‖W_dec,i‖ equals folding the norms into the encoder
-            norms = np.maximum(np.linalg.norm(w_dec, axis=1), 1e-8).astype(np.float32)
-            w_enc, b_enc, w_dec = w_enc * norms[None, :], b_enc * norms, w_dec / norms[:, None]
-        if not apply_b_dec:
-            b_enc = b_enc + b_dec @ w_enc  # x W + c = (x − b_dec) W + (c + b_dec W)
-        ours = make_config(arch_module("topk").Config,
-                           {"n_latents": n, "k": int(cfg["k"]), "decoder": "free", "rescale_by_decoder_norm": False})
-        return SAE(ours, linear(w_enc, b_enc, w_dec), state, d)
-    # jumprelu
-    _need(weights, ("threshold",), where)
-    if "jumprelu" not in registry():
-        raise InteropError(
-            f"{where}: importing a jumprelu SAE needs the `jumprelu` architecture, which this install does not "
-            "register (sae/archs.py); update SAE Workbench"
-        )
-    return _jumprelu_from(cfg, weights, n, d, apply_b_dec, where)
-
-
-def _jumprelu_from(cfg: dict[str, Any], weights: dict[str, np.ndarray], n: int, d: int, apply_b_dec: bool,
-                   where: Any) -> SAE:
-    """Fill our jumprelu arch's parameter template by name (it may store the threshold or its log)."""
-    import dataclasses
-
-    import jax
-    import jax.numpy as jnp
-
-    from sae.base import arch_module, make_config
-
-    mod = arch_module("jumprelu")
-    names = {f.name for f in dataclasses.fields(mod.Config)}
-    values: dict[str, Any] = {"n_latents": n}
-    b_enc = weights["b_enc"]
-    for flag in ("apply_b_dec_to_input", "pre_encoder_bias"):
-        if flag in names:
-            values[flag] = apply_b_dec
-            break
-    else:
-        if not apply_b_dec:  # our arch always subtracts b_dec: fold it into b_enc instead
-            b_enc = b_enc + weights["b_dec"] @ weights["W_enc"]
-    ours = make_config(mod.Config, values)
-    params, state = mod.init(ours, jax.random.PRNGKey(0), d, np.zeros((2, d), np.float32))
-    # SAELens: ReLU(pre)·1[pre > θ]; ours: pre·1[pre > θ]. Equal for θ ≥ 0, and clamping a negative θ
-    # at 0 leaves SAELens's values unchanged (ReLU zeroes what lies between).
-    threshold = np.maximum(weights["threshold"], 0.0)
-    src = {"W_enc": weights["W_enc"], "b_enc": b_enc, "W_dec": weights["W_dec"], "b_dec": weights["b_dec"],
-           "threshold": threshold, "log_threshold": np.log(np.maximum(threshold, 1e-30))}
-
-    def fill(tree: Any) -> Any:
-        if not dataclasses.is_dataclass(tree):
-            return tree
-        repl = {f.name: jnp.asarray(src[f.name], jnp.float32).reshape(np.shape(getattr(tree, f.name)))
-                for f in dataclasses.fields(tree) if f.name in src}
-        return tree.replace(**repl)
-
-    return SAE(ours, fill(params), fill(state), d)
+    ours, params, state = readers[arch].saelens_import(cfg, weights, where)
+    return SAE(ours, params, state, d)
 
 
 def load_saelens(path: str | Path) -> SAE:

@@ -210,3 +210,33 @@ def fold_scale(cfg: JumpReLUConfig, params: Params, state: State, s: float) -> t
         params.replace(W_enc=params.W_enc * s, W_dec=params.W_dec / s, b_dec=params.b_dec / s),
         state,
     )
+
+
+def saelens_export(model: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """SAELens ``jumprelu`` (ours is pre·1[pre > θ] with θ ≥ 0: the same values)."""
+    p = model.params
+    return {"architecture": "jumprelu", "apply_b_dec_to_input": True}, {"W_enc": p.W_enc, "b_enc": p.b_enc, "W_dec": p.W_dec, "b_dec": p.b_dec,
+                                                       "threshold": np.asarray(p.threshold, np.float32)}
+
+
+SAELENS_IMPORTS = ("jumprelu",)
+"""SAELens architectures ``saelens_import`` reads."""
+
+
+def saelens_import(cfg: dict[str, Any], weights: dict[str, np.ndarray], where: Any) -> tuple[Any, Any, Any]:
+    """SAELens ``jumprelu``: ReLU(pre)·1[pre > θ]; ours: pre·1[pre > θ]. Equal for θ ≥ 0, and clamping
+    a negative θ at 0 leaves SAELens's values unchanged (ReLU zeroes what lies between). Our arch
+    always subtracts b_dec: without ``apply_b_dec_to_input`` it is folded into b_enc."""
+    from sae.base import make_config
+    from sae.interop import InteropError
+
+    if "threshold" not in weights:
+        raise InteropError(f"{where}/sae_weights.safetensors lacks ['threshold'] (has {sorted(weights)})")
+    b_enc = weights["b_enc"]
+    if not cfg.get("apply_b_dec_to_input", True):
+        b_enc = b_enc + weights["b_dec"] @ weights["W_enc"]
+    ours = make_config(JumpReLUConfig, {"n_latents": weights["W_enc"].shape[1]})
+    f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+    params = Params(W_enc=f32(weights["W_enc"]), b_enc=f32(b_enc), W_dec=f32(weights["W_dec"]),
+                    b_dec=f32(weights["b_dec"]), threshold=f32(np.maximum(weights["threshold"], 0.0)))
+    return ours, params, common.StepState(step=jnp.zeros((), jnp.int32))

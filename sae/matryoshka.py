@@ -166,3 +166,7 @@ def constrain(cfg: MatryoshkaConfig, params: Params) -> Params:
 
 def fold_scale(cfg: MatryoshkaConfig, params: Params, state: State, s: float) -> tuple[Params, State]:
     return batchtopk.fold_scale(cfg, params, state, s)
+
+
+saelens_export = batchtopk.saelens_export
+"""SAELens ``jumprelu`` with the threshold-inference θ (as BatchTopK)."""

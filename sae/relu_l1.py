@@ -15,7 +15,7 @@ the same direction × 0.2 × the mean alive encoder norm, b_enc = 0, and their A
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -181,3 +181,22 @@ def fold_scale(cfg: ReluL1Config, params: Params, state: State, s: float) -> tup
         Params(W_enc=params.W_enc * s, b_enc=params.b_enc, W_dec=params.W_dec / s, b_dec=params.b_dec / s),
         state,
     )
+
+
+def saelens_export(model: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """SAELens ``standard``; only the ``classic`` variant subtracts b_dec from the input."""
+    p = model.params
+    return {"architecture": "standard", "apply_b_dec_to_input": model.config.variant == "classic"}, {"W_enc": p.W_enc, "b_enc": p.b_enc, "W_dec": p.W_dec, "b_dec": p.b_dec}
+
+
+SAELENS_IMPORTS = ("standard",)
+"""SAELens architectures ``saelens_import`` reads."""
+
+
+def saelens_import(cfg: dict[str, Any], weights: dict[str, np.ndarray], where: Any) -> tuple[Any, Any, Any]:
+    """SAELens ``standard``: ``april`` without, ``classic`` with ``apply_b_dec_to_input``."""
+    from sae.base import make_config
+
+    ours = make_config(ReluL1Config, {"n_latents": weights["W_enc"].shape[1],
+                                      "variant": "classic" if cfg.get("apply_b_dec_to_input", True) else "april"})
+    return ours, common.linear_params(weights), common.StepState(step=jnp.zeros((), jnp.int32))

@@ -120,7 +120,9 @@ def param_specs(arch: Any, cfg: Any, params: Any) -> Any:
 
 def state_specs(arch: Any, cfg: Any, state: Any) -> Any:
     """The architecture state's layout: its module's ``state_partition_specs(cfg)`` or by shape."""
-    custom = getattr(arch, "state_partition_specs", None)
+    from sae.base import optional
+
+    custom = optional(arch, "state_partition_specs")
     if custom is not None:
         return custom(cfg)
     return jax.tree_util.tree_map(lambda leaf: _latent_spec(leaf, cfg.n_latents), state)

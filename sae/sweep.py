@@ -80,7 +80,7 @@ import numpy as np
 
 from sae import checkpoint as ckpt
 from sae import common
-from sae.base import arch_module, validate_config
+from sae.base import arch_module, optional, validate_config
 from sae.lifecycle import (
     RunDivergedError,
     TrainResult,
@@ -308,8 +308,7 @@ class _Group:
 
 def _varies_k(m: Member) -> bool:
     """Whether members differing from this one only in k may share its vmapped step."""
-    vmaps_k = getattr(arch_module(m.sae_config.arch), "vmaps_k", None)
-    return vmaps_k is not None and vmaps_k(m.sae_config)
+    return bool(optional(arch_module(m.sae_config.arch), "vmaps_k")(m.sae_config))
 
 
 def _k_bands(members: list[Member], idx: list[int]) -> list[list[int]]:
@@ -347,7 +346,7 @@ def _unstack(tree: Any, i: int) -> Any:
 
 def _resamples(m: Member) -> bool:
     """Whether the member's architecture resamples dead latents (host code) at some step of the run."""
-    due = getattr(arch_module(m.sae_config.arch), "resample_due", None)
+    due = optional(arch_module(m.sae_config.arch), "resample_due")
     total = m.train_config.total_steps
     return due is not None and any(due(m.sae_config, s, total) for s in range(1, total + 1))
 
@@ -534,7 +533,7 @@ def train_lockstep(
         step += 1
         steps_since += 1
         for gi, g in enumerate(groups):
-            due = getattr(g.trainer.arch, "resample_due", None)
+            due = optional(g.trainer.arch, "resample_due")
             if not g.vmapped and due is not None and due(g.trainer.cfg, step, total):
                 i = g.members[0]
                 g_states[gi] = resample_dead(g.trainer, g_states[gi], xs_host[g.hook], scales[i],

@@ -27,7 +27,7 @@ machine, worth repeating at n = 4096 with longer training.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -217,3 +217,35 @@ def fold_scale(cfg: TopKConfig, params: Params, state: State, s: float) -> tuple
         ),
         state,
     )
+
+
+def saelens_export(model: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """SAELens ``topk``: its decoder norms are folded in (or it chose on raw pre-activations)."""
+    p = model.params
+    return {"architecture": "topk", "apply_b_dec_to_input": True, "k": int(model.config.k),
+            "rescale_acts_by_decoder_norm": False}, {"W_enc": p.W_enc, "b_enc": p.b_enc, "W_dec": p.W_dec, "b_dec": p.b_dec}
+
+
+SAELENS_IMPORTS = ("topk",)
+"""SAELens architectures ``saelens_import`` reads."""
+
+
+def saelens_import(cfg: dict[str, Any], weights: dict[str, np.ndarray], where: Any) -> tuple[Any, Any, Any]:
+    """SAELens ``topk`` as a free-decoder TopK: ``rescale_acts_by_decoder_norm`` folded into the encoder,
+    and without ``apply_b_dec_to_input`` ``b_enc + b_dec·W_enc``."""
+    from sae.base import make_config
+    from sae.interop import InteropError
+
+    if "k" not in cfg:
+        raise InteropError(f"{where}: a topk cfg.json needs `k`")
+    w_enc, b_enc, w_dec, b_dec = (weights[k] for k in ("W_enc", "b_enc", "W_dec", "b_dec"))
+    if cfg.get("rescale_acts_by_decoder_norm"):
+        # choosing on pre·‖W_dec,i‖ and decoding f/‖W_dec,i‖ equals folding the norms into the encoder
+        norms = np.maximum(np.linalg.norm(w_dec, axis=1), 1e-8).astype(np.float32)
+        w_enc, b_enc, w_dec = w_enc * norms[None, :], b_enc * norms, w_dec / norms[:, None]
+    if not cfg.get("apply_b_dec_to_input", True):
+        b_enc = b_enc + b_dec @ w_enc  # x W + c = (x − b_dec) W + (c + b_dec W)
+    ours = make_config(TopKConfig, {"n_latents": w_enc.shape[1], "k": int(cfg["k"]), "decoder": "free",
+                                    "rescale_by_decoder_norm": False})
+    params = common.linear_params({"W_enc": w_enc, "b_enc": b_enc, "W_dec": w_dec, "b_dec": b_dec})
+    return ours, params, common.StepState(step=jnp.zeros((), jnp.int32))

@@ -50,7 +50,7 @@ import optax
 from flax import struct
 
 from sae import common, runs, sharding
-from sae.base import StepCtx, arch_module, validate_config
+from sae.base import StepCtx, arch_module, optional, validate_config
 from sae.lifecycle import (  # noqa: F401  (re-exported: the trainer's public names)
     DIVERGED_FILE,
     EXECUTION_FIELDS,
@@ -289,7 +289,7 @@ class Trainer:
         self._shardings: Any = None
         self._sharded_step: Any = None
         self._step = jax.jit(self.step_impl, donate_argnums=(0,), static_argnums=(3,))
-        self._skips_aux = bool(getattr(self.arch, "SKIPS_AUX_WITHOUT_DEAD", False))
+        self._skips_aux = bool(optional(self.arch, "SKIPS_AUX_WITHOUT_DEAD"))
         self._any_dead = jax.jit(lambda since: jnp.any(since >= self.window))
 
     def place(self, ts: TrainState) -> TrainState:
@@ -512,7 +512,7 @@ def train(
     total = tc.total_steps
     start = int(np.asarray(sharding.to_host(ts.step)))
     history: list[dict[str, float]] = []
-    resample_due = getattr(arch, "resample_due", None)
+    resample_due = optional(arch, "resample_due")
     bar = progress_bar(f"train {cfg.arch}", total, initial=start, unit="step", enabled=progress and lead)
     t_last = time.perf_counter()
     steps_since = 0

@@ -185,7 +185,7 @@ def test_saelens_clear_errors(tmp_path: Path) -> None:
          "W_dec": np.zeros((n, d), np.float32), "b_dec": np.zeros(d, np.float32)}
     save_np(w, str(tmp_path / "sae_weights.safetensors"))
     (tmp_path / "cfg.json").write_text(json.dumps({"architecture": "gated", "d_in": d, "d_sae": n}))
-    with pytest.raises(interop.InteropError, match="'gated' is not supported; importable: standard, topk"):
+    with pytest.raises(interop.InteropError, match="'gated' is not supported; importable: jumprelu, standard, topk"):
         interop.load_saelens(tmp_path)
     (tmp_path / "cfg.json").write_text(json.dumps({"architecture": "standard", "d_in": d, "d_sae": n,
                                                    "normalize_activations": "layer_norm"}))
