@@ -276,5 +276,5 @@ def saelens_export(model: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     scale = score_scale(cfg, p)  # score = pre · scale: score > θ ⇔ pre > θ / scale
     if scale is not None:
         theta = theta / np.maximum(np.asarray(scale, np.float32)[0], 1e-12)
-    return {"architecture": "jumprelu", "apply_b_dec_to_input": True}, {
-        "W_enc": p.W_enc, "b_enc": p.b_enc, "W_dec": p.W_dec, "b_dec": p.b_dec, "threshold": np.maximum(theta, 0.0)}
+    fields = {"architecture": "jumprelu", "apply_b_dec_to_input": True}
+    return fields, common.linear_weights(p, threshold=np.maximum(theta, 0.0))

@@ -286,7 +286,8 @@ def run_plan(plan: TrainPlan) -> dict[str, Any]:
     def train(on_log: Any, on_checkpoint: Any) -> dict[str, Any]:
         result = fit(
             plan.sae_config, tc, lambda start: stream.batches(start=start, with_index=with_index), run_dir=spec.run_dir,
-            on_log=lambda row: on_log(plan.name, row), on_checkpoint=lambda path, step: on_checkpoint(plan.name, path, step),
+            on_log=lambda row: on_log(plan.name, row),
+            on_checkpoint=lambda path, step: on_checkpoint(plan.name, path, step),
             progress=plan.progress, **extra,
         )
         return {plan.name: result}

@@ -52,6 +52,12 @@ def linear_params(weights: dict[str, Any]) -> LinearParams:
     return LinearParams(**{k: jnp.asarray(weights[k], jnp.float32) for k in ("W_enc", "b_enc", "W_dec", "b_dec")})
 
 
+def linear_weights(params: Any, **more: Any) -> dict[str, Any]:
+    """The W_enc, b_enc, W_dec, b_dec arrays of linear-encoder params by name, and ``more``
+    (an SAELens weights file)."""
+    return {k: getattr(params, k) for k in ("W_enc", "b_enc", "W_dec", "b_dec")} | more
+
+
 @struct.dataclass
 class StepState:
     """Architecture state for SAEs that keep nothing besides the trainer's dead-latent counters."""

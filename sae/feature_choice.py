@@ -254,6 +254,6 @@ def fold_scale(cfg: FeatureChoiceConfig, params: Params, state: State, s: float)
 
 def saelens_export(model: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """SAELens ``jumprelu`` with its per-latent θ on the pre-activations."""
-    p = model.params
-    return {"architecture": "jumprelu", "apply_b_dec_to_input": True}, {"W_enc": p.W_enc, "b_enc": p.b_enc, "W_dec": p.W_dec, "b_dec": p.b_dec,
-                                                       "threshold": np.maximum(np.asarray(model.state.theta, np.float32), 0.0)}
+    theta = np.maximum(np.asarray(model.state.theta, np.float32), 0.0)
+    fields = {"architecture": "jumprelu", "apply_b_dec_to_input": True}
+    return fields, common.linear_weights(model.params, threshold=theta)

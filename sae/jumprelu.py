@@ -214,9 +214,9 @@ def fold_scale(cfg: JumpReLUConfig, params: Params, state: State, s: float) -> t
 
 def saelens_export(model: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """SAELens ``jumprelu`` (ours is pre·1[pre > θ] with θ ≥ 0: the same values)."""
-    p = model.params
-    return {"architecture": "jumprelu", "apply_b_dec_to_input": True}, {"W_enc": p.W_enc, "b_enc": p.b_enc, "W_dec": p.W_dec, "b_dec": p.b_dec,
-                                                       "threshold": np.asarray(p.threshold, np.float32)}
+    theta = np.asarray(model.params.threshold, np.float32)
+    fields = {"architecture": "jumprelu", "apply_b_dec_to_input": True}
+    return fields, common.linear_weights(model.params, threshold=theta)
 
 
 SAELENS_IMPORTS = ("jumprelu",)

@@ -185,8 +185,8 @@ def fold_scale(cfg: ReluL1Config, params: Params, state: State, s: float) -> tup
 
 def saelens_export(model: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """SAELens ``standard``; only the ``classic`` variant subtracts b_dec from the input."""
-    p = model.params
-    return {"architecture": "standard", "apply_b_dec_to_input": model.config.variant == "classic"}, {"W_enc": p.W_enc, "b_enc": p.b_enc, "W_dec": p.W_dec, "b_dec": p.b_dec}
+    fields = {"architecture": "standard", "apply_b_dec_to_input": model.config.variant == "classic"}
+    return fields, common.linear_weights(model.params)
 
 
 SAELENS_IMPORTS = ("standard",)

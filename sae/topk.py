@@ -221,9 +221,9 @@ def fold_scale(cfg: TopKConfig, params: Params, state: State, s: float) -> tuple
 
 def saelens_export(model: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """SAELens ``topk``: its decoder norms are folded in (or it chose on raw pre-activations)."""
-    p = model.params
-    return {"architecture": "topk", "apply_b_dec_to_input": True, "k": int(model.config.k),
-            "rescale_acts_by_decoder_norm": False}, {"W_enc": p.W_enc, "b_enc": p.b_enc, "W_dec": p.W_dec, "b_dec": p.b_dec}
+    fields = {"architecture": "topk", "apply_b_dec_to_input": True, "k": int(model.config.k),
+              "rescale_acts_by_decoder_norm": False}
+    return fields, common.linear_weights(model.params)
 
 
 SAELENS_IMPORTS = ("topk",)
