@@ -45,6 +45,7 @@ from activations.store import (
     quote_ident,
 )
 from activations.tokenize import TokenStrings, Window, WindowTokenizer
+from saewb.progress import progress_bar
 from saewb.workspace import Workspace
 
 BLOCK_WINDOWS = 1024
@@ -304,8 +305,6 @@ class Harvester:
         return {hook: cache[hook][keep].float().numpy() for hook in self.plan.hooks}
 
     def run(self, progress: bool = True) -> HarvestStats:
-        from tqdm import tqdm
-
         cfg, info = self.cfg, self.info
         t_start = time.perf_counter()
         if info.status == "complete":
@@ -313,9 +312,8 @@ class Harvester:
             return HarvestStats(0, 0.0, 0.0, 0.0, 0)
         token_strings = TokenStrings(self.model.tokenizer)
         n_windows, n_tokens = info.n_windows, info.n_tokens
-        bar = tqdm(
-            total=cfg.max_tokens, initial=n_tokens, unit="tok", unit_scale=True, disable=not progress,
-            desc=f"harvest {cfg.name}", smoothing=0.1,
+        bar = progress_bar(
+            f"harvest {cfg.name}", cfg.max_tokens, initial=n_tokens, unit="tok", unit_scale=True, enabled=progress
         )
         pending: queue.Queue[_Chunk | None] = queue.Queue(maxsize=2)
         failure: list[BaseException] = []

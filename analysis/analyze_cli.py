@@ -26,7 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--family-min-weight", dest="family_min_weight", type=float, default=None)
     p.add_argument("--no-logits", dest="logits", action="store_false", default=None,
                    help="skip the logit effect (it loads the model)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=True)
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=True,
+                   help="no progress bar or lines")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=cmd_analyze)
 

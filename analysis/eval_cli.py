@@ -47,6 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     p.add_argument("--no-downstream", action="store_true", help="reconstruction metrics only (no model run)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar or lines")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("intervene", help="edit SAE latents on a prompt and compare with the clean model",
@@ -100,7 +101,7 @@ def _eval(args: argparse.Namespace) -> int:
     if args.max_seqs < 2 or args.batch_size < 1:
         raise ValueError("--max-seqs must be at least 2 and --batch-size at least 1")
     out = evaluate_run(args.workspace, args.run, model_name=args.model, max_seqs=args.max_seqs,
-                       batch_size=args.batch_size, downstream=not args.no_downstream)
+                       batch_size=args.batch_size, downstream=not args.no_downstream, progress=args.progress)
     print(json.dumps(out, indent=2) if args.json else format_table(out))
     return 0
 

@@ -29,6 +29,7 @@ import numpy as np
 from activations.store import HarvestError, harvest_info
 from activations.stream import ActivationStream, doc_split_sql, split_threshold
 from analysis.splice import hooked, sae_hook_fn, zero_ablate_hook_fn
+from saewb.progress import progress_bar
 from saewb.workspace import Workspace
 
 EVAL_FRACTION = 0.05
@@ -148,13 +149,16 @@ def _log_softmax64(logits: Any) -> Any:
     return torch.log_softmax(logits.to(torch.float64), dim=-1)
 
 
-def lm_metrics(model: Any, ctx: RunContext, windows: Windows, batch_size: int = 8) -> dict[str, float]:
+def lm_metrics(
+    model: Any, ctx: RunContext, windows: Windows, batch_size: int = 8, progress: bool = False
+) -> dict[str, float]:
     """CE clean / SAE-spliced / zero-ablated, CE score, ΔCE and KL score, summed over next-token targets."""
     import torch
 
     sums = {"ce_clean": 0.0, "ce_sae": 0.0, "ce_zero": 0.0, "kl_sae": 0.0, "kl_zero": 0.0}
     n_targets = 0
     n_kl = 0
+    bar = progress_bar(f"eval {ctx.name}: model", len(windows), unit="window", enabled=progress)
     for start in range(0, len(windows), batch_size):
         sl = slice(start, start + batch_size)
         ids = torch.from_numpy(windows.ids[sl])
@@ -178,6 +182,8 @@ def lm_metrics(model: Any, ctx: RunContext, windows: Windows, batch_size: int = 
             kl = (p_clean * (clean - lp)).sum(-1)
             sums[key] += float(kl[real].sum())
         n_kl += int(real.sum())
+        bar.update(len(ids))
+    bar.close()
     if n_targets == 0:
         raise ValueError("no next-token targets in the held-out windows (windows of one token?)")
     ce_clean, ce_sae, ce_zero = (sums[k] / n_targets for k in ("ce_clean", "ce_sae", "ce_zero"))
@@ -241,13 +247,14 @@ def neighbour_overlap(a: np.ndarray, b: np.ndarray, k: int = 10) -> float:
 
 
 def encoder_metrics(
-    model: Any, ctx: RunContext, windows: Windows, batch_size: int = 8, k: int = 10
+    model: Any, ctx: RunContext, windows: Windows, batch_size: int = 8, k: int = 10, progress: bool = False
 ) -> dict[str, float]:
     """Embedding cosine (original vs SAE-spliced) and top-k neighbour overlap over the held-out windows,
     which double as the fixed query set (each window queried against all the others)."""
     import torch
 
     clean, spliced = [], []
+    bar = progress_bar(f"eval {ctx.name}: model", len(windows), unit="window", enabled=progress)
     for start in range(0, len(windows), batch_size):
         sl = slice(start, start + batch_size)
         ids = torch.from_numpy(windows.ids[sl])
@@ -256,6 +263,8 @@ def encoder_metrics(
         clean.append(sentence_embeddings(model, ids, att))
         hook = (ctx.hook, sae_hook_fn(ctx.sae, error_term=False, mask=mask))
         spliced.append(sentence_embeddings(model, ids, att, [hook]))
+        bar.update(len(ids))
+    bar.close()
     a, b = np.concatenate(clean), np.concatenate(spliced)
     cos = np.sum(_unit(a) * _unit(b), axis=1)
     out: dict[str, Any] = {
@@ -270,7 +279,9 @@ def encoder_metrics(
     return out
 
 
-def reconstruction_metrics(ctx: RunContext, batch_size: int = 4096, max_tokens: int | None = None) -> dict[str, float]:
+def reconstruction_metrics(
+    ctx: RunContext, batch_size: int = 4096, max_tokens: int | None = None, progress: bool = False
+) -> dict[str, float]:
     """Streaming reconstruction metrics over the stored held-out activations of the run's hook."""
     from sae.metrics import evaluate
 
@@ -283,10 +294,15 @@ def reconstruction_metrics(ctx: RunContext, batch_size: int = 4096, max_tokens: 
         for x in stream.epoch():
             if max_tokens is not None and seen >= max_tokens:
                 return
-            yield x if max_tokens is None else x[: max_tokens - seen]
+            part = x if max_tokens is None else x[: max_tokens - seen]
+            yield part
             seen += len(x)
+            bar.update(len(part))
 
-    return evaluate(ctx.sae, batches())
+    bar = progress_bar(f"eval {ctx.name}: reconstruction", unit="tok", unit_scale=True, enabled=progress)
+    metrics = evaluate(ctx.sae, batches())
+    bar.close()
+    return metrics
 
 
 def evaluate_run(
@@ -299,11 +315,12 @@ def evaluate_run(
     batch_size: int = 8,
     downstream: bool = True,
     store: bool = True,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Every metric for one run; `model` (a loaded TransformerBridge) skips loading it again."""
     ctx = load_run(workspace, run)
     out: dict[str, Any] = {"run": run, "hook": ctx.hook, "harvest": ctx.harvest}
-    out.update(reconstruction_metrics(ctx))
+    out.update(reconstruction_metrics(ctx, progress=progress))
     if downstream:
         if model is None:
             from activations.models import load_model
@@ -312,10 +329,10 @@ def evaluate_run(
         windows = eval_windows(ctx.ws, ctx.harvest, pad_id_of(model), max_seqs=max_seqs)
         if is_causal_lm(model):
             out["model_kind"] = "causal_lm"
-            out.update(lm_metrics(model, ctx, windows, batch_size))
+            out.update(lm_metrics(model, ctx, windows, batch_size, progress=progress))
         else:
             out["model_kind"] = "encoder"
-            out.update(encoder_metrics(model, ctx, windows, batch_size))
+            out.update(encoder_metrics(model, ctx, windows, batch_size, progress=progress))
     if store:
         store_eval(ctx.ws, run, "eval", out)
     return out

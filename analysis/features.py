@@ -20,7 +20,6 @@ for models with an unembedding, and feature families (analysis/families.py).
 from __future__ import annotations
 
 import json
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -33,6 +32,7 @@ import scipy.sparse as sp
 from activations.store import HarvestError, harvest_info, insert_arrow, quote_ident
 from analysis import tables
 from analysis.families import cooc_row_blocks, feature_families
+from saewb.progress import progress_bar
 from saewb.workspace import Workspace
 
 DENSE_COOC_MAX = 4096
@@ -156,6 +156,16 @@ def _sparse_code(f: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return rows, cols.astype(np.int32), f[rows, cols].astype(np.float32)
 
 
+def analysable_tokens(ws: Workspace, harvest: str, n_committed: int, max_tokens: int | None = None) -> int:
+    """How many tokens `activation_batches` yields: the committed non-special ones, at most `max_tokens`."""
+    with ws.read() as con:
+        found = con.execute(
+            "SELECT count(*) FROM tokens WHERE harvest = ? AND NOT is_special AND tok_idx < ?", [harvest, n_committed]
+        ).fetchone()
+    n = int(found[0]) if found else 0
+    return n if max_tokens is None else min(n, max_tokens)
+
+
 def activation_batches(
     ws: Workspace, harvest: str, table: str, n_committed: int, batch_size: int, chunk_tokens: int,
     max_tokens: int | None = None,
@@ -269,7 +279,8 @@ def stream_stats(
     pending: list[pa.Table] = []
     pending_rows = 0
     n_tokens = 0
-    t0 = time.perf_counter()
+    bar = progress_bar(f"analyze {run}: pass 1", analysable_tokens(ws, harvest, n_committed, cfg.max_tokens),
+                       unit="tok", unit_scale=True, enabled=progress)
     for idx, x in activation_batches(ws, harvest, table, n_committed, cfg.batch_size, cfg.chunk_tokens, cfg.max_tokens):
         b = len(idx)
         if b < cfg.batch_size:  # pad: one jit shape for the whole pass
@@ -293,12 +304,10 @@ def stream_stats(
             if pending_rows >= CODES_FLUSH_TOKENS:
                 _write_codes(ws, run, pending)
                 pending, pending_rows = [], 0
-        if progress:
-            print(f"\rpass 1: {n_tokens} tokens, {n_tokens / (time.perf_counter() - t0):.0f} tok/s", end="", file=sys.stderr)
+        bar.update(b)
     if pending:
         _write_codes(ws, run, pending)
-    if progress:
-        print(file=sys.stderr)
+    bar.close()
     if n_tokens == 0:
         raise HarvestError(f"harvest {harvest!r} has no non-special tokens to analyse")
 

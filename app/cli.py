@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -29,6 +28,8 @@ def command(workspace: str | Path, port: int = 8501, host: str = "localhost", he
         sys.executable, "-m", "app.serve",
         "--server.address", host, "--server.port", str(port), "--server.headless", str(headless).lower(),
         "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none",
+        # the header keeps Streamlit's menu but not its Deploy button: a local research tool deploys nowhere
+        "--client.toolbarMode", "viewer",
     ]
 
 
@@ -40,4 +41,8 @@ def _serve(args: argparse.Namespace) -> int:
     if not Path(args.workspace).exists():
         print(f"note: {args.workspace} does not exist yet; the app will say how to create it", file=sys.stderr)
     print(f"serving {args.workspace} at http://{args.host}:{args.port}", flush=True)
-    return subprocess.call(command(args.workspace, args.port, args.host, not args.open_browser), env=environment(args.workspace))
+    sys.stderr.flush()
+    # This process becomes the server (same PID): SIGTERM, SIGINT or SIGHUP sent to `saewb app` reach the
+    # server itself, so nothing is left serving the port after a supervisor or `kill` stops it.
+    argv = command(args.workspace, args.port, args.host, not args.open_browser)
+    os.execve(argv[0], argv, environment(args.workspace))

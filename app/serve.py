@@ -98,6 +98,13 @@ def _join_warm_ups(timeout_s: float = 120.0) -> None:
 atexit.register(_join_warm_ups)
 
 
+def is_serving(url: str) -> bool:
+    """True when the server at `url` answers Streamlit's health check."""
+    with contextlib.suppress(OSError), urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+        return r.status == 200
+    return False
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -139,10 +146,7 @@ def running_server(workspace: str | Path, port: int | None = None, timeout: floa
 
     threading.Thread(target=drain, daemon=True).start()
     deadline = time.monotonic() + timeout
-    while True:
-        with contextlib.suppress(OSError), urllib.request.urlopen(f"{server.url}/_stcore/health", timeout=2) as r:
-            if r.status == 200:
-                break
+    while not is_serving(server.url):
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             raise RuntimeError(f"the app did not start:\n{''.join(server.lines)}")
@@ -166,7 +170,23 @@ def main(argv: list[str] | None = None) -> None:
         # in a thread: reading the workspace must not delay the server's start
         threading.Thread(target=start_warm_up, args=(path,), daemon=True).start()
     sys.argv = ["streamlit", "run", str(MAIN), *(sys.argv[1:] if argv is None else argv)]
-    streamlit_cli.main()
+    try:
+        streamlit_cli.main()
+    except SystemExit as done:
+        _leave_if_warming(done.code if isinstance(done.code, int) else int(done.code is not None))
+        raise
+    _leave_if_warming(0)
+
+
+def _leave_if_warming(code: int) -> None:
+    """Once the server has stopped (SIGTERM, SIGINT), exit now even if a warm-up is still loading.
+
+    Waiting for it (_join_warm_ups) held the exit 10 s on the demo workspace, past a supervisor's
+    patience; leaving without the interpreter's finalisation avoids its abort inside torch or XLA."""
+    if any(t.is_alive() for t in _WARM_THREADS):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 if __name__ == "__main__":

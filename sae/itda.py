@@ -47,10 +47,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
-from tqdm import tqdm
 
 from sae import checkpoint as ckpt
 from sae import common
+from saewb.progress import progress_bar
 
 GRAM_MAX_ATOMS = 8192
 """Above this many atoms MP recomputes correlations instead of holding the n × n Gram matrix."""
@@ -321,7 +321,7 @@ def fit(
             on_checkpoint(path, step)
 
     total = tc.total_steps
-    bar = tqdm(total=total, initial=start, disable=not progress, desc="fit itda", unit="batch")
+    bar = progress_bar("fit itda", total, initial=start, unit="batch", enabled=progress)
     win = {"err": 0.0, "var": 0.0, "l0": 0.0, "loss": 0.0, "tokens": 0, "steps": 0, "added": 0}
     fires = np.zeros(0)
     n_window = len(book)  # atoms present for the whole log window (dead/dense are about these)

@@ -71,7 +71,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm import tqdm
 
 from sae import checkpoint as ckpt
 from sae import common
@@ -89,6 +88,7 @@ from sae.trainer import (
     state_part,
     zero_window,
 )
+from saewb.progress import progress_bar
 
 TOP_KEYS = ("workspace", "harvest", "name", "hook", "arch", "eval_tokens", "progress", "train", "defaults", "grid",
             "members")
@@ -493,7 +493,7 @@ def train_lockstep(
     last_rows: dict[str, dict[str, float]] = {}
     histories: dict[str, list[dict[str, float]]] = {m.name: [] for m in members}
     its = {h: batches[h](start) for h in hooks}
-    bar = tqdm(total=total, initial=start, disable=not progress, desc=f"sweep x{len(members)}", unit="step")
+    bar = progress_bar(f"sweep x{len(members)}", total, initial=start, unit="step", enabled=progress)
     t_last, steps_since = time.perf_counter(), 0
     step = start
     while step < total:

@@ -42,11 +42,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import struct
-from tqdm import tqdm
 
 from sae import checkpoint as ckpt
 from sae import common, sharding
 from sae.base import StepCtx, arch_module
+from saewb.progress import progress_bar
 
 
 @dataclass(frozen=True)
@@ -507,7 +507,7 @@ def train(
     start = int(np.asarray(sharding.to_host(ts.step)))
     history: list[dict[str, float]] = []
     resample_due = getattr(arch, "resample_due", None)
-    bar = tqdm(total=total, initial=start, disable=not progress or not lead, desc=f"train {cfg.arch}", unit="step")
+    bar = progress_bar(f"train {cfg.arch}", total, initial=start, unit="step", enabled=progress and lead)
     t_last = time.perf_counter()
     steps_since = 0
     rows = sharding.process_rows(trainer.mesh, tc.batch_size) if jax.process_count() > 1 else None

@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from saewb.progress import quiet_library_bars
+
+    quiet_library_bars()  # before any command loads transformers: no foreign bars in a log
     parser = build_parser()
     args = parser.parse_args(argv)
     func = getattr(args, "func", None)

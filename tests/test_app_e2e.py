@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import signal
 import socket
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
+from conftest import REPO, SAEWB
 
-from app.serve import READY_MARK, running_server
+from app.serve import READY_MARK, free_port, is_serving, running_server
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
@@ -49,14 +54,29 @@ def test_pages_table_click_dashboard_and_intervention(server: str, browser: obje
     ARTIFACTS.mkdir(exist_ok=True)
     page = browser.new_page(viewport={"width": 1400, "height": 1000})  # type: ignore[attr-defined]
     page.set_default_timeout(120_000)
-    for path, last in [("", "Training curves"), ("features?run=demo", "latents"), ("feature?run=demo&latent=1", "Family"),
-                       ("inspector?run=demo", "Strongest latents"), ("interventions?run=demo", "Candidate texts")]:
+    # Every page opened from its own URL, as a bookmark or a shared link would: its title, its last section.
+    for path, title, last in [
+        ("runs?run=demo", "Runs", "Training curves: demo"), ("features?run=demo", "Features", "latents"),
+        ("feature?run=demo&latent=3", "Latent 3", "Family"), ("inspector?run=demo", "Text inspector", "Strongest latents"),
+        ("interventions?run=demo", "Interventions", "Candidate texts"),
+    ]:
         page.goto(f"{server}/{path}")
         page.get_by_text(last).first.wait_for()  # the page's last section: everything above has rendered
         page.wait_for_timeout(2000)  # charts and grids draw after their data arrives
+        assert page.locator("h1").first.inner_text() == title, path
+        assert page.url.startswith(f"{server}/{path}"), (path, page.url)  # no fallback to another page
         assert page.locator("[data-testid='stException']").count() == 0, path
         assert page.get_by_text("Page not found").count() == 0, path
-        page.screenshot(path=str(ARTIFACTS / f"page-{path.split('?')[0] or 'runs'}.png"), full_page=True)
+        # the header holds this app's menu only: no Streamlit Deploy button
+        assert page.get_by_role("button", name="Deploy").count() == 0, path
+        assert page.locator("[data-testid='stAppDeployButton']").count() == 0, path
+        page.screenshot(path=str(ARTIFACTS / f"page-{path.split('?')[0]}.png"), full_page=True)
+
+    # The root URL opens the Runs page at its own URL, keeping the query.
+    page.goto(f"{server}/?run=demo")
+    page.wait_for_url("**/runs?run=demo")
+    page.get_by_text("Training curves: demo").first.wait_for()
+    assert page.get_by_text("Page not found").count() == 0
 
     # From the latent table into a dashboard: select the first row of the table.
     page.goto(f"{server}/features?run=demo")
@@ -112,3 +132,27 @@ def test_intervention_page_steers_tiny_lm_generation(tiny_lm_ws: Path, browser: 
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "intervention-tiny-lm.png"), full_page=True)
         page.close()
+
+
+def test_saewb_app_stops_its_server_on_sigterm(demo_ws: Path, tmp_path: Path) -> None:
+    """A supervisor's SIGTERM to `saewb app` stops the server: the port is free and no process is left."""
+    port = free_port()
+    log = tmp_path / "app.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([*SAEWB, "app", str(demo_ws), "--port", str(port)], stdout=out,
+                                stderr=subprocess.STDOUT, cwd=REPO)
+    try:
+        deadline = time.monotonic() + 120
+        while not is_serving(f"http://localhost:{port}"):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        proc.send_signal(signal.SIGTERM)  # while the server still warms the model: the hardest moment to stop
+        proc.wait(timeout=10)
+        _, alive = psutil.wait_procs(family, timeout=5)
+        assert alive == [], [p.cmdline() for p in alive]
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still served after SIGTERM"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
