@@ -210,32 +210,85 @@ def _contexts(
         ).fetchall()
     if not ctx_rows:
         return []
-    # Look the windows up as an explicit list of token ids (a hash semi-join, bounded by min/max for
-    # zone maps): a range join over the ranges is an order of magnitude slower on large caches.
-    needed = sorted({i for r in ctx_rows for i in range(r[3] - window, r[3] + window + 1)})
-    bounds = [needed[0], needed[-1], needed]
-    tok = con.execute(
-        "SELECT tok_idx, token_str, seq_id, doc_id FROM tokens WHERE harvest = ? AND tok_idx BETWEEN ? AND ? "
-        "AND tok_idx IN (SELECT unnest(?::BIGINT[]))",
-        [info["harvest"], *bounds],
-    ).fetchall()
+    tokens = _window_tokens(con, info["harvest"], [r[3] for r in ctx_rows], window)
+    needed = sorted(tokens)
     codes = con.execute(
         "SELECT tok_idx, list_extract(vals, list_position(latents, ?)) FROM feature_codes "
         "WHERE run = ? AND tok_idx BETWEEN ? AND ? AND tok_idx IN (SELECT unnest(?::BIGINT[])) "
         "AND list_contains(latents, ?)",
-        [latent, run, *bounds, latent],
+        [latent, run, needed[0], needed[-1], needed, latent],
     ).fetchall()
-    tokens = {r[0]: (r[1], r[2], r[3]) for r in tok}
     acts = {int(r[0]): float(r[1]) for r in codes}
     out: list[Context] = []
     for kind_, band, rank, center, value in ctx_rows:
-        seq = tokens[center][1]
-        idxs = [i for i in range(center - window, center + window + 1) if i in tokens and tokens[i][1] == seq]
+        idxs = _window_of(tokens, center, window)
         out.append(Context(
             kind=kind_, band=band, rank=rank, tok_idx=center, value=float(value), doc_id=tokens[center][2],
             tok_idxs=idxs, tokens=[tokens[i][0] for i in idxs], acts=[acts.get(i, 0.0) for i in idxs],
             center=idxs.index(center),
         ))
+    return out
+
+
+def _window_tokens(con: Any, harvest: str, centers: list[int], window: int) -> dict[int, tuple[str, int, int]]:
+    """tok_idx -> (token_str, seq_id, doc_id) of every token within `window` of a centre.
+
+    Looked up as an explicit list of token ids (a hash semi-join, bounded by min/max for zone maps):
+    a range join over the ranges is an order of magnitude slower on large caches.
+    """
+    needed = sorted({i for c in centers for i in range(c - window, c + window + 1)})
+    tok = con.execute(
+        "SELECT tok_idx, token_str, seq_id, doc_id FROM tokens WHERE harvest = ? AND tok_idx BETWEEN ? AND ? "
+        "AND tok_idx IN (SELECT unnest(?::BIGINT[]))",
+        [harvest, needed[0], needed[-1], needed],
+    ).fetchall()
+    return {r[0]: (r[1], r[2], r[3]) for r in tok}
+
+
+def _window_of(tokens: dict[int, tuple[str, int, int]], center: int, window: int) -> list[int]:
+    """The token ids around `center` that lie in its sequence."""
+    seq = tokens[center][1]
+    return [i for i in range(center - window, center + window + 1) if i in tokens and tokens[i][1] == seq]
+
+
+@dataclass
+class Window:
+    """A context around a random analysed token, with the sparse code of each of its tokens (all latents)."""
+
+    tok_idx: int
+    tok_idxs: list[int]
+    tokens: list[str]
+    codes: list[dict[int, float]]
+    center: int
+
+    def acts(self, latent: int) -> list[float]:
+        return [c.get(latent, 0.0) for c in self.codes]
+
+
+@_any_ws
+def random_windows(ws: Workspace, run: str, n: int, *, seed: int = 0, window: int = 8) -> list[Window]:
+    """`n` contexts centred on analysed tokens drawn uniformly at random (without replacement): the pool
+    that non-activating contexts of a latent are taken from (those where it fires nowhere in the window)."""
+    with ws.read() as con:
+        info = _require_analysis(ws, run, con)
+        total = con.execute(
+            "SELECT count(*), min(tok_idx), max(tok_idx) FROM feature_codes WHERE run = ?", [run]).fetchone()
+        if not total or not total[0]:
+            return []
+        rng = np.random.default_rng(seed)
+        analysed = con.execute(
+            "SELECT tok_idx FROM feature_codes WHERE run = ? ORDER BY tok_idx", [run]).fetchnumpy()["tok_idx"]
+        centers = sorted(int(c) for c in rng.choice(analysed, size=min(n, len(analysed)), replace=False))
+        tokens = _window_tokens(con, info["harvest"], centers, window)
+        needed = sorted(tokens)
+        codes = {int(t): dict(zip(lat, val, strict=True)) for t, lat, val in con.execute(
+            "SELECT tok_idx, latents, vals FROM feature_codes WHERE run = ? AND tok_idx BETWEEN ? AND ? "
+            "AND tok_idx IN (SELECT unnest(?::BIGINT[]))", [run, needed[0], needed[-1], needed]).fetchall()}
+    out = []
+    for c in centers:
+        idxs = _window_of(tokens, c, window)
+        out.append(Window(tok_idx=c, tok_idxs=idxs, tokens=[tokens[i][0] for i in idxs],
+                          codes=[codes.get(i, {}) for i in idxs], center=idxs.index(c)))
     return out
 
 
