@@ -395,10 +395,14 @@ def explain_chunk(
     embed: Callable[[Sequence[str]], np.ndarray] | None,
     items: list[LatentContexts],
     cfg: ExplainConfig,
+    seconds: dict[str, float] | None = None,
 ) -> tuple[list[store.Explanation], list[store.Score]]:
-    """Explain and score a chunk of latents with both explainers (prompts batched across latents)."""
+    """Explain and score a chunk of latents with both explainers (prompts batched across latents);
+    the time of each stage is added to `seconds` (explain and each scorer)."""
     model = llm.backend.model
     rng = np.random.default_rng(cfg.seed)
+    seconds = {} if seconds is None else seconds
+    t = time.perf_counter()
     answers = llm.ask([explain_prompt(it.shown) for it in items], cfg.explain_tokens)
     exps: list[store.Explanation] = []
     for it, ans in zip(items, answers, strict=True):
@@ -427,8 +431,9 @@ def explain_chunk(
             )
         )
     by_latent = {it.latent: it for it in items}
+    seconds["explain"] = seconds.get("explain", 0.0) + time.perf_counter() - t
 
-    # LLM scorers: every yes/no prompt of the chunk in one batch.
+    # LLM scorers: each scorer's yes/no prompts of the whole chunk in one batch.
     jobs: list[tuple[int, str, bool]] = []  # (explanation index, scorer, truth) per prompt
     chats: list[Chat] = []
     for ei, e in enumerate(exps):
@@ -446,7 +451,13 @@ def explain_chunk(
                 chats.append(fuzzing_prompt(e.text, ctx, firing(ctx.acts)))
                 jobs.append((ei, "fuzzing", False))
                 chats.append(fuzzing_prompt(e.text, ctx, _fuzzed_marks(ctx, rng)))
-    said = llm.choose(chats, ("Yes", "No")) if chats else []
+    said: list[str | LLMAnswerError] = []
+    for scorer in ("detection", "fuzzing"):
+        t = time.perf_counter()
+        picked = [c for c, job in zip(chats, jobs, strict=True) if job[1] == scorer]
+        said += llm.choose(picked, ("Yes", "No")) if picked else []
+        seconds[scorer] = seconds.get(scorer, 0.0) + time.perf_counter() - t
+    jobs = [j for scorer in ("detection", "fuzzing") for j in jobs if j[1] == scorer]  # the order of `said`
     collected: dict[tuple[int, str], tuple[list[bool], list[bool | None], list[str]]] = {}
     for (ei, scorer, truth), ans in zip(jobs, said, strict=True):
         t, s, errs = collected.setdefault((ei, scorer), ([], [], []))
@@ -470,7 +481,9 @@ def explain_chunk(
             neg = [render(c.tokens) for c in it.negatives[: cfg.n_embed]]
             spans.append((ei, len(texts), len(pos), len(neg)))
             texts += [e.text, *pos, *neg]
+        t = time.perf_counter()
         vecs = embed(texts) if texts else np.zeros((0, 0))
+        seconds["embedding"] = seconds.get("embedding", 0.0) + time.perf_counter() - t
         for ei, at, n_pos, n_neg in spans:
             q, p, n = vecs[at], vecs[at + 1 : at + 1 + n_pos], vecs[at + 1 + n_pos : at + 1 + n_pos + n_neg]
             exps[ei].embedding = q.tolist() if exps[ei].explainer == "llm" else None
@@ -548,12 +561,15 @@ def explain_run(
     t0 = time.perf_counter()
     bar = progress_bar(f"explain {run}", len(todo), unit="latent", enabled=progress)
     failed = 0
+    stage_seconds: dict[str, float] = {}
     for lo in range(0, len(todo), cfg.chunk):
         chunk = todo[lo : lo + cfg.chunk]
         items = gather_contexts(ws, run, chunk, pool, cfg)
-        exps, scores = explain_chunk(llm, embed, items, cfg)
+        exps, scores = explain_chunk(llm, embed, items, cfg, stage_seconds)
         store.store_latents(ws, run, exps, scores, llm.take_new())
         failed += sum(e.status != "ok" for e in exps) + sum(s.status != "ok" for s in scores)
+        done_now = lo + len(chunk)  # seconds per latent of each stage so far, and failures, beside the ETA
+        bar.set_postfix({k: f"{v / done_now:.1f}s" for k, v in stage_seconds.items()} | {"failures": failed})
         bar.update(len(chunk))
     bar.close()
     seconds = time.perf_counter() - t0
@@ -565,6 +581,7 @@ def explain_run(
         "failures": failed,
         "seconds": seconds,
         "seconds_per_latent": seconds / max(len(todo), 1),
+        "stage_seconds": stage_seconds,
         "prompts_sent": llm.sent,
         "cache_hits": llm.hits,
         "summary": summarize(ws, run, latents, backend.model),

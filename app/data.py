@@ -166,3 +166,47 @@ def run_context(path: str, run: str) -> Any:
 
 def check_workspace_path() -> Path:
     return workspace().path
+
+
+@st.cache_data(ttl=LIVE_TTL_S, show_spinner=False)
+def latent_explanations(path: str, run: str, latent: int) -> dict[str, dict[str, Any]]:
+    """The newest LLM and baseline explanation of a latent with their scores (`saewb explain`)."""
+    from analysis import explanations
+
+    return explanations.latent_explanations(Workspace(path), run, latent)
+
+
+@st.cache_data(ttl=LIVE_TTL_S, show_spinner=False)
+def explanation_texts(path: str, run: str) -> dict[int, str]:
+    from analysis import explanations
+
+    return explanations.explanation_texts(Workspace(path), run)
+
+
+@st.cache_data(ttl=LIVE_TTL_S, show_spinner=False)
+def explanation_scores(path: str, run: str) -> pd.DataFrame:
+    from analysis import explanations
+
+    return pd.DataFrame(explanations.score_table(Workspace(path), run),
+                        columns=["latent", "explainer", "model", "prompt_version", "scorer", "score"])
+
+
+@st.cache_resource(show_spinner="Loading the sentence model ...", max_entries=1)
+def sentence_embedder() -> Any:
+    """MiniLM sentence embeddings for searching explanations, loaded once per server."""
+    from analysis.autointerp import Embedder
+
+    return Embedder()
+
+
+@st.cache_data(ttl=LIVE_TTL_S, show_spinner=False, max_entries=64)
+def explanation_search(path: str, run: str, query: str, limit: int = 15) -> pd.DataFrame:
+    """Latents ranked by the cosine of the query to their explanation (MiniLM embeddings stored by `saewb explain`)."""
+    from analysis import explanations
+
+    latents, emb, texts = explanations.explanation_embeddings(Workspace(path), run)
+    if not len(latents):
+        return pd.DataFrame(columns=["latent", "similarity", "explanation"])
+    sims = emb @ sentence_embedder()([query])[0]
+    order = sims.argsort()[::-1][:limit]
+    return pd.DataFrame({"latent": latents[order], "similarity": sims[order], "explanation": [texts[i] for i in order]})
