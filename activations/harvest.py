@@ -31,17 +31,26 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from activations.corpus import BUILTIN_CORPORA, CorpusSpec, Document, corpus_size_chars, iter_documents
+from activations.corpus import (
+    BUILTIN_CORPORA,
+    CorpusSpec,
+    Document,
+    corpus_size_chars,
+    iter_documents,
+    python_code_fingerprint,
+)
 from activations.models import HookPlan, load_model, plan_hooks
 from activations.store import (
     HarvestError,
     HarvestInfo,
+    NonFiniteActivationsError,
     activation_table,
     check_name,
     ensure_schema,
     fixed_size_list,
     harvest_info,
     insert_arrow,
+    nonfinite_rows,
     quote_ident,
 )
 from activations.tokenize import TokenStrings, Window, WindowTokenizer
@@ -82,6 +91,10 @@ class HarvestConfig:
     """Torch device of the model."""
     shard: tuple[int, int] | None = None
     """(i, N): harvest only the documents of shard i of N (see the module docstring); None: all."""
+    nonfinite: str = "refuse"
+    """Activation rows with a NaN or an infinity: "refuse" stops the harvest naming the documents;
+    "skip" stores them as zeros and lists them in `nonfinite_tokens` (the training stream leaves
+    them out). Not part of the identity: rerunning a refused harvest with "skip" resumes it."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form notes stored with the config."""
 
@@ -104,6 +117,8 @@ class HarvestConfig:
         }
         if self.shard is not None:  # absent when unsharded: older harvests keep resuming
             out["shard"] = list(self.shard)
+        if self.corpus == "python-code":  # its content is whatever is installed: resume only on the same files
+            out["python_code_files"] = python_code_fingerprint()
         return out
 
 
@@ -172,6 +187,8 @@ class _Chunk:
     columns: dict[str, list[np.ndarray]] = field(default_factory=dict)
     acts: dict[str, list[np.ndarray]] = field(default_factory=dict)
     docs: list[tuple[int, str, str]] = field(default_factory=list)
+    nonfinite: list[tuple[str, np.ndarray, np.ndarray]] = field(default_factory=list)
+    """(hook, tok_idx, doc_id) of the rows stored as zeros because they were not finite."""
     n_windows: int = 0
     n_tokens: int = 0
 
@@ -232,6 +249,9 @@ def _commit(ws: Workspace, name: str, tables: dict[str, str], chunk: _Chunk, tot
             )
             con.execute("INSERT INTO documents SELECT * FROM docs")
         insert_arrow(con, "tokens", tokens)
+        for hook, idx, doc_ids in chunk.nonfinite:
+            bad = pa.table({"harvest": [name] * len(idx), "hook": [hook] * len(idx), "tok_idx": idx, "doc_id": doc_ids})
+            insert_arrow(con, "nonfinite_tokens", bad)
         for hook, parts in chunk.acts.items():
             insert_arrow(con, tables[hook], pa.table({"tok_idx": tok_idx, "x": fixed_size_list(np.concatenate(parts))}))
         con.execute(
@@ -278,11 +298,22 @@ class Harvester:
             raise HarvestError("--ctx-len must be at least 2")
         if cfg.max_tokens is not None and cfg.max_tokens < 1:
             raise HarvestError("--max-tokens must be positive")
+        if cfg.batch_size < 1 or cfg.commit_tokens < 1:
+            raise HarvestError("--batch-size and --commit-tokens must be positive")
+        if cfg.nonfinite not in ("refuse", "skip"):
+            raise HarvestError(f"--nonfinite must be 'refuse' or 'skip', got {cfg.nonfinite!r}")
         if cfg.shard is not None:
             check_shard(cfg.shard)
+        check_corpus_has_text(cfg)  # before the model loads and before the workspace is touched
         self.cfg = cfg
         self.ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace)
         self.model = load_model(cfg.model, cfg.device)
+        n_ctx = getattr(getattr(self.model, "cfg", None), "n_ctx", None)
+        if isinstance(n_ctx, int) and cfg.ctx_len > n_ctx:
+            raise HarvestError(
+                f"--ctx-len {cfg.ctx_len} is more than model {cfg.model!r} can take ({n_ctx} positions); "
+                f"use --ctx-len {n_ctx} or less"
+            )
         self.plan = plan_hooks(self.model, list(cfg.hooks))
         self.splitter = WindowTokenizer(self.model.tokenizer, cfg.ctx_len)
         self.info = _register(self.ws, cfg, self.plan, _hook_widths(self.model, self.plan, self.splitter.pad_id))
@@ -350,8 +381,6 @@ class Harvester:
                 t0 = time.perf_counter()
                 acts = self.forward(batch)
                 forward_s += time.perf_counter() - t0
-                for hook, x in acts.items():
-                    chunk.acts.setdefault(hook, []).append(x)
                 lengths = np.array([len(w.token_ids) for w in batch])
                 flat_ids = np.concatenate([w.token_ids for w in batch])
                 n = len(flat_ids)
@@ -366,6 +395,14 @@ class Harvester:
                     "token_str": np.array(token_strings(flat_ids), dtype=object),
                     "is_special": np.concatenate([w.special for w in batch]),
                 }
+                for hook, x in acts.items():
+                    bad = nonfinite_rows(x)
+                    if len(bad) and cfg.nonfinite == "refuse":
+                        raise NonFiniteActivationsError(_nonfinite_message(hook, bad, batch, cols))
+                    if len(bad):
+                        x[bad] = 0.0
+                        chunk.nonfinite.append((hook, cols["tok_idx"][bad], cols["doc_id"][bad]))
+                    chunk.acts.setdefault(hook, []).append(x)
                 for key, value in cols.items():
                     chunk.columns.setdefault(key, []).append(value)
                 chunk.columns.setdefault("role", []).append(
@@ -405,6 +442,29 @@ class Harvester:
         self.info = harvest_info(self.ws, cfg.name)
         width = sum(info.hooks.values())
         return HarvestStats(done, time.perf_counter() - t_start, forward_s, write_s[0], done * width * 4)
+
+
+def check_corpus_has_text(cfg: HarvestConfig) -> None:
+    """Refuse a corpus without one non-blank document (it would "harvest" 0 tokens)."""
+    for doc in iter_documents(cfg.corpus_spec()):
+        if doc.text.strip() or doc.messages:
+            return
+    raise HarvestError(
+        f"corpus {cfg.corpus!r} holds no text (it is empty, or every document is blank); nothing to harvest: "
+        "check the file (and --text-column) or pick another --corpus"
+    )
+
+
+def _nonfinite_message(hook: str, bad: np.ndarray, batch: list[Window], cols: dict[str, np.ndarray]) -> str:
+    docs = sorted({int(d) for d in cols["doc_id"][bad]})
+    sources = {w.doc_id: w.doc.source for w in batch}
+    named = ", ".join(f"{d} ({sources.get(d, '?')})" for d in docs[:5]) + (f" and {len(docs) - 5} more" if len(docs) > 5 else "")
+    return (
+        f"hook {hook!r}: {len(bad)} activation rows are NaN or infinite, in documents {named}; this batch was not "
+        "stored and the tokens committed before it are intact. Run the same command with --nonfinite skip "
+        "to store such rows as zeros, listed in the nonfinite_tokens table and left out of training, or check the "
+        "model (its weights, its dtype)"
+    )
 
 
 def run_harvest(cfg: HarvestConfig, workspace: str | Path, progress: bool = True) -> HarvestInfo:

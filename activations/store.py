@@ -6,7 +6,9 @@ Layout (chosen by measurement, see docs/storage.md):
 * `harvest_hooks`: the hooks of each harvest, their width and activation table;
 * `documents`: (harvest, doc_id, source, text);
 * `tokens`: (harvest, tok_idx, doc_id, pos, seq_id, seq_pos, token_id, token_str, is_special, role);
-* one table per harvest and hook, `(tok_idx BIGINT, x FLOAT[d])`, rows in tok_idx order.
+* one table per harvest and hook, `(tok_idx BIGINT, x FLOAT[d])`, rows in tok_idx order;
+* `nonfinite_tokens`: (harvest, hook, tok_idx, doc_id) of the activation rows a harvest run with
+  `--nonfinite skip` found NaN/inf and stored as zeros; the training stream leaves these tokens out.
 
 `tok_idx` numbers the tokens of a harvest from 0 without gaps; it joins activations to tokens.
 
@@ -73,11 +75,37 @@ CREATE TABLE IF NOT EXISTS tokens (
     is_special BOOLEAN NOT NULL,
     role VARCHAR
 );
+CREATE TABLE IF NOT EXISTS nonfinite_tokens (
+    harvest VARCHAR NOT NULL,
+    hook VARCHAR NOT NULL,
+    tok_idx BIGINT NOT NULL,
+    doc_id BIGINT NOT NULL
+);
 """
 
 
 class HarvestError(ValueError):
     """A harvest that does not exist, or a config that clashes with a stored one."""
+
+
+class NonFiniteActivationsError(HarvestError):
+    """Activations that are NaN or infinite, found by the harvest or by the training stream."""
+
+
+def nonfinite_rows(x: np.ndarray) -> np.ndarray:
+    """Indices of the rows of a [rows, d] matrix holding a NaN or an infinity."""
+    return np.flatnonzero(~np.isfinite(x).all(axis=1))
+
+
+def nonfinite_counts(ws: Workspace, harvest: str) -> dict[str, int]:
+    """Hook -> how many of the harvest's tokens were found non-finite and skipped there."""
+    if not ws.table_exists("nonfinite_tokens"):
+        return {}
+    with ws.read() as con:
+        rows = con.execute(
+            "SELECT hook, count(*) FROM nonfinite_tokens WHERE harvest = ? GROUP BY hook ORDER BY hook", [harvest]
+        ).fetchall()
+    return {h: int(n) for h, n in rows}
 
 
 @dataclass(frozen=True)
@@ -244,10 +272,21 @@ def export_parquet(workspace: str | Path | Workspace, out_dir: str | Path, harve
                 [n, str(out / fname)],
             )
             hooks[hook] = {"d": d, "file": fname}
+        skipped = con.execute(
+            "SELECT count(*) FROM information_schema.tables WHERE table_name = 'nonfinite_tokens'"
+        ).fetchone()[0] and con.execute(
+            "SELECT count(*) FROM nonfinite_tokens WHERE harvest = ? AND tok_idx < ?", [info.name, n]
+        ).fetchone()[0]
+        if skipped:  # the rows a --nonfinite skip harvest stored as zeros travel with the export
+            con.execute(
+                "COPY (SELECT * FROM nonfinite_tokens WHERE harvest = ? AND tok_idx < ? ORDER BY hook, tok_idx) "
+                "TO ? (FORMAT parquet)", [info.name, n, str(out / "nonfinite_tokens.parquet")],
+            )
     manifest = {
         "format": PARQUET_FORMAT, "name": info.name, "config": info.config, "status": info.status,
         "n_windows": info.n_windows, "n_tokens": n, "n_docs": info.n_docs,
         "tokens": "tokens.parquet", "documents": "documents.parquet", "hooks": hooks,
+        **({"nonfinite_tokens": "nonfinite_tokens.parquet"} if skipped else {}),
     }
     tmp = out / (PARQUET_MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1))
@@ -296,6 +335,8 @@ class HarvestPart:
     ws: Workspace | None
     """The workspace; None for a Parquet export."""
     tokens_file: str | None = None
+    nonfinite_file: str | None = None
+    """An export's `nonfinite_tokens` rows (None: the harvest skipped none)."""
 
     @property
     def parquet(self) -> bool:
@@ -344,7 +385,8 @@ def open_part(source: str | Path | Workspace, harvest: str | None = None) -> Har
         n_docs=m["n_docs"], hooks={h: int(v["d"]) for h, v in m["hooks"].items()},
         tables={h: _join(location, v["file"]) for h, v in m["hooks"].items()},
     )
-    return HarvestPart(location, info, None, _join(location, m["tokens"]))
+    skipped = _join(location, m["nonfinite_tokens"]) if m.get("nonfinite_tokens") else None
+    return HarvestPart(location, info, None, _join(location, m["tokens"]), skipped)
 
 
 def as_sources(sources: str | Path | Workspace | Sequence[str | Path | Workspace]) -> list[str | Path | Workspace]:

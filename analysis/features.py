@@ -29,7 +29,14 @@ import numpy as np
 import pyarrow as pa
 import scipy.sparse as sp
 
-from activations.store import HarvestError, harvest_info, insert_arrow, quote_ident
+from activations.store import (
+    HarvestError,
+    NonFiniteActivationsError,
+    harvest_info,
+    insert_arrow,
+    nonfinite_rows,
+    quote_ident,
+)
 from analysis import tables
 from analysis.families import cooc_row_blocks, feature_families
 from saewb.progress import progress_bar
@@ -190,6 +197,13 @@ def activation_batches(
         col = res.column("x").combine_chunks()
         x = col.values.to_numpy(zero_copy_only=False).reshape(len(idx), col.type.list_size)
         del res, col
+        bad = nonfinite_rows(x)
+        if len(bad):  # a harvest's skipped rows are zeros: these came from elsewhere
+            raise NonFiniteActivationsError(
+                f"{table} holds {len(bad)} NaN/inf activation rows (tok_idx {', '.join(map(str, idx[bad][:5].tolist()))}"
+                f"{', ...' if len(bad) > 5 else ''}); analysing them would give NaN statistics: harvest again "
+                "(with --nonfinite skip to leave such rows out)"
+            )
         if max_tokens is not None and seen + len(idx) > max_tokens:
             idx, x = idx[: max_tokens - seen], x[: max_tokens - seen]
         seen += len(idx)

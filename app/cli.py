@@ -38,8 +38,11 @@ def environment(workspace: str | Path) -> dict[str, str]:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    if not Path(args.workspace).exists():
-        print(f"note: {args.workspace} does not exist yet; the app will say how to create it", file=sys.stderr)
+    if not Path(args.workspace).exists():  # a mistyped path must not look like an empty workspace
+        raise FileNotFoundError(
+            f"workspace {args.workspace} does not exist; create it with "
+            f"`saewb harvest --workspace {args.workspace} ...`, or check the path"
+        )
     print(f"serving {args.workspace} at http://{args.host}:{args.port}", flush=True)
     sys.stderr.flush()
     # This process becomes the server (same PID): SIGTERM, SIGINT or SIGHUP sent to `saewb app` reach the

@@ -20,6 +20,7 @@ An architecture is a module exposing pure functions over explicit pytrees:
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 from typing import Any
 
@@ -71,7 +72,66 @@ def make_config(cls: type, values: dict[str, Any]) -> Any:
             f"unknown {cls.__name__} field(s) {unknown}; valid fields are {names}"
         )
     cfg = cls(**values)
-    check = getattr(cfg, "validate", None)
-    if check is not None:
-        check()
+    if getattr(cfg, "validate", None) is not None:
+        validate_config(cfg)
     return cfg
+
+
+# --------------------------------------------------------------------------- hyper-parameter ranges
+
+_RANGE_TEXT = {">0": "> 0", ">=0": ">= 0", ">=1": ">= 1", "[0,1]": "in [0, 1]", "[0,1)": "in [0, 1)",
+               "(0,1)": "in (0, 1)", "(0,1]": "in (0, 1]"}
+_RANGE_TEST = {
+    ">0": lambda v: v > 0, ">=0": lambda v: v >= 0, ">=1": lambda v: v >= 1, "[0,1]": lambda v: 0 <= v <= 1,
+    "[0,1)": lambda v: 0 <= v < 1, "(0,1)": lambda v: 0 < v < 1, "(0,1]": lambda v: 0 < v <= 1,
+}
+RANGES: dict[str, str] = {
+    # TrainConfig
+    "train_tokens": ">=1", "batch_size": ">=1", "seed": ">=0", "lr": ">0", "warmup_steps": ">=0",
+    "decay_frac": "[0,1]", "grad_clip": ">0", "adam_b1": "[0,1)", "adam_b2": "[0,1)", "adam_eps": ">0",
+    "dead_window_tokens": ">=1", "dense_threshold": "[0,1]", "init_sample_tokens": ">=1", "log_every": ">=1",
+    "ckpt_every": ">=1", "keep_checkpoints": ">=1", "mesh_data": ">=1", "mesh_model": ">=1",
+    # architectures (a field name means the same thing in every architecture that has it)
+    "n_latents": ">=1", "k": ">=1", "k_aux": ">=1", "aux_coef": ">=0", "init_dec_norm": ">0", "l1_coef": ">=0",
+    "l1_warmup_frac": "[0,1]", "resample_every_frac": "[0,1)", "n_groups": ">=1", "htf": "(0,1]", "ltf": "(0,1]",
+    "gamma": ">=0", "update_every": ">=1", "freq_eps": ">0", "init_a": ">0", "candidates": ">=1",
+    "threshold_decay": "[0,1)", "threshold_start_step": ">=0", "threshold_start_frac": "[0,1]", "l0_coef": ">=0",
+    "l0_warmup_frac": "[0,1]", "target_l0": ">0", "bandwidth": ">0", "init_threshold": ">=0", "chunk_size": ">=1",
+    "group_sizes": ">=1", "zipf_alpha": ">=0", "aux_zipf_coef": ">=0", "aux_zipf_c": ">=0",
+    "density_decay": "[0,1)", "visible_frac": "(0,1)", "tau": "(0,1)", "max_atoms": ">=1",
+}
+"""The allowed range of every numeric field of `TrainConfig` and of every architecture's config, by
+field name: `check_ranges` applies it to any config dataclass, so training and sweeps check alike
+(tests/test_faults.py checks that every numeric field of every config has an entry). The
+architectures' own `validate` adds the checks that tie fields together (k <= n_latents, ...)."""
+
+
+def range_text(rule: str) -> str:
+    """A RANGES rule as the docs and the errors write it (`> 0`, `in [0, 1)`)."""
+    return _RANGE_TEXT[rule]
+
+
+def _is_numeric(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def check_ranges(cfg: Any) -> None:
+    """Refuse a config whose numeric fields are out of range, naming the flag and its range."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        rule = RANGES.get(f.name)
+        if value is None or rule is None:
+            continue
+        for v in value if isinstance(value, tuple) else (value,):
+            ok = _is_numeric(v) and math.isfinite(v) and _RANGE_TEST[rule](v)
+            if ok and rule in (">=1", ">=0") and isinstance(f.default, int) and not isinstance(v, int):
+                ok = float(v).is_integer()
+            if not ok:
+                flag = "--" + f.name.replace("_", "-")
+                raise ValueError(f"{flag} must be {range_text(rule)}, got {v!r}; fix {flag} (or `{f.name}:` in the YAML)")
+
+
+def validate_config(cfg: Any, d: int | None = None) -> None:
+    """Every check of an SAE (architecture) config: the ranges above, then its own `validate(d)`."""
+    check_ranges(cfg)
+    cfg.validate(d)

@@ -186,7 +186,7 @@ def _load_yaml(path: Path) -> dict[str, Any]:
 def plan_from_values(values: dict[str, Any]) -> TrainPlan:
     """Validate merged options into a plan; raises ValueError naming the problem and the fix."""
     from activations.store import harvest_info
-    from sae.base import arch_module, config_fields, make_config
+    from sae.base import arch_module, config_fields, make_config, validate_config
     from sae.trainer import TrainConfig
     from saewb.workspace import Workspace
 
@@ -235,7 +235,7 @@ def plan_from_values(values: dict[str, Any]) -> TrainPlan:
             f"d_in={values['d_in']} but hook {hook!r} of harvest {info.name!r} has width {d}; "
             "fix d_in or drop it"
         )
-    sae_cfg.validate(d)
+    validate_config(sae_cfg, d)
     if len(sources) > 1:
         open_parts(sources, values.get("harvest"), hook)  # one model, the hook at one width, nothing twice
     from activations.store import check_name
@@ -271,10 +271,11 @@ def _check_existing(plan: TrainPlan) -> int:
     ws = Workspace(plan.workspace)
     record = json.loads(json.dumps(plan.record()))
     row = runs.get_run(ws, plan.name)
-    if row is not None and row["config"] != record:
+    if row is not None and not runs.may_resume(row["config"], record, runs.is_diverged(row)):
         raise ValueError(
             f"a run named {plan.name!r} already exists with a different config; "
             "pick another --name, or repeat its original config to resume it"
+            + (" (after a divergence only --lr may change)" if runs.is_diverged(row) else "")
         )
     latest = ckpt.latest_checkpoint(ws.runs_dir / plan.name)
     return int(ckpt.read_manifest(latest)["step"]) if latest is not None else 0
@@ -334,7 +335,7 @@ def run_plan(plan: TrainPlan) -> dict[str, Any]:
         )
     except BaseException as err:
         if lead:
-            runs.finish_run(ws, plan.name, "interrupted" if isinstance(err, KeyboardInterrupt) else "failed")
+            runs.mark_stopped(ws, [plan.name], err)
         if wb is not None:
             wb.finish(None, ok=False)
         raise
@@ -349,14 +350,29 @@ def run_plan(plan: TrainPlan) -> dict[str, Any]:
         final.update(evaluate(model, itertools.islice(ev.epoch(), n_batches)))
     except ValueError as err:  # e.g. an empty eval split: keep the training metrics
         final["eval_error"] = str(err)
+    check_final(ws, plan.name, final)
     runs.finish_run(ws, plan.name, "done", final, str(run_dir / "sae"))
     if wb is not None:
         wb.finish(final, ok=True)
     return final
 
 
+def check_final(ws: Any, name: str, final: dict[str, Any]) -> None:
+    """Never mark a run done whose final FVU (held-out or training) is not finite: mark it failed."""
+    import math
+
+    from sae import runs
+
+    bad = {k: v for k, v in final.items() if k in ("fvu", "train_fvu") and not math.isfinite(v)}
+    if bad:
+        err = RuntimeError(f"{runs.DIVERGED}: run {name!r} ended with a non-finite FVU ({bad}); it is marked failed, "
+                           "not done: run the same command with a lower --lr to go on from its last checkpoint")
+        runs.finish_run(ws, name, "failed", final, reason=str(err))
+        raise err
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    cli_values = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config") and v is not None}
+    cli_values = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config", "debug") and v is not None}
     values = _load_yaml(args.config) if args.config else {}
     values.update(cli_values)
     from sae import distributed
@@ -393,6 +409,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
         print(
             f"{r['name']:<24} {r['arch']:<8} {str(r['hook']):<22} {r['status']:<9} "
             f"{num('fvu', '7.4f')} {num('l0', '7.1f')} {num('dead_frac', '6.3f')}"
+            + (f"  ({r['reason']})" if r.get("reason") and r["status"] == "failed" else "")
         )
     return 0
 

@@ -268,14 +268,16 @@ def fit(
     batch ``start``, deterministically. Same signature and result type as ``sae.trainer.train``
     (one process only: ``local_batches`` is refused).
     """
-    from sae.trainer import TrainResult, config_record
+    from sae.trainer import TrainResult, config_record, divergence, stop_diverged
 
     if local_batches is not None or jax.process_count() > 1:
         raise ValueError("the ITDA fit runs in a single process (it is cheap); start it without jax.distributed")
     if getattr(tc, "compute_dtype", "float32") != "float32":
         raise ValueError("the ITDA fit runs in float32; drop --compute-dtype")
+    from sae.base import validate_config
+
     tc.validate()
-    cfg.validate()
+    validate_config(cfg)
     record = config_record(cfg, tc)
     run_dir = Path(run_dir) if run_dir is not None else None
     latest = ckpt.latest_checkpoint(run_dir) if run_dir is not None else None
@@ -310,6 +312,8 @@ def fit(
 
     def save(step: int) -> None:
         assert run_dir is not None
+        if not (np.isfinite(book.atoms).all() and np.isfinite(b_dec).all()):
+            raise stop_diverged(run_dir, f"diverged: the dictionary turned non-finite by batch {step}", "the ITDA fit")
         trees = {
             "params": Params(W_dec=book.atoms, b_dec=b_dec),
             "state": State(labels=book.labels),
@@ -373,6 +377,9 @@ def fit(
                 "n_atoms": float(len(book)),
                 "added": float(win["added"]),
             }
+            reason = divergence(row, history, explosion=False)
+            if reason is not None:
+                raise stop_diverged(run_dir, reason, "the ITDA fit")
             history.append(row)
             if on_log is not None:
                 on_log(row)

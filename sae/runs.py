@@ -6,6 +6,7 @@ connection outlives a few statements), so the app or a harvest can open the file
 
 from __future__ import annotations
 
+import contextlib
 import json
 from datetime import UTC, datetime
 from typing import Any
@@ -27,11 +28,30 @@ _SCHEMA = [
         updated_at TIMESTAMP,
         final_metrics VARCHAR
     )""",
+    # why a run failed (a diverged run's reason starts with DIVERGED); added after the first release
+    "ALTER TABLE runs ADD COLUMN IF NOT EXISTS reason VARCHAR",
     """CREATE TABLE IF NOT EXISTS metrics (
         run VARCHAR, step BIGINT, tokens BIGINT, loss DOUBLE, fvu DOUBLE, l0 DOUBLE,
         dead_frac DOUBLE, dense_frac DOUBLE, lr DOUBLE, tokens_per_s DOUBLE
     )""",
 ]
+
+
+DIVERGED = "diverged"
+"""How the reason of a run stopped by the trainers' divergence guard begins (sae/trainer.py)."""
+
+
+def without_lr(record: dict[str, Any]) -> dict[str, Any]:
+    """A run's stored config minus its learning rate."""
+    train = {k: v for k, v in (record.get("train") or {}).items() if k != "lr"}
+    return {**record, "train": train}
+
+
+def may_resume(stored: dict[str, Any], new: dict[str, Any], diverged: bool) -> bool:
+    """Whether a run stored with `stored` may go on with `new`: the same config, or, once it has
+    diverged, the same config but for the learning rate (resume from the last good checkpoint with
+    a lower --lr)."""
+    return stored == new or (diverged and without_lr(stored) == without_lr(new))
 
 
 def _now() -> datetime:
@@ -42,6 +62,11 @@ def ensure_tables(ws: Workspace) -> None:
     with ws.write() as con:
         for stmt in _SCHEMA:
             con.execute(stmt)
+
+
+def is_diverged(row: dict[str, Any] | None) -> bool:
+    """Whether a `get_run` row is a run the divergence guard stopped (it may resume with another lr)."""
+    return row is not None and row["status"] == "failed" and str(row.get("reason") or "").startswith(DIVERGED)
 
 
 def get_run(ws: Workspace, name: str) -> dict[str, Any] | None:
@@ -78,8 +103,9 @@ def start_run(
     ensure_tables(ws)
     cfg_json = json.dumps(config, sort_keys=True)
     with ws.write() as con:
-        row = con.execute("SELECT config FROM runs WHERE name = ?", [name]).fetchone()
-        if row is not None and json.loads(row[0]) != json.loads(cfg_json):
+        row = con.execute("SELECT config, status, reason FROM runs WHERE name = ?", [name]).fetchone()
+        diverged = row is not None and is_diverged({"status": row[1], "reason": row[2]})
+        if row is not None and not may_resume(json.loads(row[0]), json.loads(cfg_json), diverged):
             raise ValueError(
                 f"a run named {name!r} already exists with a different config; "
                 "pick another --name, or repeat its original config to resume it"
@@ -87,13 +113,15 @@ def start_run(
         now = _now()
         if row is None:
             con.execute(
-                "INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, 'running', ?, ?, NULL)",
+                "INSERT INTO runs (name, harvest, hook, arch, config, checkpoint_path, status, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, 'running', ?, ?)",
                 [name, harvest, hook, arch, cfg_json, checkpoint_path, now, now],
             )
         else:
             con.execute(
-                "UPDATE runs SET status = 'running', updated_at = ?, checkpoint_path = ? WHERE name = ?",
-                [now, checkpoint_path, name],
+                "UPDATE runs SET status = 'running', updated_at = ?, checkpoint_path = ?, config = ?, reason = NULL"
+                " WHERE name = ?",
+                [now, checkpoint_path, cfg_json, name],
             )
         con.execute("DELETE FROM metrics WHERE run = ? AND step > ?", [name, resume_step])
 
@@ -113,30 +141,41 @@ def set_checkpoint(ws: Workspace, name: str, path: str) -> None:
 
 
 def finish_run(
-    ws: Workspace, name: str, status: str, final_metrics: dict[str, Any] | None = None, path: str | None = None
+    ws: Workspace, name: str, status: str, final_metrics: dict[str, Any] | None = None, path: str | None = None,
+    reason: str | None = None,
 ) -> None:
     with ws.write() as con:
         con.execute(
             "UPDATE runs SET status = ?, updated_at = ?, final_metrics = COALESCE(?, final_metrics),"
-            " checkpoint_path = COALESCE(?, checkpoint_path) WHERE name = ?",
-            [status, _now(), json.dumps(final_metrics) if final_metrics is not None else None, path, name],
+            " checkpoint_path = COALESCE(?, checkpoint_path), reason = ? WHERE name = ?",
+            [status, _now(), json.dumps(final_metrics) if final_metrics is not None else None, path, reason, name],
         )
+
+
+def mark_stopped(ws: Workspace, names: list[str], err: BaseException, reasons: dict[str, str] | None = None) -> None:
+    """Record runs stopped by `err`: interrupted (Ctrl-C) or failed with the reason (`reasons` by run,
+    else the error's message). Never raises: on a full or read-only disk the record may not be
+    writable, and the error the user must see is `err`."""
+    status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+    default = getattr(err, "reason", None) or " ".join(str(err).split()) or type(err).__name__
+    with contextlib.suppress(Exception):
+        for name in names:
+            finish_run(ws, name, status, reason=None if status == "interrupted" else (reasons or {}).get(name, default))
 
 
 def list_runs(ws: Workspace) -> list[dict[str, Any]]:
     if not ws.table_exists("runs"):
         return []
     with ws.read() as con:
-        cur = con.execute(
-            "SELECT name, harvest, hook, arch, status, checkpoint_path, created_at, updated_at, final_metrics"
-            " FROM runs ORDER BY created_at"
-        )
+        cur = con.execute("SELECT * FROM runs ORDER BY created_at")
         cols = [c[0] for c in cur.description]
         rows = cur.fetchall()
     out = []
     for r in rows:
         d = dict(zip(cols, r, strict=True))
+        d.pop("config", None)
         d["final_metrics"] = json.loads(d["final_metrics"]) if d["final_metrics"] else {}
+        d.setdefault("reason", None)  # workspaces from before the column
         out.append(d)
     return out
 

@@ -53,6 +53,11 @@ Resume: checkpoints of all members are written at the same steps, then the sweep
 member from that step with its saved state and the streams seeked to it, so it reaches bit for bit
 the parameters of an uninterrupted one (keep_checkpoints >= 2 keeps the recorded step on disk while
 the next one is written).
+
+Divergence: the trainer's guard (``sae.trainer.divergence``) watches every member at each metric row
+and before each checkpoint; a member that diverges stops the sweep before any checkpoint past the
+last good one, is marked failed with the reason (the others as stopped with it), and may come back
+with another ``lr`` (only that) to go on from the recorded step.
 """
 
 from __future__ import annotations
@@ -65,6 +70,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -74,8 +80,10 @@ import numpy as np
 
 from sae import checkpoint as ckpt
 from sae import common
-from sae.base import arch_module
+from sae.base import arch_module, validate_config
 from sae.trainer import (
+    DIVERGED_FILE,
+    RunDivergedError,
     TrainConfig,
     Trainer,
     TrainResult,
@@ -83,9 +91,11 @@ from sae.trainer import (
     check_batch,
     collect_sample,
     config_record,
+    divergence,
     resample_dead,
     save_final,
     state_part,
+    stop_diverged,
     zero_window,
 )
 from saewb.progress import progress_bar
@@ -242,7 +252,7 @@ def plan_sweep(values: dict[str, Any]) -> SweepPlan:
             parts = open_parts(sources, values.get("harvest"), hook)
             parts_by_hook[hook] = int(parts[0].info.hooks[hook])
             harvest_name = parts[0].info.name
-        sae_cfg.validate(parts_by_hook[hook])
+        validate_config(sae_cfg, parts_by_hook[hook])
         members.append(Member(run_name, hook, sae_cfg, tc))
     names = [m.name for m in members]
     dupes = sorted({n for n in names if names.count(n) > 1})
@@ -265,16 +275,22 @@ def _check_existing(plan: SweepPlan) -> None:
     from saewb.workspace import Workspace
 
     ws = Workspace(plan.workspace)
+    rows = {m.name: runs.get_run(ws, m.name) for m in plan.members}
     if plan.state_path.exists():
-        stored = json.loads(plan.state_path.read_text())
-        if stored["record"] != plan.record:
+        stored = json.loads(plan.state_path.read_text())["record"]
+        # a member stopped by the divergence guard may come back with another lr (sae/trainer.py)
+        diverged = {n for n, row in rows.items() if runs.is_diverged(row)}
+        relax = lambda rec: {**rec, "members": {n: runs.without_lr(r) if n in diverged else r  # noqa: E731
+                                                for n, r in rec.get("members", {}).items()}}
+        if relax(stored) != relax(plan.record):
             raise SweepError(
                 f"sweep {plan.name!r} already ran in {ws.path} with a different config; use another name:, "
                 "or repeat the original file to resume it"
             )
     for m in plan.members:
-        row = runs.get_run(ws, m.name)
-        if row is not None and row["config"] != json.loads(json.dumps(plan.run_record(m))):
+        row = rows[m.name]
+        if row is not None and not runs.may_resume(row["config"], json.loads(json.dumps(plan.run_record(m))),
+                                                   runs.is_diverged(row)):
             raise SweepError(
                 f"a run named {m.name!r} already exists with a different config (or outside this sweep); "
                 "rename the sweep or the member"
@@ -344,6 +360,15 @@ def _resamples(m: Member) -> bool:
     due = getattr(arch_module(m.sae_config.arch), "resample_due", None)
     total = m.train_config.total_steps
     return due is not None and any(due(m.sae_config, s, total) for s in range(1, total + 1))
+
+
+@partial(jax.jit, static_argnums=(1,))
+def _finite_members(params: Any, vmapped: bool) -> jax.Array:
+    """Whether each member's params are all finite: [members] for a vmapped group, else [1]."""
+    leaves = [a for a in jax.tree_util.tree_leaves(params) if jnp.issubdtype(a.dtype, jnp.floating)]
+    if vmapped:
+        return jnp.stack([jnp.all(jnp.isfinite(a.reshape(a.shape[0], -1)), axis=1) for a in leaves]).all(0)
+    return jnp.stack([jnp.all(jnp.isfinite(a)) for a in leaves]).all(0, keepdims=True).reshape(1)
 
 
 def _groups(members: list[Member], widths: dict[str, int]) -> list[_Group]:
@@ -420,7 +445,7 @@ def train_lockstep(
                 # the same sample, scale and init that `train` computes for this member on these batches
                 sample = samples[m.hook][: m.train_config.init_sample_tokens]
                 arch = arch_module(m.sae_config.arch)
-                m.sae_config.validate(widths[m.hook])
+                validate_config(m.sae_config, widths[m.hook])
                 scale = common.estimate_input_scale(sample, arch.input_scale_target(m.sae_config), widths[m.hook])
                 trainer = Trainer(m.sae_config, m.train_config, widths[m.hook])
                 states.append(trainer.init_state(sample * np.float32(scale)))
@@ -470,6 +495,29 @@ def train_lockstep(
         views = [_unstack(part, j) for j in range(len(groups[gi].members))] if groups[gi].vmapped else [part]
         return [TrainState(params=None, opt_state=None, arch_state=None, rng=None, **v) for v in views]
 
+    def guard(rows: dict[str, dict[str, float]] | None) -> None:
+        """Stop the sweep when a member's metric row (or, at a checkpoint, its window so far) or params diverged."""
+        reasons: dict[str, str] = {}
+        for gi, g in enumerate(groups):
+            finite = np.asarray(jax.device_get(_finite_members(g_states[gi].params, g.vmapped))).reshape(-1)
+            views = host_view(gi) if rows is None else [None] * len(g.members)
+            for j, (i, view) in enumerate(zip(g.members, views, strict=True)):
+                name = members[i].name
+                row = rows[name] if rows is not None else g.trainer.metrics_row(view, 0.0)
+                reason = divergence(row, histories[name])
+                if reason is None and not finite[j]:
+                    reason = f"diverged: the parameters turned non-finite by step {int(row['step'])}"
+                if reason is not None:
+                    reasons[name] = reason
+        if reasons:
+            for name, reason in reasons.items():
+                stop_diverged(run_dirs[name] if run_dirs is not None else None, reason)  # records the reason
+            names = ", ".join(f"{n} ({r})" for n, r in reasons.items())
+            err = RunDivergedError(f"sweep stopped, member(s) {names}; the last good checkpoints are kept: lower "
+                                   "their lr in the sweep file and run it again to go on from them", "")
+            err.reasons = reasons  # type: ignore[attr-defined]
+            raise err
+
     def save(step: int) -> None:
         assert run_dirs is not None and state_path is not None
         for gi, g in enumerate(groups):
@@ -482,6 +530,7 @@ def train_lockstep(
                         "extra": {"sweep_state": str(state_path)}}
                 trees = {"params": ts.params, "opt_state": ts.opt_state, "state": state_part(ts)}
                 path = ckpt.save_checkpoint(run_dirs[m.name], step, trees, meta, keep=m.train_config.keep_checkpoints)
+                (run_dirs[m.name] / DIVERGED_FILE).unlink(missing_ok=True)  # now saved with its new config
                 if on_checkpoint is not None:
                     on_checkpoint(m.name, path, step)
         # Only now does the sweep move on: a kill before this line resumes from the previous step.
@@ -512,9 +561,12 @@ def train_lockstep(
             jax.block_until_ready(g_states)
             now = time.perf_counter()
             tps = steps_since * tc0.batch_size / max(now - t_last, 1e-9)  # tokens per second per member
+            new_rows = {members[i].name: g.trainer.metrics_row(view, tps)
+                        for gi, g in enumerate(groups) for i, view in zip(g.members, host_view(gi), strict=True)}
+            guard(new_rows)
             for gi, g in enumerate(groups):
-                for i, view in zip(g.members, host_view(gi), strict=True):
-                    row = g.trainer.metrics_row(view, tps)
+                for i in g.members:
+                    row = new_rows[members[i].name]
                     histories[members[i].name].append(row)
                     last_rows[members[i].name] = row
                     if on_log is not None:
@@ -524,6 +576,8 @@ def train_lockstep(
             bar.set_postfix(fvu=f"{np.mean([r['fvu'] for r in last_rows.values()]):.4f}")
             t_last, steps_since = time.perf_counter(), 0
         if run_dirs is not None and state_path is not None and (step % tc0.ckpt_every == 0 or step == total):
+            if step % tc0.log_every:  # the log rows were just checked otherwise
+                guard(None)
             save(step)
         bar.update(1)
     bar.close()
@@ -556,6 +610,7 @@ def run_sweep(plan: SweepPlan) -> dict[str, dict[str, Any]]:
     from activations.stream import ActivationStream
     from sae import runs
     from sae.api import load_dir
+    from sae.cli import check_final
     from sae.metrics import evaluate
     from saewb.workspace import Workspace
 
@@ -583,13 +638,10 @@ def run_sweep(plan: SweepPlan) -> dict[str, dict[str, Any]]:
             state_path=plan.state_path, state_record=plan.record, on_log=on_log, on_checkpoint=on_checkpoint,
             progress=plan.progress,
         )
-    except KeyboardInterrupt:
-        for m in plan.members:
-            runs.finish_run(ws, m.name, "interrupted")
-        raise
-    except BaseException:
-        for m in plan.members:
-            runs.finish_run(ws, m.name, "failed")
+    except BaseException as err:
+        reasons = getattr(err, "reasons", {})  # the members the divergence guard stopped
+        others = {m.name: f"stopped with the sweep: {' '.join(str(err).split())}" for m in plan.members} if reasons else {}
+        runs.mark_stopped(ws, [m.name for m in plan.members], err, {**others, **reasons})
         raise
     out: dict[str, dict[str, Any]] = {}
     evals: dict[str, Any] = {}
@@ -605,6 +657,7 @@ def run_sweep(plan: SweepPlan) -> dict[str, dict[str, Any]]:
                 final.update(evaluate(load_dir(run_dirs[m.name]), itertools.islice(ev.epoch(), n_batches)))
             except ValueError as err:  # e.g. an empty eval split: keep the training metrics
                 final["eval_error"] = str(err)
+        check_final(ws, m.name, final)
         runs.finish_run(ws, m.name, "done", final, str(run_dirs[m.name] / "sae"))
         out[m.name] = final
     return out

@@ -23,6 +23,13 @@ part of the run's identity (resuming on another mesh is allowed). With several p
 (``sae.distributed``) process i feeds its rows of each global batch; process 0 alone writes
 checkpoints, the final SAE and calls ``on_log`` / ``on_checkpoint``.
 
+Divergence guard (``divergence``): at every metric row and before every checkpoint, a run whose
+loss or FVU is NaN/inf, whose parameters are not finite, or whose FVU exceeds DIVERGENCE_FACTOR x
+the best FVU of its last DIVERGENCE_HISTORY rows (1, the FVU of predicting the mean, before the
+first row) is stopped with ``RunDivergedError``. No checkpoint is written past the last good one,
+and ``run_dir/DIVERGED.json`` records the reason; resuming such a run may change ``lr`` (only
+``lr``), so a rerun with a lower ``--lr`` goes on from the last good checkpoint.
+
 Precision: ``compute_dtype="bfloat16"`` runs the loss and its gradient in bf16 on bf16 copies of the
 params, state and batch; the master weights, Adam moments, state updates and metrics stay float32.
 """
@@ -44,8 +51,8 @@ import optax
 from flax import struct
 
 from sae import checkpoint as ckpt
-from sae import common, sharding
-from sae.base import StepCtx, arch_module
+from sae import common, runs, sharding
+from sae.base import StepCtx, arch_module, validate_config
 from saewb.progress import progress_bar
 
 
@@ -93,6 +100,9 @@ class TrainConfig:
     float32)."""
 
     def validate(self) -> None:
+        from sae.base import check_ranges
+
+        check_ranges(self)  # every field's range (sae/base.py RANGES), then how fields fit together
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
         if self.train_tokens < self.batch_size:
@@ -121,6 +131,66 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 EXECUTION_FIELDS = ("mesh_data", "mesh_model")
 """TrainConfig fields that change where a run executes, not what it computes: left out of the
 run's identity, so a run may resume on another mesh."""
+
+
+DIVERGENCE_FACTOR = 100.0
+"""A run has diverged when its FVU exceeds this many times its best recent FVU (floored at 0.01)."""
+DIVERGENCE_HISTORY = 20
+"""How many recent metric rows the divergence guard compares with."""
+DIVERGED_FILE = "DIVERGED.json"
+"""Written in a run directory when the guard stops the run; lets a resume change lr."""
+
+
+class RunDivergedError(RuntimeError):
+    """The divergence guard stopped a run; its message says why and how to go on."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        """What the runs table records (it begins with ``runs.DIVERGED``)."""
+
+
+def divergence(row: dict[str, float], history: list[dict[str, float]], explosion: bool = True) -> str | None:
+    """Why the metric row of a run means it diverged, or None (see the module docstring).
+
+    ``explosion=False`` checks finiteness only (ITDA: no learning rate to blow up, and its first rows,
+    decomposed on a nearly empty dictionary, may legitimately exceed the mean predictor's FVU).
+    """
+    for key in ("loss", "fvu"):
+        if key in row and not math.isfinite(row[key]):
+            return f"{runs.DIVERGED}: the {key} turned {row[key]} at step {int(row['step'])}"
+    if not explosion:
+        return None
+    recent = [r["fvu"] for r in history[-DIVERGENCE_HISTORY:] if math.isfinite(r.get("fvu", math.nan))]
+    best = min(recent) if recent else 1.0
+    limit = DIVERGENCE_FACTOR * max(best, 0.01)
+    if row["fvu"] > limit:
+        ref = f"its best recent FVU ({best:.3g})" if recent else "the FVU of predicting the mean (1)"
+        return f"{runs.DIVERGED}: the FVU reached {row['fvu']:.3g} at step {int(row['step'])}, over {DIVERGENCE_FACTOR:g}x {ref}"
+    return None
+
+
+def stop_diverged(run_dir: Path | None, reason: str, what: str = "run") -> RunDivergedError:
+    """Record the reason in ``run_dir`` and build the error that stops the run."""
+    kept = None
+    if run_dir is not None:
+        latest = ckpt.latest_checkpoint(run_dir)
+        kept = int(ckpt.read_manifest(latest)["step"]) if latest is not None else None
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        (Path(run_dir) / DIVERGED_FILE).write_text(json.dumps({"reason": reason, "checkpoint_step": kept}))
+    how = (f"its last good checkpoint (step {kept}) is kept: run the same command with a lower --lr to go on from it"
+           if kept is not None else "no checkpoint was written yet: run the same command with a lower --lr to start over")
+    return RunDivergedError(f"{what} stopped, {reason}; {how}", reason)
+
+
+def diverged_before(run_dir: Path | None) -> bool:
+    """Whether the guard stopped this run (so a resume may change its lr)."""
+    return run_dir is not None and (Path(run_dir) / DIVERGED_FILE).exists()
+
+
+_all_finite = jax.jit(lambda tree: jnp.all(jnp.stack(
+    [jnp.all(jnp.isfinite(a)) for a in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(a.dtype, jnp.floating)]
+    or [jnp.bool_(True)])))
 
 
 def default_lr(n_latents: int) -> float:
@@ -254,7 +324,7 @@ class Trainer:
         self.tc = tc
         self.d = d
         self.arch = arch_module(cfg.arch)
-        cfg.validate()
+        validate_config(cfg)
         self.tx = make_optimizer(self.arch, cfg, tc)
         self.schedule = make_schedule(tc, cfg.n_latents)
         self.window = dead_window(tc)
@@ -441,7 +511,7 @@ def train(
     ``run_dir`` must be the same directory (a shared filesystem) for every process to resume.
     """
     tc.validate()
-    cfg.validate()
+    validate_config(cfg)
     arch = arch_module(cfg.arch)
     record = config_record(cfg, tc)
     run_dir = Path(run_dir) if run_dir is not None else None
@@ -457,10 +527,11 @@ def train(
     if latest is not None:
         manifest = ckpt.read_manifest(latest)
         last_row = manifest.get("last_metrics", {})
-        if manifest["config"] != json.loads(json.dumps(record)):
+        if not runs.may_resume(manifest["config"], json.loads(json.dumps(record)), diverged_before(run_dir)):
             raise ValueError(
                 f"run directory {run_dir} holds a run with a different config; "
                 "use another --name, or repeat the original config to resume"
+                + (" (after a divergence only --lr may change)" if diverged_before(run_dir) else "")
             )
         d = int(manifest["d"])
         scale = float(manifest["scale"])
@@ -473,11 +544,18 @@ def train(
     else:
         sample = collect_sample(batches, tc.init_sample_tokens)
         d = int(sample.shape[1])
-        if hasattr(cfg, "validate"):
-            cfg.validate(d)
+        validate_config(cfg, d)
         scale = common.estimate_input_scale(sample, arch.input_scale_target(cfg), d)
         trainer = Trainer(cfg, tc, d)
         ts = trainer.init_state(sample * np.float32(scale))
+
+    def guard(ts: TrainState, row: dict[str, float] | None) -> None:
+        """Stop the run if this metric row (or, at a checkpoint, the window so far) or the params diverged."""
+        reason = divergence(row if row is not None else trainer.metrics_row(ts, 0.0), history)
+        if reason is None and not bool(sharding.to_host(_all_finite(ts.params))):
+            reason = f"{runs.DIVERGED}: the parameters turned non-finite by step {int(sharding.to_host(ts.step))}"
+        if reason is not None:
+            raise stop_diverged(run_dir if lead else None, reason)
 
     def save(ts: TrainState) -> Path | None:
         assert run_dir is not None
@@ -499,6 +577,7 @@ def train(
         if extra_meta:
             meta["extra"] = extra_meta
         path = ckpt.save_checkpoint(run_dir, step, trees, meta, keep=tc.keep_checkpoints)
+        (run_dir / DIVERGED_FILE).unlink(missing_ok=True)  # the checkpoint now holds the new config
         if on_checkpoint is not None:
             on_checkpoint(path, step)
         return path
@@ -525,6 +604,7 @@ def train(
             now = time.perf_counter()
             tps = steps_since * tc.batch_size / max(now - t_last, 1e-9)
             row = trainer.metrics_row(ts, tps)
+            guard(ts, row)
             history.append(row)
             if on_log is not None and lead:
                 on_log(row)
@@ -532,6 +612,8 @@ def train(
             ts = trainer.reset_window(ts)
             t_last, steps_since = time.perf_counter(), 0
         if run_dir is not None and (step % tc.ckpt_every == 0 or step == total):
+            if step % tc.log_every:  # a log row was just checked otherwise
+                guard(ts, None)
             save(ts)
         bar.update(1)
     bar.close()

@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="SAE Workbench: harvest activations, train sparse autoencoders, analyse and browse features.",
     )
     parser.add_argument("--version", action="version", version=f"saewb {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback when a command fails (default: one line with the fix)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for register in _registrars():
         register(sub)
@@ -50,9 +52,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        # Our own errors carry the problem and the fix; a traceback would bury them.
-        print(f"saewb {args.command}: error: {err}", file=sys.stderr)
+    except Exception as err:
+        if args.debug:
+            raise
+        from saewb.errors import describe
+
+        # One line with the problem and the fix (saewb/errors.py); a traceback would bury it.
+        print(f"saewb {args.command}: error: {describe(err)}", file=sys.stderr)
         return 1
 
 

@@ -93,6 +93,10 @@ class WorkspaceNotFoundError(FileNotFoundError):
     """The workspace file does not exist."""
 
 
+class NotAWorkspaceError(ValueError):
+    """The path holds a file that is not a DuckDB database (it is left untouched)."""
+
+
 def _is_lock_conflict(err: duckdb.Error) -> bool:
     text = str(err).lower()
     return "lock" in text or "conflicting" in text or "being used by another process" in text
@@ -137,6 +141,11 @@ class Workspace:
                     waiting = room.enter()
                 if not _is_lock_conflict(err) or time.monotonic() > deadline:
                     room.leave(waiting)
+                    if "not a valid duckdb database file" in str(err).lower():
+                        raise NotAWorkspaceError(
+                            f"{self.path} is not a DuckDB workspace (it holds another kind of file, left untouched); "
+                            "point --workspace at a .duckdb file made by `saewb harvest`, or at a new path"
+                        ) from err
                     if _is_lock_conflict(err):
                         raise WorkspaceBusyError(
                             f"workspace {self.path} stayed locked by another process for "

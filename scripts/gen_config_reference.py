@@ -56,13 +56,19 @@ def _md_cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
+def _range(name: str) -> str:
+    from sae.base import RANGES, range_text
+
+    return f"{range_text(RANGES[name])}" if name in RANGES else ""
+
+
 def _section(title: str, cls: type, module_name: str, intro: str) -> list[str]:
     module = sys.modules[cls.__module__]
     docs = _field_docs(Path(module.__file__), cls.__name__)  # type: ignore[arg-type]
-    lines = [f"## {title}", "", intro, "", "| flag | type | default | meaning |", "|---|---|---|---|"]
+    lines = [f"## {title}", "", intro, "", "| flag | type | default | range | meaning |", "|---|---|---|---|---|"]
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
-        lines.append(f"| `{flag}` | `{_md_cell(_type_name(f))}` | {_md_cell(_default(f))} | "
+        lines.append(f"| `{flag}` | `{_md_cell(_type_name(f))}` | {_md_cell(_default(f))} | {_md_cell(_range(f.name))} | "
                      f"{_md_cell(docs.get(f.name, ''))} |")
     return [*lines, ""]
 
@@ -83,7 +89,8 @@ def render() -> str:
         "run.yaml` file (`n_latents: 4096`). Tuple fields take comma-separated values (`--ks 16,32`); booleans",
         "take `true`/`false`. The run options themselves (`--workspace`, `--hook`, `--harvest`, `--arch`,",
         "`--name`, `--d-in`, `--eval-tokens`, `--no-progress`, `--wandb`, `--wandb-project`) are described in",
-        "[cli.md](cli.md#saewb-train).",
+        "[cli.md](cli.md#saewb-train). The range column is `sae.base.RANGES`, checked for train and sweep",
+        "alike before any work; each architecture adds the checks that tie fields together (k <= n_latents, ...).",
         "",
         "Architectures: " + ", ".join(f"[`{m}`](#arch-{m.replace('_', '-')})" for m in ARCH_MODULES) + ".",
         "",

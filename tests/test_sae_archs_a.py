@@ -260,7 +260,7 @@ def test_new_archs_registered_and_refuse_bad_configs() -> None:
     assert matryoshka.MatryoshkaConfig(n_latents=4096).group_ends() == (256, 512, 1024, 2048, 4096)
     with pytest.raises(ValueError, match="k=9 must be between 1 and n_latents=8"):
         make_config(batchtopk.BatchTopKConfig, {"n_latents": 8, "k": 9})
-    with pytest.raises(ValueError, match="target_l0=0.0"):
+    with pytest.raises(ValueError, match="--target-l0 must be > 0, got 0.0"):  # the shared range check
         make_config(jumprelu.JumpReLUConfig, {"target_l0": 0.0})
 
 

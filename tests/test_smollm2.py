@@ -22,6 +22,7 @@ from activations.corpus import (
     iter_documents,
     python_code,
     python_code_files,
+    python_code_fingerprint,
     python_code_roots,
     split_lines,
 )
@@ -83,8 +84,9 @@ def test_missing_wheel_or_gguf_is_one_line_naming_the_install(
 ) -> None:
     import transformer_lens.model_bridge  # noqa: F401  (imported before sys.path is emptied below)
 
-    from saewb.cli import main
+    from saewb.cli import build_parser, main
 
+    build_parser()  # imports every subcommand's module while sys.path is whole
     # An environment without the wheel: the package is looked up on a path where it is absent.
     with pytest.raises(ModelNotAvailableError) as err:
         smollm2_gguf([str(tmp_path)])
@@ -128,7 +130,11 @@ def test_harvest_train_eval_on_smollm2_python_code(smollm2: Any, tmp_path: Path)
         "SELECT count(*), min(token_str) FILTER (WHERE tok_idx = 0) FROM tokens"
     ).fetchone()
     sources = [r[0] for r in con.execute("SELECT source FROM documents ORDER BY doc_id LIMIT 2").fetchall()]
+    identity = json.loads(con.execute("SELECT config FROM harvests").fetchone()[0])["identity"]
     con.close()
+    assert identity["corpus"] == "python-code" and identity["python_code_files"].endswith(
+        python_code_fingerprint().split(", ")[1]
+    )
     assert 5000 <= n_tokens < 5000 + 64
     assert first == "<|im_start|>"  # the tokenizer's BOS, prepended as TransformerLens does
     assert sources[0].split("/")[0] in ("stdlib", "site-packages") and ".py:" in sources[0]
@@ -259,3 +265,8 @@ def test_python_code_streams_dedups_and_splits_at_lines(tmp_path: Path) -> None:
     assert "".join(d.text for d in pieces) == "".join(long_lines)  # nothing lost, cut only between lines
     assert pieces[0].source == "t/pkg/long.py:1"
     assert list(split_lines("x" * 25, 10)) == [(1, "x" * 10), (1, "x" * 10), (1, "x" * 5)]
+    # A harvest records which files the corpus had, so a resume after an install changed them is refused.
+    before = python_code_fingerprint([("t", root)])
+    assert before.startswith("9 files, ") and python_code_fingerprint([("t", root)]) == before
+    (root / "pkg" / "new.py").write_text("installed = 'later'\n")
+    assert python_code_fingerprint([("t", root)]) != before
