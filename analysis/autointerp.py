@@ -452,7 +452,7 @@ def explain_chunk(
                 jobs.append((ei, "fuzzing", False))
                 chats.append(fuzzing_prompt(e.text, ctx, _fuzzed_marks(ctx, rng)))
     said: list[str | LLMAnswerError] = []
-    for scorer in ("detection", "fuzzing"):
+    for scorer in [s for s in ("detection", "fuzzing") if s in cfg.scorers]:
         t = time.perf_counter()
         picked = [c for c, job in zip(chats, jobs, strict=True) if job[1] == scorer]
         said += llm.choose(picked, ("Yes", "No")) if picked else []
