@@ -105,7 +105,9 @@ def test_http_backend_through_the_openai_client_records_a_bad_answer_and_goes_on
         unreadable = [f for f in store.failures(ws, "demo") if f["what"] == "detection"]
         assert all(0 <= s["score"] <= 1 for s in detection)  # yes/no read from the 135M model's text, or
         for f in unreadable:  # a failure that says why
-            assert "malformed answer" in f["error"] or (f["latent"] == failed[0] and "no explanation" in f["error"])
+            assert "malformed answer" in f["error"] or (
+                f["latent"] == failed[0] and "no explanation" in f["error"]
+            )
         assert len(detection) + len(unreadable) == 4
         assert all(
             store.latent_explanations(ws, "demo", lat)["baseline"]["status"] == "ok" for lat in latents
@@ -182,3 +184,59 @@ def test_selection_parsing_and_scores() -> None:
             parse_explanation(bad)
     ctx = [Shown(0, [" a", " def", " f"], [0, 1, 0], 1), Shown(1, [" x", " def", " g"], [0, 2, 0], 1)]
     assert baseline_explanation(ctx) == 'the tokens "def"; often after "a" and before "f"'
+
+
+def test_killed_job_resumes_without_duplicates_or_losses(
+    explained_ws: Path, smollm2_chat: object, tmp_path: Path
+) -> None:
+    """A `kill -9` in the middle of a job: whole latents only are stored, and a rerun completes the rest."""
+    import os
+    import subprocess
+    import sys
+    import threading
+
+    ws = _copy(explained_ws, tmp_path)
+    store.forget(ws, "demo", list(range(512)))
+    explains: list[int] = []
+    second, release = threading.Event(), threading.Event()
+
+    def gate(chats: list, max_tokens: int) -> list:
+        if "have in common" in chats[0][-1]["content"]:
+            explains.append(1)
+            if len(explains) == 2:  # the second latent's explanation: hold it until the job is killed
+                second.set()
+                release.wait(120)
+        return smollm2_chat.chat(chats, max_tokens)
+
+    server, url = serve_in_thread(gate, "smollm2")
+    latents = select_latents(tables.latent_summary(ws, "demo"), sample=3, seed=1)
+    cfg = {**EXPLAIN_TEST_CONFIG, "scorers": ("detection",), "chunk": 1}
+    job = (
+        "from analysis.autointerp import ExplainConfig, explain_run\nfrom analysis.llm import make_backend\n"
+        f"explain_run({str(ws)!r}, 'demo', make_backend({url!r}, 'smollm2'), ExplainConfig(**{cfg!r}), "
+        f"latents={latents!r})\n"
+    )
+    root = str(Path(__file__).resolve().parents[1])
+    child = subprocess.Popen([sys.executable, "-c", job], env={**os.environ, "PYTHONPATH": root}, cwd=root)
+    try:
+        assert second.wait(120), "the job never reached its second latent"
+        child.kill()
+        child.wait(30)
+        release.set()
+        stored = store.count_rows(ws, "demo")
+        assert stored["explanations"] == 2 and stored["scores"] == 2  # the first latent, whole
+        first = store.latent_explanations(ws, "demo", latents[0])["llm"]
+        backend = make_backend(url, "smollm2")
+        out = explain_run(ws, "demo", backend, ExplainConfig(**cfg), latents=latents)
+        assert out["explained"] >= 2
+        assert (
+            store.count_rows(ws, "demo")["explanations"] == 6 and store.count_rows(ws, "demo")["scores"] == 6
+        )
+        if first["status"] == "ok":
+            assert store.latent_explanations(ws, "demo", latents[0])["llm"]["text"] == first["text"]
+    finally:
+        release.set()
+        if child.poll() is None:
+            child.kill()
+        server.shutdown()
+        server.server_close()
