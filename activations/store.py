@@ -207,29 +207,6 @@ def harvest_hooks(ws: Workspace | str, harvest: str | None = None) -> dict[str, 
     return harvest_info(ws, harvest).hooks
 
 
-def read_activations(
-    ws: Workspace, table: str, start: int, stop: int, con: duckdb.DuckDBPyConnection | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """(tok_idx, x[rows, d]) for start <= tok_idx < stop, in tok_idx order."""
-    query = f"SELECT tok_idx, x FROM {quote_ident(table)} WHERE tok_idx >= ? AND tok_idx < ? ORDER BY tok_idx"
-    if con is None:
-        with ws.read() as own:
-            result = own.sql(query, params=[start, stop]).to_arrow_table()
-    else:
-        result = con.sql(query, params=[start, stop]).to_arrow_table()
-    return arrow_to_numpy(result)
-
-
-def arrow_to_numpy(result: pa.Table) -> tuple[np.ndarray, np.ndarray]:
-    idx = result.column("tok_idx").to_numpy()
-    col = result.column("x").combine_chunks()
-    if len(col) == 0:
-        return idx, np.zeros((0, 0), dtype=np.float32)
-    d = col.type.list_size
-    values = col.values.to_numpy(zero_copy_only=False)
-    return idx, values.reshape(-1, d).astype(np.float32, copy=False)
-
-
 PARQUET_MANIFEST = "harvest.json"
 """The file that marks a directory as a complete Parquet export and describes it."""
 PARQUET_FORMAT = 1

@@ -29,14 +29,8 @@ import numpy as np
 import pyarrow as pa
 import scipy.sparse as sp
 
-from activations.store import (
-    HarvestError,
-    NonFiniteActivationsError,
-    harvest_info,
-    insert_arrow,
-    nonfinite_rows,
-    quote_ident,
-)
+from activations.reader import HookReader, ordered_batches
+from activations.store import HarvestError, harvest_info, insert_arrow, open_part
 from analysis import tables
 from analysis.families import cooc_row_blocks, feature_families
 from saewb.progress import progress_bar
@@ -163,62 +157,11 @@ def _sparse_code(f: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return rows, cols.astype(np.int32), f[rows, cols].astype(np.float32)
 
 
-def analysable_tokens(ws: Workspace, harvest: str, n_committed: int, max_tokens: int | None = None) -> int:
-    """How many tokens `activation_batches` yields: the committed non-special ones, at most `max_tokens`."""
-    with ws.read() as con:
-        found = con.execute(
-            "SELECT count(*) FROM tokens WHERE harvest = ? AND NOT is_special AND tok_idx < ?", [harvest, n_committed]
-        ).fetchone()
-    n = int(found[0]) if found else 0
-    return n if max_tokens is None else min(n, max_tokens)
-
-
-def activation_batches(
-    ws: Workspace, harvest: str, table: str, n_committed: int, batch_size: int, chunk_tokens: int,
-    max_tokens: int | None = None,
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(tok_idx, x) of the non-special tokens in tok_idx order, in batches of exactly `batch_size`
-    (the last may be short). One short read connection per chunk."""
-    query = (
-        f"SELECT a.tok_idx, a.x FROM {quote_ident(table)} a JOIN tokens t ON t.tok_idx = a.tok_idx "
-        "WHERE t.harvest = ? AND NOT t.is_special AND a.tok_idx >= ? AND a.tok_idx < ? "
-        "AND t.tok_idx >= ? AND t.tok_idx < ? ORDER BY a.tok_idx"
-    )
-    parts: list[tuple[np.ndarray, np.ndarray]] = []
-    have = 0
-    seen = 0
-    for lo in range(0, n_committed, chunk_tokens):
-        hi = min(lo + chunk_tokens, n_committed)
-        with ws.read(memory_limit=READ_MEMORY_LIMIT) as con:
-            res = con.sql(query, params=[harvest, lo, hi, lo, hi]).to_arrow_table()
-        if res.num_rows == 0:
-            continue
-        idx = res.column("tok_idx").to_numpy()
-        col = res.column("x").combine_chunks()
-        x = col.values.to_numpy(zero_copy_only=False).reshape(len(idx), col.type.list_size)
-        del res, col
-        bad = nonfinite_rows(x)
-        if len(bad):  # a harvest's skipped rows are zeros: these came from elsewhere
-            raise NonFiniteActivationsError(
-                f"{table} holds {len(bad)} NaN/inf activation rows (tok_idx {', '.join(map(str, idx[bad][:5].tolist()))}"
-                f"{', ...' if len(bad) > 5 else ''}); analysing them would give NaN statistics: harvest again "
-                "(with --nonfinite skip to leave such rows out)"
-            )
-        if max_tokens is not None and seen + len(idx) > max_tokens:
-            idx, x = idx[: max_tokens - seen], x[: max_tokens - seen]
-        seen += len(idx)
-        parts.append((idx, x))
-        have += len(idx)
-        while have >= batch_size:
-            cat_i = np.concatenate([p[0] for p in parts])
-            cat_x = np.concatenate([p[1] for p in parts])
-            yield cat_i[:batch_size], cat_x[:batch_size]
-            parts = [(cat_i[batch_size:], cat_x[batch_size:])]
-            have = len(cat_i) - batch_size
-        if max_tokens is not None and seen >= max_tokens:
-            break
-    if have:
-        yield np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+def activation_reader(ws: Workspace, harvest: str, hook: str) -> HookReader:
+    """The rows the analysis reads: every non-special token of the harvest, as stored (a `--nonfinite
+    skip` harvest's skipped rows are zeros; any NaN/inf row is refused)."""
+    return HookReader(open_part(ws, harvest), hook, "NOT t.is_special", leave_out_skipped=False,
+                      consequence="analysing them would give NaN statistics")
 
 
 def code_batches(ws: Workspace, run: str, n_committed: int, chunk_tokens: int) -> Iterator[tuple[np.ndarray, ...]]:
@@ -279,7 +222,7 @@ def quantile_edges(log_hist: np.ndarray, n_bands: int, max_act: np.ndarray) -> n
 
 
 def stream_stats(
-    ws: Workspace, sae: Any, run: str, harvest: str, table: str, n_committed: int, cfg: AnalyzeConfig,
+    ws: Workspace, sae: Any, run: str, harvest: str, hook: str, n_committed: int, cfg: AnalyzeConfig,
     store_codes: bool = True, progress: bool = False,
 ) -> StreamStats:
     """Passes 1 and 2 (see the module docstring)."""
@@ -293,9 +236,12 @@ def stream_stats(
     pending: list[pa.Table] = []
     pending_rows = 0
     n_tokens = 0
-    bar = progress_bar(f"analyze {run}: pass 1", analysable_tokens(ws, harvest, n_committed, cfg.max_tokens),
+    reader = activation_reader(ws, harvest, hook)
+    n_read = reader.count(n_committed)
+    bar = progress_bar(f"analyze {run}: pass 1", n_read if cfg.max_tokens is None else min(n_read, cfg.max_tokens),
                        unit="tok", unit_scale=True, enabled=progress)
-    for idx, x in activation_batches(ws, harvest, table, n_committed, cfg.batch_size, cfg.chunk_tokens, cfg.max_tokens):
+    batches = ordered_batches(reader, n_committed, cfg.batch_size, cfg.chunk_tokens, cfg.max_tokens, READ_MEMORY_LIMIT)
+    for idx, x in batches:
         b = len(idx)
         if b < cfg.batch_size:  # pad: one jit shape for the whole pass
             x = np.concatenate([x, np.zeros((cfg.batch_size - b, x.shape[1]), np.float32)])
@@ -485,7 +431,7 @@ def analyze_run(
             [run, info.name, row["hook"], model.n_latents, json.dumps(asdict(cfg))],
         )
     stats = stream_stats(
-        ws, model, run, info.name, info.tables[row["hook"]], info.n_tokens, cfg, progress=progress
+        ws, model, run, info.name, row["hook"], info.n_tokens, cfg, progress=progress
     )
     t_stream = time.perf_counter() - t0
     n = model.n_latents
