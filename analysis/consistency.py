@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from analysis import tables
+from analysis.runs import find_run
 from saewb.workspace import Workspace
 
 THRESHOLD = 0.9
@@ -36,13 +37,10 @@ def summarize(mcs: np.ndarray, threshold: float = THRESHOLD) -> dict[str, float]
 def compare_runs(ws: Workspace | str, run_a: str, run_b: str, *, store: bool = True) -> dict[str, Any]:
     """MCS of run_a's latents against run_b and of run_b's against run_a; stores the a→b summary."""
     import sae as sae_api
-    from sae import runs
 
     ws = ws if isinstance(ws, Workspace) else Workspace(ws)
     for name in (run_a, run_b):
-        if runs.get_run(ws, name) is None:
-            names = [r["name"] for r in runs.list_runs(ws)] if ws.table_exists("runs") else []
-            raise tables.AnalysisError(f"no run named {name!r} in {ws.path}; runs there: {', '.join(names) or 'none'}")
+        find_run(ws, name)
     sa = sae_api.load(run_a, workspace=ws.path)
     sb = sae_api.load(run_b, workspace=ws.path)
     if sa.d != sb.d:

@@ -30,9 +30,10 @@ import pyarrow as pa
 import scipy.sparse as sp
 
 from activations.reader import HookReader, ordered_batches
-from activations.store import HarvestError, harvest_info, insert_arrow, open_part
+from activations.store import HarvestError, insert_arrow, open_part
 from analysis import tables
 from analysis.families import cooc_row_blocks, feature_families
+from analysis.runs import run_harvest
 from saewb.progress import progress_bar
 from saewb.workspace import Workspace
 
@@ -376,30 +377,6 @@ def logit_effects(directions: np.ndarray, w_u: np.ndarray, k: int, block: int = 
     return tuple(out)
 
 
-def resolve_run(ws: Workspace, run: str) -> dict[str, Any]:
-    """The run's row with harvest and hook checked; clear errors otherwise."""
-    from sae import runs
-
-    row = runs.get_run(ws, run)
-    if row is None:
-        names = [r["name"] for r in runs.list_runs(ws)] if ws.table_exists("runs") else []
-        raise tables.AnalysisError(
-            f"no run named {run!r} in {ws.path}; runs there: {', '.join(names) or 'none'} "
-            f"(train one with `saewb train --workspace {ws.path} ...`)"
-        )
-    if not row.get("harvest") or not row.get("hook"):
-        raise tables.AnalysisError(
-            f"run {run!r} has no harvest/hook recorded (trained outside a workspace harvest); analysis reads the "
-            "harvest's activations, so train the SAE on a harvest in this workspace"
-        )
-    info = harvest_info(ws, row["harvest"])
-    if row["hook"] not in info.hooks:
-        raise tables.AnalysisError(
-            f"hook {row['hook']!r} of run {run!r} is not in harvest {info.name!r} (it has {', '.join(info.hooks)})"
-        )
-    return {"row": row, "info": info}
-
-
 def analyze_run(
     ws: Workspace | str, run: str, cfg: AnalyzeConfig | None = None, *, progress: bool = False
 ) -> dict[str, Any]:
@@ -413,8 +390,7 @@ def analyze_run(
     cfg = cfg or AnalyzeConfig()
     if cfg.batch_size < 1 or cfg.top_n < 1 or cfg.n_bins < 1 or cfg.n_bands < 1 or cfg.samples_per_band < 1:
         raise ValueError("batch_size, top_n, n_bins, n_bands and samples_per_band must all be positive")
-    resolved = resolve_run(ws, run)
-    row, info = resolved["row"], resolved["info"]
+    row, info = run_harvest(ws, run)
     model = sae_api.load(run, workspace=ws.path)
     if model.d != info.hooks[row["hook"]]:
         raise tables.AnalysisError(

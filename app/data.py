@@ -159,7 +159,7 @@ def save_label(path: str, run: str, latent: int, label: str) -> None:
 @st.cache_resource(show_spinner="Loading the model and the SAE ...", max_entries=2)
 def run_context(path: str, run: str) -> Any:
     """The model and the SAE of a run, loaded once per server (both are read-only)."""
-    from analysis.evaluate import load_run
+    from analysis.runs import load_run
 
     return load_run(Workspace(path), run)
 
