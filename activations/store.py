@@ -84,6 +84,9 @@ CREATE TABLE IF NOT EXISTS nonfinite_tokens (
 """
 
 
+TOKEN_COLUMNS = ("harvest", "tok_idx", "doc_id", "pos", "seq_id", "seq_pos", "token_id", "token_str", "is_special", "role")
+
+
 class HarvestError(ValueError):
     """A harvest that does not exist, or a config that clashes with a stored one."""
 
@@ -122,6 +125,8 @@ class HarvestInfo:
     """Hook name -> activation width d."""
     tables: dict[str, str]
     """Hook name -> activation table."""
+    model: str | None = None
+    """The model it was harvested from, as given to `saewb harvest`."""
 
 
 def check_name(name: str, what: str = "harvest name") -> str:
@@ -165,6 +170,18 @@ def harvest_names(ws: Workspace) -> list[str]:
         return [r[0] for r in con.execute("SELECT name FROM harvests ORDER BY created_at, name").fetchall()]
 
 
+HARVEST_SUMMARY = ("name", "model", "ctx_len", "status", "n_tokens", "n_docs", "updated_at")
+
+
+def list_harvests(ws: Workspace) -> list[dict[str, Any]]:
+    """Every harvest's summary row (`HARVEST_SUMMARY`), oldest first."""
+    if not ws.table_exists("harvests"):
+        return []
+    with ws.read() as con:
+        rows = con.execute(f"SELECT {', '.join(HARVEST_SUMMARY)} FROM harvests ORDER BY created_at").fetchall()
+    return [dict(zip(HARVEST_SUMMARY, r, strict=True)) for r in rows]
+
+
 def default_harvest(ws: Workspace | str) -> str:
     """The only harvest of a workspace; an error that lists them when there are several or none."""
     ws = ws if isinstance(ws, Workspace) else Workspace(ws)
@@ -181,7 +198,7 @@ def harvest_info(ws: Workspace | str, harvest: str | None = None) -> HarvestInfo
     name = harvest or default_harvest(ws)
     with ws.read() as con:
         row = con.execute(
-            "SELECT config, status, n_windows, n_tokens, n_docs FROM harvests WHERE name = ?", [name]
+            "SELECT config, status, n_windows, n_tokens, n_docs, model FROM harvests WHERE name = ?", [name]
         ).fetchone()
         if row is None:
             raise HarvestError(
@@ -199,7 +216,20 @@ def harvest_info(ws: Workspace | str, harvest: str | None = None) -> HarvestInfo
         n_docs=row[4],
         hooks={h: d for h, d, _ in hooks},
         tables={h: t for h, _, t in hooks},
+        model=row[5],
     )
+
+
+def token_rows(ws: Workspace, harvest: str, tok_idx: Sequence[int], columns: Sequence[str]) -> pa.Table:
+    """These columns of the harvest's `tokens` rows with these tok_idx, in no particular order."""
+    unknown = set(columns) - set(TOKEN_COLUMNS)
+    if unknown:
+        raise ValueError(f"tokens has no column {', '.join(sorted(unknown))}; it has {', '.join(TOKEN_COLUMNS)}")
+    with ws.read() as con:
+        return con.sql(
+            f"SELECT {', '.join(columns)} FROM tokens WHERE harvest = ? AND tok_idx IN (SELECT unnest(?::BIGINT[]))",
+            params=[harvest, [int(i) for i in tok_idx]],
+        ).to_arrow_table()
 
 
 def harvest_hooks(ws: Workspace | str, harvest: str | None = None) -> dict[str, int]:

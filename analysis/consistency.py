@@ -51,12 +51,5 @@ def compare_runs(ws: Workspace | str, run_a: str, run_b: str, *, store: bool = T
     ab, ba = max_cosine(da, db), max_cosine(db, da)
     out = {"run_a": run_a, "run_b": run_b, "a_to_b": summarize(ab), "b_to_a": summarize(ba), "mcs_a": ab, "mcs_b": ba}
     if store:
-        tables.ensure_schema(ws)
-        s = out["a_to_b"]
-        with ws.write() as con:
-            con.execute("DELETE FROM run_consistency WHERE run_a = ? AND run_b = ?", [run_a, run_b])
-            con.execute(
-                "INSERT INTO run_consistency VALUES (?, ?, ?, ?, ?, ?, current_timestamp)",
-                [run_a, run_b, s["n_latents"], s["share_above_09"], s["mean_mcs"], s["median_mcs"]],
-            )
+        tables.store_consistency(ws, run_a, run_b, out["a_to_b"])
     return out

@@ -19,7 +19,6 @@ for models with an unembedding, and feature families (analysis/families.py).
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -30,7 +29,7 @@ import pyarrow as pa
 import scipy.sparse as sp
 
 from activations.reader import HookReader, ordered_batches
-from activations.store import HarvestError, insert_arrow, open_part
+from activations.store import HarvestError, open_part
 from analysis import tables
 from analysis.families import cooc_row_blocks, feature_families
 from analysis.runs import run_harvest
@@ -192,12 +191,6 @@ def _codes_table(tok_idx: np.ndarray, rows: np.ndarray, cols: np.ndarray, vals: 
     })
 
 
-def _write_codes(ws: Workspace, run: str, pieces: list[pa.Table]) -> None:
-    data = pa.concat_tables(pieces)  # noqa: F841 - read by DuckDB's replacement scan
-    with ws.write() as con:
-        con.execute("INSERT INTO feature_codes SELECT ?, tok_idx, latents, vals FROM data", [run])
-
-
 def quantile_edges(log_hist: np.ndarray, n_bands: int, max_act: np.ndarray) -> np.ndarray:
     """[n, n_bands + 1] activation values splitting each latent's positives into equal-count bands.
 
@@ -263,11 +256,11 @@ def stream_stats(
             pending.append(_codes_table(idx, rows, cols, vals))
             pending_rows += b
             if pending_rows >= CODES_FLUSH_TOKENS:
-                _write_codes(ws, run, pending)
+                tables.append_codes(ws, run, pa.concat_tables(pending))
                 pending, pending_rows = [], 0
         bar.update(b)
     if pending:
-        _write_codes(ws, run, pending)
+        tables.append_codes(ws, run, pa.concat_tables(pending))
     bar.close()
     if n_tokens == 0:
         raise HarvestError(f"harvest {harvest!r} has no non-special tokens to analyse")
@@ -397,15 +390,7 @@ def analyze_run(
             f"run {run!r} has d={model.d} but hook {row['hook']!r} of harvest {info.name!r} has d={info.hooks[row['hook']]}"
         )
     t0 = time.perf_counter()
-    tables.ensure_schema(ws)
-    with ws.write() as con:
-        tables.create_indexes(con)
-        con.execute("DELETE FROM feature_codes WHERE run = ?", [run])
-        con.execute("DELETE FROM analysis_runs WHERE run = ?", [run])
-        con.execute(
-            "INSERT INTO analysis_runs VALUES (?, ?, ?, 'running', 0, ?, ?, current_timestamp)",
-            [run, info.name, row["hook"], model.n_latents, json.dumps(asdict(cfg))],
-        )
+    tables.start_analysis(ws, run, info.name, row["hook"], model.n_latents, asdict(cfg))
     stats = stream_stats(
         ws, model, run, info.name, row["hook"], info.n_tokens, cfg, progress=progress
     )
@@ -417,9 +402,7 @@ def analyze_run(
     fam = feature_families(stats.cooc, stats.n_fires, cfg.family_min_weight, cfg.family_min_children)
     logits = None
     if cfg.logits:
-        with ws.read() as con:
-            found = con.execute("SELECT model FROM harvests WHERE name = ?", [info.name]).fetchone()
-        logits = _logits_for(found[0] if found else None, directions, cfg.n_logits)
+        logits = _logits_for(info.model, directions, cfg.n_logits)
     _store(ws, run, n, cfg, stats, nb_idx, nb_cos, (co_r, co_rank, co_o, co_cnt, co_norm), fam, logits)
     seconds = time.perf_counter() - t0
     return {
@@ -518,15 +501,7 @@ def _store(
         "depth": fam["depth"].astype(np.int32),
         "weight": pa.array(fam["weight"].astype(np.float32), mask=np.isnan(fam["weight"])),
     })
-    with ws.write() as con:
-        for name, data in (
-            ("latent_stats", stats_tbl), ("latent_contexts", ctx), ("latent_bands", bands_tbl),
-            ("latent_neighbors", nb_tbl), ("latent_cooccurrence", co_tbl), ("latent_families", fam_tbl),
-        ):
-            con.execute(f"DELETE FROM {name} WHERE run = ?", [run])
-            if data.num_rows:
-                insert_arrow(con, name, data)
-        con.execute(
-            "UPDATE analysis_runs SET status = 'done', n_tokens = ?, updated_at = current_timestamp WHERE run = ?",
-            [s.n_tokens, run],
-        )
+    tables.finish_analysis(ws, run, s.n_tokens, {
+        "latent_stats": stats_tbl, "latent_contexts": ctx, "latent_bands": bands_tbl, "latent_neighbors": nb_tbl,
+        "latent_cooccurrence": co_tbl, "latent_families": fam_tbl,
+    })

@@ -1,4 +1,5 @@
-"""Workspace tables written by `saewb analyze` / `saewb mcs`, and the read helpers the app uses.
+"""The analysis tables and their one owner: the schema, the writes of `saewb analyze` / `saewb mcs`,
+and the reads the app and the exports use.
 
 Every table is keyed by (run, latent) and written in latent order in one transaction, so a lookup
 of one latent touches one or two DuckDB row groups (zone maps) plus an ART index on (run, latent).
@@ -32,7 +33,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+import pyarrow as pa
 
+from activations.store import insert_arrow
 from saewb.workspace import Workspace
 
 SCHEMA = [
@@ -130,6 +133,64 @@ def _require_analysis(ws: Workspace, run: str, con: Any | None = None) -> dict[s
 def _check_latent(info: dict[str, Any], run: str, latent: int) -> None:
     if not 0 <= int(latent) < info["n_latents"]:
         raise AnalysisError(f"latent {latent} is out of range for run {run!r}; it has latents 0..{info['n_latents'] - 1}")
+
+
+def start_analysis(ws: Workspace, run: str, harvest: str, hook: str, n_latents: int, config: dict[str, Any]) -> None:
+    """Mark `run`'s analysis as running, its earlier sparse codes gone (pass 1 writes them anew)."""
+    ensure_schema(ws)
+    with ws.write() as con:
+        create_indexes(con)
+        con.execute("DELETE FROM feature_codes WHERE run = ?", [run])
+        con.execute("DELETE FROM analysis_runs WHERE run = ?", [run])
+        con.execute(
+            "INSERT INTO analysis_runs VALUES (?, ?, ?, 'running', 0, ?, ?, current_timestamp)",
+            [run, harvest, hook, n_latents, json.dumps(config)],
+        )
+
+
+def append_codes(ws: Workspace, run: str, codes: pa.Table) -> None:
+    """Append sparse codes (tok_idx, latents, vals) of `run` to `feature_codes` in one transaction."""
+    with ws.write() as con:
+        con.execute("INSERT INTO feature_codes SELECT ?, tok_idx, latents, vals FROM codes", [run])
+
+
+def finish_analysis(ws: Workspace, run: str, n_tokens: int, per_latent: dict[str, pa.Table]) -> None:
+    """Replace `run`'s rows of the per-latent tables and mark its analysis done, in one transaction."""
+    unknown = set(per_latent) - set(PER_LATENT_TABLES)
+    if unknown:
+        raise ValueError(f"not a per-latent analysis table: {', '.join(sorted(unknown))}")
+    with ws.write() as con:
+        for name, data in per_latent.items():
+            con.execute(f"DELETE FROM {name} WHERE run = ?", [run])
+            if data.num_rows:
+                insert_arrow(con, name, data)
+        con.execute(
+            "UPDATE analysis_runs SET status = 'done', n_tokens = ?, updated_at = current_timestamp WHERE run = ?",
+            [n_tokens, run],
+        )
+
+
+def store_consistency(ws: Workspace, run_a: str, run_b: str, summary: dict[str, Any]) -> None:
+    """The MCS summary of run_a's latents against run_b (replacing an earlier one)."""
+    ensure_schema(ws)
+    with ws.write() as con:
+        con.execute("DELETE FROM run_consistency WHERE run_a = ? AND run_b = ?", [run_a, run_b])
+        con.execute(
+            "INSERT INTO run_consistency VALUES (?, ?, ?, ?, ?, ?, current_timestamp)",
+            [run_a, run_b, summary["n_latents"], summary["share_above_09"], summary["mean_mcs"], summary["median_mcs"]],
+        )
+
+
+@_any_ws
+def analysed_runs(ws: Workspace) -> dict[str, str]:
+    """Run -> version (`updated_at`) of every finished analysis: the cache key of what was analysed."""
+    if not ws.table_exists("analysis_runs"):
+        return {}
+    with ws.read() as con:
+        rows = con.execute(
+            "SELECT run, CAST(updated_at AS VARCHAR) FROM analysis_runs WHERE status = 'done' ORDER BY run"
+        ).fetchall()
+    return {r[0]: r[1] for r in rows}
 
 
 @_any_ws
