@@ -1,4 +1,5 @@
-"""The harvest tables of a workspace.
+"""The harvest tables of a workspace, and their one owner: every write and read of them is here
+(activation rows are read through activations/reader.py).
 
 Layout (chosen by measurement, see docs/storage.md):
 
@@ -230,6 +231,70 @@ def token_rows(ws: Workspace, harvest: str, tok_idx: Sequence[int], columns: Seq
             f"SELECT {', '.join(columns)} FROM tokens WHERE harvest = ? AND tok_idx IN (SELECT unnest(?::BIGINT[]))",
             params=[harvest, [int(i) for i in tok_idx]],
         ).to_arrow_table()
+
+
+def register_harvest(
+    ws: Workspace, name: str, config: dict[str, Any], model: str, ctx_len: int, widths: dict[str, int]
+) -> HarvestInfo:
+    """Create harvest `name` (its row, hooks and activation tables), or check that the stored one has
+    the same identity (`config["identity"]`): a harvest resumes only with the config it was made with."""
+    identity = config["identity"]
+    with ws.write() as con:
+        ensure_schema(con)
+        row = con.execute("SELECT config FROM harvests WHERE name = ?", [name]).fetchone()
+        if row is not None:
+            stored = json.loads(row[0])["identity"]
+            diffs = {k: (stored.get(k), v) for k, v in identity.items() if stored.get(k) != v}
+            if diffs:
+                detail = "; ".join(f"{k}: stored {a!r}, now {b!r}" for k, (a, b) in diffs.items())
+                raise HarvestError(
+                    f"harvest {name!r} in {ws.path} was made with a different config ({detail}). "
+                    "Run the original command to resume it, or pick a new --name for this config."
+                )
+        else:
+            con.execute(
+                "INSERT INTO harvests (name, config, model, ctx_len, status) VALUES (?, ?, ?, ?, 'running')",
+                [name, json.dumps(config), model, ctx_len],
+            )
+            for hook, d in widths.items():
+                table = activation_table(name, hook)
+                con.execute(f"CREATE TABLE {quote_ident(table)} (tok_idx BIGINT NOT NULL, x FLOAT[{int(d)}])")
+                con.execute(
+                    "INSERT INTO harvest_hooks (harvest, hook, d, table_name) VALUES (?, ?, ?, ?)",
+                    [name, hook, int(d), table],
+                )
+    return harvest_info(ws, name)
+
+
+def commit_rows(
+    ws: Workspace,
+    name: str,
+    documents: pa.Table | None,
+    tokens: pa.Table,
+    nonfinite: list[pa.Table],
+    acts: dict[str, pa.Table],
+    totals: tuple[int, int, int],
+) -> None:
+    """One harvest commit, in one transaction: new documents, tokens, skipped non-finite tokens, the
+    activation rows of each table, and the harvest's totals (n_windows, n_tokens, n_docs)."""
+    with ws.write() as con:
+        if documents is not None:
+            insert_arrow(con, "documents", documents)
+        insert_arrow(con, "tokens", tokens)
+        for bad in nonfinite:
+            insert_arrow(con, "nonfinite_tokens", bad)
+        for table, rows in acts.items():
+            insert_arrow(con, table, rows)
+        con.execute(
+            "UPDATE harvests SET n_windows = ?, n_tokens = ?, n_docs = ?, updated_at = current_timestamp WHERE name = ?",
+            [*totals, name],
+        )
+
+
+def mark_complete(ws: Workspace, name: str) -> None:
+    """The harvest has read its whole corpus."""
+    with ws.write() as con:
+        con.execute("UPDATE harvests SET status = 'complete', updated_at = current_timestamp WHERE name = ?", [name])
 
 
 def harvest_hooks(ws: Workspace | str, harvest: str | None = None) -> dict[str, int]:
