@@ -246,7 +246,7 @@ def _pad(batch: list[Window], pad_id: int) -> tuple[np.ndarray, np.ndarray, np.n
     return ids, mask, lengths
 
 
-def _batches(windows: Iterator[Window], size: int) -> Iterator[list[Window]]:
+def window_batches(windows: Iterator[Window], size: int) -> Iterator[list[Window]]:
     while batch := [w for _, w in zip(range(size), windows, strict=False)]:
         yield batch
 
@@ -339,7 +339,7 @@ class Harvester:
         chunk = _Chunk()
         seq_id, tok_idx, done, forward_s = n_windows, n_tokens, 0, 0.0
         try:
-            for batch in _batches(windows, cfg.batch_size):
+            for batch in window_batches(windows, cfg.batch_size):
                 t0 = time.perf_counter()
                 acts = self.forward(batch)
                 forward_s += time.perf_counter() - t0

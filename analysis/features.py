@@ -151,7 +151,7 @@ class CoocCounter:
         return self.sparse
 
 
-def _sparse_code(f: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def sparse_code(f: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(rows, cols, values) of the positive entries of a code batch, row-major."""
     rows, cols = np.nonzero(f > 0)
     return rows, cols.astype(np.int32), f[rows, cols].astype(np.float32)
@@ -240,7 +240,7 @@ def stream_stats(
         if b < cfg.batch_size:  # pad: one jit shape for the whole pass
             x = np.concatenate([x, np.zeros((cfg.batch_size - b, x.shape[1]), np.float32)])
         f = sae.encode(x)[:b]
-        rows, cols, vals = _sparse_code(f)
+        rows, cols, vals = sparse_code(f)
         del f
         n_tokens += b
         n_fires += np.bincount(cols, minlength=n)

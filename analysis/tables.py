@@ -113,7 +113,7 @@ def _reading(ws: Workspace, con: Any | None) -> Iterator[Any]:
             yield own
 
 
-def _require_analysis(ws: Workspace, run: str, con: Any | None = None) -> dict[str, Any]:
+def require_analysis(ws: Workspace, run: str, con: Any | None = None) -> dict[str, Any]:
     with _reading(ws, con) as c:
         has_table = c.execute(
             "SELECT 1 FROM information_schema.tables WHERE table_name = 'analysis_runs'"
@@ -196,7 +196,7 @@ def analysed_runs(ws: Workspace) -> dict[str, str]:
 @_any_ws
 def analysis_info(ws: Workspace, run: str) -> dict[str, Any]:
     """The analysis record of a run (harvest, hook, n_tokens, n_latents, config)."""
-    return _require_analysis(ws, run)
+    return require_analysis(ws, run)
 
 
 @_any_ws
@@ -204,7 +204,7 @@ def latent_summary(
     ws: Workspace, run: str, latent: int | None = None, *, con: Any | None = None
 ) -> list[dict[str, Any]]:
     """Per-latent statistics (one dict per latent, ordered by latent); all latents when `latent` is None."""
-    info = _require_analysis(ws, run, con)
+    info = require_analysis(ws, run, con)
     query = "SELECT * FROM latent_stats WHERE run = ?"
     params: list[Any] = [run]
     if latent is not None:
@@ -248,7 +248,7 @@ def top_contexts(
     if kind not in ("top", "band"):
         raise AnalysisError(f"kind must be 'top' or 'band', not {kind!r}")
     with _reading(ws, con) as c:
-        info = _require_analysis(ws, run, c)
+        info = require_analysis(ws, run, c)
         _check_latent(info, run, latent)
         return _contexts(c, info, run, int(latent), kind, window, limit)
 
@@ -304,7 +304,7 @@ def _contexts(
 def band_ranges(ws: Workspace, run: str, latent: int, *, con: Any | None = None) -> list[tuple[int, float, float]]:
     """(band, lo, hi) activation range of each quantile band of a latent."""
     with _reading(ws, con) as c:
-        _check_latent(_require_analysis(ws, run, c), run, latent)
+        _check_latent(require_analysis(ws, run, c), run, latent)
         return [tuple(r) for r in c.execute(  # type: ignore[misc]
             "SELECT band, lo, hi FROM latent_bands WHERE run = ? AND latent = ? ORDER BY band", [run, int(latent)]
         ).fetchall()]
@@ -314,7 +314,7 @@ def band_ranges(ws: Workspace, run: str, latent: int, *, con: Any | None = None)
 def neighbors(ws: Workspace, run: str, latent: int, *, con: Any | None = None) -> list[tuple[int, float]]:
     """(other latent, decoder cosine), nearest first."""
     with _reading(ws, con) as c:
-        _check_latent(_require_analysis(ws, run, c), run, latent)
+        _check_latent(require_analysis(ws, run, c), run, latent)
         return [(int(a), float(b)) for a, b in c.execute(
             "SELECT other, cosine FROM latent_neighbors WHERE run = ? AND latent = ? ORDER BY rank", [run, int(latent)]
         ).fetchall()]
@@ -324,7 +324,7 @@ def neighbors(ws: Workspace, run: str, latent: int, *, con: Any | None = None) -
 def cooccurring(ws: Workspace, run: str, latent: int, *, con: Any | None = None) -> list[tuple[int, int, float]]:
     """(other latent, co-firing token count, normalised co-occurrence), strongest first."""
     with _reading(ws, con) as c:
-        _check_latent(_require_analysis(ws, run, c), run, latent)
+        _check_latent(require_analysis(ws, run, c), run, latent)
         return [(int(a), int(b), float(n)) for a, b, n in c.execute(
             "SELECT other, count, norm FROM latent_cooccurrence WHERE run = ? AND latent = ? ORDER BY rank",
             [run, int(latent)],
@@ -335,7 +335,7 @@ def cooccurring(ws: Workspace, run: str, latent: int, *, con: Any | None = None)
 def family_of(ws: Workspace, run: str, latent: int, *, con: Any | None = None) -> list[dict[str, Any]]:
     """Members (latent, parent, depth, weight) of the feature family containing `latent`; [] if none."""
     with _reading(ws, con) as c:
-        _check_latent(_require_analysis(ws, run, c), run, latent)
+        _check_latent(require_analysis(ws, run, c), run, latent)
         cur = c.execute(
             "SELECT latent, parent, depth, weight, family FROM latent_families WHERE run = ? AND family IN "
             "(SELECT family FROM latent_families WHERE run = ? AND latent = ?) ORDER BY family, depth, latent",
@@ -349,19 +349,26 @@ def family_of(ws: Workspace, run: str, latent: int, *, con: Any | None = None) -
 def dashboard(ws: Workspace, run: str, latent: int, *, n_top: int = 20, window: int = 8) -> dict[str, Any]:
     """Everything a latent's dashboard shows, read over one connection."""
     with ws.read() as con:
-        info = _require_analysis(ws, run, con)
+        info = require_analysis(ws, run, con)
         _check_latent(info, run, latent)
-        latent = int(latent)
-        contexts = _contexts(con, info, run, latent, None, window, n_top)  # both kinds in one lookup
-        return {
-            "summary": latent_summary(ws, run, latent, con=con)[0],
-            "top": [c for c in contexts if c.kind == "top"],
-            "bands": [c for c in contexts if c.kind == "band"],
-            "band_ranges": band_ranges(ws, run, latent, con=con),
-            "neighbors": neighbors(ws, run, latent, con=con),
-            "cooccurring": cooccurring(ws, run, latent, con=con),
-            "family": family_of(ws, run, latent, con=con),
-        }
+        return latent_dashboard(ws, con, info, run, int(latent), n_top=n_top, window=window)
+
+
+def latent_dashboard(
+    ws: Workspace, con: Any, info: dict[str, Any], run: str, latent: int, *, n_top: int, window: int
+) -> dict[str, Any]:
+    """`dashboard` over the caller's connection, the run's analysis record (`require_analysis`)
+    already read: the Neuronpedia export reads many latents this way."""
+    contexts = _contexts(con, info, run, latent, None, window, n_top)  # both kinds in one lookup
+    return {
+        "summary": latent_summary(ws, run, latent, con=con)[0],
+        "top": [c for c in contexts if c.kind == "top"],
+        "bands": [c for c in contexts if c.kind == "band"],
+        "band_ranges": band_ranges(ws, run, latent, con=con),
+        "neighbors": neighbors(ws, run, latent, con=con),
+        "cooccurring": cooccurring(ws, run, latent, con=con),
+        "family": family_of(ws, run, latent, con=con),
+    }
 
 
 @_any_ws
@@ -371,7 +378,7 @@ def search_by_token(ws: Workspace, run: str, token_str: str, limit: int = 20) ->
     Matching ignores case, surrounding spaces and the tokenizer's word markers ('Ġ', '▁', '##').
     Ranked by how many of the latent's top contexts peak on it, then by the best activation there.
     """
-    info = _require_analysis(ws, run)
+    info = require_analysis(ws, run)
     needle = _norm_token(token_str)
     if not needle:
         raise AnalysisError("token_str is empty; give the token text to search for, e.g. 'def'")

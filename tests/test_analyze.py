@@ -338,7 +338,7 @@ def test_sparse_cooccurrence_and_top_per_group_match_naive(monkeypatch: pytest.M
     sparse, dense = features.CoocCounter(n), None
     top = features.TopPerGroup(n, 3)
     for b, f in enumerate(batches):
-        rows, cols, vals = features._sparse_code(f)
+        rows, cols, vals = features.sparse_code(f)
         sparse.add(rows, cols, f.shape[0])
         top.update(cols.astype(np.int64), vals.astype(np.float64), rows + 30 * b, vals)
         dense = (f > 0).astype(np.int64).T @ (f > 0) + (0 if dense is None else dense)
