@@ -20,7 +20,6 @@ for models with an unembedding, and feature families (analysis/families.py).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -164,23 +163,6 @@ def activation_reader(ws: Workspace, harvest: str, hook: str) -> HookReader:
                       consequence="analysing them would give NaN statistics")
 
 
-def code_batches(ws: Workspace, run: str, n_committed: int, chunk_tokens: int) -> Iterator[tuple[np.ndarray, ...]]:
-    """(tok_idx per entry, latent, value) of the stored sparse codes, chunk by chunk in tok_idx order."""
-    for lo in range(0, n_committed, chunk_tokens):
-        with ws.read(memory_limit=READ_MEMORY_LIMIT) as con:
-            res = con.sql(
-                "SELECT tok_idx, latents, vals FROM feature_codes WHERE run = ? AND tok_idx >= ? AND tok_idx < ?",
-                params=[run, lo, lo + chunk_tokens],
-            ).to_arrow_table()
-        if res.num_rows == 0:
-            continue
-        lat = res.column("latents").combine_chunks()
-        vals = res.column("vals").combine_chunks()
-        counts = np.diff(lat.offsets.to_numpy())
-        tok = np.repeat(res.column("tok_idx").to_numpy(), counts)
-        yield tok, lat.flatten().to_numpy().astype(np.int64), vals.flatten().to_numpy().astype(np.float32)
-
-
 def _codes_table(tok_idx: np.ndarray, rows: np.ndarray, cols: np.ndarray, vals: np.ndarray) -> pa.Table:
     offsets = np.zeros(len(tok_idx) + 1, np.int32)
     np.cumsum(np.bincount(rows, minlength=len(tok_idx)), out=offsets[1:])
@@ -271,7 +253,7 @@ def stream_stats(
     bands = TopPerGroup(n * cfg.n_bands, cfg.samples_per_band)
     rng = np.random.default_rng(cfg.seed)
     safe_max = np.maximum(max_act, 1e-12)
-    for tok, lat, val in code_batches(ws, run, n_committed, cfg.chunk_tokens):
+    for tok, lat, val in tables.code_batches(ws, run, n_committed, cfg.chunk_tokens, READ_MEMORY_LIMIT):
         bins = np.minimum((val / safe_max[lat] * cfg.n_bins).astype(np.int64), cfg.n_bins - 1)
         hist += np.bincount(lat * cfg.n_bins + bins, minlength=hist.size).reshape(hist.shape)
         band = np.zeros(len(val), np.int64)

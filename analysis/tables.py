@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 import numpy as np
 import pyarrow as pa
 
-from activations.store import insert_arrow
+from activations.store import insert_arrow, token_rows
 from saewb.workspace import Workspace
 
 SCHEMA = [
@@ -170,6 +170,25 @@ def finish_analysis(ws: Workspace, run: str, n_tokens: int, per_latent: dict[str
         )
 
 
+def code_batches(
+    ws: Workspace, run: str, n_committed: int, chunk_tokens: int, memory_limit: str | None = None
+) -> Iterator[tuple[np.ndarray, ...]]:
+    """(tok_idx per entry, latent, value) of the stored sparse codes, chunk by chunk in tok_idx order."""
+    for lo in range(0, n_committed, chunk_tokens):
+        with ws.read(memory_limit=memory_limit) as con:
+            res = con.sql(
+                "SELECT tok_idx, latents, vals FROM feature_codes WHERE run = ? AND tok_idx >= ? AND tok_idx < ?",
+                params=[run, lo, lo + chunk_tokens],
+            ).to_arrow_table()
+        if res.num_rows == 0:
+            continue
+        lat = res.column("latents").combine_chunks()
+        vals = res.column("vals").combine_chunks()
+        counts = np.diff(lat.offsets.to_numpy())
+        tok = np.repeat(res.column("tok_idx").to_numpy(), counts)
+        yield tok, lat.flatten().to_numpy().astype(np.int64), vals.flatten().to_numpy().astype(np.float32)
+
+
 def store_consistency(ws: Workspace, run_a: str, run_b: str, summary: dict[str, Any]) -> None:
     """The MCS summary of run_a's latents against run_b (replacing an earlier one)."""
     ensure_schema(ws)
@@ -250,11 +269,11 @@ def top_contexts(
     with _reading(ws, con) as c:
         info = require_analysis(ws, run, c)
         _check_latent(info, run, latent)
-        return _contexts(c, info, run, int(latent), kind, window, limit)
+        return _contexts(ws, c, info, run, int(latent), kind, window, limit)
 
 
 def _contexts(
-    con: Any, info: dict[str, Any], run: str, latent: int, kind: str | None, window: int, limit: int | None
+    ws: Workspace, con: Any, info: dict[str, Any], run: str, latent: int, kind: str | None, window: int, limit: int | None
 ) -> list[Context]:
     """Contexts of one kind (None: 'top' ones up to `limit`, then every 'band' sample) with their windows."""
     if kind is None:
@@ -271,15 +290,11 @@ def _contexts(
         ).fetchall()
     if not ctx_rows:
         return []
-    # Look the windows up as an explicit list of token ids (a hash semi-join, bounded by min/max for
-    # zone maps): a range join over the ranges is an order of magnitude slower on large caches.
+    # Look the windows up as an explicit list of token ids (see `token_rows`), the codes likewise.
     needed = sorted({i for r in ctx_rows for i in range(r[3] - window, r[3] + window + 1)})
     bounds = [needed[0], needed[-1], needed]
-    tok = con.execute(
-        "SELECT tok_idx, token_str, seq_id, doc_id FROM tokens WHERE harvest = ? AND tok_idx BETWEEN ? AND ? "
-        "AND tok_idx IN (SELECT unnest(?::BIGINT[]))",
-        [info["harvest"], *bounds],
-    ).fetchall()
+    found = token_rows(ws, info["harvest"], needed, ("tok_idx", "token_str", "seq_id", "doc_id"), con=con)
+    tok = zip(*(found.column(c).to_pylist() for c in ("tok_idx", "token_str", "seq_id", "doc_id")), strict=True)
     codes = con.execute(
         "SELECT tok_idx, list_extract(vals, list_position(latents, ?)) FROM feature_codes "
         "WHERE run = ? AND tok_idx BETWEEN ? AND ? AND tok_idx IN (SELECT unnest(?::BIGINT[])) "
@@ -359,7 +374,7 @@ def latent_dashboard(
 ) -> dict[str, Any]:
     """`dashboard` over the caller's connection, the run's analysis record (`require_analysis`)
     already read: the Neuronpedia export reads many latents this way."""
-    contexts = _contexts(con, info, run, latent, None, window, n_top)  # both kinds in one lookup
+    contexts = _contexts(ws, con, info, run, latent, None, window, n_top)  # both kinds in one lookup
     return {
         "summary": latent_summary(ws, run, latent, con=con)[0],
         "top": [c for c in contexts if c.kind == "top"],
