@@ -20,7 +20,7 @@ def _registrars() -> list[Registrar]:
     from sae import interop_cli, sweep_cli
 
     return [activations_cli.register, sae_cli.register, sweep_cli.register, eval_cli.register, analyze_cli.register,
-            explain_cli.register, app_cli.register, interop_cli.register]
+            explain_cli.register, app_cli.register, interop_cli.register, analyze_cli.register_exports]
 
 
 def build_parser() -> argparse.ArgumentParser:
