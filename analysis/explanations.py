@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from analysis.tables import _any_ws
+from analysis.tables import accepts_path
 from saewb.workspace import Workspace
 
 SCHEMA = [
@@ -184,7 +184,7 @@ def store_latents(
             )
 
 
-@_any_ws
+@accepts_path
 def forget(ws: Workspace, run: str, latents: list[int]) -> None:
     """Drop these latents' explanations and scores (the answer cache stays, so redoing them sends nothing new)."""
     if not ws.table_exists("explanations"):
@@ -221,7 +221,7 @@ def _latest(con: Any, run: str, latent: int | None) -> list[dict[str, Any]]:
     return rows
 
 
-@_any_ws
+@accepts_path
 def latent_explanations(ws: Workspace, run: str, latent: int) -> dict[str, dict[str, Any]]:
     """{'llm': {...}, 'baseline': {...}} for one latent (the newest of each), with their scores; {} if none."""
     if not ws.table_exists("explanations"):
@@ -230,7 +230,7 @@ def latent_explanations(ws: Workspace, run: str, latent: int) -> dict[str, dict[
         return {r["explainer"]: r for r in _latest(con, run, latent)}
 
 
-@_any_ws
+@accepts_path
 def explanation_texts(ws: Workspace, run: str) -> dict[int, str]:
     """Latent -> its newest LLM explanation text (status ok), for the features table."""
     if not ws.table_exists("explanations"):
@@ -244,7 +244,7 @@ def explanation_texts(ws: Workspace, run: str) -> dict[int, str]:
     return {int(a): b for a, b in rows}
 
 
-@_any_ws
+@accepts_path
 def score_table(ws: Workspace, run: str) -> list[dict[str, Any]]:
     """Every ok score of a run: (latent, explainer, model, prompt_version, scorer, score), for histograms and summaries."""
     if not ws.table_exists("explanation_scores"):
@@ -259,7 +259,7 @@ def score_table(ws: Workspace, run: str) -> list[dict[str, Any]]:
         return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
 
 
-@_any_ws
+@accepts_path
 def failures(ws: Workspace, run: str) -> list[dict[str, Any]]:
     """Failed explanations and scores of a run (latent, explainer, what, error)."""
     if not ws.table_exists("explanations"):
@@ -274,7 +274,7 @@ def failures(ws: Workspace, run: str) -> list[dict[str, Any]]:
     return [{"latent": r[0], "explainer": r[1], "what": r[2], "error": r[3]} for r in rows]
 
 
-@_any_ws
+@accepts_path
 def explanation_embeddings(ws: Workspace, run: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(latents, unit embeddings [n, d], texts) of the newest ok LLM explanations, for semantic search."""
     if not ws.table_exists("explanations"):
@@ -293,7 +293,7 @@ def explanation_embeddings(ws: Workspace, run: str) -> tuple[np.ndarray, np.ndar
     return np.asarray([r[0] for r in rows], np.int64), emb, [r[2] for r in rows]
 
 
-@_any_ws
+@accepts_path
 def count_rows(ws: Workspace, run: str) -> dict[str, int]:
     """Row counts of the run's explanations and scores and of the whole cache (tests check no duplicates)."""
     if not ws.table_exists("explanations"):

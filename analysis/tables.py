@@ -82,7 +82,7 @@ class AnalysisError(ValueError):
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _any_ws(fn: F) -> F:
+def accepts_path(fn: F) -> F:
     """Let a read helper take a Workspace or a path to one."""
 
     @functools.wraps(fn)
@@ -200,7 +200,7 @@ def store_consistency(ws: Workspace, run_a: str, run_b: str, summary: dict[str, 
         )
 
 
-@_any_ws
+@accepts_path
 def analysed_runs(ws: Workspace) -> dict[str, str]:
     """Run -> version (`updated_at`) of every finished analysis: the cache key of what was analysed."""
     if not ws.table_exists("analysis_runs"):
@@ -212,13 +212,13 @@ def analysed_runs(ws: Workspace) -> dict[str, str]:
     return {r[0]: r[1] for r in rows}
 
 
-@_any_ws
+@accepts_path
 def analysis_info(ws: Workspace, run: str) -> dict[str, Any]:
     """The analysis record of a run (harvest, hook, n_tokens, n_latents, config)."""
     return require_analysis(ws, run)
 
 
-@_any_ws
+@accepts_path
 def latent_summary(
     ws: Workspace, run: str, latent: int | None = None, *, con: Any | None = None
 ) -> list[dict[str, Any]]:
@@ -254,7 +254,7 @@ class Context:
     """Position of `tok_idx` inside the window."""
 
 
-@_any_ws
+@accepts_path
 def top_contexts(
     ws: Workspace, run: str, latent: int, *, kind: str = "top", window: int = 8, limit: int | None = None,
     con: Any | None = None,
@@ -341,7 +341,7 @@ class Window:
         return [c.get(latent, 0.0) for c in self.codes]
 
 
-@_any_ws
+@accepts_path
 def random_windows(ws: Workspace, run: str, n: int, *, seed: int = 0, window: int = 8) -> list[Window]:
     """`n` contexts centred on analysed tokens drawn uniformly at random (without replacement): the pool
     that non-activating contexts of a latent are taken from (those where it fires nowhere in the window)."""
@@ -368,7 +368,7 @@ def random_windows(ws: Workspace, run: str, n: int, *, seed: int = 0, window: in
     return out
 
 
-@_any_ws
+@accepts_path
 def band_ranges(ws: Workspace, run: str, latent: int, *, con: Any | None = None) -> list[tuple[int, float, float]]:
     """(band, lo, hi) activation range of each quantile band of a latent."""
     with _reading(ws, con) as c:
@@ -378,7 +378,7 @@ def band_ranges(ws: Workspace, run: str, latent: int, *, con: Any | None = None)
         ).fetchall()]
 
 
-@_any_ws
+@accepts_path
 def neighbors(ws: Workspace, run: str, latent: int, *, con: Any | None = None) -> list[tuple[int, float]]:
     """(other latent, decoder cosine), nearest first."""
     with _reading(ws, con) as c:
@@ -388,7 +388,7 @@ def neighbors(ws: Workspace, run: str, latent: int, *, con: Any | None = None) -
         ).fetchall()]
 
 
-@_any_ws
+@accepts_path
 def cooccurring(ws: Workspace, run: str, latent: int, *, con: Any | None = None) -> list[tuple[int, int, float]]:
     """(other latent, co-firing token count, normalised co-occurrence), strongest first."""
     with _reading(ws, con) as c:
@@ -399,7 +399,7 @@ def cooccurring(ws: Workspace, run: str, latent: int, *, con: Any | None = None)
         ).fetchall()]
 
 
-@_any_ws
+@accepts_path
 def family_of(ws: Workspace, run: str, latent: int, *, con: Any | None = None) -> list[dict[str, Any]]:
     """Members (latent, parent, depth, weight) of the feature family containing `latent`; [] if none."""
     with _reading(ws, con) as c:
@@ -413,7 +413,7 @@ def family_of(ws: Workspace, run: str, latent: int, *, con: Any | None = None) -
         return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
 
 
-@_any_ws
+@accepts_path
 def dashboard(ws: Workspace, run: str, latent: int, *, n_top: int = 20, window: int = 8) -> dict[str, Any]:
     """Everything a latent's dashboard shows, read over one connection."""
     with ws.read() as con:
@@ -439,7 +439,7 @@ def latent_dashboard(
     }
 
 
-@_any_ws
+@accepts_path
 def search_by_token(ws: Workspace, run: str, token_str: str, limit: int = 20) -> list[dict[str, Any]]:
     """Latents whose top contexts peak on a token matching `token_str`.
 
@@ -470,7 +470,7 @@ def _norm_token(s: str) -> str:
     return s.strip().lower()
 
 
-@_any_ws
+@accepts_path
 def run_consistency(ws: Workspace, run_a: str, run_b: str) -> dict[str, Any] | None:
     """The stored MCS summary of two runs (either order), or None."""
     if not ws.table_exists("run_consistency"):
