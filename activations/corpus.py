@@ -372,7 +372,7 @@ def _hf_dataset(corpus: str, column: str) -> Iterator[Document]:
     """
     import os
 
-    from activations.models import _hub_reachable
+    from activations.models import hub_reachable
 
     name, config, split = parse_hf(corpus)
     try:
@@ -384,7 +384,7 @@ def _hf_dataset(corpus: str, column: str) -> Iterator[Document]:
         yield from _datasets_dir(local, column)  # written by save_to_disk
         return
     offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
-    if not local.exists() and not offline and not _hub_reachable():
+    if not local.exists() and not offline and not hub_reachable():
         offline = True
     if offline:
         _hf_offline()

@@ -44,14 +44,13 @@ from activations.store import (
     HarvestError,
     HarvestInfo,
     NonFiniteActivationsError,
-    activation_table,
     check_name,
-    ensure_schema,
+    commit_rows,
     fixed_size_list,
     harvest_info,
-    insert_arrow,
+    mark_complete,
     nonfinite_rows,
-    quote_ident,
+    register_harvest,
 )
 from activations.tokenize import TokenStrings, Window, WindowTokenizer
 from saewb.progress import progress_bar
@@ -196,32 +195,8 @@ class _Chunk:
 def _register(ws: Workspace, cfg: HarvestConfig, plan: HookPlan, widths: dict[str, int]) -> HarvestInfo:
     """Create the harvest, or check that the stored one has the same identity."""
     identity = cfg.identity(plan)
-    with ws.write() as con:
-        ensure_schema(con)
-        row = con.execute("SELECT config FROM harvests WHERE name = ?", [cfg.name]).fetchone()
-        if row is not None:
-            stored = json.loads(row[0])["identity"]
-            diffs = {k: (stored.get(k), v) for k, v in identity.items() if stored.get(k) != v}
-            if diffs:
-                detail = "; ".join(f"{k}: stored {a!r}, now {b!r}" for k, (a, b) in diffs.items())
-                raise HarvestError(
-                    f"harvest {cfg.name!r} in {ws.path} was made with a different config ({detail}). "
-                    "Run the original command to resume it, or pick a new --name for this config."
-                )
-        else:
-            config = {"identity": identity, "settings": asdict(cfg), "versions": _versions()}
-            con.execute(
-                "INSERT INTO harvests (name, config, model, ctx_len, status) VALUES (?, ?, ?, ?, 'running')",
-                [cfg.name, json.dumps(config), cfg.model, cfg.ctx_len],
-            )
-            for hook in plan.hooks:
-                table = activation_table(cfg.name, hook)
-                con.execute(f"CREATE TABLE {quote_ident(table)} (tok_idx BIGINT NOT NULL, x FLOAT[{widths[hook]}])")
-                con.execute(
-                    "INSERT INTO harvest_hooks (harvest, hook, d, table_name) VALUES (?, ?, ?, ?)",
-                    [cfg.name, hook, widths[hook], table],
-                )
-    return harvest_info(ws, cfg.name)
+    config = {"identity": identity, "settings": asdict(cfg), "versions": _versions()}
+    return register_harvest(ws, cfg.name, config, cfg.model, cfg.ctx_len, {h: widths[h] for h in plan.hooks})
 
 
 def _hook_widths(model: Any, plan: HookPlan, pad_id: int) -> dict[str, int]:
@@ -237,27 +212,23 @@ def _commit(ws: Workspace, name: str, tables: dict[str, str], chunk: _Chunk, tot
     tokens = pa.table({k: np.concatenate(v) if k != "role" else pa.array(sum(v, [])) for k, v in chunk.columns.items()})
     tokens = tokens.add_column(0, "harvest", pa.array([name] * tokens.num_rows, type=pa.string()))
     tok_idx = tokens.column("tok_idx")
-    with ws.write() as con:
-        if chunk.docs:
-            docs = pa.table(  # noqa: F841 - read by DuckDB's replacement scan
-                {
-                    "harvest": [name] * len(chunk.docs),
-                    "doc_id": [d[0] for d in chunk.docs],
-                    "source": [d[1] for d in chunk.docs],
-                    "text": [d[2] for d in chunk.docs],
-                }
-            )
-            con.execute("INSERT INTO documents SELECT * FROM docs")
-        insert_arrow(con, "tokens", tokens)
-        for hook, idx, doc_ids in chunk.nonfinite:
-            bad = pa.table({"harvest": [name] * len(idx), "hook": [hook] * len(idx), "tok_idx": idx, "doc_id": doc_ids})
-            insert_arrow(con, "nonfinite_tokens", bad)
-        for hook, parts in chunk.acts.items():
-            insert_arrow(con, tables[hook], pa.table({"tok_idx": tok_idx, "x": fixed_size_list(np.concatenate(parts))}))
-        con.execute(
-            "UPDATE harvests SET n_windows = ?, n_tokens = ?, n_docs = ?, updated_at = current_timestamp WHERE name = ?",
-            [*totals, name],
+    docs = None
+    if chunk.docs:
+        docs = pa.table(
+            {
+                "harvest": [name] * len(chunk.docs),
+                "doc_id": [d[0] for d in chunk.docs],
+                "source": [d[1] for d in chunk.docs],
+                "text": [d[2] for d in chunk.docs],
+            }
         )
+    nonfinite = [
+        pa.table({"harvest": [name] * len(idx), "hook": [hook] * len(idx), "tok_idx": idx, "doc_id": doc_ids})
+        for hook, idx, doc_ids in chunk.nonfinite
+    ]
+    acts = {tables[hook]: pa.table({"tok_idx": tok_idx, "x": fixed_size_list(np.concatenate(parts))})
+            for hook, parts in chunk.acts.items()}
+    commit_rows(ws, name, docs, tokens, nonfinite, acts, totals)
 
 
 @dataclass(frozen=True)
@@ -284,7 +255,7 @@ def _pad(batch: list[Window], pad_id: int) -> tuple[np.ndarray, np.ndarray, np.n
     return ids, mask, lengths
 
 
-def _batches(windows: Iterator[Window], size: int) -> Iterator[list[Window]]:
+def window_batches(windows: Iterator[Window], size: int) -> Iterator[list[Window]]:
     while batch := [w for _, w in zip(range(size), windows, strict=False)]:
         yield batch
 
@@ -377,7 +348,7 @@ class Harvester:
         chunk = _Chunk()
         seq_id, tok_idx, done, forward_s = n_windows, n_tokens, 0, 0.0
         try:
-            for batch in _batches(windows, cfg.batch_size):
+            for batch in window_batches(windows, cfg.batch_size):
                 t0 = time.perf_counter()
                 acts = self.forward(batch)
                 forward_s += time.perf_counter() - t0
@@ -435,10 +406,7 @@ class Harvester:
             bar.close()
         if failure:
             raise failure[0]
-        with self.ws.write() as con:
-            con.execute(
-                "UPDATE harvests SET status = 'complete', updated_at = current_timestamp WHERE name = ?", [cfg.name]
-            )
+        mark_complete(self.ws, cfg.name)
         self.info = harvest_info(self.ws, cfg.name)
         width = sum(info.hooks.values())
         return HarvestStats(done, time.perf_counter() - t_start, forward_s, write_s[0], done * width * 4)

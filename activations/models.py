@@ -160,7 +160,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     (out / "saewb_manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
 
-def _hub_reachable(host: str = "huggingface.co", timeout_s: float = 3.0) -> bool:
+def hub_reachable(host: str = "huggingface.co", timeout_s: float = 3.0) -> bool:
     old = socket.getdefaulttimeout()
     socket.setdefaulttimeout(timeout_s)
     try:
@@ -213,7 +213,7 @@ def resolve_model_source(name_or_path: str) -> str:
     if _is_cached(name_or_path):
         _hub_offline()
         return name_or_path
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable():
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or not hub_reachable():
         raise ModelNotAvailableError(
             f"model {name_or_path!r} is not in the local Hugging Face cache and the hub is unreachable. "
             f"Either download it where there is internet (`huggingface-cli download {name_or_path}`) and "

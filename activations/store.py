@@ -1,4 +1,5 @@
-"""The harvest tables of a workspace.
+"""The harvest tables of a workspace, and their one owner: every write and read of them is here
+(activation rows are read through activations/reader.py).
 
 Layout (chosen by measurement, see docs/storage.md):
 
@@ -84,6 +85,9 @@ CREATE TABLE IF NOT EXISTS nonfinite_tokens (
 """
 
 
+TOKEN_COLUMNS = ("harvest", "tok_idx", "doc_id", "pos", "seq_id", "seq_pos", "token_id", "token_str", "is_special", "role")
+
+
 class HarvestError(ValueError):
     """A harvest that does not exist, or a config that clashes with a stored one."""
 
@@ -122,6 +126,8 @@ class HarvestInfo:
     """Hook name -> activation width d."""
     tables: dict[str, str]
     """Hook name -> activation table."""
+    model: str | None = None
+    """The model it was harvested from, as given to `saewb harvest`."""
 
 
 def check_name(name: str, what: str = "harvest name") -> str:
@@ -165,6 +171,18 @@ def harvest_names(ws: Workspace) -> list[str]:
         return [r[0] for r in con.execute("SELECT name FROM harvests ORDER BY created_at, name").fetchall()]
 
 
+HARVEST_SUMMARY = ("name", "model", "ctx_len", "status", "n_tokens", "n_docs", "updated_at")
+
+
+def list_harvests(ws: Workspace) -> list[dict[str, Any]]:
+    """Every harvest's summary row (`HARVEST_SUMMARY`), oldest first."""
+    if not ws.table_exists("harvests"):
+        return []
+    with ws.read() as con:
+        rows = con.execute(f"SELECT {', '.join(HARVEST_SUMMARY)} FROM harvests ORDER BY created_at").fetchall()
+    return [dict(zip(HARVEST_SUMMARY, r, strict=True)) for r in rows]
+
+
 def default_harvest(ws: Workspace | str) -> str:
     """The only harvest of a workspace; an error that lists them when there are several or none."""
     ws = ws if isinstance(ws, Workspace) else Workspace(ws)
@@ -181,7 +199,7 @@ def harvest_info(ws: Workspace | str, harvest: str | None = None) -> HarvestInfo
     name = harvest or default_harvest(ws)
     with ws.read() as con:
         row = con.execute(
-            "SELECT config, status, n_windows, n_tokens, n_docs FROM harvests WHERE name = ?", [name]
+            "SELECT config, status, n_windows, n_tokens, n_docs, model FROM harvests WHERE name = ?", [name]
         ).fetchone()
         if row is None:
             raise HarvestError(
@@ -199,35 +217,99 @@ def harvest_info(ws: Workspace | str, harvest: str | None = None) -> HarvestInfo
         n_docs=row[4],
         hooks={h: d for h, d, _ in hooks},
         tables={h: t for h, _, t in hooks},
+        model=row[5],
     )
+
+
+def token_rows(
+    ws: Workspace, harvest: str, tok_idx: Sequence[int], columns: Sequence[str],
+    con: duckdb.DuckDBPyConnection | None = None,
+) -> pa.Table:
+    """These columns of the harvest's `tokens` rows with these tok_idx, in no particular order (over
+    the caller's connection when given). An explicit list of ids, bounded by its min and max for the
+    zone maps: a range join is an order of magnitude slower on large caches."""
+    unknown = set(columns) - set(TOKEN_COLUMNS)
+    if unknown:
+        raise ValueError(f"tokens has no column {', '.join(sorted(unknown))}; it has {', '.join(TOKEN_COLUMNS)}")
+    ids = [int(i) for i in tok_idx]
+    if not ids:
+        ids = [-1]  # matches nothing; keeps the query's shape
+    query = (f"SELECT {', '.join(columns)} FROM tokens WHERE harvest = ? AND tok_idx BETWEEN ? AND ? "
+             "AND tok_idx IN (SELECT unnest(?::BIGINT[]))")
+    params = [harvest, min(ids), max(ids), ids]
+    if con is not None:
+        return con.sql(query, params=params).to_arrow_table()
+    with ws.read() as own:
+        return own.sql(query, params=params).to_arrow_table()
+
+
+def register_harvest(
+    ws: Workspace, name: str, config: dict[str, Any], model: str, ctx_len: int, widths: dict[str, int]
+) -> HarvestInfo:
+    """Create harvest `name` (its row, hooks and activation tables), or check that the stored one has
+    the same identity (`config["identity"]`): a harvest resumes only with the config it was made with."""
+    identity = config["identity"]
+    with ws.write() as con:
+        ensure_schema(con)
+        row = con.execute("SELECT config FROM harvests WHERE name = ?", [name]).fetchone()
+        if row is not None:
+            stored = json.loads(row[0])["identity"]
+            diffs = {k: (stored.get(k), v) for k, v in identity.items() if stored.get(k) != v}
+            if diffs:
+                detail = "; ".join(f"{k}: stored {a!r}, now {b!r}" for k, (a, b) in diffs.items())
+                raise HarvestError(
+                    f"harvest {name!r} in {ws.path} was made with a different config ({detail}). "
+                    "Run the original command to resume it, or pick a new --name for this config."
+                )
+        else:
+            con.execute(
+                "INSERT INTO harvests (name, config, model, ctx_len, status) VALUES (?, ?, ?, ?, 'running')",
+                [name, json.dumps(config), model, ctx_len],
+            )
+            for hook, d in widths.items():
+                table = activation_table(name, hook)
+                con.execute(f"CREATE TABLE {quote_ident(table)} (tok_idx BIGINT NOT NULL, x FLOAT[{int(d)}])")
+                con.execute(
+                    "INSERT INTO harvest_hooks (harvest, hook, d, table_name) VALUES (?, ?, ?, ?)",
+                    [name, hook, int(d), table],
+                )
+    return harvest_info(ws, name)
+
+
+def commit_rows(
+    ws: Workspace,
+    name: str,
+    documents: pa.Table | None,
+    tokens: pa.Table,
+    nonfinite: list[pa.Table],
+    acts: dict[str, pa.Table],
+    totals: tuple[int, int, int],
+) -> None:
+    """One harvest commit, in one transaction: new documents, tokens, skipped non-finite tokens, the
+    activation rows of each table, and the harvest's totals (n_windows, n_tokens, n_docs)."""
+    with ws.write() as con:
+        if documents is not None:
+            insert_arrow(con, "documents", documents)
+        insert_arrow(con, "tokens", tokens)
+        for bad in nonfinite:
+            insert_arrow(con, "nonfinite_tokens", bad)
+        for table, rows in acts.items():
+            insert_arrow(con, table, rows)
+        con.execute(
+            "UPDATE harvests SET n_windows = ?, n_tokens = ?, n_docs = ?, updated_at = current_timestamp WHERE name = ?",
+            [*totals, name],
+        )
+
+
+def mark_complete(ws: Workspace, name: str) -> None:
+    """The harvest has read its whole corpus."""
+    with ws.write() as con:
+        con.execute("UPDATE harvests SET status = 'complete', updated_at = current_timestamp WHERE name = ?", [name])
 
 
 def harvest_hooks(ws: Workspace | str, harvest: str | None = None) -> dict[str, int]:
     """Hook name -> width d of a harvest's stored activations."""
     return harvest_info(ws, harvest).hooks
-
-
-def read_activations(
-    ws: Workspace, table: str, start: int, stop: int, con: duckdb.DuckDBPyConnection | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """(tok_idx, x[rows, d]) for start <= tok_idx < stop, in tok_idx order."""
-    query = f"SELECT tok_idx, x FROM {quote_ident(table)} WHERE tok_idx >= ? AND tok_idx < ? ORDER BY tok_idx"
-    if con is None:
-        with ws.read() as own:
-            result = own.sql(query, params=[start, stop]).to_arrow_table()
-    else:
-        result = con.sql(query, params=[start, stop]).to_arrow_table()
-    return arrow_to_numpy(result)
-
-
-def arrow_to_numpy(result: pa.Table) -> tuple[np.ndarray, np.ndarray]:
-    idx = result.column("tok_idx").to_numpy()
-    col = result.column("x").combine_chunks()
-    if len(col) == 0:
-        return idx, np.zeros((0, 0), dtype=np.float32)
-    d = col.type.list_size
-    values = col.values.to_numpy(zero_copy_only=False)
-    return idx, values.reshape(-1, d).astype(np.float32, copy=False)
 
 
 PARQUET_MANIFEST = "harvest.json"

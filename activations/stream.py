@@ -26,7 +26,8 @@ from typing import Literal
 
 import numpy as np
 
-from activations.store import HarvestError, HarvestPart, NonFiniteActivationsError, nonfinite_rows, open_parts
+from activations.reader import HookReader
+from activations.store import HarvestError, open_parts
 from saewb.workspace import Workspace
 
 Split = Literal["train", "eval", "all"]
@@ -95,9 +96,13 @@ class ActivationStream:
         self.chunk_tokens = chunk_tokens
         self.chunks_per_buffer = max(1, buffer_tokens // chunk_tokens)
         self._threshold = split_threshold(eval_fraction)
-        self._where = f"t.harvest = ? AND {doc_split_sql(split)}" + (" AND NOT t.is_special" if exclude_special else "")
-        self._skipped = [self._skipped_clause(part) for part in self.parts]
-        """Per part: the SQL (and its parameter) leaving out the tokens its harvest skipped as non-finite."""
+        where = doc_split_sql(split) + (" AND NOT t.is_special" if exclude_special else "")
+        self.readers = [
+            HookReader(part, hook, where, [self._threshold], leave_out_skipped=True,
+                       consequence="they are not handed to a trainer")
+            for part in self.parts
+        ]
+        """One reader per part: the split's tokens, without the ones its harvest skipped as non-finite."""
         # A snapshot: tokens committed by a harvest still running after this point are not seen.
         sizes = np.array([p.info.n_tokens for p in self.parts], dtype=np.int64)
         self.part_offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
@@ -113,39 +118,10 @@ class ActivationStream:
                 + (" (the eval split is empty; raise eval_fraction or harvest more documents)" if split == "eval" else "")
             )
 
-    def _skipped_clause(self, part: HarvestPart) -> tuple[str, list[str]]:
-        if part.ws is None:  # a Parquet export carries its skipped tokens in a file of its own
-            if part.nonfinite_file is None:
-                return "", []
-            return (" AND NOT EXISTS (SELECT 1 FROM read_parquet(?) n WHERE n.hook = ? AND n.tok_idx = t.tok_idx)",
-                    [part.nonfinite_file, self.hook])
-        if not part.ws.table_exists("nonfinite_tokens"):
-            return "", []
-        with part.read() as con:
-            found = con.execute("SELECT 1 FROM nonfinite_tokens WHERE harvest = ? AND hook = ? LIMIT 1",
-                                [part.info.name, self.hook]).fetchall()
-        if not found:
-            return "", []  # the common case: the query stays as it was
-        return (" AND NOT EXISTS (SELECT 1 FROM nonfinite_tokens n WHERE n.harvest = t.harvest AND n.hook = ?"
-                " AND n.tok_idx = t.tok_idx)"), [self.hook]
-
     def _count_chunks(self) -> np.ndarray:
         """Kept tokens per chunk, the parts' chunks one after the other (chunk c of part p is global
         chunk `chunk_base[p] + c`)."""
-        all_counts = []
-        for part, (skipped, s_params) in zip(self.parts, self._skipped, strict=True):
-            n_chunks = -(-part.info.n_tokens // self.chunk_tokens)
-            tokens, params = part.tokens_ref()
-            with part.read() as con:
-                rows = con.execute(
-                    f"SELECT t.tok_idx // ? AS chunk, count(*) FROM {tokens} t WHERE {self._where}{skipped} "
-                    "AND t.tok_idx < ? GROUP BY 1",
-                    [self.chunk_tokens, *params, part.info.name, self._threshold, *s_params, part.info.n_tokens],
-                ).fetchall()
-            counts = np.zeros(n_chunks, dtype=np.int64)
-            for chunk, count in rows:
-                counts[chunk] = count
-            all_counts.append(counts)
+        all_counts = [reader.chunk_counts(self.chunk_tokens) for reader in self.readers]
         self.chunk_base = np.concatenate([[0], np.cumsum([len(c) for c in all_counts])[:-1]]).astype(np.int64)
         self.chunk_part = np.repeat(np.arange(len(all_counts)), [len(c) for c in all_counts])
         return np.concatenate(all_counts)
@@ -155,56 +131,27 @@ class ActivationStream:
         return -(-self.n_tokens // self.batch_size)
 
     def _read_chunks(self, chunks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """One buffer: the rows of these chunks, filled chunk by chunk into one preallocated array.
-
-        The split and special-token filter runs on the narrow `tokens` table; the activation rows are
-        a plain range read (a join of the two is several times slower in DuckDB).
-        """
+        """One buffer: the rows of these chunks, filled chunk by chunk into one preallocated array."""
         total = int(self.chunk_counts[chunks].sum())
         idx = np.empty(total, dtype=np.int64)
         x = np.empty((total, self.d), dtype=np.float32)
         at = 0
         chunks = np.asarray(chunks, dtype=np.int64)
-        for p, part in enumerate(self.parts):
+        for p, reader in enumerate(self.readers):
             mine = chunks[self.chunk_part[chunks] == p]  # in buffer order; one part: all of them
             if not len(mine):
                 continue
-            tokens, t_params = part.tokens_ref()
-            acts, x_expr, a_params = part.acts_ref(self.hook)
-            skipped, s_params = self._skipped[p]
-            keep_query = f"SELECT t.tok_idx FROM {tokens} t WHERE {self._where}{skipped} AND t.tok_idx >= ? AND t.tok_idx < ?"
-            act_query = f"SELECT tok_idx, {x_expr} FROM {acts} WHERE tok_idx >= ? AND tok_idx < ?"
-            base, offset, n_part = int(self.chunk_base[p]), int(self.part_offsets[p]), part.info.n_tokens
+            base, offset, n_part = int(self.chunk_base[p]), int(self.part_offsets[p]), reader.part.info.n_tokens
             # Pages are read once per epoch; a small buffer pool keeps the stream's memory flat.
-            with part.read(memory_limit=READ_MEMORY_LIMIT) as con:
+            with reader.part.read(memory_limit=READ_MEMORY_LIMIT) as con:
                 for chunk in mine.tolist():
                     lo = (chunk - base) * self.chunk_tokens
-                    hi = min(lo + self.chunk_tokens, n_part)
-                    keep = np.zeros(hi - lo, dtype=bool)
-                    kept = con.sql(keep_query, params=[*t_params, part.info.name, self._threshold, *s_params, lo, hi]
-                                   ).to_arrow_table()
-                    keep[kept.column("tok_idx").to_numpy() - lo] = True
-                    result = con.sql(act_query, params=[*a_params, lo, hi]).to_arrow_table()
-                    rows = result.column("tok_idx").to_numpy()
-                    values = result.column("x").combine_chunks().values.to_numpy(zero_copy_only=False)
-                    order = np.argsort(rows, kind="stable")  # scans are not ordered; sorting 8k ints is cheap
-                    rows, values = rows[order], values.reshape(-1, self.d)[order]
-                    mask = keep[rows - lo]
-                    bad = nonfinite_rows(values)
-                    bad = bad[mask[bad]]  # rows of this split (skipped and special tokens may be anything)
-                    if len(bad):
-                        raise NonFiniteActivationsError(
-                            f"hook {self.hook!r} of {part.location} holds {len(bad)} NaN/inf activation rows in tokens "
-                            f"{lo}..{hi - 1} (tok_idx {', '.join(map(str, rows[bad][:5].tolist()))}"
-                            f"{', ...' if len(bad) > 5 else ''}); they are not handed to a trainer. `saewb harvest` "
-                            "checks every batch, so these came from elsewhere: harvest again (with --nonfinite skip "
-                            "to leave such rows out)"
-                        )
-                    n = int(mask.sum())
-                    idx[at : at + n] = rows[mask] + offset
-                    x[at : at + n] = values[mask]
+                    rows, values = reader.read(con, lo, min(lo + self.chunk_tokens, n_part))
+                    n = len(rows)
+                    idx[at : at + n] = rows + offset
+                    x[at : at + n] = values
                     at += n
-                    del result, values, kept
+                    del rows, values
         if at != total:
             raise RuntimeError(f"workspace changed under the stream: expected {total} rows, read {at}")
         return idx, x

@@ -1,7 +1,8 @@
-"""`saewb analyze` and `saewb mcs`.
+"""`saewb analyze`, `saewb mcs` and `saewb export-neuronpedia`.
 
     saewb analyze RUN --workspace ws.duckdb [--top-n 20 --batch-size 2048 --max-tokens N --no-logits]
     saewb mcs RUN_A RUN_B --workspace ws.duckdb [--json]
+    saewb export-neuronpedia RUN OUT_DIR --workspace ws.duckdb [--latents 0-99] [--n-top 20] [--window 8]
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import argparse
 import json
 import sys
 from dataclasses import fields
+from pathlib import Path
 
 from saewb.workspace import Workspace
 
@@ -73,4 +75,25 @@ def cmd_mcs(args: argparse.Namespace) -> int:
             s = summary[key]
             print(f"{x} -> {y}: {s['share_above_09']:.1%} of {s['n_latents']} latents have MCS > 0.9 "
                   f"(mean {s['mean_mcs']:.3f}, median {s['median_mcs']:.3f})", file=sys.stdout)
+    return 0
+
+
+def register_exports(subparsers: argparse._SubParsersAction) -> None:
+    """After the SAELens commands in `saewb --help`: the export of an analysed run."""
+    n = subparsers.add_parser("export-neuronpedia", help="one JSON file per latent with its dashboard data")
+    n.add_argument("run", help="an analysed run (`saewb analyze RUN` first)")
+    n.add_argument("out_dir", type=Path)
+    n.add_argument("--workspace", required=True, help="workspace .duckdb file")
+    n.add_argument("--latents", help="ids and ranges, e.g. 0,5,10-20 (default: all)")
+    n.add_argument("--n-top", dest="n_top", type=int, default=20, help="top contexts per latent")
+    n.add_argument("--window", type=int, default=8, help="tokens either side of each activating token")
+    n.set_defaults(func=cmd_export_neuronpedia)
+
+
+def cmd_export_neuronpedia(args: argparse.Namespace) -> int:
+    from analysis.neuronpedia import export_neuronpedia
+
+    rec = export_neuronpedia(args.workspace, args.run, args.out_dir, latents=args.latents, n_top=args.n_top,
+                             window=args.window)
+    print(f"wrote {rec['exported_latents']} feature files to {args.out_dir / 'features'} and {args.out_dir / 'run.json'}")
     return 0

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from analysis import tables
+from analysis.runs import find_run
 from saewb.workspace import Workspace
 
 THRESHOLD = 0.9
@@ -36,13 +37,10 @@ def summarize(mcs: np.ndarray, threshold: float = THRESHOLD) -> dict[str, float]
 def compare_runs(ws: Workspace | str, run_a: str, run_b: str, *, store: bool = True) -> dict[str, Any]:
     """MCS of run_a's latents against run_b and of run_b's against run_a; stores the a→b summary."""
     import sae as sae_api
-    from sae import runs
 
     ws = ws if isinstance(ws, Workspace) else Workspace(ws)
     for name in (run_a, run_b):
-        if runs.get_run(ws, name) is None:
-            names = [r["name"] for r in runs.list_runs(ws)] if ws.table_exists("runs") else []
-            raise tables.AnalysisError(f"no run named {name!r} in {ws.path}; runs there: {', '.join(names) or 'none'}")
+        find_run(ws, name)
     sa = sae_api.load(run_a, workspace=ws.path)
     sb = sae_api.load(run_b, workspace=ws.path)
     if sa.d != sb.d:
@@ -53,12 +51,5 @@ def compare_runs(ws: Workspace | str, run_a: str, run_b: str, *, store: bool = T
     ab, ba = max_cosine(da, db), max_cosine(db, da)
     out = {"run_a": run_a, "run_b": run_b, "a_to_b": summarize(ab), "b_to_a": summarize(ba), "mcs_a": ab, "mcs_b": ba}
     if store:
-        tables.ensure_schema(ws)
-        s = out["a_to_b"]
-        with ws.write() as con:
-            con.execute("DELETE FROM run_consistency WHERE run_a = ? AND run_b = ?", [run_a, run_b])
-            con.execute(
-                "INSERT INTO run_consistency VALUES (?, ?, ?, ?, ?, ?, current_timestamp)",
-                [run_a, run_b, s["n_latents"], s["share_above_09"], s["mean_mcs"], s["median_mcs"]],
-            )
+        tables.store_consistency(ws, run_a, run_b, out["a_to_b"])
     return out

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
 
 
 def _ids(text: str) -> tuple[int, ...]:
@@ -89,12 +88,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_probe)
 
 
-def _model(ctx: Any, override: str | None) -> Any:
-    from activations.models import load_model
-
-    return load_model(override or ctx.model_name)
-
-
 def _eval(args: argparse.Namespace) -> int:
     from analysis.evaluate import evaluate_run, format_table
 
@@ -107,7 +100,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _intervene(args: argparse.Namespace) -> int:
-    from analysis.evaluate import is_causal_lm, load_run
+    from analysis.evaluate import is_causal_lm
     from analysis.interventions import (
         Intervention,
         format_lm_result,
@@ -115,6 +108,7 @@ def _intervene(args: argparse.Namespace) -> int:
         intervene_lm,
         semantic_search,
     )
+    from analysis.runs import load_run, load_run_model
     from analysis.splice import LatentEdit, Steering
 
     edits = [LatentEdit("ablate", ids) for ids in args.ablate]
@@ -124,7 +118,7 @@ def _intervene(args: argparse.Namespace) -> int:
     ctx = load_run(args.workspace, args.run)
     iv = Intervention(edits=edits, steering=steering, error_term=not args.no_error_term)
     iv.validate(ctx.sae)  # before the slow model load
-    model = _model(ctx, args.model)
+    model = load_run_model(ctx, args.model)
     if is_causal_lm(model):
         r = intervene_lm(model, ctx, args.prompt, iv, hook=args.hook, top_k=args.top_k,
                          max_new_tokens=args.generate, do_sample=args.sample, temperature=args.temperature,
@@ -142,12 +136,13 @@ def _intervene(args: argparse.Namespace) -> int:
 
 
 def _probe(args: argparse.Namespace) -> int:
-    from analysis.evaluate import load_run, store_eval
+    from analysis.evaluate import store_eval
     from analysis.probing import format_probe, load_labelled, probe_run
+    from analysis.runs import load_run, load_run_model
 
     texts, y, classes = load_labelled(args.data)
     ctx = load_run(args.workspace, args.run)
-    model = _model(ctx, args.model)
+    model = load_run_model(ctx, args.model)
     rep = probe_run(model, ctx, texts, y, classes, ks=args.ks, test_fraction=args.test_fraction, seed=args.seed,
                     l2=args.l2)
     record = {"data": str(args.data), "classes": classes, "n_train": rep.n_train, "n_test": rep.n_test,

@@ -26,8 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from activations.store import HarvestError, harvest_info
+from activations.store import HarvestError
 from activations.stream import EVAL_FRACTION, ActivationStream, doc_split_sql, split_threshold
+from analysis.runs import RunContext, load_run, load_run_model
 from analysis.splice import hooked, sae_hook_fn, zero_ablate_hook_fn
 from saewb.progress import progress_bar
 from saewb.workspace import Workspace
@@ -38,45 +39,6 @@ EVALS_SCHEMA = """CREATE TABLE IF NOT EXISTS evals (
     metrics VARCHAR NOT NULL,
     created_at TIMESTAMP NOT NULL
 )"""
-
-
-@dataclass
-class RunContext:
-    """A trained run with what is needed to splice it: its SAE, hook, harvest and model name."""
-
-    ws: Workspace
-    name: str
-    sae: Any
-    hook: str
-    harvest: str
-    model_name: str
-    ctx_len: int
-    sources: tuple[str, ...] = ()
-    """Every data source of a run trained on a set; empty: the workspace alone."""
-
-
-def load_run(workspace: str | Path | Workspace, run: str) -> RunContext:
-    """Load run `run` of a workspace and the harvest facts it was trained on."""
-    import sae as sae_pkg
-    from sae import runs
-
-    ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace)
-    row = runs.get_run(ws, run)
-    if row is None:
-        names = [r["name"] for r in runs.list_runs(ws)]
-        raise ValueError(f"no run named {run!r} in {ws.path}; runs there: {', '.join(names) or 'none'} "
-                         "(train one with `saewb train`)")
-    if not row.get("hook"):
-        raise ValueError(f"run {run!r} records no hook (trained on arrays, not a harvest); it cannot be spliced")
-    info = harvest_info(ws, row.get("harvest"))
-    model = sae_pkg.load(run, workspace=ws.path)
-    ident = info.config.get("identity", {})
-    if info.hooks.get(row["hook"]) not in (None, model.d):
-        raise ValueError(f"run {run!r} has width {model.d} but hook {row['hook']} of harvest {info.name!r} "
-                         f"has width {info.hooks[row['hook']]}")
-    sources = tuple((row.get("config") or {}).get("sources") or ())
-    return RunContext(ws, run, model, row["hook"], info.name, str(ident.get("model", info.config.get("model"))),
-                      int(ident.get("ctx_len", 128)), sources)
 
 
 def is_causal_lm(model: Any) -> bool:
@@ -320,9 +282,7 @@ def evaluate_run(
     out.update(reconstruction_metrics(ctx, progress=progress))
     if downstream:
         if model is None:
-            from activations.models import load_model
-
-            model = load_model(model_name or ctx.model_name)
+            model = load_run_model(ctx, model_name)
         windows = eval_windows(ctx.ws, ctx.harvest, pad_id_of(model), max_seqs=max_seqs)
         if is_causal_lm(model):
             out["model_kind"] = "causal_lm"

@@ -19,9 +19,7 @@ for models with an unembedding, and feature families (analysis/families.py).
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -29,16 +27,11 @@ import numpy as np
 import pyarrow as pa
 import scipy.sparse as sp
 
-from activations.store import (
-    HarvestError,
-    NonFiniteActivationsError,
-    harvest_info,
-    insert_arrow,
-    nonfinite_rows,
-    quote_ident,
-)
+from activations.reader import HookReader, ordered_batches
+from activations.store import HarvestError, open_part
 from analysis import tables
 from analysis.families import cooc_row_blocks, feature_families
+from analysis.runs import run_harvest
 from saewb.progress import progress_bar
 from saewb.workspace import Workspace
 
@@ -157,85 +150,17 @@ class CoocCounter:
         return self.sparse
 
 
-def _sparse_code(f: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def sparse_code(f: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(rows, cols, values) of the positive entries of a code batch, row-major."""
     rows, cols = np.nonzero(f > 0)
     return rows, cols.astype(np.int32), f[rows, cols].astype(np.float32)
 
 
-def analysable_tokens(ws: Workspace, harvest: str, n_committed: int, max_tokens: int | None = None) -> int:
-    """How many tokens `activation_batches` yields: the committed non-special ones, at most `max_tokens`."""
-    with ws.read() as con:
-        found = con.execute(
-            "SELECT count(*) FROM tokens WHERE harvest = ? AND NOT is_special AND tok_idx < ?", [harvest, n_committed]
-        ).fetchone()
-    n = int(found[0]) if found else 0
-    return n if max_tokens is None else min(n, max_tokens)
-
-
-def activation_batches(
-    ws: Workspace, harvest: str, table: str, n_committed: int, batch_size: int, chunk_tokens: int,
-    max_tokens: int | None = None,
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(tok_idx, x) of the non-special tokens in tok_idx order, in batches of exactly `batch_size`
-    (the last may be short). One short read connection per chunk."""
-    query = (
-        f"SELECT a.tok_idx, a.x FROM {quote_ident(table)} a JOIN tokens t ON t.tok_idx = a.tok_idx "
-        "WHERE t.harvest = ? AND NOT t.is_special AND a.tok_idx >= ? AND a.tok_idx < ? "
-        "AND t.tok_idx >= ? AND t.tok_idx < ? ORDER BY a.tok_idx"
-    )
-    parts: list[tuple[np.ndarray, np.ndarray]] = []
-    have = 0
-    seen = 0
-    for lo in range(0, n_committed, chunk_tokens):
-        hi = min(lo + chunk_tokens, n_committed)
-        with ws.read(memory_limit=READ_MEMORY_LIMIT) as con:
-            res = con.sql(query, params=[harvest, lo, hi, lo, hi]).to_arrow_table()
-        if res.num_rows == 0:
-            continue
-        idx = res.column("tok_idx").to_numpy()
-        col = res.column("x").combine_chunks()
-        x = col.values.to_numpy(zero_copy_only=False).reshape(len(idx), col.type.list_size)
-        del res, col
-        bad = nonfinite_rows(x)
-        if len(bad):  # a harvest's skipped rows are zeros: these came from elsewhere
-            raise NonFiniteActivationsError(
-                f"{table} holds {len(bad)} NaN/inf activation rows (tok_idx {', '.join(map(str, idx[bad][:5].tolist()))}"
-                f"{', ...' if len(bad) > 5 else ''}); analysing them would give NaN statistics: harvest again "
-                "(with --nonfinite skip to leave such rows out)"
-            )
-        if max_tokens is not None and seen + len(idx) > max_tokens:
-            idx, x = idx[: max_tokens - seen], x[: max_tokens - seen]
-        seen += len(idx)
-        parts.append((idx, x))
-        have += len(idx)
-        while have >= batch_size:
-            cat_i = np.concatenate([p[0] for p in parts])
-            cat_x = np.concatenate([p[1] for p in parts])
-            yield cat_i[:batch_size], cat_x[:batch_size]
-            parts = [(cat_i[batch_size:], cat_x[batch_size:])]
-            have = len(cat_i) - batch_size
-        if max_tokens is not None and seen >= max_tokens:
-            break
-    if have:
-        yield np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-
-
-def code_batches(ws: Workspace, run: str, n_committed: int, chunk_tokens: int) -> Iterator[tuple[np.ndarray, ...]]:
-    """(tok_idx per entry, latent, value) of the stored sparse codes, chunk by chunk in tok_idx order."""
-    for lo in range(0, n_committed, chunk_tokens):
-        with ws.read(memory_limit=READ_MEMORY_LIMIT) as con:
-            res = con.sql(
-                "SELECT tok_idx, latents, vals FROM feature_codes WHERE run = ? AND tok_idx >= ? AND tok_idx < ?",
-                params=[run, lo, lo + chunk_tokens],
-            ).to_arrow_table()
-        if res.num_rows == 0:
-            continue
-        lat = res.column("latents").combine_chunks()
-        vals = res.column("vals").combine_chunks()
-        counts = np.diff(lat.offsets.to_numpy())
-        tok = np.repeat(res.column("tok_idx").to_numpy(), counts)
-        yield tok, lat.flatten().to_numpy().astype(np.int64), vals.flatten().to_numpy().astype(np.float32)
+def activation_reader(ws: Workspace, harvest: str, hook: str) -> HookReader:
+    """The rows the analysis reads: every non-special token of the harvest, as stored (a `--nonfinite
+    skip` harvest's skipped rows are zeros; any NaN/inf row is refused)."""
+    return HookReader(open_part(ws, harvest), hook, "NOT t.is_special", leave_out_skipped=False,
+                      consequence="analysing them would give NaN statistics")
 
 
 def _codes_table(tok_idx: np.ndarray, rows: np.ndarray, cols: np.ndarray, vals: np.ndarray) -> pa.Table:
@@ -246,12 +171,6 @@ def _codes_table(tok_idx: np.ndarray, rows: np.ndarray, cols: np.ndarray, vals: 
         "latents": pa.ListArray.from_arrays(pa.array(offsets), pa.array(cols.astype(np.int32))),
         "vals": pa.ListArray.from_arrays(pa.array(offsets), pa.array(vals.astype(np.float32))),
     })
-
-
-def _write_codes(ws: Workspace, run: str, pieces: list[pa.Table]) -> None:
-    data = pa.concat_tables(pieces)  # noqa: F841 - read by DuckDB's replacement scan
-    with ws.write() as con:
-        con.execute("INSERT INTO feature_codes SELECT ?, tok_idx, latents, vals FROM data", [run])
 
 
 def quantile_edges(log_hist: np.ndarray, n_bands: int, max_act: np.ndarray) -> np.ndarray:
@@ -279,7 +198,7 @@ def quantile_edges(log_hist: np.ndarray, n_bands: int, max_act: np.ndarray) -> n
 
 
 def stream_stats(
-    ws: Workspace, sae: Any, run: str, harvest: str, table: str, n_committed: int, cfg: AnalyzeConfig,
+    ws: Workspace, sae: Any, run: str, harvest: str, hook: str, n_committed: int, cfg: AnalyzeConfig,
     store_codes: bool = True, progress: bool = False,
 ) -> StreamStats:
     """Passes 1 and 2 (see the module docstring)."""
@@ -293,14 +212,17 @@ def stream_stats(
     pending: list[pa.Table] = []
     pending_rows = 0
     n_tokens = 0
-    bar = progress_bar(f"analyze {run}: pass 1", analysable_tokens(ws, harvest, n_committed, cfg.max_tokens),
+    reader = activation_reader(ws, harvest, hook)
+    n_read = reader.count(n_committed)
+    bar = progress_bar(f"analyze {run}: pass 1", n_read if cfg.max_tokens is None else min(n_read, cfg.max_tokens),
                        unit="tok", unit_scale=True, enabled=progress)
-    for idx, x in activation_batches(ws, harvest, table, n_committed, cfg.batch_size, cfg.chunk_tokens, cfg.max_tokens):
+    batches = ordered_batches(reader, n_committed, cfg.batch_size, cfg.chunk_tokens, cfg.max_tokens, READ_MEMORY_LIMIT)
+    for idx, x in batches:
         b = len(idx)
         if b < cfg.batch_size:  # pad: one jit shape for the whole pass
             x = np.concatenate([x, np.zeros((cfg.batch_size - b, x.shape[1]), np.float32)])
         f = sae.encode(x)[:b]
-        rows, cols, vals = _sparse_code(f)
+        rows, cols, vals = sparse_code(f)
         del f
         n_tokens += b
         n_fires += np.bincount(cols, minlength=n)
@@ -316,11 +238,11 @@ def stream_stats(
             pending.append(_codes_table(idx, rows, cols, vals))
             pending_rows += b
             if pending_rows >= CODES_FLUSH_TOKENS:
-                _write_codes(ws, run, pending)
+                tables.append_codes(ws, run, pa.concat_tables(pending))
                 pending, pending_rows = [], 0
         bar.update(b)
     if pending:
-        _write_codes(ws, run, pending)
+        tables.append_codes(ws, run, pa.concat_tables(pending))
     bar.close()
     if n_tokens == 0:
         raise HarvestError(f"harvest {harvest!r} has no non-special tokens to analyse")
@@ -331,7 +253,7 @@ def stream_stats(
     bands = TopPerGroup(n * cfg.n_bands, cfg.samples_per_band)
     rng = np.random.default_rng(cfg.seed)
     safe_max = np.maximum(max_act, 1e-12)
-    for tok, lat, val in code_batches(ws, run, n_committed, cfg.chunk_tokens):
+    for tok, lat, val in tables.code_batches(ws, run, n_committed, cfg.chunk_tokens, READ_MEMORY_LIMIT):
         bins = np.minimum((val / safe_max[lat] * cfg.n_bins).astype(np.int64), cfg.n_bins - 1)
         hist += np.bincount(lat * cfg.n_bins + bins, minlength=hist.size).reshape(hist.shape)
         band = np.zeros(len(val), np.int64)
@@ -430,30 +352,6 @@ def logit_effects(directions: np.ndarray, w_u: np.ndarray, k: int, block: int = 
     return tuple(out)
 
 
-def resolve_run(ws: Workspace, run: str) -> dict[str, Any]:
-    """The run's row with harvest and hook checked; clear errors otherwise."""
-    from sae import runs
-
-    row = runs.get_run(ws, run)
-    if row is None:
-        names = [r["name"] for r in runs.list_runs(ws)] if ws.table_exists("runs") else []
-        raise tables.AnalysisError(
-            f"no run named {run!r} in {ws.path}; runs there: {', '.join(names) or 'none'} "
-            f"(train one with `saewb train --workspace {ws.path} ...`)"
-        )
-    if not row.get("harvest") or not row.get("hook"):
-        raise tables.AnalysisError(
-            f"run {run!r} has no harvest/hook recorded (trained outside a workspace harvest); analysis reads the "
-            "harvest's activations, so train the SAE on a harvest in this workspace"
-        )
-    info = harvest_info(ws, row["harvest"])
-    if row["hook"] not in info.hooks:
-        raise tables.AnalysisError(
-            f"hook {row['hook']!r} of run {run!r} is not in harvest {info.name!r} (it has {', '.join(info.hooks)})"
-        )
-    return {"row": row, "info": info}
-
-
 def analyze_run(
     ws: Workspace | str, run: str, cfg: AnalyzeConfig | None = None, *, progress: bool = False
 ) -> dict[str, Any]:
@@ -467,25 +365,16 @@ def analyze_run(
     cfg = cfg or AnalyzeConfig()
     if cfg.batch_size < 1 or cfg.top_n < 1 or cfg.n_bins < 1 or cfg.n_bands < 1 or cfg.samples_per_band < 1:
         raise ValueError("batch_size, top_n, n_bins, n_bands and samples_per_band must all be positive")
-    resolved = resolve_run(ws, run)
-    row, info = resolved["row"], resolved["info"]
+    row, info = run_harvest(ws, run)
     model = sae_api.load(run, workspace=ws.path)
     if model.d != info.hooks[row["hook"]]:
         raise tables.AnalysisError(
             f"run {run!r} has d={model.d} but hook {row['hook']!r} of harvest {info.name!r} has d={info.hooks[row['hook']]}"
         )
     t0 = time.perf_counter()
-    tables.ensure_schema(ws)
-    with ws.write() as con:
-        tables.create_indexes(con)
-        con.execute("DELETE FROM feature_codes WHERE run = ?", [run])
-        con.execute("DELETE FROM analysis_runs WHERE run = ?", [run])
-        con.execute(
-            "INSERT INTO analysis_runs VALUES (?, ?, ?, 'running', 0, ?, ?, current_timestamp)",
-            [run, info.name, row["hook"], model.n_latents, json.dumps(asdict(cfg))],
-        )
+    tables.start_analysis(ws, run, info.name, row["hook"], model.n_latents, asdict(cfg))
     stats = stream_stats(
-        ws, model, run, info.name, info.tables[row["hook"]], info.n_tokens, cfg, progress=progress
+        ws, model, run, info.name, row["hook"], info.n_tokens, cfg, progress=progress
     )
     t_stream = time.perf_counter() - t0
     n = model.n_latents
@@ -495,9 +384,7 @@ def analyze_run(
     fam = feature_families(stats.cooc, stats.n_fires, cfg.family_min_weight, cfg.family_min_children)
     logits = None
     if cfg.logits:
-        with ws.read() as con:
-            found = con.execute("SELECT model FROM harvests WHERE name = ?", [info.name]).fetchone()
-        logits = _logits_for(found[0] if found else None, directions, cfg.n_logits)
+        logits = _logits_for(info.model, directions, cfg.n_logits)
     _store(ws, run, n, cfg, stats, nb_idx, nb_cos, (co_r, co_rank, co_o, co_cnt, co_norm), fam, logits)
     seconds = time.perf_counter() - t0
     return {
@@ -596,15 +483,7 @@ def _store(
         "depth": fam["depth"].astype(np.int32),
         "weight": pa.array(fam["weight"].astype(np.float32), mask=np.isnan(fam["weight"])),
     })
-    with ws.write() as con:
-        for name, data in (
-            ("latent_stats", stats_tbl), ("latent_contexts", ctx), ("latent_bands", bands_tbl),
-            ("latent_neighbors", nb_tbl), ("latent_cooccurrence", co_tbl), ("latent_families", fam_tbl),
-        ):
-            con.execute(f"DELETE FROM {name} WHERE run = ?", [run])
-            if data.num_rows:
-                insert_arrow(con, name, data)
-        con.execute(
-            "UPDATE analysis_runs SET status = 'done', n_tokens = ?, updated_at = current_timestamp WHERE run = ?",
-            [s.n_tokens, run],
-        )
+    tables.finish_analysis(ws, run, s.n_tokens, {
+        "latent_stats": stats_tbl, "latent_contexts": ctx, "latent_bands": bands_tbl, "latent_neighbors": nb_tbl,
+        "latent_cooccurrence": co_tbl, "latent_families": fam_tbl,
+    })

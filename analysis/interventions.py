@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from activations.models import UnknownHookError, canonical_hook
-from analysis.evaluate import RunContext, is_causal_lm, sentence_embeddings
+from analysis.evaluate import is_causal_lm, sentence_embeddings
+from analysis.runs import RunContext
 from analysis.splice import LatentEdit, Steering, hooked, sae_hook_fn, validate_edits
 
 

@@ -107,18 +107,9 @@ def _dashboards(ws: Workspace, run: str, latents: list[int], n_top: int, window:
     """`tables.dashboard` for many latents, a bounded number per short read connection."""
     for start in range(0, len(latents), _LATENTS_PER_READ):
         with ws.read() as con:
-            info = tables._require_analysis(ws, run, con)
+            info = tables.require_analysis(ws, run, con)
             for latent in latents[start:start + _LATENTS_PER_READ]:
-                contexts = tables._contexts(con, info, run, latent, None, window, n_top)
-                yield latent, {
-                    "summary": tables.latent_summary(ws, run, latent, con=con)[0],
-                    "top": [c for c in contexts if c.kind == "top"],
-                    "bands": [c for c in contexts if c.kind == "band"],
-                    "band_ranges": tables.band_ranges(ws, run, latent, con=con),
-                    "neighbors": tables.neighbors(ws, run, latent, con=con),
-                    "cooccurring": tables.cooccurring(ws, run, latent, con=con),
-                    "family": tables.family_of(ws, run, latent, con=con),
-                }
+                yield latent, tables.latent_dashboard(ws, con, info, run, latent, n_top=n_top, window=window)
 
 
 def parse_latents(text: str | None, n_latents: int) -> list[int]:

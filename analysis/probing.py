@@ -18,7 +18,7 @@ import numpy as np
 
 from activations.corpus import Document
 from activations.tokenize import WindowTokenizer
-from analysis.evaluate import RunContext
+from analysis.runs import RunContext
 from analysis.splice import encode_rows, hooked
 
 DEFAULT_KS = (1, 2, 5, 10, 20)

@@ -1,4 +1,5 @@
-"""Workspace tables written by `saewb analyze` / `saewb mcs`, and the read helpers the app uses.
+"""The analysis tables and their one owner: the schema, the writes of `saewb analyze` / `saewb mcs`,
+and the reads the app and the exports use.
 
 Every table is keyed by (run, latent) and written in latent order in one transaction, so a lookup
 of one latent touches one or two DuckDB row groups (zone maps) plus an ART index on (run, latent).
@@ -32,7 +33,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+import pyarrow as pa
 
+from activations.store import insert_arrow, token_rows
 from saewb.workspace import Workspace
 
 SCHEMA = [
@@ -79,7 +82,7 @@ class AnalysisError(ValueError):
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _any_ws(fn: F) -> F:
+def accepts_path(fn: F) -> F:
     """Let a read helper take a Workspace or a path to one."""
 
     @functools.wraps(fn)
@@ -110,7 +113,7 @@ def _reading(ws: Workspace, con: Any | None) -> Iterator[Any]:
             yield own
 
 
-def _require_analysis(ws: Workspace, run: str, con: Any | None = None) -> dict[str, Any]:
+def require_analysis(ws: Workspace, run: str, con: Any | None = None) -> dict[str, Any]:
     with _reading(ws, con) as c:
         has_table = c.execute(
             "SELECT 1 FROM information_schema.tables WHERE table_name = 'analysis_runs'"
@@ -132,18 +135,95 @@ def _check_latent(info: dict[str, Any], run: str, latent: int) -> None:
         raise AnalysisError(f"latent {latent} is out of range for run {run!r}; it has latents 0..{info['n_latents'] - 1}")
 
 
-@_any_ws
+def start_analysis(ws: Workspace, run: str, harvest: str, hook: str, n_latents: int, config: dict[str, Any]) -> None:
+    """Mark `run`'s analysis as running, its earlier sparse codes gone (pass 1 writes them anew)."""
+    ensure_schema(ws)
+    with ws.write() as con:
+        create_indexes(con)
+        con.execute("DELETE FROM feature_codes WHERE run = ?", [run])
+        con.execute("DELETE FROM analysis_runs WHERE run = ?", [run])
+        con.execute(
+            "INSERT INTO analysis_runs VALUES (?, ?, ?, 'running', 0, ?, ?, current_timestamp)",
+            [run, harvest, hook, n_latents, json.dumps(config)],
+        )
+
+
+def append_codes(ws: Workspace, run: str, codes: pa.Table) -> None:
+    """Append sparse codes (tok_idx, latents, vals) of `run` to `feature_codes` in one transaction."""
+    with ws.write() as con:
+        con.execute("INSERT INTO feature_codes SELECT ?, tok_idx, latents, vals FROM codes", [run])
+
+
+def finish_analysis(ws: Workspace, run: str, n_tokens: int, per_latent: dict[str, pa.Table]) -> None:
+    """Replace `run`'s rows of the per-latent tables and mark its analysis done, in one transaction."""
+    unknown = set(per_latent) - set(PER_LATENT_TABLES)
+    if unknown:
+        raise ValueError(f"not a per-latent analysis table: {', '.join(sorted(unknown))}")
+    with ws.write() as con:
+        for name, data in per_latent.items():
+            con.execute(f"DELETE FROM {name} WHERE run = ?", [run])
+            if data.num_rows:
+                insert_arrow(con, name, data)
+        con.execute(
+            "UPDATE analysis_runs SET status = 'done', n_tokens = ?, updated_at = current_timestamp WHERE run = ?",
+            [n_tokens, run],
+        )
+
+
+def code_batches(
+    ws: Workspace, run: str, n_committed: int, chunk_tokens: int, memory_limit: str | None = None
+) -> Iterator[tuple[np.ndarray, ...]]:
+    """(tok_idx per entry, latent, value) of the stored sparse codes, chunk by chunk in tok_idx order."""
+    for lo in range(0, n_committed, chunk_tokens):
+        with ws.read(memory_limit=memory_limit) as con:
+            res = con.sql(
+                "SELECT tok_idx, latents, vals FROM feature_codes WHERE run = ? AND tok_idx >= ? AND tok_idx < ?",
+                params=[run, lo, lo + chunk_tokens],
+            ).to_arrow_table()
+        if res.num_rows == 0:
+            continue
+        lat = res.column("latents").combine_chunks()
+        vals = res.column("vals").combine_chunks()
+        counts = np.diff(lat.offsets.to_numpy())
+        tok = np.repeat(res.column("tok_idx").to_numpy(), counts)
+        yield tok, lat.flatten().to_numpy().astype(np.int64), vals.flatten().to_numpy().astype(np.float32)
+
+
+def store_consistency(ws: Workspace, run_a: str, run_b: str, summary: dict[str, Any]) -> None:
+    """The MCS summary of run_a's latents against run_b (replacing an earlier one)."""
+    ensure_schema(ws)
+    with ws.write() as con:
+        con.execute("DELETE FROM run_consistency WHERE run_a = ? AND run_b = ?", [run_a, run_b])
+        con.execute(
+            "INSERT INTO run_consistency VALUES (?, ?, ?, ?, ?, ?, current_timestamp)",
+            [run_a, run_b, summary["n_latents"], summary["share_above_09"], summary["mean_mcs"], summary["median_mcs"]],
+        )
+
+
+@accepts_path
+def analysed_runs(ws: Workspace) -> dict[str, str]:
+    """Run -> version (`updated_at`) of every finished analysis: the cache key of what was analysed."""
+    if not ws.table_exists("analysis_runs"):
+        return {}
+    with ws.read() as con:
+        rows = con.execute(
+            "SELECT run, CAST(updated_at AS VARCHAR) FROM analysis_runs WHERE status = 'done' ORDER BY run"
+        ).fetchall()
+    return {r[0]: r[1] for r in rows}
+
+
+@accepts_path
 def analysis_info(ws: Workspace, run: str) -> dict[str, Any]:
     """The analysis record of a run (harvest, hook, n_tokens, n_latents, config)."""
-    return _require_analysis(ws, run)
+    return require_analysis(ws, run)
 
 
-@_any_ws
+@accepts_path
 def latent_summary(
     ws: Workspace, run: str, latent: int | None = None, *, con: Any | None = None
 ) -> list[dict[str, Any]]:
     """Per-latent statistics (one dict per latent, ordered by latent); all latents when `latent` is None."""
-    info = _require_analysis(ws, run, con)
+    info = require_analysis(ws, run, con)
     query = "SELECT * FROM latent_stats WHERE run = ?"
     params: list[Any] = [run]
     if latent is not None:
@@ -174,7 +254,7 @@ class Context:
     """Position of `tok_idx` inside the window."""
 
 
-@_any_ws
+@accepts_path
 def top_contexts(
     ws: Workspace, run: str, latent: int, *, kind: str = "top", window: int = 8, limit: int | None = None,
     con: Any | None = None,
@@ -187,13 +267,13 @@ def top_contexts(
     if kind not in ("top", "band"):
         raise AnalysisError(f"kind must be 'top' or 'band', not {kind!r}")
     with _reading(ws, con) as c:
-        info = _require_analysis(ws, run, c)
+        info = require_analysis(ws, run, c)
         _check_latent(info, run, latent)
-        return _contexts(c, info, run, int(latent), kind, window, limit)
+        return _contexts(ws, c, info, run, int(latent), kind, window, limit)
 
 
 def _contexts(
-    con: Any, info: dict[str, Any], run: str, latent: int, kind: str | None, window: int, limit: int | None
+    ws: Workspace, con: Any, info: dict[str, Any], run: str, latent: int, kind: str | None, window: int, limit: int | None
 ) -> list[Context]:
     """Contexts of one kind (None: 'top' ones up to `limit`, then every 'band' sample) with their windows."""
     if kind is None:
@@ -210,27 +290,18 @@ def _contexts(
         ).fetchall()
     if not ctx_rows:
         return []
-    # Look the windows up as an explicit list of token ids (a hash semi-join, bounded by min/max for
-    # zone maps): a range join over the ranges is an order of magnitude slower on large caches.
-    needed = sorted({i for r in ctx_rows for i in range(r[3] - window, r[3] + window + 1)})
-    bounds = [needed[0], needed[-1], needed]
-    tok = con.execute(
-        "SELECT tok_idx, token_str, seq_id, doc_id FROM tokens WHERE harvest = ? AND tok_idx BETWEEN ? AND ? "
-        "AND tok_idx IN (SELECT unnest(?::BIGINT[]))",
-        [info["harvest"], *bounds],
-    ).fetchall()
+    tokens = _window_tokens(ws, con, info["harvest"], [r[3] for r in ctx_rows], window)
+    needed = sorted(tokens)
     codes = con.execute(
         "SELECT tok_idx, list_extract(vals, list_position(latents, ?)) FROM feature_codes "
         "WHERE run = ? AND tok_idx BETWEEN ? AND ? AND tok_idx IN (SELECT unnest(?::BIGINT[])) "
         "AND list_contains(latents, ?)",
-        [latent, run, *bounds, latent],
+        [latent, run, needed[0], needed[-1], needed, latent],
     ).fetchall()
-    tokens = {r[0]: (r[1], r[2], r[3]) for r in tok}
     acts = {int(r[0]): float(r[1]) for r in codes}
     out: list[Context] = []
     for kind_, band, rank, center, value in ctx_rows:
-        seq = tokens[center][1]
-        idxs = [i for i in range(center - window, center + window + 1) if i in tokens and tokens[i][1] == seq]
+        idxs = _window_of(tokens, center, window)
         out.append(Context(
             kind=kind_, band=band, rank=rank, tok_idx=center, value=float(value), doc_id=tokens[center][2],
             tok_idxs=idxs, tokens=[tokens[i][0] for i in idxs], acts=[acts.get(i, 0.0) for i in idxs],
@@ -239,42 +310,100 @@ def _contexts(
     return out
 
 
-@_any_ws
+def _window_tokens(
+    ws: Workspace, con: Any, harvest: str, centers: list[int], window: int
+) -> dict[int, tuple[str, int, int]]:
+    """tok_idx -> (token_str, seq_id, doc_id) of every token within `window` of a centre."""
+    needed = sorted({i for c in centers for i in range(c - window, c + window + 1)})
+    cols = ("tok_idx", "token_str", "seq_id", "doc_id")
+    found = token_rows(ws, harvest, needed, cols, con=con)
+    rows = zip(*(found.column(c).to_pylist() for c in cols), strict=True)
+    return {r[0]: (r[1], r[2], r[3]) for r in rows}
+
+
+def _window_of(tokens: dict[int, tuple[str, int, int]], center: int, window: int) -> list[int]:
+    """The token ids around `center` that lie in its sequence."""
+    seq = tokens[center][1]
+    return [i for i in range(center - window, center + window + 1) if i in tokens and tokens[i][1] == seq]
+
+
+@dataclass
+class Window:
+    """A context around a random analysed token, with the sparse code of each of its tokens (all latents)."""
+
+    tok_idx: int
+    tok_idxs: list[int]
+    tokens: list[str]
+    codes: list[dict[int, float]]
+    center: int
+
+    def acts(self, latent: int) -> list[float]:
+        return [c.get(latent, 0.0) for c in self.codes]
+
+
+@accepts_path
+def random_windows(ws: Workspace, run: str, n: int, *, seed: int = 0, window: int = 8) -> list[Window]:
+    """`n` contexts centred on analysed tokens drawn uniformly at random (without replacement): the pool
+    that non-activating contexts of a latent are taken from (those where it fires nowhere in the window)."""
+    with ws.read() as con:
+        info = require_analysis(ws, run, con)
+        total = con.execute(
+            "SELECT count(*), min(tok_idx), max(tok_idx) FROM feature_codes WHERE run = ?", [run]).fetchone()
+        if not total or not total[0]:
+            return []
+        rng = np.random.default_rng(seed)
+        analysed = con.execute(
+            "SELECT tok_idx FROM feature_codes WHERE run = ? ORDER BY tok_idx", [run]).fetchnumpy()["tok_idx"]
+        centers = sorted(int(c) for c in rng.choice(analysed, size=min(n, len(analysed)), replace=False))
+        tokens = _window_tokens(ws, con, info["harvest"], centers, window)
+        needed = sorted(tokens)
+        codes = {int(t): dict(zip(lat, val, strict=True)) for t, lat, val in con.execute(
+            "SELECT tok_idx, latents, vals FROM feature_codes WHERE run = ? AND tok_idx BETWEEN ? AND ? "
+            "AND tok_idx IN (SELECT unnest(?::BIGINT[]))", [run, needed[0], needed[-1], needed]).fetchall()}
+    out = []
+    for c in centers:
+        idxs = _window_of(tokens, c, window)
+        out.append(Window(tok_idx=c, tok_idxs=idxs, tokens=[tokens[i][0] for i in idxs],
+                          codes=[codes.get(i, {}) for i in idxs], center=idxs.index(c)))
+    return out
+
+
+@accepts_path
 def band_ranges(ws: Workspace, run: str, latent: int, *, con: Any | None = None) -> list[tuple[int, float, float]]:
     """(band, lo, hi) activation range of each quantile band of a latent."""
     with _reading(ws, con) as c:
-        _check_latent(_require_analysis(ws, run, c), run, latent)
+        _check_latent(require_analysis(ws, run, c), run, latent)
         return [tuple(r) for r in c.execute(  # type: ignore[misc]
             "SELECT band, lo, hi FROM latent_bands WHERE run = ? AND latent = ? ORDER BY band", [run, int(latent)]
         ).fetchall()]
 
 
-@_any_ws
+@accepts_path
 def neighbors(ws: Workspace, run: str, latent: int, *, con: Any | None = None) -> list[tuple[int, float]]:
     """(other latent, decoder cosine), nearest first."""
     with _reading(ws, con) as c:
-        _check_latent(_require_analysis(ws, run, c), run, latent)
+        _check_latent(require_analysis(ws, run, c), run, latent)
         return [(int(a), float(b)) for a, b in c.execute(
             "SELECT other, cosine FROM latent_neighbors WHERE run = ? AND latent = ? ORDER BY rank", [run, int(latent)]
         ).fetchall()]
 
 
-@_any_ws
+@accepts_path
 def cooccurring(ws: Workspace, run: str, latent: int, *, con: Any | None = None) -> list[tuple[int, int, float]]:
     """(other latent, co-firing token count, normalised co-occurrence), strongest first."""
     with _reading(ws, con) as c:
-        _check_latent(_require_analysis(ws, run, c), run, latent)
+        _check_latent(require_analysis(ws, run, c), run, latent)
         return [(int(a), int(b), float(n)) for a, b, n in c.execute(
             "SELECT other, count, norm FROM latent_cooccurrence WHERE run = ? AND latent = ? ORDER BY rank",
             [run, int(latent)],
         ).fetchall()]
 
 
-@_any_ws
+@accepts_path
 def family_of(ws: Workspace, run: str, latent: int, *, con: Any | None = None) -> list[dict[str, Any]]:
     """Members (latent, parent, depth, weight) of the feature family containing `latent`; [] if none."""
     with _reading(ws, con) as c:
-        _check_latent(_require_analysis(ws, run, c), run, latent)
+        _check_latent(require_analysis(ws, run, c), run, latent)
         cur = c.execute(
             "SELECT latent, parent, depth, weight, family FROM latent_families WHERE run = ? AND family IN "
             "(SELECT family FROM latent_families WHERE run = ? AND latent = ?) ORDER BY family, depth, latent",
@@ -284,33 +413,40 @@ def family_of(ws: Workspace, run: str, latent: int, *, con: Any | None = None) -
         return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
 
 
-@_any_ws
+@accepts_path
 def dashboard(ws: Workspace, run: str, latent: int, *, n_top: int = 20, window: int = 8) -> dict[str, Any]:
     """Everything a latent's dashboard shows, read over one connection."""
     with ws.read() as con:
-        info = _require_analysis(ws, run, con)
+        info = require_analysis(ws, run, con)
         _check_latent(info, run, latent)
-        latent = int(latent)
-        contexts = _contexts(con, info, run, latent, None, window, n_top)  # both kinds in one lookup
-        return {
-            "summary": latent_summary(ws, run, latent, con=con)[0],
-            "top": [c for c in contexts if c.kind == "top"],
-            "bands": [c for c in contexts if c.kind == "band"],
-            "band_ranges": band_ranges(ws, run, latent, con=con),
-            "neighbors": neighbors(ws, run, latent, con=con),
-            "cooccurring": cooccurring(ws, run, latent, con=con),
-            "family": family_of(ws, run, latent, con=con),
-        }
+        return latent_dashboard(ws, con, info, run, int(latent), n_top=n_top, window=window)
 
 
-@_any_ws
+def latent_dashboard(
+    ws: Workspace, con: Any, info: dict[str, Any], run: str, latent: int, *, n_top: int, window: int
+) -> dict[str, Any]:
+    """`dashboard` over the caller's connection, the run's analysis record (`require_analysis`)
+    already read: the Neuronpedia export reads many latents this way."""
+    contexts = _contexts(ws, con, info, run, latent, None, window, n_top)  # both kinds in one lookup
+    return {
+        "summary": latent_summary(ws, run, latent, con=con)[0],
+        "top": [c for c in contexts if c.kind == "top"],
+        "bands": [c for c in contexts if c.kind == "band"],
+        "band_ranges": band_ranges(ws, run, latent, con=con),
+        "neighbors": neighbors(ws, run, latent, con=con),
+        "cooccurring": cooccurring(ws, run, latent, con=con),
+        "family": family_of(ws, run, latent, con=con),
+    }
+
+
+@accepts_path
 def search_by_token(ws: Workspace, run: str, token_str: str, limit: int = 20) -> list[dict[str, Any]]:
     """Latents whose top contexts peak on a token matching `token_str`.
 
     Matching ignores case, surrounding spaces and the tokenizer's word markers ('Ġ', '▁', '##').
     Ranked by how many of the latent's top contexts peak on it, then by the best activation there.
     """
-    info = _require_analysis(ws, run)
+    info = require_analysis(ws, run)
     needle = _norm_token(token_str)
     if not needle:
         raise AnalysisError("token_str is empty; give the token text to search for, e.g. 'def'")
@@ -334,7 +470,7 @@ def _norm_token(s: str) -> str:
     return s.strip().lower()
 
 
-@_any_ws
+@accepts_path
 def run_consistency(ws: Workspace, run_a: str, run_b: str) -> dict[str, Any] | None:
     """The stored MCS summary of two runs (either order), or None."""
     if not ws.table_exists("run_consistency"):

@@ -36,10 +36,6 @@ def workspace() -> Workspace:
     return ws
 
 
-def _has(ws: Workspace, table: str) -> bool:
-    return ws.table_exists(table)
-
-
 @st.cache_data(ttl=LIVE_TTL_S, show_spinner=False)
 def runs_frame(path: str) -> pd.DataFrame:
     from sae import runs
@@ -74,38 +70,24 @@ def metrics_frame(path: str, run: str) -> pd.DataFrame:
 @st.cache_data(ttl=LIVE_TTL_S, show_spinner=False)
 def latest_metrics(path: str) -> pd.DataFrame:
     """Latest logged step of every run, for the L0-vs-FVU scatter of runs still training."""
-    ws = Workspace(path)
-    if not _has(ws, "metrics"):
-        return pd.DataFrame(columns=["run", "arch", "tokens", "l0", "fvu"])
-    with ws.read() as con:
-        return con.execute(
-            "SELECT m.run, r.arch, m.tokens, m.l0, m.fvu FROM metrics m JOIN runs r ON r.name = m.run "
-            "QUALIFY row_number() OVER (PARTITION BY m.run ORDER BY m.step DESC) = 1"
-        ).df()
+    from sae import runs
+
+    return pd.DataFrame(runs.latest_metrics(Workspace(path)), columns=["run", "arch", "tokens", "l0", "fvu"])
 
 
 @st.cache_data(ttl=LIVE_TTL_S, show_spinner=False)
 def harvests_frame(path: str) -> pd.DataFrame:
-    ws = Workspace(path)
-    if not _has(ws, "harvests"):
-        return pd.DataFrame()
-    with ws.read() as con:
-        return con.execute(
-            "SELECT name, model, ctx_len, status, n_tokens, n_docs, updated_at FROM harvests ORDER BY created_at"
-        ).df()
+    from activations.store import HARVEST_SUMMARY, list_harvests
+
+    return pd.DataFrame(list_harvests(Workspace(path)), columns=list(HARVEST_SUMMARY))
 
 
 @st.cache_data(ttl=LIVE_TTL_S, show_spinner=False)
 def analysed_runs(path: str) -> dict[str, str]:
     """Analysed run -> its analysis version (updated_at), the cache key of everything analysed."""
-    ws = Workspace(path)
-    if not _has(ws, "analysis_runs"):
-        return {}
-    with ws.read() as con:
-        rows = con.execute(
-            "SELECT run, CAST(updated_at AS VARCHAR) FROM analysis_runs WHERE status = 'done' ORDER BY run"
-        ).fetchall()
-    return {r[0]: r[1] for r in rows}
+    from analysis import tables
+
+    return tables.analysed_runs(Workspace(path))
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
@@ -134,24 +116,17 @@ def token_search(path: str, run: str, token: str, version: str) -> pd.DataFrame:
     return pd.DataFrame(tables.search_by_token(Workspace(path), run, token))
 
 
-LABELS_DDL = "CREATE TABLE IF NOT EXISTS latent_labels (run VARCHAR, latent INTEGER, label VARCHAR, PRIMARY KEY (run, latent))"
-
-
 @st.cache_data(ttl=LIVE_TTL_S, show_spinner=False)
 def labels_for(path: str, run: str) -> dict[int, str]:
-    ws = Workspace(path)
-    if not _has(ws, "latent_labels"):
-        return {}
-    with ws.read() as con:
-        return {int(a): b for a, b in con.execute("SELECT latent, label FROM latent_labels WHERE run = ?", [run]).fetchall()}
+    from analysis import labels
+
+    return labels.labels_for(Workspace(path), run)
 
 
 def save_label(path: str, run: str, latent: int, label: str) -> None:
-    with Workspace(path).write() as con:
-        con.execute(LABELS_DDL)
-        con.execute("DELETE FROM latent_labels WHERE run = ? AND latent = ?", [run, int(latent)])
-        if label.strip():
-            con.execute("INSERT INTO latent_labels VALUES (?, ?, ?)", [run, int(latent), label.strip()])
+    from analysis import labels
+
+    labels.save_label(Workspace(path), run, latent, label)
     labels_for.clear()
     latent_table.clear()
 
@@ -159,10 +134,54 @@ def save_label(path: str, run: str, latent: int, label: str) -> None:
 @st.cache_resource(show_spinner="Loading the model and the SAE ...", max_entries=2)
 def run_context(path: str, run: str) -> Any:
     """The model and the SAE of a run, loaded once per server (both are read-only)."""
-    from analysis.evaluate import load_run
+    from analysis.runs import load_run
 
     return load_run(Workspace(path), run)
 
 
 def check_workspace_path() -> Path:
     return workspace().path
+
+
+@st.cache_data(ttl=LIVE_TTL_S, show_spinner=False)
+def latent_explanations(path: str, run: str, latent: int) -> dict[str, dict[str, Any]]:
+    """The newest LLM and baseline explanation of a latent with their scores (`saewb explain`)."""
+    from analysis import explanations
+
+    return explanations.latent_explanations(Workspace(path), run, latent)
+
+
+@st.cache_data(ttl=LIVE_TTL_S, show_spinner=False)
+def explanation_texts(path: str, run: str) -> dict[int, str]:
+    from analysis import explanations
+
+    return explanations.explanation_texts(Workspace(path), run)
+
+
+@st.cache_data(ttl=LIVE_TTL_S, show_spinner=False)
+def explanation_scores(path: str, run: str) -> pd.DataFrame:
+    from analysis import explanations
+
+    return pd.DataFrame(explanations.score_table(Workspace(path), run),
+                        columns=["latent", "explainer", "model", "prompt_version", "scorer", "score"])
+
+
+@st.cache_resource(show_spinner="Loading the sentence model ...", max_entries=1)
+def sentence_embedder() -> Any:
+    """MiniLM sentence embeddings for searching explanations, loaded once per server."""
+    from analysis.autointerp import Embedder
+
+    return Embedder()
+
+
+@st.cache_data(ttl=LIVE_TTL_S, show_spinner=False, max_entries=64)
+def explanation_search(path: str, run: str, query: str, limit: int = 15) -> pd.DataFrame:
+    """Latents ranked by the cosine of the query to their explanation (MiniLM embeddings stored by `saewb explain`)."""
+    from analysis import explanations
+
+    latents, emb, texts = explanations.explanation_embeddings(Workspace(path), run)
+    if not len(latents):
+        return pd.DataFrame(columns=["latent", "similarity", "explanation"])
+    sims = emb @ sentence_embedder()([query])[0]
+    order = sims.argsort()[::-1][:limit]
+    return pd.DataFrame({"latent": latents[order], "similarity": sims[order], "explanation": [texts[i] for i in order]})

@@ -19,12 +19,11 @@ def model_and_run(path: str, run: str) -> tuple[Any, Any]:
     """(TransformerBridge, RunContext) of a run, loaded once per server process."""
     import sys
 
-    from activations.models import load_model
-    from analysis.evaluate import load_run
+    from analysis.runs import load_run, load_run_model
 
     ctx = load_run(path, run)
     print(f"saewb app: loading model {ctx.model_name!r} for run {run!r}", file=sys.stderr, flush=True)
-    return load_model(ctx.model_name), ctx
+    return load_run_model(ctx), ctx
 
 
 @st.cache_data(show_spinner=False, max_entries=64)

@@ -28,16 +28,10 @@ READY_MARK = "saewb app: model and SAE ready for run"
 
 def newest_done_run(path: str) -> str | None:
     """The most recently finished run of a workspace, or None (no workspace, no finished run)."""
+    from sae import runs
     from saewb.workspace import Workspace
 
-    ws = Workspace(path)
-    if not ws.exists() or not ws.table_exists("runs"):
-        return None
-    with ws.read() as con:
-        row = con.execute(
-            "SELECT name FROM runs WHERE status = 'done' ORDER BY updated_at DESC NULLS LAST LIMIT 1"
-        ).fetchone()
-    return None if row is None else str(row[0])
+    return runs.newest_done_run(Workspace(path))
 
 
 def warm_up(path: str, run: str) -> float:

@@ -104,7 +104,7 @@ def html_table(frame: pd.DataFrame, formats: dict[str, str] | None = None) -> st
     return f'{TABLE_CSS}<table class="swb-table"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
 
 
-def histogram(density: np.ndarray, edges: np.ndarray, height_px: int = 160) -> str:
+def histogram(density: np.ndarray, edges: np.ndarray, height_px: int = 160, label: str = "activation") -> str:
     """Bars as plain HTML (no chart library to load and mount), each bar's range and density on hover."""
     top = float(density.max()) if density.size and density.max() > 0 else 1.0
     bars = "".join(
@@ -115,7 +115,7 @@ def histogram(density: np.ndarray, edges: np.ndarray, height_px: int = 160) -> s
     return (
         f'<div style="display:flex;align-items:flex-end;height:{height_px}px;border-bottom:1px solid #a1a1aa">{bars}</div>'
         f'<div style="display:flex;justify-content:space-between;font-size:0.75rem;color:#71717a">'
-        f"<span>{edges[0]:.2f}</span><span>activation</span><span>{edges[-1]:.2f}</span></div>"
+        f"<span>{edges[0]:.2f}</span><span>{label}</span><span>{edges[-1]:.2f}</span></div>"
     )
 
 

@@ -30,7 +30,7 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from activations.harvest import HarvestConfig, Harvester, _batches  # noqa: E402
+from activations.harvest import HarvestConfig, Harvester, window_batches  # noqa: E402
 from activations.store import activation_table, ensure_schema, fixed_size_list, insert_arrow, quote_ident  # noqa: E402
 from activations.stream import ActivationStream  # noqa: E402
 from saewb.workspace import Workspace  # noqa: E402
@@ -41,7 +41,7 @@ HOOK = "blocks.3.hook_out"
 def bare_forward_s(harvester: Harvester) -> float:
     """Everything the harvest does except storing: read and cut the corpus, batch, forward."""
     t0 = time.perf_counter()
-    for batch in _batches(harvester.windows(), harvester.cfg.batch_size):
+    for batch in window_batches(harvester.windows(), harvester.cfg.batch_size):
         harvester.forward(batch)
     return time.perf_counter() - t0
 

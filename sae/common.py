@@ -87,15 +87,15 @@ def geometric_median(x: np.ndarray, iters: int = 100, eps: float = 1e-8, tol: fl
     """
     memo = _MEDIANS.get()
     if memo is None:
-        return _weiszfeld(x, iters, eps, tol)
+        return weiszfeld(x, iters, eps, tol)
     arr = np.ascontiguousarray(x)
     key = hashlib.blake2b(repr((arr.shape, arr.dtype.str, iters, eps, tol)).encode() + arr.tobytes(), digest_size=16).digest()
     if key not in memo:
-        memo[key] = _weiszfeld(arr, iters, eps, tol)
+        memo[key] = weiszfeld(arr, iters, eps, tol)
     return memo[key].copy()
 
 
-def _weiszfeld(x: np.ndarray, iters: int, eps: float, tol: float) -> np.ndarray:
+def weiszfeld(x: np.ndarray, iters: int, eps: float, tol: float) -> np.ndarray:
     pts = np.asarray(x, dtype=np.float64)
     if pts.ndim != 2 or len(pts) == 0:
         raise ValueError(f"geometric_median needs a non-empty [N, d] array, got shape {pts.shape}")

@@ -1,8 +1,7 @@
-"""`saewb export-saelens`, `saewb import-saelens` and `saewb export-neuronpedia`.
+"""`saewb export-saelens` and `saewb import-saelens` (`saewb export-neuronpedia` is in analysis/analyze_cli.py).
 
     saewb export-saelens RUN OUT_DIR --workspace ws.duckdb
     saewb import-saelens DIR --workspace ws.duckdb --name NAME [--hook HOOK] [--harvest H]
-    saewb export-neuronpedia RUN OUT_DIR --workspace ws.duckdb [--latents 0-99] [--n-top 20] [--window 8]
 """
 
 from __future__ import annotations
@@ -26,15 +25,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     i.add_argument("--harvest", help="harvest name (default: the workspace's only harvest)")
     i.set_defaults(func=cmd_import_saelens)
 
-    n = subparsers.add_parser("export-neuronpedia", help="one JSON file per latent with its dashboard data")
-    n.add_argument("run", help="an analysed run (`saewb analyze RUN` first)")
-    n.add_argument("out_dir", type=Path)
-    n.add_argument("--workspace", required=True, help="workspace .duckdb file")
-    n.add_argument("--latents", help="ids and ranges, e.g. 0,5,10-20 (default: all)")
-    n.add_argument("--n-top", dest="n_top", type=int, default=20, help="top contexts per latent")
-    n.add_argument("--window", type=int, default=8, help="tokens either side of each activating token")
-    n.set_defaults(func=cmd_export_neuronpedia)
-
 
 def cmd_export_saelens(args: argparse.Namespace) -> int:
     from sae.interop import export_run
@@ -50,13 +40,4 @@ def cmd_import_saelens(args: argparse.Namespace) -> int:
     row = import_saelens(args.dir, args.workspace, args.name, hook=args.hook, harvest=args.harvest)
     print(f"imported {args.dir} as run {args.name!r} ({row.get('arch')}, hook {row.get('hook')}); "
           f"next: `saewb eval {args.name} --workspace {args.workspace}` and `saewb analyze ...`")
-    return 0
-
-
-def cmd_export_neuronpedia(args: argparse.Namespace) -> int:
-    from analysis.neuronpedia import export_neuronpedia
-
-    rec = export_neuronpedia(args.workspace, args.run, args.out_dir, latents=args.latents, n_top=args.n_top,
-                             window=args.window)
-    print(f"wrote {rec['exported_latents']} feature files to {args.out_dir / 'features'} and {args.out_dir / 'run.json'}")
     return 0

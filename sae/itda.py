@@ -420,17 +420,13 @@ def jaccard(itda_a: Any, itda_b: Any) -> float:
 
 def atom_tokens(model: Any, workspace: Any, harvest: str | None = None) -> dict[str, np.ndarray]:
     """Each atom's (tok_idx, doc_id, pos, token_str) from the workspace's tokens table, in atom order."""
-    from activations.store import harvest_info
+    from activations.store import harvest_info, token_rows
     from saewb.workspace import Workspace
 
     ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace)
     info = harvest_info(ws, harvest)
     labels = labels_of(model).astype(np.int64)
-    with ws.read() as con:
-        table = con.sql(
-            "SELECT tok_idx, doc_id, pos, token_str FROM tokens WHERE harvest = ? AND tok_idx IN "
-            "(SELECT unnest(?::BIGINT[]))", params=[info.name, labels.tolist()],
-        ).to_arrow_table()
+    table = token_rows(ws, info.name, labels.tolist(), ("tok_idx", "doc_id", "pos", "token_str"))
     tok = table.column("tok_idx").to_numpy()
     order = np.argsort(tok)
     where = np.searchsorted(tok[order], labels)

@@ -186,3 +186,27 @@ def run_metrics(ws: Workspace, name: str) -> list[dict[str, Any]]:
         cur = con.execute(f"SELECT {', '.join(METRIC_COLUMNS)} FROM metrics WHERE run = ? ORDER BY step", [name])
         rows = cur.fetchall()
     return [dict(zip(METRIC_COLUMNS, r, strict=True)) for r in rows]
+
+
+def latest_metrics(ws: Workspace) -> list[dict[str, Any]]:
+    """The latest logged step of every run: run, arch, tokens, l0, fvu."""
+    if not ws.table_exists("metrics"):
+        return []
+    with ws.read() as con:
+        cur = con.execute(
+            "SELECT m.run, r.arch, m.tokens, m.l0, m.fvu FROM metrics m JOIN runs r ON r.name = m.run "
+            "QUALIFY row_number() OVER (PARTITION BY m.run ORDER BY m.step DESC) = 1"
+        )
+        cols = [c[0] for c in cur.description]
+        return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+
+
+def newest_done_run(ws: Workspace) -> str | None:
+    """The most recently finished run, or None (no workspace, no finished run)."""
+    if not ws.exists() or not ws.table_exists("runs"):
+        return None
+    with ws.read() as con:
+        row = con.execute(
+            "SELECT name FROM runs WHERE status = 'done' ORDER BY updated_at DESC NULLS LAST LIMIT 1"
+        ).fetchone()
+    return None if row is None else str(row[0])

@@ -112,7 +112,7 @@ def _score_scale(cfg: TopKConfig, params: Params) -> jax.Array | None:
     return None
 
 
-def _select(
+def select_top_k(
     cfg: TopKConfig, params: Params, x_c: jax.Array, k: int, dead: jax.Array | None = None, k_aux: int = 0
 ):
     """(picks [B, k], their pre-activations [B, k], score scale, the dead picks for AuxK or None).
@@ -126,7 +126,7 @@ def _select(
 def encode_sparse(cfg: TopKConfig, params: Params, x: jax.Array, k: int | None = None):
     """(values [B, k], indices [B, k]) of the kept latents."""
     x_c = x - params.b_dec
-    idx, chosen, _, _ = _select(cfg, params, x_c, k or cfg.k)
+    idx, chosen, _, _ = select_top_k(cfg, params, x_c, k or cfg.k)
     vals = jax.nn.relu(gather_encode(x_c, params.W_enc, params.b_enc, idx, chosen=chosen))
     return vals, idx
 
@@ -146,7 +146,7 @@ def loss(
     x_c = x - params.b_dec
     kk = 4 * cfg.k if cfg.multi_topk else cfg.k
     k_aux = common.aux_width(cfg.k_aux, x.shape[1], cfg.n_latents)
-    idx_all, chosen, scale, dead_picks = _select(cfg, params, x_c, kk, ctx.dead, k_aux)
+    idx_all, chosen, scale, dead_picks = select_top_k(cfg, params, x_c, kk, ctx.dead, k_aux)
     # forward values are top-k's own (O(B·k)); the backward is the sparse kernel's
     vals_all = jax.nn.relu(gather_encode(x_c, params.W_enc, params.b_enc, idx_all, chosen=chosen, b_dec=params.b_dec))
     # top_k returns sorted picks, so the first k of the 4k are the top k.

@@ -14,13 +14,13 @@ Registrar = Callable[[argparse._SubParsersAction], None]
 def _registrars() -> list[Registrar]:
     """Each stage adds its own subcommands; imports stay inside so `saewb --help` stays fast."""
     from activations import cli as activations_cli
-    from analysis import analyze_cli, eval_cli
+    from analysis import analyze_cli, eval_cli, explain_cli
     from app import cli as app_cli
     from sae import cli as sae_cli
     from sae import interop_cli, sweep_cli
 
     return [activations_cli.register, sae_cli.register, sweep_cli.register, eval_cli.register, analyze_cli.register,
-            app_cli.register, interop_cli.register]
+            explain_cli.register, app_cli.register, interop_cli.register, analyze_cli.register_exports]
 
 
 def build_parser() -> argparse.ArgumentParser:

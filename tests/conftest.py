@@ -78,3 +78,31 @@ def tiny_lm_ws(tmp_path_factory: pytest.TempPathFactory) -> Path:
     }))
     analyze_run(path, "lm", AnalyzeConfig(batch_size=1024))
     return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_chat() -> object:
+    """The built-in SmolLM2 explainer, loaded once (analysis/llm.py)."""
+    from analysis.llm import LocalChat
+
+    return LocalChat(batch_size=16)
+
+
+EXPLAIN_TEST_CONFIG = {"n_top_shown": 3, "n_band_shown": 1, "n_score": 2, "n_embed": 4, "window": 4,
+                       "explain_tokens": 8, "pool": 60}
+"""Small prompts and short answers: the real SmolLM2 in seconds, not minutes."""
+
+
+@pytest.fixture(scope="session")
+def explained_ws(demo_ws: Path, smollm2_chat: object, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the demo workspace with two live latents explained and scored by the real SmolLM2."""
+    import shutil
+
+    from analysis import tables
+    from analysis.autointerp import ExplainConfig, explain_run, select_latents
+
+    path = tmp_path_factory.mktemp("explained") / "demo.duckdb"
+    shutil.copy(demo_ws, path)
+    latents = select_latents(tables.latent_summary(path, "demo"), sample=2, seed=0)
+    explain_run(path, "demo", smollm2_chat, ExplainConfig(**EXPLAIN_TEST_CONFIG), latents=latents)
+    return path

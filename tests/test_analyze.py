@@ -48,18 +48,19 @@ def analysed(trained: Path) -> dict[str, Any]:
 def dense(trained: Path) -> dict[str, Any]:
     """The naive reference: every non-special activation encoded at once into a dense matrix."""
     import sae
-    from activations.store import arrow_to_numpy, harvest_info, quote_ident
+    from activations.reader import read_activations
+    from activations.store import harvest_info
     from saewb.workspace import Workspace
 
     ws = Workspace(trained)
     info = harvest_info(ws)
+    idx, x = read_activations(ws, info.tables[HOOK], 0, info.n_tokens)
     with ws.read() as con:
-        tbl = con.sql(
-            f"SELECT a.tok_idx, a.x FROM {quote_ident(info.tables[HOOK])} a JOIN tokens t "
-            "ON t.tok_idx = a.tok_idx AND t.harvest = ? WHERE NOT t.is_special ORDER BY a.tok_idx",
-            params=[info.name],
-        ).to_arrow_table()
-    idx, x = arrow_to_numpy(tbl)
+        special = con.execute(
+            "SELECT tok_idx FROM tokens WHERE harvest = ? AND is_special", [info.name]
+        ).fetchall()
+    keep = ~np.isin(idx, [r[0] for r in special])
+    idx, x = idx[keep], x[keep]
     model = sae.load("s0", workspace=trained)
     return {"idx": idx, "f": model.encode(x), "model": model}
 
@@ -337,7 +338,7 @@ def test_sparse_cooccurrence_and_top_per_group_match_naive(monkeypatch: pytest.M
     sparse, dense = features.CoocCounter(n), None
     top = features.TopPerGroup(n, 3)
     for b, f in enumerate(batches):
-        rows, cols, vals = features._sparse_code(f)
+        rows, cols, vals = features.sparse_code(f)
         sparse.add(rows, cols, f.shape[0])
         top.update(cols.astype(np.int64), vals.astype(np.float64), rows + 30 * b, vals)
         dense = (f > 0).astype(np.int64).T @ (f > 0) + (0 if dense is None else dense)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from html import escape
 from pathlib import Path
 
 import duckdb
@@ -206,3 +207,32 @@ def test_dashboard_histogram_and_logit_tables_show_the_stored_stats(tiny_lm_ws: 
     assert summary["logit_pos_tokens"] and summary["logit_neg_tokens"]
     for token in (*summary["logit_pos_tokens"], *summary["logit_neg_tokens"]):
         assert html_lib.escape(repr(token)) in cells, token
+
+
+def test_explanations_show_on_the_dashboard_table_and_search(explained_ws: Path) -> None:
+    from analysis import explanations, tables
+    from analysis.autointerp import select_latents
+
+    latent = select_latents(tables.latent_summary(explained_ws, "demo"), sample=2, seed=0)[0]
+    got = explanations.latent_explanations(explained_ws, "demo", latent)
+    board = _app(explained_ws, "views/dashboard.py", run="demo", latent=str(latent))
+    html = "".join(h.proto.body for h in board.get("html"))
+    assert "Explanation · smollm2" in html and "Baseline (frequent tokens)" in html
+    for kind in ("llm", "baseline"):
+        assert escape(got[kind]["text"]) in html
+    assert "embedding " in html  # the scores are shown beside each explanation
+    assert board.text_input[0].value == ""  # the manual label box stays
+    features = _app(explained_ws, "views/features.py", run="demo")
+    frame = features.dataframe[0].value
+    assert "explanation" in frame.columns and "label" in frame.columns
+    contains = next(t for t in features.text_input if t.label == "Label or explanation contains")
+    contains.input(got["llm"]["text"]).run()
+    frame = features.dataframe[0].value
+    assert latent in set(frame["latent"]) and set(frame["explanation"]) == {got["llm"]["text"]}
+    contains.input("").run()
+    search = next(t for t in features.text_input if t.key == "explanation_query")
+    search.input(got["llm"]["text"]).run()
+    links = [p.proto.label for p in features.get("page_link")]
+    assert any(label.startswith(f"#{latent}: ") for label in links[:2]), links  # its own text ranks it first or second
+    hist = "".join(h.proto.body for h in features.get("html"))
+    assert "embedding · llm: mean" in hist and "embedding · baseline: mean" in hist

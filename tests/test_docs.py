@@ -53,3 +53,23 @@ def test_links_resolve() -> None:
             if not (page.parent / target).exists():
                 broken.append(f"{page.relative_to(REPO)} -> {target}")
     assert not broken, broken
+
+
+def test_every_table_is_listed_with_its_owner() -> None:
+    """docs/concepts.md lists every workspace table the code creates, with the module that creates it
+    (its one owner) in the owner column."""
+    text = (DOCS / "concepts.md").read_text()
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in text.splitlines()]
+    listed = [(r[0], r[1]) for r in rows if len(r) == 4 and r[0].startswith("`")]
+    created: dict[str, str] = {}
+    for package in ("activations", "analysis", "app", "sae", "saewb"):
+        for path in sorted((REPO / package).rglob("*.py")):
+            for name in re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", path.read_text()):
+                created[name] = path.relative_to(REPO).as_posix()
+    assert {"tokens", "runs", "latent_labels", "nonfinite_tokens"} <= set(created)
+    wrong = [
+        f"{name} ({owner})" for name, owner in created.items()
+        if not any(f"`{name}`" in tables and f"`{owner}`" in owners for tables, owners in listed)
+    ]
+    assert not wrong, f"docs/concepts.md does not list these tables with their owner module: {wrong}"
+    assert "`reason`" in text  # the runs column issue 23 added

@@ -15,11 +15,11 @@ from analysis.evaluate import (
     eval_windows,
     list_evals,
     lm_metrics,
-    load_run,
     neighbour_overlap,
     pad_id_of,
     reconstruction_metrics,
 )
+from analysis.runs import load_run
 from analysis.splice import active_hook_count, spliced, zero_ablated
 
 

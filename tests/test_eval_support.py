@@ -44,7 +44,7 @@ def minilm_context(minilm_ws: str) -> Any:
 
     from activations.store import harvest_info
     from activations.stream import ActivationStream
-    from analysis.evaluate import RunContext
+    from analysis.runs import RunContext
     from sae.api import SAE
     from sae.base import arch_module, make_config
     from saewb.workspace import Workspace
@@ -69,6 +69,6 @@ def model(name: str) -> Any:
 
 @functools.cache
 def run_context(ws: str) -> Any:
-    from analysis.evaluate import load_run
+    from analysis.runs import load_run
 
     return load_run(ws, "t")

@@ -273,7 +273,8 @@ def test_harvest_refuses_non_finite_activations_or_skips_and_records_them(
     from transformers import AutoTokenizer
 
     from activations.corpus import stdlib_docs
-    from activations.store import harvest_info, nonfinite_counts, read_activations
+    from activations.reader import read_activations
+    from activations.store import harvest_info, nonfinite_counts
     from activations.stream import ActivationStream
 
     # Poison two tokens that occur in only a few of the documents harvested.
@@ -456,7 +457,8 @@ def test_a_read_only_workspace_reads_but_refuses_writes_in_one_line(
 
 
 def _harvest_dump(ws: Path) -> tuple[list[tuple], dict[str, np.ndarray]]:
-    from activations.store import harvest_info, read_activations
+    from activations.reader import read_activations
+    from activations.store import harvest_info
 
     info = harvest_info(ws)
     with Workspace(ws).read() as con:

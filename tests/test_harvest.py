@@ -15,7 +15,8 @@ import torch
 from activations.corpus import CorpusError, CorpusSpec, iter_documents, stdlib_docs
 from activations.harvest import HarvestConfig, run_harvest
 from activations.models import ModelNotAvailableError, UnknownHookError, load_model, plan_hooks
-from activations.store import HarvestError, harvest_info, read_activations
+from activations.reader import read_activations
+from activations.store import HarvestError, harvest_info
 from saewb.workspace import Workspace
 
 

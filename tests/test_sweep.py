@@ -195,8 +195,8 @@ def test_shared_geometric_medians_compute_once_per_sample(monkeypatch: pytest.Mo
     a, b = rng.normal(size=(300, 8)).astype(np.float32), rng.normal(size=(300, 8)).astype(np.float32)
     alone = common.geometric_median(a)
     calls = []
-    weiszfeld = common._weiszfeld
-    monkeypatch.setattr(common, "_weiszfeld", lambda *args: calls.append(1) or weiszfeld(*args))
+    weiszfeld = common.weiszfeld
+    monkeypatch.setattr(common, "weiszfeld", lambda *args: calls.append(1) or weiszfeld(*args))
     with common.shared_geometric_medians():
         got = [common.geometric_median(x) for x in (a, a.copy(), b, a)]
     assert len(calls) == 2  # a once (equal copies included), b once

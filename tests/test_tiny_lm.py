@@ -109,8 +109,8 @@ def test_training_script_is_deterministic(tmp_path: Path) -> None:
 def test_steering_moves_logits_along_the_stored_logit_effect(tiny_lm_ws: Path) -> None:
     """The analysis' logit effect (W_dec·W_U) predicts how steering a latent really changes the logits."""
     from analysis import tables
-    from analysis.evaluate import load_run
     from analysis.interventions import Intervention, intervene_lm
+    from analysis.runs import load_run
     from analysis.splice import Steering, decoder_rows
 
     model = support.model("tiny-lm")

@@ -1,6 +1,8 @@
-"""Feature dashboard: one latent's contexts, histogram, logit effects, neighbours, family and label."""
+"""Feature dashboard: one latent's explanation, contexts, histogram, logit effects, neighbours, family and label."""
 
 from __future__ import annotations
+
+import html
 
 import numpy as np
 import pandas as pd
@@ -34,6 +36,12 @@ def render() -> None:
     c[1].metric("Mean activation", f"{(s['mean_act'] or 0):.3f}")
     c[2].metric("Max activation", f"{(s['max_act'] or 0):.3f}")
     c[3].metric("Fires on", f"{s['n_fires']:,} tokens")
+
+    explained = data.latent_explanations(path, run, latent)
+    if explained:
+        st.html(explanation_html(explained))
+    else:
+        st.caption(f"No explanation yet: `saewb explain {run} --workspace {path} --latents {latent}` writes one.")
 
     with st.form("label_form"):
         new = st.text_input("Label", value=label, placeholder="what this latent means")
@@ -83,6 +91,24 @@ def render() -> None:
             st.html(html_table(pd.DataFrame(fam), {"weight": ".3f"}))
         else:
             st.caption("not part of a family")
+
+
+def explanation_html(explained: dict[str, dict]) -> str:
+    """The LLM's explanation and the token baseline's, each with its scores, side by side."""
+    cells = []
+    for kind, title in (("llm", "Explanation"), ("baseline", "Baseline (frequent tokens)")):
+        e = explained.get(kind)
+        if e is None:
+            continue
+        if e["status"] == "ok":
+            body = html.escape(e["text"])
+        else:
+            body = f"<i>failed: {html.escape(e['error'] or 'no answer')}</i>"
+        scores = " · ".join(f"{k} {'-' if v is None else f'{v:.2f}'}" for k, v in sorted(e["scores"].items()))
+        cells.append(f'<div style="flex:1;padding:0.4rem 0.6rem;border:1px solid #ececf0;border-radius:6px">'
+                     f"<small>{title} · {html.escape(e['model'])}</small><div>{body}</div>"
+                     f"<small>{scores}</small></div>")
+    return f'<div style="display:flex;gap:0.6rem;margin-bottom:0.6rem">{"".join(cells)}</div>'
 
 
 render()

@@ -1,0 +1,188 @@
+"""The one reader of stored activations: rows of one hook, by `tok_idx` range, in `tok_idx` order.
+
+Everything that reads activation rows goes through here: the training stream (activations/stream.py
+reads shuffled buffers of chunks), the analysis (analysis/features.py reads every non-special token in
+order, `ordered_batches`) and `read_activations` (every stored row of a range, for tests and tools).
+
+A `HookReader` keeps the tokens of one harvest part that satisfy a condition on the `tokens` table;
+the activation rows themselves are a plain range read (a join of the two is several times slower in
+DuckDB). Tokens a `--nonfinite skip` harvest stored as zeros (`nonfinite_tokens`) can be left out
+like special tokens; any other kept row holding NaN/inf is refused with `NonFiniteActivationsError`
+naming the tokens, never silently dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import duckdb
+import numpy as np
+
+from activations.store import HarvestPart, NonFiniteActivationsError, nonfinite_rows, quote_ident
+from saewb.workspace import Workspace
+
+ActsRef = tuple[str, str, list[Any]]
+"""(FROM-clause text, the x column expression, its parameters) of a hook's activations."""
+
+
+def read_range(
+    con: duckdb.DuckDBPyConnection, acts: ActsRef, lo: int, hi: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(tok_idx, x[rows, d] float32) of every stored row with lo <= tok_idx < hi, in tok_idx order."""
+    source, x_expr, params = acts
+    result = con.sql(
+        f"SELECT tok_idx, {x_expr} FROM {source} WHERE tok_idx >= ? AND tok_idx < ?", params=[*params, lo, hi]
+    ).to_arrow_table()
+    rows = result.column("tok_idx").to_numpy()
+    col = result.column("x").combine_chunks()
+    values = col.values.to_numpy(zero_copy_only=False).reshape(-1, col.type.list_size)
+    del result, col
+    order = np.argsort(rows, kind="stable")  # scans are not ordered; sorting a chunk's ints is cheap
+    return rows[order], values[order].astype(np.float32, copy=False)
+
+
+def read_activations(
+    ws: Workspace, table: str, start: int, stop: int, con: duckdb.DuckDBPyConnection | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(tok_idx, x[rows, d]) of every stored row of an activation table, start <= tok_idx < stop."""
+    acts: ActsRef = (quote_ident(table), "x", [])
+    if con is not None:
+        return read_range(con, acts, start, stop)
+    with ws.read() as own:
+        return read_range(own, acts, start, stop)
+
+
+class HookReader:
+    """The kept rows of one hook of one harvest part.
+
+    `where` is an SQL condition on `tokens t` (with `params`) besides the harvest; `leave_out_skipped`
+    also leaves out the tokens the harvest skipped as non-finite. `consequence` ends the refusal of a
+    NaN/inf row ("they are not handed to a trainer").
+    """
+
+    def __init__(
+        self,
+        part: HarvestPart,
+        hook: str,
+        where: str = "TRUE",
+        params: Sequence[Any] = (),
+        *,
+        leave_out_skipped: bool,
+        consequence: str,
+    ) -> None:
+        self.part = part
+        self.hook = hook
+        self.d = int(part.info.hooks[hook])
+        self.consequence = consequence
+        self.where = f"t.harvest = ? AND {where}"
+        self.params: list[Any] = [part.info.name, *params]
+        skipped, s_params = self._skipped_clause() if leave_out_skipped else ("", [])
+        self.where += skipped
+        self.params += s_params
+
+    def _skipped_clause(self) -> tuple[str, list[Any]]:
+        part = self.part
+        if part.ws is None:  # a Parquet export carries its skipped tokens in a file of its own
+            if part.nonfinite_file is None:
+                return "", []
+            return (
+                " AND NOT EXISTS (SELECT 1 FROM read_parquet(?) n WHERE n.hook = ? AND n.tok_idx = t.tok_idx)",
+                [part.nonfinite_file, self.hook],
+            )
+        if not part.ws.table_exists("nonfinite_tokens"):
+            return "", []
+        with part.read() as con:
+            found = con.execute(
+                "SELECT 1 FROM nonfinite_tokens WHERE harvest = ? AND hook = ? LIMIT 1",
+                [part.info.name, self.hook],
+            ).fetchall()
+        if not found:
+            return "", []  # the common case: the query stays as it was
+        return (
+            " AND NOT EXISTS (SELECT 1 FROM nonfinite_tokens n WHERE n.harvest = t.harvest AND n.hook = ?"
+            " AND n.tok_idx = t.tok_idx)"
+        ), [self.hook]
+
+    def chunk_counts(self, chunk_tokens: int) -> np.ndarray:
+        """Kept tokens per aligned chunk of `chunk_tokens` committed tokens."""
+        n_tokens = self.part.info.n_tokens
+        tokens, params = self.part.tokens_ref()
+        with self.part.read() as con:
+            rows = con.execute(
+                f"SELECT t.tok_idx // ? AS chunk, count(*) FROM {tokens} t WHERE {self.where} AND t.tok_idx < ? "
+                "GROUP BY 1",
+                [chunk_tokens, *params, *self.params, n_tokens],
+            ).fetchall()
+        counts = np.zeros(-(-n_tokens // chunk_tokens), dtype=np.int64)
+        for chunk, count in rows:
+            counts[chunk] = count
+        return counts
+
+    def count(self, stop: int) -> int:
+        """Kept tokens with tok_idx < stop."""
+        tokens, params = self.part.tokens_ref()
+        with self.part.read() as con:
+            found = con.execute(
+                f"SELECT count(*) FROM {tokens} t WHERE {self.where} AND t.tok_idx < ?",
+                [*params, *self.params, stop],
+            ).fetchone()
+        return int(found[0]) if found else 0
+
+    def read(self, con: duckdb.DuckDBPyConnection, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        """(tok_idx, x) of the kept rows with lo <= tok_idx < hi, in tok_idx order; NaN/inf refused."""
+        tokens, t_params = self.part.tokens_ref()
+        kept = con.sql(
+            f"SELECT t.tok_idx FROM {tokens} t WHERE {self.where} AND t.tok_idx >= ? AND t.tok_idx < ?",
+            params=[*t_params, *self.params, lo, hi],
+        ).to_arrow_table()
+        keep = np.zeros(hi - lo, dtype=bool)
+        keep[kept.column("tok_idx").to_numpy() - lo] = True
+        del kept
+        rows, values = read_range(con, self.part.acts_ref(self.hook), lo, hi)
+        mask = keep[rows - lo]
+        bad = nonfinite_rows(values)
+        bad = bad[mask[bad]]  # kept rows only (skipped and special tokens may be anything)
+        if len(bad):
+            raise NonFiniteActivationsError(
+                f"hook {self.hook!r} of {self.part.location} holds {len(bad)} NaN/inf activation rows in tokens "
+                f"{lo}..{hi - 1} (tok_idx {', '.join(map(str, rows[bad][:5].tolist()))}"
+                f"{', ...' if len(bad) > 5 else ''}); {self.consequence}. `saewb harvest` checks every batch, so "
+                "these came from elsewhere: harvest again (with --nonfinite skip to leave such rows out)"
+            )
+        return rows[mask], values[mask]
+
+
+def ordered_batches(
+    reader: HookReader,
+    n_committed: int,
+    batch_size: int,
+    chunk_tokens: int,
+    max_tokens: int | None = None,
+    memory_limit: str | None = None,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(tok_idx, x) of the kept rows below `n_committed` in tok_idx order, in batches of exactly
+    `batch_size` (the last may be short), at most `max_tokens` rows. One short read connection per chunk."""
+    parts: list[tuple[np.ndarray, np.ndarray]] = []
+    have = 0
+    seen = 0
+    for lo in range(0, n_committed, chunk_tokens):
+        with reader.part.read(memory_limit=memory_limit) as con:
+            idx, x = reader.read(con, lo, min(lo + chunk_tokens, n_committed))
+        if not len(idx):
+            continue
+        if max_tokens is not None and seen + len(idx) > max_tokens:
+            idx, x = idx[: max_tokens - seen], x[: max_tokens - seen]
+        seen += len(idx)
+        parts.append((idx, x))
+        have += len(idx)
+        while have >= batch_size:
+            cat_i = np.concatenate([p[0] for p in parts])
+            cat_x = np.concatenate([p[1] for p in parts])
+            yield cat_i[:batch_size], cat_x[:batch_size]
+            parts = [(cat_i[batch_size:], cat_x[batch_size:])]
+            have = len(cat_i) - batch_size
+        if max_tokens is not None and seen >= max_tokens:
+            break
+    if have:
+        yield np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
