@@ -20,31 +20,69 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     d = HarvestConfig()
     p.add_argument("--workspace", required=True, help="workspace file (created if missing), e.g. ws.duckdb")
-    p.add_argument("--model", default=d.model, help="HF name (cached or downloadable), local model folder, or a built-in: `minilm`, `tiny-lm`, `smollm2`")
-    p.add_argument("--corpus", default=d.corpus,
-                   help="built in: `stdlib-docs` (stdlib docstrings, 1 MB) or `python-code` (the stdlib's and installed packages' "
-                        "source); or a .txt / .jsonl / .parquet file or a datasets folder")
-    p.add_argument("--hook", action="append", dest="hooks", metavar="HOOK",
-                   help="hook point to capture; repeat for several (default: blocks.2.hook_out)")
-    p.add_argument("--ctx-len", type=int, default=d.ctx_len, help="tokens per context window, special tokens included")
-    p.add_argument("--max-tokens", type=int, default=None,
-                   help="stop at the first window boundary at or past this many tokens (default: whole corpus)")
+    p.add_argument(
+        "--model",
+        default=d.model,
+        help="HF name (cached or downloadable), local model folder, or a built-in: `minilm`, `tiny-lm`, `smollm2`",
+    )
+    p.add_argument(
+        "--corpus",
+        default=d.corpus,
+        help="built in: `stdlib-docs` (stdlib docstrings, 1 MB) or `python-code` (the stdlib's and installed packages' "
+        "source); or a .txt / .jsonl / .parquet file or a datasets folder",
+    )
+    p.add_argument(
+        "--hook",
+        action="append",
+        dest="hooks",
+        metavar="HOOK",
+        help="hook point to capture; repeat for several (default: blocks.2.hook_out)",
+    )
+    p.add_argument(
+        "--ctx-len", type=int, default=d.ctx_len, help="tokens per context window, special tokens included"
+    )
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=None,
+        help="stop at the first window boundary at or past this many tokens (default: whole corpus)",
+    )
     p.add_argument("--name", default=d.name, help="harvest name inside the workspace")
-    p.add_argument("--text-column", default=d.text_column, help="text column of JSONL / Parquet / datasets corpora")
-    p.add_argument("--whole-file", action="store_true",
-                   help="plain-text corpus: the whole file is one document (default: one per line)")
-    p.add_argument("--chat", action="store_true",
-                   help="JSONL corpus of {messages: [{role, content}]} rendered with the model's chat template")
+    p.add_argument(
+        "--text-column", default=d.text_column, help="text column of JSONL / Parquet / datasets corpora"
+    )
+    p.add_argument(
+        "--whole-file",
+        action="store_true",
+        help="plain-text corpus: the whole file is one document (default: one per line)",
+    )
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="JSONL corpus of {messages: [{role, content}]} rendered with the model's chat template",
+    )
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="windows per forward pass")
-    p.add_argument("--commit-tokens", type=int, default=d.commit_tokens,
-                   help="tokens per commit (the most an interruption can lose)")
+    p.add_argument(
+        "--commit-tokens",
+        type=int,
+        default=d.commit_tokens,
+        help="tokens per commit (the most an interruption can lose)",
+    )
     p.add_argument("--device", default=d.device, help="torch device, e.g. cpu or cuda")
-    p.add_argument("--shard", default=None, metavar="i/N",
-                   help="harvest only shard i of N (0 <= i < N): documents are split by a hash of their text, "
-                        "so N hosts can harvest disjoint shards into their own workspaces")
-    p.add_argument("--nonfinite", choices=("refuse", "skip"), default=d.nonfinite,
-                   help="activation rows with NaN/inf: refuse stops naming the documents; skip stores them as zeros, "
-                        "listed in the nonfinite_tokens table, and training leaves them out")
+    p.add_argument(
+        "--shard",
+        default=None,
+        metavar="i/N",
+        help="harvest only shard i of N (0 <= i < N): documents are split by a hash of their text, "
+        "so N hosts can harvest disjoint shards into their own workspaces",
+    )
+    p.add_argument(
+        "--nonfinite",
+        choices=("refuse", "skip"),
+        default=d.nonfinite,
+        help="activation rows with NaN/inf: refuse stops naming the documents; skip stores them as zeros, "
+        "listed in the nonfinite_tokens table, and training leaves them out",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_harvest)
 
@@ -64,8 +102,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--harvest", default=None, help="harvest name (default: the workspace's only harvest)")
     e.set_defaults(func=_export)
 
-    h = sub.add_parser("hooks", help="list a model's hook points", description="List the canonical hook names of a model.")
-    h.add_argument("--model", default=d.model, help="HF name, local folder or a built-in (`minilm`, `tiny-lm`, `smollm2`)")
+    h = sub.add_parser(
+        "hooks", help="list a model's hook points", description="List the canonical hook names of a model."
+    )
+    h.add_argument(
+        "--model",
+        default=d.model,
+        help="HF name, local folder or a built-in (`minilm`, `tiny-lm`, `smollm2`)",
+    )
     h.set_defaults(func=_hooks)
 
 
@@ -76,18 +120,32 @@ def _harvest(args: argparse.Namespace) -> int:
 
     shard = parse_shard(args.shard) if args.shard is not None else None  # before the model loads
     cfg = HarvestConfig(
-        model=args.model, corpus=args.corpus, hooks=tuple(args.hooks or HarvestConfig.hooks),
-        ctx_len=args.ctx_len, max_tokens=args.max_tokens, name=args.name, text_column=args.text_column,
-        doc_per_line=not args.whole_file, chat=args.chat, batch_size=args.batch_size,
-        commit_tokens=args.commit_tokens, device=args.device, shard=shard, nonfinite=args.nonfinite,
+        model=args.model,
+        corpus=args.corpus,
+        hooks=tuple(args.hooks or HarvestConfig.hooks),
+        ctx_len=args.ctx_len,
+        max_tokens=args.max_tokens,
+        name=args.name,
+        text_column=args.text_column,
+        doc_per_line=not args.whole_file,
+        chat=args.chat,
+        batch_size=args.batch_size,
+        commit_tokens=args.commit_tokens,
+        device=args.device,
+        shard=shard,
+        nonfinite=args.nonfinite,
     )
     info = run_harvest(cfg, args.workspace, progress=not args.quiet)
     hooks = ", ".join(f"{h} (d={d})" for h, d in info.hooks.items())
-    print(f"harvest {info.name!r}: {info.n_tokens} tokens, {info.n_docs} documents, hooks {hooks} -> {args.workspace}")
+    print(
+        f"harvest {info.name!r}: {info.n_tokens} tokens, {info.n_docs} documents, hooks {hooks} -> {args.workspace}"
+    )
     skipped = nonfinite_counts(Workspace(args.workspace), info.name)
     if skipped:
         counts = ", ".join(f"{h}: {n}" for h, n in skipped.items())
-        print(f"non-finite activation rows stored as zeros and left out of training ({counts}); see nonfinite_tokens")
+        print(
+            f"non-finite activation rows stored as zeros and left out of training ({counts}); see nonfinite_tokens"
+        )
     return 0
 
 
@@ -95,7 +153,9 @@ def _export(args: argparse.Namespace) -> int:
     from activations.store import export_parquet
 
     manifest = export_parquet(args.workspace, args.out_dir, args.harvest)
-    files = ", ".join([manifest["tokens"], manifest["documents"], *(h["file"] for h in manifest["hooks"].values())])
+    files = ", ".join(
+        [manifest["tokens"], manifest["documents"], *(h["file"] for h in manifest["hooks"].values())]
+    )
     print(f"harvest {manifest['name']!r}: {manifest['n_tokens']} tokens -> {args.out_dir} ({files})")
     return 0
 

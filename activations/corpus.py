@@ -23,7 +23,16 @@ STDLIB_DOCS_MAX_CHARS = 1_000_000
 _MIN_DOC_CHARS = 40
 _KEEP_PERCENT = 66
 """Share of docstrings kept (by a hash of their qualified name) so the 1 MB spans the whole stdlib."""
-_SKIP_DIRS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "__pycache__", "turtledemo"}
+_SKIP_DIRS = {
+    "test",
+    "tests",
+    "idlelib",
+    "lib2to3",
+    "site-packages",
+    "dist-packages",
+    "__pycache__",
+    "turtledemo",
+}
 
 
 PYTHON_CODE_MAX_DOC_CHARS = 16_000
@@ -186,7 +195,11 @@ def python_code(
 def python_code_files(roots: list[tuple[str, Path]]) -> list[tuple[str, Path]]:
     """(name, path) of every .py file under `roots`, name = label/relative path, in `python-code` order:
     by a hash of the name (ties, which need a hash collision, by name)."""
-    files = [(f"{label}/{path.relative_to(root)}", path) for label, root in roots for path in _sorted_walk(root, ".py")]
+    files = [
+        (f"{label}/{path.relative_to(root)}", path)
+        for label, root in roots
+        for path in _sorted_walk(root, ".py")
+    ]
     return sorted(files, key=lambda f: (hashlib.blake2b(f[0].encode("utf-8"), digest_size=8).digest(), f[0]))
 
 
@@ -277,7 +290,9 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             try:
                 yield lineno, json.loads(line)
             except json.JSONDecodeError as err:
-                raise CorpusError(f"{path}:{lineno} is not valid JSON ({err.msg}); fix or remove that line") from err
+                raise CorpusError(
+                    f"{path}:{lineno} is not valid JSON ({err.msg}); fix or remove that line"
+                ) from err
 
 
 def _jsonl(path: Path, column: str) -> Iterator[Document]:
@@ -380,7 +395,9 @@ def _hf_dataset(corpus: str, column: str) -> Iterator[Document]:
     except ImportError as err:
         raise CorpusError("hf: corpora need the datasets package: `pip install datasets`") from err
     local = Path(name).expanduser()
-    if local.is_dir() and any((local / f).exists() for f in ("dataset_info.json", "dataset_dict.json", "state.json")):
+    if local.is_dir() and any(
+        (local / f).exists() for f in ("dataset_info.json", "dataset_dict.json", "state.json")
+    ):
         yield from _datasets_dir(local, column)  # written by save_to_disk
         return
     offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
@@ -389,7 +406,9 @@ def _hf_dataset(corpus: str, column: str) -> Iterator[Document]:
     if offline:
         _hf_offline()
     try:
-        ds = datasets.load_dataset(str(local) if local.exists() else name, config, split=split, streaming=not offline)
+        ds = datasets.load_dataset(
+            str(local) if local.exists() else name, config, split=split, streaming=not offline
+        )
     except Exception as err:  # datasets raises ConnectionError, FileNotFoundError, ValueError... by case
         if offline and not local.exists():
             raise CorpusError(
@@ -398,7 +417,9 @@ def _hf_dataset(corpus: str, column: str) -> Iterator[Document]:
                 "~/.cache/huggingface here, or save it with Dataset.save_to_disk(DIR) and pass --corpus DIR "
                 f"(original error: {type(err).__name__}: {str(err)[:200]})"
             ) from err
-        raise CorpusError(f"could not load dataset {name!r} (config {config}, split {split!r}): {err}") from err
+        raise CorpusError(
+            f"could not load dataset {name!r} (config {config}, split {split!r}): {err}"
+        ) from err
     for i, row in enumerate(ds):
         if column not in row:
             raise CorpusError(

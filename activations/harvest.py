@@ -116,7 +116,9 @@ class HarvestConfig:
         }
         if self.shard is not None:  # absent when unsharded: older harvests keep resuming
             out["shard"] = list(self.shard)
-        if self.corpus == "python-code":  # its content is whatever is installed: resume only on the same files
+        if (
+            self.corpus == "python-code"
+        ):  # its content is whatever is installed: resume only on the same files
             out["python_code_files"] = python_code_fingerprint()
         return out
 
@@ -129,7 +131,9 @@ def parse_shard(text: str) -> tuple[int, int]:
     except ValueError:
         i, n = None, None
     if i is None or n is None:
-        raise HarvestError(f"--shard {text!r} is malformed; write it as i/N, e.g. --shard 0/4 for the first of 4 shards")
+        raise HarvestError(
+            f"--shard {text!r} is malformed; write it as i/N, e.g. --shard 0/4 for the first of 4 shards"
+        )
     return check_shard((i, n))
 
 
@@ -138,7 +142,9 @@ def check_shard(shard: tuple[int, int]) -> tuple[int, int]:
     if n < 1:
         raise HarvestError(f"shard {i}/{n}: the number of shards N must be at least 1")
     if not 0 <= i < n:
-        raise HarvestError(f"shard {i}/{n}: the shard index must be in 0..{n - 1} (shards are numbered from 0)")
+        raise HarvestError(
+            f"shard {i}/{n}: the shard index must be in 0..{n - 1} (shards are numbered from 0)"
+        )
     return i, n
 
 
@@ -208,8 +214,12 @@ def _hook_widths(model: Any, plan: HookPlan, pad_id: int) -> dict[str, int]:
     return {hook: int(cache[hook].shape[-1]) for hook in plan.hooks}
 
 
-def _commit(ws: Workspace, name: str, tables: dict[str, str], chunk: _Chunk, totals: tuple[int, int, int]) -> None:
-    tokens = pa.table({k: np.concatenate(v) if k != "role" else pa.array(sum(v, [])) for k, v in chunk.columns.items()})
+def _commit(
+    ws: Workspace, name: str, tables: dict[str, str], chunk: _Chunk, totals: tuple[int, int, int]
+) -> None:
+    tokens = pa.table(
+        {k: np.concatenate(v) if k != "role" else pa.array(sum(v, [])) for k, v in chunk.columns.items()}
+    )
     tokens = tokens.add_column(0, "harvest", pa.array([name] * tokens.num_rows, type=pa.string()))
     tok_idx = tokens.column("tok_idx")
     docs = None
@@ -226,8 +236,10 @@ def _commit(ws: Workspace, name: str, tables: dict[str, str], chunk: _Chunk, tot
         pa.table({"harvest": [name] * len(idx), "hook": [hook] * len(idx), "tok_idx": idx, "doc_id": doc_ids})
         for hook, idx, doc_ids in chunk.nonfinite
     ]
-    acts = {tables[hook]: pa.table({"tok_idx": tok_idx, "x": fixed_size_list(np.concatenate(parts))})
-            for hook, parts in chunk.acts.items()}
+    acts = {
+        tables[hook]: pa.table({"tok_idx": tok_idx, "x": fixed_size_list(np.concatenate(parts))})
+        for hook, parts in chunk.acts.items()
+    }
     commit_rows(ws, name, docs, tokens, nonfinite, acts, totals)
 
 
@@ -287,7 +299,9 @@ class Harvester:
             )
         self.plan = plan_hooks(self.model, list(cfg.hooks))
         self.splitter = WindowTokenizer(self.model.tokenizer, cfg.ctx_len)
-        self.info = _register(self.ws, cfg, self.plan, _hook_widths(self.model, self.plan, self.splitter.pad_id))
+        self.info = _register(
+            self.ws, cfg, self.plan, _hook_widths(self.model, self.plan, self.splitter.pad_id)
+        )
 
     def windows(self) -> Iterator[Window]:
         """Every window of the harvest in storage order, the committed ones included."""
@@ -300,8 +314,10 @@ class Harvester:
         ids, mask, _ = _pad(batch, self.splitter.pad_id)
         with torch.inference_mode():
             _, cache = self.model.run_with_cache(
-                torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-                names_filter=list(self.plan.hooks), stop_at_layer=self.plan.stop_at_layer,
+                torch.from_numpy(ids),
+                attention_mask=torch.from_numpy(mask),
+                names_filter=list(self.plan.hooks),
+                stop_at_layer=self.plan.stop_at_layer,
             )
         keep = torch.from_numpy(mask.astype(bool))
         return {hook: cache[hook][keep].float().numpy() for hook in self.plan.hooks}
@@ -315,7 +331,12 @@ class Harvester:
         token_strings = TokenStrings(self.model.tokenizer)
         n_windows, n_tokens = info.n_windows, info.n_tokens
         bar = progress_bar(
-            f"harvest {cfg.name}", cfg.max_tokens, initial=n_tokens, unit="tok", unit_scale=True, enabled=progress
+            f"harvest {cfg.name}",
+            cfg.max_tokens,
+            initial=n_tokens,
+            unit="tok",
+            unit_scale=True,
+            enabled=progress,
         )
         pending: queue.Queue[_Chunk | None] = queue.Queue(maxsize=2)
         failure: list[BaseException] = []
@@ -327,7 +348,11 @@ class Harvester:
             while (chunk := pending.get()) is not None:
                 if failure:
                     continue
-                totals = (totals[0] + chunk.n_windows, totals[1] + chunk.n_tokens, totals[2] + len(chunk.docs))
+                totals = (
+                    totals[0] + chunk.n_windows,
+                    totals[1] + chunk.n_tokens,
+                    totals[2] + len(chunk.docs),
+                )
                 t0 = time.perf_counter()
                 try:
                     _commit(self.ws, cfg.name, info.tables, chunk, totals)
@@ -359,7 +384,9 @@ class Harvester:
                 cols = {
                     "tok_idx": np.arange(tok_idx, tok_idx + n, dtype=np.int64),
                     "doc_id": np.repeat([w.doc_id for w in batch], lengths).astype(np.int64),
-                    "pos": (np.repeat([w.window for w in batch], lengths) * cfg.ctx_len + seq_pos).astype(np.int32),
+                    "pos": (np.repeat([w.window for w in batch], lengths) * cfg.ctx_len + seq_pos).astype(
+                        np.int32
+                    ),
                     "seq_id": np.repeat(np.arange(seq_id, seq_id + len(batch)), lengths).astype(np.int64),
                     "seq_pos": seq_pos.astype(np.int32),
                     "token_id": flat_ids.astype(np.int32),
@@ -426,7 +453,9 @@ def check_corpus_has_text(cfg: HarvestConfig) -> None:
 def _nonfinite_message(hook: str, bad: np.ndarray, batch: list[Window], cols: dict[str, np.ndarray]) -> str:
     docs = sorted({int(d) for d in cols["doc_id"][bad]})
     sources = {w.doc_id: w.doc.source for w in batch}
-    named = ", ".join(f"{d} ({sources.get(d, '?')})" for d in docs[:5]) + (f" and {len(docs) - 5} more" if len(docs) > 5 else "")
+    named = ", ".join(f"{d} ({sources.get(d, '?')})" for d in docs[:5]) + (
+        f" and {len(docs) - 5} more" if len(docs) > 5 else ""
+    )
     return (
         f"hook {hook!r}: {len(bad)} activation rows are NaN or infinite, in documents {named}; this batch was not "
         "stored and the tokens committed before it are intact. Run the same command with --nonfinite skip "

@@ -108,18 +108,27 @@ def smollm2_folder(search_path: list[str] | None = None) -> Path:
     if (folder / "config.json").exists():
         return folder
     if importlib.util.find_spec("gguf") is None:
-        raise ModelNotAvailableError("--model smollm2 converts its GGUF weights once with the gguf package: pip install gguf")
+        raise ModelNotAvailableError(
+            "--model smollm2 converts its GGUF weights once with the gguf package: pip install gguf"
+        )
     folder.parent.mkdir(parents=True, exist_ok=True)
     for stale in folder.parent.glob(f".{folder.name}.partial-*"):  # left by a killed conversion
         if time.time() - stale.stat().st_mtime > _STALE_PARTIAL_S:
             shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
-    print(f"smollm2: first use, dequantising {gguf.name} once into {folder} (~40 s)", file=sys.stderr, flush=True)
+    print(
+        f"smollm2: first use, dequantising {gguf.name} once into {folder} (~40 s)",
+        file=sys.stderr,
+        flush=True,
+    )
     try:
         _convert_gguf(gguf, tmp)
         umask = os.umask(0)
         os.umask(umask)
-        for path in (tmp, *tmp.iterdir()):  # mkdtemp and safetensors create owner-only; a cache follows the umask
+        for path in (
+            tmp,
+            *tmp.iterdir(),
+        ):  # mkdtemp and safetensors create owner-only; a cache follows the umask
             path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
         try:
             os.rename(tmp, folder)

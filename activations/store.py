@@ -85,7 +85,18 @@ CREATE TABLE IF NOT EXISTS nonfinite_tokens (
 """
 
 
-TOKEN_COLUMNS = ("harvest", "tok_idx", "doc_id", "pos", "seq_id", "seq_pos", "token_id", "token_str", "is_special", "role")
+TOKEN_COLUMNS = (
+    "harvest",
+    "tok_idx",
+    "doc_id",
+    "pos",
+    "seq_id",
+    "seq_pos",
+    "token_id",
+    "token_str",
+    "is_special",
+    "role",
+)
 
 
 class HarvestError(ValueError):
@@ -107,7 +118,8 @@ def nonfinite_counts(ws: Workspace, harvest: str) -> dict[str, int]:
         return {}
     with ws.read() as con:
         rows = con.execute(
-            "SELECT hook, count(*) FROM nonfinite_tokens WHERE harvest = ? GROUP BY hook ORDER BY hook", [harvest]
+            "SELECT hook, count(*) FROM nonfinite_tokens WHERE harvest = ? GROUP BY hook ORDER BY hook",
+            [harvest],
         ).fetchall()
     return {h: int(n) for h, n in rows}
 
@@ -179,7 +191,9 @@ def list_harvests(ws: Workspace) -> list[dict[str, Any]]:
     if not ws.table_exists("harvests"):
         return []
     with ws.read() as con:
-        rows = con.execute(f"SELECT {', '.join(HARVEST_SUMMARY)} FROM harvests ORDER BY created_at").fetchall()
+        rows = con.execute(
+            f"SELECT {', '.join(HARVEST_SUMMARY)} FROM harvests ORDER BY created_at"
+        ).fetchall()
     return [dict(zip(HARVEST_SUMMARY, r, strict=True)) for r in rows]
 
 
@@ -190,8 +204,12 @@ def default_harvest(ws: Workspace | str) -> str:
     if len(names) == 1:
         return names[0]
     if not names:
-        raise HarvestError(f"workspace {ws.path} has no harvest yet; run `saewb harvest --workspace {ws.path} ...`")
-    raise HarvestError(f"workspace {ws.path} has several harvests ({', '.join(names)}); choose one with --harvest")
+        raise HarvestError(
+            f"workspace {ws.path} has no harvest yet; run `saewb harvest --workspace {ws.path} ...`"
+        )
+    raise HarvestError(
+        f"workspace {ws.path} has several harvests ({', '.join(names)}); choose one with --harvest"
+    )
 
 
 def harvest_info(ws: Workspace | str, harvest: str | None = None) -> HarvestInfo:
@@ -222,7 +240,10 @@ def harvest_info(ws: Workspace | str, harvest: str | None = None) -> HarvestInfo
 
 
 def token_rows(
-    ws: Workspace, harvest: str, tok_idx: Sequence[int], columns: Sequence[str],
+    ws: Workspace,
+    harvest: str,
+    tok_idx: Sequence[int],
+    columns: Sequence[str],
     con: duckdb.DuckDBPyConnection | None = None,
 ) -> pa.Table:
     """These columns of the harvest's `tokens` rows with these tok_idx, in no particular order (over
@@ -230,12 +251,16 @@ def token_rows(
     zone maps: a range join is an order of magnitude slower on large caches."""
     unknown = set(columns) - set(TOKEN_COLUMNS)
     if unknown:
-        raise ValueError(f"tokens has no column {', '.join(sorted(unknown))}; it has {', '.join(TOKEN_COLUMNS)}")
+        raise ValueError(
+            f"tokens has no column {', '.join(sorted(unknown))}; it has {', '.join(TOKEN_COLUMNS)}"
+        )
     ids = [int(i) for i in tok_idx]
     if not ids:
         ids = [-1]  # matches nothing; keeps the query's shape
-    query = (f"SELECT {', '.join(columns)} FROM tokens WHERE harvest = ? AND tok_idx BETWEEN ? AND ? "
-             "AND tok_idx IN (SELECT unnest(?::BIGINT[]))")
+    query = (
+        f"SELECT {', '.join(columns)} FROM tokens WHERE harvest = ? AND tok_idx BETWEEN ? AND ? "
+        "AND tok_idx IN (SELECT unnest(?::BIGINT[]))"
+    )
     params = [harvest, min(ids), max(ids), ids]
     if con is not None:
         return con.sql(query, params=params).to_arrow_table()
@@ -304,7 +329,9 @@ def commit_rows(
 def mark_complete(ws: Workspace, name: str) -> None:
     """The harvest has read its whole corpus."""
     with ws.write() as con:
-        con.execute("UPDATE harvests SET status = 'complete', updated_at = current_timestamp WHERE name = ?", [name])
+        con.execute(
+            "UPDATE harvests SET status = 'complete', updated_at = current_timestamp WHERE name = ?", [name]
+        )
 
 
 def harvest_hooks(ws: Workspace | str, harvest: str | None = None) -> dict[str, int]:
@@ -319,7 +346,9 @@ PARQUET_ACT_ROW_GROUP = 16_384
 """Rows per row group of an activation file: tok_idx range reads skip other groups by their stats."""
 
 
-def export_parquet(workspace: str | Path | Workspace, out_dir: str | Path, harvest: str | None = None) -> dict[str, Any]:
+def export_parquet(
+    workspace: str | Path | Workspace, out_dir: str | Path, harvest: str | None = None
+) -> dict[str, Any]:
     """Write one harvest's tokens, documents and activations as Parquet files plus `harvest.json`.
 
     DuckDB COPY writes each table ordered by `tok_idx` / `doc_id`. Parquet has no fixed-size list
@@ -332,7 +361,9 @@ def export_parquet(workspace: str | Path | Workspace, out_dir: str | Path, harve
     info = harvest_info(ws, harvest)
     out = Path(out_dir)
     if (out / PARQUET_MANIFEST).exists():
-        raise HarvestError(f"{out} already holds an export ({PARQUET_MANIFEST}); choose a new or empty directory")
+        raise HarvestError(
+            f"{out} already holds an export ({PARQUET_MANIFEST}); choose a new or empty directory"
+        )
     out.mkdir(parents=True, exist_ok=True)
     n = info.n_tokens
     hooks: dict[str, dict[str, Any]] = {}
@@ -354,20 +385,31 @@ def export_parquet(workspace: str | Path | Workspace, out_dir: str | Path, harve
                 [n, str(out / fname)],
             )
             hooks[hook] = {"d": d, "file": fname}
-        skipped = con.execute(
-            "SELECT count(*) FROM information_schema.tables WHERE table_name = 'nonfinite_tokens'"
-        ).fetchone()[0] and con.execute(
-            "SELECT count(*) FROM nonfinite_tokens WHERE harvest = ? AND tok_idx < ?", [info.name, n]
-        ).fetchone()[0]
+        skipped = (
+            con.execute(
+                "SELECT count(*) FROM information_schema.tables WHERE table_name = 'nonfinite_tokens'"
+            ).fetchone()[0]
+            and con.execute(
+                "SELECT count(*) FROM nonfinite_tokens WHERE harvest = ? AND tok_idx < ?", [info.name, n]
+            ).fetchone()[0]
+        )
         if skipped:  # the rows a --nonfinite skip harvest stored as zeros travel with the export
             con.execute(
                 "COPY (SELECT * FROM nonfinite_tokens WHERE harvest = ? AND tok_idx < ? ORDER BY hook, tok_idx) "
-                "TO ? (FORMAT parquet)", [info.name, n, str(out / "nonfinite_tokens.parquet")],
+                "TO ? (FORMAT parquet)",
+                [info.name, n, str(out / "nonfinite_tokens.parquet")],
             )
     manifest = {
-        "format": PARQUET_FORMAT, "name": info.name, "config": info.config, "status": info.status,
-        "n_windows": info.n_windows, "n_tokens": n, "n_docs": info.n_docs,
-        "tokens": "tokens.parquet", "documents": "documents.parquet", "hooks": hooks,
+        "format": PARQUET_FORMAT,
+        "name": info.name,
+        "config": info.config,
+        "status": info.status,
+        "n_windows": info.n_windows,
+        "n_tokens": n,
+        "n_docs": info.n_docs,
+        "tokens": "tokens.parquet",
+        "documents": "documents.parquet",
+        "hooks": hooks,
         **({"nonfinite_tokens": "nonfinite_tokens.parquet"} if skipped else {}),
     }
     tmp = out / (PARQUET_MANIFEST + ".tmp")
@@ -461,17 +503,26 @@ def open_part(source: str | Path | Workspace, harvest: str | None = None) -> Har
     location = str(source)
     m = _read_manifest(location)
     if harvest is not None and harvest != m["name"]:
-        raise HarvestError(f"the export {location} holds harvest {m['name']!r}, not {harvest!r}; drop --harvest or fix it")
+        raise HarvestError(
+            f"the export {location} holds harvest {m['name']!r}, not {harvest!r}; drop --harvest or fix it"
+        )
     info = HarvestInfo(
-        name=m["name"], config=m["config"], status=m["status"], n_windows=m["n_windows"], n_tokens=m["n_tokens"],
-        n_docs=m["n_docs"], hooks={h: int(v["d"]) for h, v in m["hooks"].items()},
+        name=m["name"],
+        config=m["config"],
+        status=m["status"],
+        n_windows=m["n_windows"],
+        n_tokens=m["n_tokens"],
+        n_docs=m["n_docs"],
+        hooks={h: int(v["d"]) for h, v in m["hooks"].items()},
         tables={h: _join(location, v["file"]) for h, v in m["hooks"].items()},
     )
     skipped = _join(location, m["nonfinite_tokens"]) if m.get("nonfinite_tokens") else None
     return HarvestPart(location, info, None, _join(location, m["tokens"]), skipped)
 
 
-def as_sources(sources: str | Path | Workspace | Sequence[str | Path | Workspace]) -> list[str | Path | Workspace]:
+def as_sources(
+    sources: str | Path | Workspace | Sequence[str | Path | Workspace],
+) -> list[str | Path | Workspace]:
     """One source or a list of them, as a list."""
     if isinstance(sources, str | Path | Workspace):
         return [sources]
@@ -482,7 +533,9 @@ def as_sources(sources: str | Path | Workspace | Sequence[str | Path | Workspace
 
 
 def open_parts(
-    sources: str | Path | Workspace | Sequence[str | Path | Workspace], harvest: str | None = None, hook: str | None = None
+    sources: str | Path | Workspace | Sequence[str | Path | Workspace],
+    harvest: str | None = None,
+    hook: str | None = None,
 ) -> list[HarvestPart]:
     """Every source as a part, checked to form one data set: the same model, `hook` at one width,
     and no harvest (or shard) twice."""
@@ -517,5 +570,7 @@ def open_parts(
         seen[key] = part.location
     shards = {p.shard[1] for p in parts if p.shard}
     if len(shards) > 1:
-        raise HarvestError(f"the set mixes shards of different N ({sorted(shards)}); use shards of one --shard i/N run")
+        raise HarvestError(
+            f"the set mixes shards of different N ({sorted(shards)}); use shards of one --shard i/N run"
+        )
     return parts

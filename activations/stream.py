@@ -98,8 +98,14 @@ class ActivationStream:
         self._threshold = split_threshold(eval_fraction)
         where = doc_split_sql(split) + (" AND NOT t.is_special" if exclude_special else "")
         self.readers = [
-            HookReader(part, hook, where, [self._threshold], leave_out_skipped=True,
-                       consequence="they are not handed to a trainer")
+            HookReader(
+                part,
+                hook,
+                where,
+                [self._threshold],
+                leave_out_skipped=True,
+                consequence="they are not handed to a trainer",
+            )
             for part in self.parts
         ]
         """One reader per part: the split's tokens, without the ones its harvest skipped as non-finite."""
@@ -115,7 +121,11 @@ class ActivationStream:
         if self.n_tokens == 0:
             raise HarvestError(
                 f"no {split} tokens for hook {hook!r} in harvest {info.name!r}"
-                + (" (the eval split is empty; raise eval_fraction or harvest more documents)" if split == "eval" else "")
+                + (
+                    " (the eval split is empty; raise eval_fraction or harvest more documents)"
+                    if split == "eval"
+                    else ""
+                )
             )
 
     def _count_chunks(self) -> np.ndarray:
@@ -141,7 +151,11 @@ class ActivationStream:
             mine = chunks[self.chunk_part[chunks] == p]  # in buffer order; one part: all of them
             if not len(mine):
                 continue
-            base, offset, n_part = int(self.chunk_base[p]), int(self.part_offsets[p]), reader.part.info.n_tokens
+            base, offset, n_part = (
+                int(self.chunk_base[p]),
+                int(self.part_offsets[p]),
+                reader.part.info.n_tokens,
+            )
             # Pages are read once per epoch; a small buffer pool keeps the stream's memory flat.
             with reader.part.read(memory_limit=READ_MEMORY_LIMIT) as con:
                 for chunk in mine.tolist():
@@ -175,7 +189,9 @@ class ActivationStream:
         sizes = np.array([self.chunk_counts[g].sum() for g in groups], dtype=np.int64)
         return groups, sizes
 
-    def _rows(self, position: int, one_epoch: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    def _rows(
+        self, position: int, one_epoch: bool = False
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Buffers (tok_idx, x, visiting order) from `position` tokens into the endless stream of epochs.
 
         The buffer is never permuted in place or copied: batches gather their rows through the order.
@@ -216,7 +232,9 @@ class ActivationStream:
             yield self._emit(parts, with_index)
 
     @staticmethod
-    def _emit(parts: list[tuple[np.ndarray, np.ndarray]], with_index: bool) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    def _emit(
+        parts: list[tuple[np.ndarray, np.ndarray]], with_index: bool
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         if len(parts) == 1:
             batch_idx, batch_x = parts[0]
         else:
@@ -224,7 +242,9 @@ class ActivationStream:
             batch_x = np.concatenate([p[1] for p in parts])
         return (batch_idx, batch_x) if with_index else batch_x
 
-    def batches(self, start: int = 0, with_index: bool = False, rows: slice | None = None) -> Iterator[np.ndarray]:
+    def batches(
+        self, start: int = 0, with_index: bool = False, rows: slice | None = None
+    ) -> Iterator[np.ndarray]:
         """Endless full batches, epoch after epoch; batch `start` first (resume = same start).
 
         `rows`: only these rows of each batch (one process's share of a global batch in

@@ -51,7 +51,9 @@ class WindowTokenizer:
         self.prefix, self.suffix = self._wrapping()
         self.body_len = ctx_len - len(self.prefix) - len(self.suffix)
         if self.body_len < 1:
-            raise TokenizationError(f"--ctx-len {ctx_len} leaves no room for text after the model's special tokens")
+            raise TokenizationError(
+                f"--ctx-len {ctx_len} leaves no room for text after the model's special tokens"
+            )
 
     def _wrapping(self) -> tuple[list[int], list[int]]:
         """The tokens the tokenizer wraps text in (BERT: [CLS] ... [SEP]), found by tokenising a probe."""
@@ -114,7 +116,12 @@ class WindowTokenizer:
         for w, start in enumerate(range(0, max(len(ids), 1), self.ctx_len)):
             sl = slice(start, start + self.ctx_len)
             yield Window(
-                doc_id=doc_id, window=w, token_ids=ids[sl], special=special[sl], doc=doc, roles=tuple(roles[sl])
+                doc_id=doc_id,
+                window=w,
+                token_ids=ids[sl],
+                special=special[sl],
+                doc=doc,
+                roles=tuple(roles[sl]),
             )
 
 

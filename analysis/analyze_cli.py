@@ -1,8 +1,8 @@
 """`saewb analyze`, `saewb mcs` and `saewb export-neuronpedia`.
 
-    saewb analyze RUN --workspace ws.duckdb [--top-n 20 --batch-size 2048 --max-tokens N --no-logits]
-    saewb mcs RUN_A RUN_B --workspace ws.duckdb [--json]
-    saewb export-neuronpedia RUN OUT_DIR --workspace ws.duckdb [--latents 0-99] [--n-top 20] [--window 8]
+saewb analyze RUN --workspace ws.duckdb [--top-n 20 --batch-size 2048 --max-tokens N --no-logits]
+saewb mcs RUN_A RUN_B --workspace ws.duckdb [--json]
+saewb export-neuronpedia RUN OUT_DIR --workspace ws.duckdb [--latents 0-99] [--n-top 20] [--window 8]
 """
 
 from __future__ import annotations
@@ -15,8 +15,19 @@ from pathlib import Path
 
 from saewb.workspace import Workspace
 
-_INT_FLAGS = ("batch_size", "top_n", "n_bins", "n_bands", "samples_per_band", "n_neighbors", "n_cooc", "n_logits",
-              "family_min_children", "max_tokens", "seed")
+_INT_FLAGS = (
+    "batch_size",
+    "top_n",
+    "n_bins",
+    "n_bands",
+    "samples_per_band",
+    "n_neighbors",
+    "n_cooc",
+    "n_logits",
+    "family_min_children",
+    "max_tokens",
+    "seed",
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -26,10 +37,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     for name in _INT_FLAGS:
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=int, default=None)
     p.add_argument("--family-min-weight", dest="family_min_weight", type=float, default=None)
-    p.add_argument("--no-logits", dest="logits", action="store_false", default=None,
-                   help="skip the logit effect (it loads the model)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=True,
-                   help="no progress bar or lines")
+    p.add_argument(
+        "--no-logits",
+        dest="logits",
+        action="store_false",
+        default=None,
+        help="skip the logit effect (it loads the model)",
+    )
+    p.add_argument(
+        "--no-progress", dest="progress", action="store_false", default=True, help="no progress bar or lines"
+    )
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=cmd_analyze)
 
@@ -47,7 +64,11 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     ws = Workspace(args.workspace)
     if not ws.exists():
         raise FileNotFoundError(f"workspace {ws.path} does not exist; check --workspace")
-    overrides = {f.name: getattr(args, f.name) for f in fields(AnalyzeConfig) if getattr(args, f.name, None) is not None}
+    overrides = {
+        f.name: getattr(args, f.name)
+        for f in fields(AnalyzeConfig)
+        if getattr(args, f.name, None) is not None
+    }
     out = analyze_run(ws, args.run, AnalyzeConfig(**overrides), progress=args.progress)
     if args.json:
         print(json.dumps(out))
@@ -73,8 +94,11 @@ def cmd_mcs(args: argparse.Namespace) -> int:
     else:
         for key, (x, y) in (("a_to_b", (args.run_a, args.run_b)), ("b_to_a", (args.run_b, args.run_a))):
             s = summary[key]
-            print(f"{x} -> {y}: {s['share_above_09']:.1%} of {s['n_latents']} latents have MCS > 0.9 "
-                  f"(mean {s['mean_mcs']:.3f}, median {s['median_mcs']:.3f})", file=sys.stdout)
+            print(
+                f"{x} -> {y}: {s['share_above_09']:.1%} of {s['n_latents']} latents have MCS > 0.9 "
+                f"(mean {s['mean_mcs']:.3f}, median {s['median_mcs']:.3f})",
+                file=sys.stdout,
+            )
     return 0
 
 
@@ -93,7 +117,10 @@ def register_exports(subparsers: argparse._SubParsersAction) -> None:
 def cmd_export_neuronpedia(args: argparse.Namespace) -> int:
     from analysis.neuronpedia import export_neuronpedia
 
-    rec = export_neuronpedia(args.workspace, args.run, args.out_dir, latents=args.latents, n_top=args.n_top,
-                             window=args.window)
-    print(f"wrote {rec['exported_latents']} feature files to {args.out_dir / 'features'} and {args.out_dir / 'run.json'}")
+    rec = export_neuronpedia(
+        args.workspace, args.run, args.out_dir, latents=args.latents, n_top=args.n_top, window=args.window
+    )
+    print(
+        f"wrote {rec['exported_latents']} feature files to {args.out_dir / 'features'} and {args.out_dir / 'run.json'}"
+    )
     return 0

@@ -29,8 +29,10 @@ def max_cosine(a: np.ndarray, b: np.ndarray, block: int = 2048) -> np.ndarray:
 
 def summarize(mcs: np.ndarray, threshold: float = THRESHOLD) -> dict[str, float]:
     return {
-        "n_latents": int(len(mcs)), "share_above_09": float((mcs > threshold).mean()),
-        "mean_mcs": float(mcs.mean()), "median_mcs": float(np.median(mcs)),
+        "n_latents": int(len(mcs)),
+        "share_above_09": float((mcs > threshold).mean()),
+        "mean_mcs": float(mcs.mean()),
+        "median_mcs": float(np.median(mcs)),
     }
 
 
@@ -49,7 +51,14 @@ def compare_runs(ws: Workspace | str, run_a: str, run_b: str, *, store: bool = T
         )
     da, db = sa.decoder_directions, sb.decoder_directions
     ab, ba = max_cosine(da, db), max_cosine(db, da)
-    out = {"run_a": run_a, "run_b": run_b, "a_to_b": summarize(ab), "b_to_a": summarize(ba), "mcs_a": ab, "mcs_b": ba}
+    out = {
+        "run_a": run_a,
+        "run_b": run_b,
+        "a_to_b": summarize(ab),
+        "b_to_a": summarize(ba),
+        "mcs_a": ab,
+        "mcs_b": ba,
+    }
     if store:
         tables.store_consistency(ws, run_a, run_b, out["a_to_b"])
     return out

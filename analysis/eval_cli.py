@@ -1,9 +1,9 @@
 """`saewb eval`, `saewb intervene` and `saewb probe`.
 
-    saewb eval my-run --workspace ws.duckdb
-    saewb intervene my-run --workspace ws.duckdb --prompt "def f(x):" --ablate 3,17 --generate 20
-    saewb intervene my-run --workspace ws.duckdb --prompt "a cat" --steer 12=4.0 --candidate "a dog" --candidate "tax law"
-    saewb probe my-run --workspace ws.duckdb --data labelled.csv
+saewb eval my-run --workspace ws.duckdb
+saewb intervene my-run --workspace ws.duckdb --prompt "def f(x):" --ablate 3,17 --generate 20
+saewb intervene my-run --workspace ws.duckdb --prompt "a cat" --steer 12=4.0 --candidate "a dog" --candidate "tax law"
+saewb probe my-run --workspace ws.duckdb --data labelled.csv
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ def _ids(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(t) for t in text.split(",") if t.strip())
     except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected comma-separated latent ids like 3,17, got {text!r}") from err
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated latent ids like 3,17, got {text!r}"
+        ) from err
 
 
 def _pairs(text: str) -> tuple[tuple[int, ...], float]:
@@ -35,13 +37,18 @@ def _ks(text: str) -> tuple[int, ...]:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="evaluate a trained SAE run on held-out documents",
-                       description="Reconstruction metrics on the harvest's held-out activations, then CE/KL "
-                       "(causal LMs) or embedding cosine / top-10 neighbour overlap (encoders) with the SAE "
-                       "spliced into the model. Stored in the workspace's evals table.")
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a trained SAE run on held-out documents",
+        description="Reconstruction metrics on the harvest's held-out activations, then CE/KL "
+        "(causal LMs) or embedding cosine / top-10 neighbour overlap (encoders) with the SAE "
+        "spliced into the model. Stored in the workspace's evals table.",
+    )
     p.add_argument("run", help="run name (see `saewb runs`)")
     p.add_argument("--workspace", required=True)
-    p.add_argument("--model", help="model to load instead of the one the harvest recorded (e.g. a moved folder)")
+    p.add_argument(
+        "--model", help="model to load instead of the one the harvest recorded (e.g. a moved folder)"
+    )
     p.add_argument("--max-seqs", type=int, default=64, help="held-out windows re-run through the model")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     p.add_argument("--no-downstream", action="store_true", help="reconstruction metrics only (no model run)")
@@ -49,10 +56,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar or lines")
     p.set_defaults(func=_eval)
 
-    p = sub.add_parser("intervene", help="edit SAE latents on a prompt and compare with the clean model",
-                       description="One hooked forward pass: ablate, clamp or scale latents (with the error term "
-                       "by default), or add coeff·W_dec[i]. Causal LMs: top-k next tokens, per-token logit "
-                       "differences and generations. Encoders: similarity to --candidate texts.")
+    p = sub.add_parser(
+        "intervene",
+        help="edit SAE latents on a prompt and compare with the clean model",
+        description="One hooked forward pass: ablate, clamp or scale latents (with the error term "
+        "by default), or add coeff·W_dec[i]. Causal LMs: top-k next tokens, per-token logit "
+        "differences and generations. Encoders: similarity to --candidate texts.",
+    )
     p.add_argument("run")
     p.add_argument("--workspace", required=True)
     p.add_argument("--prompt", required=True)
@@ -61,11 +71,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ablate", type=_ids, action="append", default=[], metavar="IDS", help="e.g. 3,17")
     p.add_argument("--clamp", type=_pairs, action="append", default=[], metavar="IDS=V", help="e.g. 3=5.0")
     p.add_argument("--scale", type=_pairs, action="append", default=[], metavar="IDS=V", help="e.g. 3,17=2")
-    p.add_argument("--steer", type=_pairs, action="append", default=[], metavar="ID=COEFF",
-                   help="add COEFF·W_dec[ID] at the hook, e.g. 12=4.0")
+    p.add_argument(
+        "--steer",
+        type=_pairs,
+        action="append",
+        default=[],
+        metavar="ID=COEFF",
+        help="add COEFF·W_dec[ID] at the hook, e.g. 12=4.0",
+    )
     p.add_argument("--no-error-term", action="store_true", help="replace x by the (edited) reconstruction")
     p.add_argument("--top-k", type=int, default=10)
-    p.add_argument("--generate", type=int, default=0, metavar="N", help="tokens to generate, clean and edited")
+    p.add_argument(
+        "--generate", type=int, default=0, metavar="N", help="tokens to generate, clean and edited"
+    )
     p.add_argument("--sample", action="store_true", help="sample instead of greedy (seeded by --seed)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
@@ -73,9 +91,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_intervene)
 
-    p = sub.add_parser("probe", help="k-sparse probing on SAE latents vs raw model dimensions",
-                       description="Labelled texts (CSV with header text,label, or JSONL) -> test accuracy and "
-                       "F1 of L2 logistic probes on the top-k features for each k.")
+    p = sub.add_parser(
+        "probe",
+        help="k-sparse probing on SAE latents vs raw model dimensions",
+        description="Labelled texts (CSV with header text,label, or JSONL) -> test accuracy and "
+        "F1 of L2 logistic probes on the top-k features for each k.",
+    )
     p.add_argument("run")
     p.add_argument("--workspace", required=True)
     p.add_argument("--data", required=True, help="CSV (text,label) or JSONL with two label values")
@@ -93,8 +114,15 @@ def _eval(args: argparse.Namespace) -> int:
 
     if args.max_seqs < 2 or args.batch_size < 1:
         raise ValueError("--max-seqs must be at least 2 and --batch-size at least 1")
-    out = evaluate_run(args.workspace, args.run, model_name=args.model, max_seqs=args.max_seqs,
-                       batch_size=args.batch_size, downstream=not args.no_downstream, progress=args.progress)
+    out = evaluate_run(
+        args.workspace,
+        args.run,
+        model_name=args.model,
+        max_seqs=args.max_seqs,
+        batch_size=args.batch_size,
+        downstream=not args.no_downstream,
+        progress=args.progress,
+    )
     print(json.dumps(out, indent=2) if args.json else format_table(out))
     return 0
 
@@ -120,13 +148,32 @@ def _intervene(args: argparse.Namespace) -> int:
     iv.validate(ctx.sae)  # before the slow model load
     model = load_run_model(ctx, args.model)
     if is_causal_lm(model):
-        r = intervene_lm(model, ctx, args.prompt, iv, hook=args.hook, top_k=args.top_k,
-                         max_new_tokens=args.generate, do_sample=args.sample, temperature=args.temperature,
-                         seed=args.seed)
+        r = intervene_lm(
+            model,
+            ctx,
+            args.prompt,
+            iv,
+            hook=args.hook,
+            top_k=args.top_k,
+            max_new_tokens=args.generate,
+            do_sample=args.sample,
+            temperature=args.temperature,
+            seed=args.seed,
+        )
         if args.json:
-            print(json.dumps({"tokens": r.tokens, "top_clean": r.top_clean, "top_edited": r.top_edited,
-                              "logit_diff": r.logit_diff, "max_abs_logit_diff": r.max_abs_logit_diff,
-                              "generated_clean": r.generated_clean, "generated_edited": r.generated_edited}))
+            print(
+                json.dumps(
+                    {
+                        "tokens": r.tokens,
+                        "top_clean": r.top_clean,
+                        "top_edited": r.top_edited,
+                        "logit_diff": r.logit_diff,
+                        "max_abs_logit_diff": r.max_abs_logit_diff,
+                        "generated_clean": r.generated_clean,
+                        "generated_edited": r.generated_edited,
+                    }
+                )
+            )
         else:
             print(format_lm_result(r))
     else:
@@ -143,10 +190,24 @@ def _probe(args: argparse.Namespace) -> int:
     texts, y, classes = load_labelled(args.data)
     ctx = load_run(args.workspace, args.run)
     model = load_run_model(ctx, args.model)
-    rep = probe_run(model, ctx, texts, y, classes, ks=args.ks, test_fraction=args.test_fraction, seed=args.seed,
-                    l2=args.l2)
-    record = {"data": str(args.data), "classes": classes, "n_train": rep.n_train, "n_test": rep.n_test,
-              "rows": rep.rows}
+    rep = probe_run(
+        model,
+        ctx,
+        texts,
+        y,
+        classes,
+        ks=args.ks,
+        test_fraction=args.test_fraction,
+        seed=args.seed,
+        l2=args.l2,
+    )
+    record = {
+        "data": str(args.data),
+        "classes": classes,
+        "n_train": rep.n_train,
+        "n_test": rep.n_test,
+        "rows": rep.rows,
+    }
     store_eval(ctx.ws, args.run, "probe", record)
     print(json.dumps(record) if args.json else format_probe(rep))
     return 0

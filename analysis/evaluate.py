@@ -73,15 +73,20 @@ def eval_windows(
     """The first `max_seqs` windows (by seq_id) of the harvest's held-out documents."""
     threshold = split_threshold(eval_fraction)
     with ws.read() as con:
-        seqs = [r[0] for r in con.execute(
-            f"SELECT DISTINCT t.seq_id FROM tokens t WHERE t.harvest = ? AND {doc_split_sql('eval')} "
-            "ORDER BY 1 LIMIT ?", [harvest, threshold, max_seqs if max_seqs else 2**62],
-        ).fetchall()]
+        seqs = [
+            r[0]
+            for r in con.execute(
+                f"SELECT DISTINCT t.seq_id FROM tokens t WHERE t.harvest = ? AND {doc_split_sql('eval')} "
+                "ORDER BY 1 LIMIT ?",
+                [harvest, threshold, max_seqs if max_seqs else 2**62],
+            ).fetchall()
+        ]
         if not seqs:
             raise HarvestError(f"harvest {harvest!r} has no held-out documents; harvest more tokens")
         table = con.sql(
             "SELECT seq_id, seq_pos, token_id, is_special FROM tokens WHERE harvest = ? AND seq_id IN "
-            "(SELECT unnest(?::BIGINT[])) ORDER BY seq_id, seq_pos", params=[harvest, seqs],
+            "(SELECT unnest(?::BIGINT[])) ORDER BY seq_id, seq_pos",
+            params=[harvest, seqs],
         ).to_arrow_table()
     seq_id = table.column("seq_id").to_numpy()
     pos = table.column("seq_pos").to_numpy()
@@ -233,8 +238,10 @@ def encoder_metrics(
     }
     if len(a) < 5 * (k + 1):
         # With few windows most of them are everyone's neighbours and the overlap is near 1 regardless.
-        out["note"] = (f"top-{k} overlap over only {len(a)} windows is not informative; raise --max-seqs "
-                       "or harvest more documents")
+        out["note"] = (
+            f"top-{k} overlap over only {len(a)} windows is not informative; raise --max-seqs "
+            "or harvest more documents"
+        )
     return out
 
 
@@ -245,8 +252,9 @@ def reconstruction_metrics(
     from sae.metrics import evaluate
 
     data = list(ctx.sources) if ctx.sources else ctx.ws
-    stream = ActivationStream(data, ctx.hook, harvest=ctx.harvest, batch_size=batch_size, split="eval",
-                              eval_fraction=EVAL_FRACTION)
+    stream = ActivationStream(
+        data, ctx.hook, harvest=ctx.harvest, batch_size=batch_size, split="eval", eval_fraction=EVAL_FRACTION
+    )
 
     def batches() -> Any:
         seen = 0
@@ -298,11 +306,15 @@ def evaluate_run(
 def store_eval(ws: Workspace, run: str, kind: str, metrics: dict[str, Any]) -> None:
     with ws.write() as con:
         con.execute(EVALS_SCHEMA)
-        con.execute("INSERT INTO evals VALUES (?, ?, ?, ?)",
-                    [run, kind, json.dumps(metrics), datetime.now(UTC).replace(tzinfo=None)])
+        con.execute(
+            "INSERT INTO evals VALUES (?, ?, ?, ?)",
+            [run, kind, json.dumps(metrics), datetime.now(UTC).replace(tzinfo=None)],
+        )
 
 
-def list_evals(workspace: str | Path | Workspace, run: str | None = None, kind: str | None = None) -> list[dict[str, Any]]:
+def list_evals(
+    workspace: str | Path | Workspace, run: str | None = None, kind: str | None = None
+) -> list[dict[str, Any]]:
     """Stored evaluations, oldest first."""
     ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace)
     if not ws.table_exists("evals"):
@@ -310,15 +322,36 @@ def list_evals(workspace: str | Path | Workspace, run: str | None = None, kind: 
     with ws.read() as con:
         rows = con.execute(
             "SELECT run, kind, metrics, created_at FROM evals WHERE (? IS NULL OR run = ?) AND (? IS NULL OR kind = ?) "
-            "ORDER BY created_at", [run, run, kind, kind],
+            "ORDER BY created_at",
+            [run, run, kind, kind],
         ).fetchall()
     return [{"run": r, "kind": k, "metrics": json.loads(m), "created_at": t} for r, k, m, t in rows]
 
 
 METRIC_ORDER = (
-    "fvu", "explained_variance", "legacy_ev", "l0", "dead_frac", "dense_frac", "cosine", "l2_ratio", "rel_bias",
-    "eval_tokens", "ce_clean", "ce_sae", "ce_zero", "ce_score", "delta_ce", "kl_sae", "kl_zero", "kl_score",
-    "lm_windows", "lm_targets", "emb_cosine", "top10_overlap", "emb_windows",
+    "fvu",
+    "explained_variance",
+    "legacy_ev",
+    "l0",
+    "dead_frac",
+    "dense_frac",
+    "cosine",
+    "l2_ratio",
+    "rel_bias",
+    "eval_tokens",
+    "ce_clean",
+    "ce_sae",
+    "ce_zero",
+    "ce_score",
+    "delta_ce",
+    "kl_sae",
+    "kl_zero",
+    "kl_score",
+    "lm_windows",
+    "lm_targets",
+    "emb_cosine",
+    "top10_overlap",
+    "emb_windows",
 )
 
 

@@ -80,7 +80,9 @@ def maximum_spanning_tree(n: int, i: np.ndarray, j: np.ndarray, w: np.ndarray) -
     return i[sel], j[sel], w[sel]
 
 
-def root_forest(n: int, i: np.ndarray, j: np.ndarray, w: np.ndarray, n_fires: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def root_forest(
+    n: int, i: np.ndarray, j: np.ndarray, w: np.ndarray, n_fires: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """(parent [n], weight to parent [n]) of the forest, each tree rooted at its most frequent node."""
     adj: list[list[tuple[int, float]]] = [[] for _ in range(n)]
     for a, b, x in zip(i.tolist(), j.tolist(), w.tolist(), strict=True):
@@ -128,7 +130,9 @@ def feature_families(
     f = np.concatenate(fam).astype(np.int64)
     order = np.lexsort((np.concatenate(lat), np.concatenate(depth), f))
     return {
-        "family": f[order], "latent": np.concatenate(lat).astype(np.int64)[order],
+        "family": f[order],
+        "latent": np.concatenate(lat).astype(np.int64)[order],
         "parent": np.concatenate(parent).astype(np.int64)[order],
-        "depth": np.concatenate(depth).astype(np.int64)[order], "weight": np.concatenate(weight)[order],
+        "depth": np.concatenate(depth).astype(np.int64)[order],
+        "weight": np.concatenate(weight)[order],
     }

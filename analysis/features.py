@@ -159,18 +159,25 @@ def sparse_code(f: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def activation_reader(ws: Workspace, harvest: str, hook: str) -> HookReader:
     """The rows the analysis reads: every non-special token of the harvest, as stored (a `--nonfinite
     skip` harvest's skipped rows are zeros; any NaN/inf row is refused)."""
-    return HookReader(open_part(ws, harvest), hook, "NOT t.is_special", leave_out_skipped=False,
-                      consequence="analysing them would give NaN statistics")
+    return HookReader(
+        open_part(ws, harvest),
+        hook,
+        "NOT t.is_special",
+        leave_out_skipped=False,
+        consequence="analysing them would give NaN statistics",
+    )
 
 
 def _codes_table(tok_idx: np.ndarray, rows: np.ndarray, cols: np.ndarray, vals: np.ndarray) -> pa.Table:
     offsets = np.zeros(len(tok_idx) + 1, np.int32)
     np.cumsum(np.bincount(rows, minlength=len(tok_idx)), out=offsets[1:])
-    return pa.table({
-        "tok_idx": pa.array(tok_idx.astype(np.int64)),
-        "latents": pa.ListArray.from_arrays(pa.array(offsets), pa.array(cols.astype(np.int32))),
-        "vals": pa.ListArray.from_arrays(pa.array(offsets), pa.array(vals.astype(np.float32))),
-    })
+    return pa.table(
+        {
+            "tok_idx": pa.array(tok_idx.astype(np.int64)),
+            "latents": pa.ListArray.from_arrays(pa.array(offsets), pa.array(cols.astype(np.int32))),
+            "vals": pa.ListArray.from_arrays(pa.array(offsets), pa.array(vals.astype(np.float32))),
+        }
+    )
 
 
 def quantile_edges(log_hist: np.ndarray, n_bands: int, max_act: np.ndarray) -> np.ndarray:
@@ -180,7 +187,9 @@ def quantile_edges(log_hist: np.ndarray, n_bands: int, max_act: np.ndarray) -> n
     edge 0 is 0 and the last is the exact max.
     """
     n = log_hist.shape[0]
-    lo_edges = np.concatenate([[0.0], LOG_EDGES]).astype(np.float64)  # bin b covers [lo_edges[b], lo_edges[b+1])
+    lo_edges = np.concatenate([[0.0], LOG_EDGES]).astype(
+        np.float64
+    )  # bin b covers [lo_edges[b], lo_edges[b+1])
     hi_edges = np.concatenate([LOG_EDGES, [np.inf]]).astype(np.float64)
     cum = np.cumsum(log_hist, axis=1)
     total = cum[:, -1]
@@ -198,8 +207,15 @@ def quantile_edges(log_hist: np.ndarray, n_bands: int, max_act: np.ndarray) -> n
 
 
 def stream_stats(
-    ws: Workspace, sae: Any, run: str, harvest: str, hook: str, n_committed: int, cfg: AnalyzeConfig,
-    store_codes: bool = True, progress: bool = False,
+    ws: Workspace,
+    sae: Any,
+    run: str,
+    harvest: str,
+    hook: str,
+    n_committed: int,
+    cfg: AnalyzeConfig,
+    store_codes: bool = True,
+    progress: bool = False,
 ) -> StreamStats:
     """Passes 1 and 2 (see the module docstring)."""
     n = sae.n_latents
@@ -214,9 +230,16 @@ def stream_stats(
     n_tokens = 0
     reader = activation_reader(ws, harvest, hook)
     n_read = reader.count(n_committed)
-    bar = progress_bar(f"analyze {run}: pass 1", n_read if cfg.max_tokens is None else min(n_read, cfg.max_tokens),
-                       unit="tok", unit_scale=True, enabled=progress)
-    batches = ordered_batches(reader, n_committed, cfg.batch_size, cfg.chunk_tokens, cfg.max_tokens, READ_MEMORY_LIMIT)
+    bar = progress_bar(
+        f"analyze {run}: pass 1",
+        n_read if cfg.max_tokens is None else min(n_read, cfg.max_tokens),
+        unit="tok",
+        unit_scale=True,
+        enabled=progress,
+    )
+    batches = ordered_batches(
+        reader, n_committed, cfg.batch_size, cfg.chunk_tokens, cfg.max_tokens, READ_MEMORY_LIMIT
+    )
     for idx, x in batches:
         b = len(idx)
         if b < cfg.batch_size:  # pad: one jit shape for the whole pass
@@ -261,9 +284,17 @@ def stream_stats(
             band += val >= edges[lat, b]
         bands.update(lat * cfg.n_bands + band, rng.random(len(val)), tok, val)
     return StreamStats(
-        n_tokens=n_tokens, n_fires=n_fires, sum_act=sum_act, max_act=max_act, top_val=top.val,
-        top_tok=top.tok, cooc=cooc.result(), hist=hist, band_edges=edges,
-        band_val=bands.val.reshape(n, cfg.n_bands, -1), band_tok=bands.tok.reshape(n, cfg.n_bands, -1),
+        n_tokens=n_tokens,
+        n_fires=n_fires,
+        sum_act=sum_act,
+        max_act=max_act,
+        top_val=top.val,
+        top_tok=top.tok,
+        cooc=cooc.result(),
+        hist=hist,
+        band_edges=edges,
+        band_val=bands.val.reshape(n, cfg.n_bands, -1),
+        band_tok=bands.tok.reshape(n, cfg.n_bands, -1),
     )
 
 
@@ -335,12 +366,19 @@ def find_unembedding(model: Any) -> np.ndarray | None:
     return None
 
 
-def logit_effects(directions: np.ndarray, w_u: np.ndarray, k: int, block: int = 512) -> tuple[np.ndarray, ...]:
+def logit_effects(
+    directions: np.ndarray, w_u: np.ndarray, k: int, block: int = 512
+) -> tuple[np.ndarray, ...]:
     """(pos_ids, pos_vals, neg_ids, neg_vals) [n, k]: the tokens each unit decoder direction most
     raises / lowers through the unembedding (direct path, final LayerNorm ignored as in Neuronpedia)."""
     n = directions.shape[0]
     k = min(k, w_u.shape[1])
-    out = [np.zeros((n, k), np.int64), np.zeros((n, k), np.float32), np.zeros((n, k), np.int64), np.zeros((n, k), np.float32)]
+    out = [
+        np.zeros((n, k), np.int64),
+        np.zeros((n, k), np.float32),
+        np.zeros((n, k), np.int64),
+        np.zeros((n, k), np.float32),
+    ]
     for lo in range(0, n, block):
         eff = directions[lo : lo + block].astype(np.float32) @ w_u
         for sign, (ids_out, val_out) in ((1, (out[0], out[1])), (-1, (out[2], out[3]))):
@@ -373,9 +411,7 @@ def analyze_run(
         )
     t0 = time.perf_counter()
     tables.start_analysis(ws, run, info.name, row["hook"], model.n_latents, asdict(cfg))
-    stats = stream_stats(
-        ws, model, run, info.name, row["hook"], info.n_tokens, cfg, progress=progress
-    )
+    stats = stream_stats(ws, model, run, info.name, row["hook"], info.n_tokens, cfg, progress=progress)
     t_stream = time.perf_counter() - t0
     n = model.n_latents
     directions = model.decoder_directions
@@ -388,9 +424,14 @@ def analyze_run(
     _store(ws, run, n, cfg, stats, nb_idx, nb_cos, (co_r, co_rank, co_o, co_cnt, co_norm), fam, logits)
     seconds = time.perf_counter() - t0
     return {
-        "run": run, "tokens": stats.n_tokens, "seconds": seconds, "stream_seconds": t_stream,
-        "tokens_per_s": stats.n_tokens / max(t_stream, 1e-9), "alive": int((stats.n_fires > 0).sum()),
-        "n_latents": n, "families": int(len(np.unique(fam["family"]))) if len(fam["family"]) else 0,
+        "run": run,
+        "tokens": stats.n_tokens,
+        "seconds": seconds,
+        "stream_seconds": t_stream,
+        "tokens_per_s": stats.n_tokens / max(t_stream, 1e-9),
+        "alive": int((stats.n_fires > 0).sum()),
+        "n_latents": n,
+        "families": int(len(np.unique(fam["family"]))) if len(fam["family"]) else 0,
         "logit_effect": logits is not None,
     }
 
@@ -420,8 +461,16 @@ def _logits_for(model_name: str | None, directions: np.ndarray, k: int) -> tuple
 
 
 def _store(
-    ws: Workspace, run: str, n: int, cfg: AnalyzeConfig, s: StreamStats, nb_idx: np.ndarray, nb_cos: np.ndarray,
-    co: tuple[np.ndarray, ...], fam: dict[str, np.ndarray], logits: tuple[Any, ...] | None,
+    ws: Workspace,
+    run: str,
+    n: int,
+    cfg: AnalyzeConfig,
+    s: StreamStats,
+    nb_idx: np.ndarray,
+    nb_cos: np.ndarray,
+    co: tuple[np.ndarray, ...],
+    fam: dict[str, np.ndarray],
+    logits: tuple[Any, ...] | None,
 ) -> None:
     """All per-latent tables in one transaction, in latent order (so a latent is one row-group read)."""
     latents = np.arange(n)
@@ -432,58 +481,96 @@ def _store(
         family_of[fam["latent"][roots]] = fam["family"][roots]
         family_of[fam["latent"][~roots]] = fam["family"][~roots]
     none_i = [None] * n
-    stats_tbl = pa.table({
-        "run": [run] * n, "latent": latents.astype(np.int32), "n_fires": s.n_fires,
-        "freq": s.n_fires / s.n_tokens, "mean_act": mean_act, "max_act": s.max_act.astype(np.float64),
-        "hist": pa.array(s.hist.astype(np.int32).tolist(), pa.list_(pa.int32())),
-        "family": pa.array(np.where(family_of >= 0, family_of, 0).astype(np.int32), mask=family_of < 0),
-        "logit_pos_ids": pa.array(logits[0].tolist() if logits else none_i, pa.list_(pa.int32())),
-        "logit_pos_tokens": pa.array(logits[1] if logits else none_i, pa.list_(pa.string())),
-        "logit_pos": pa.array(logits[2].tolist() if logits else none_i, pa.list_(pa.float32())),
-        "logit_neg_ids": pa.array(logits[3].tolist() if logits else none_i, pa.list_(pa.int32())),
-        "logit_neg_tokens": pa.array(logits[4] if logits else none_i, pa.list_(pa.string())),
-        "logit_neg": pa.array(logits[5].tolist() if logits else none_i, pa.list_(pa.float32())),
-    })
+    stats_tbl = pa.table(
+        {
+            "run": [run] * n,
+            "latent": latents.astype(np.int32),
+            "n_fires": s.n_fires,
+            "freq": s.n_fires / s.n_tokens,
+            "mean_act": mean_act,
+            "max_act": s.max_act.astype(np.float64),
+            "hist": pa.array(s.hist.astype(np.int32).tolist(), pa.list_(pa.int32())),
+            "family": pa.array(np.where(family_of >= 0, family_of, 0).astype(np.int32), mask=family_of < 0),
+            "logit_pos_ids": pa.array(logits[0].tolist() if logits else none_i, pa.list_(pa.int32())),
+            "logit_pos_tokens": pa.array(logits[1] if logits else none_i, pa.list_(pa.string())),
+            "logit_pos": pa.array(logits[2].tolist() if logits else none_i, pa.list_(pa.float32())),
+            "logit_neg_ids": pa.array(logits[3].tolist() if logits else none_i, pa.list_(pa.int32())),
+            "logit_neg_tokens": pa.array(logits[4] if logits else none_i, pa.list_(pa.string())),
+            "logit_neg": pa.array(logits[5].tolist() if logits else none_i, pa.list_(pa.float32())),
+        }
+    )
     # Contexts: top-N (band -1), then the band samples; empty slots (tok -1) dropped.
     top_rank = np.broadcast_to(np.arange(cfg.top_n), s.top_tok.shape)
     ok = s.top_tok >= 0
-    lat_b, band_b, rank_b = np.meshgrid(latents, np.arange(cfg.n_bands), np.arange(cfg.samples_per_band), indexing="ij")
+    lat_b, band_b, rank_b = np.meshgrid(
+        latents, np.arange(cfg.n_bands), np.arange(cfg.samples_per_band), indexing="ij"
+    )
     # Band samples sorted by value inside a band so the app shows them in order; empty slots go last.
     border = np.argsort(-np.where(s.band_tok >= 0, s.band_val, -np.inf), axis=2, kind="stable")
     btok, bval = np.take_along_axis(s.band_tok, border, 2), np.take_along_axis(s.band_val, border, 2)
     ok_b = btok >= 0
-    ctx = pa.table({
-        "run": [run] * int(ok.sum() + ok_b.sum()),
-        "latent": np.concatenate([np.broadcast_to(latents[:, None], ok.shape)[ok], lat_b[ok_b]]).astype(np.int32),
-        "kind": ["top"] * int(ok.sum()) + ["band"] * int(ok_b.sum()),
-        "band": np.concatenate([np.full(int(ok.sum()), -1), band_b[ok_b]]).astype(np.int32),
-        "rank": np.concatenate([top_rank[ok], rank_b[ok_b]]).astype(np.int32),
-        "tok_idx": np.concatenate([s.top_tok[ok], btok[ok_b]]).astype(np.int64),
-        "value": np.concatenate([s.top_val[ok], bval[ok_b]]).astype(np.float32),
-    })
-    bands_tbl = pa.table({
-        "run": [run] * (n * cfg.n_bands), "latent": np.repeat(latents, cfg.n_bands).astype(np.int32),
-        "band": np.tile(np.arange(cfg.n_bands), n).astype(np.int32),
-        "lo": s.band_edges[:, :-1].ravel().astype(np.float32), "hi": s.band_edges[:, 1:].ravel().astype(np.float32),
-    })
+    ctx = pa.table(
+        {
+            "run": [run] * int(ok.sum() + ok_b.sum()),
+            "latent": np.concatenate([np.broadcast_to(latents[:, None], ok.shape)[ok], lat_b[ok_b]]).astype(
+                np.int32
+            ),
+            "kind": ["top"] * int(ok.sum()) + ["band"] * int(ok_b.sum()),
+            "band": np.concatenate([np.full(int(ok.sum()), -1), band_b[ok_b]]).astype(np.int32),
+            "rank": np.concatenate([top_rank[ok], rank_b[ok_b]]).astype(np.int32),
+            "tok_idx": np.concatenate([s.top_tok[ok], btok[ok_b]]).astype(np.int64),
+            "value": np.concatenate([s.top_val[ok], bval[ok_b]]).astype(np.float32),
+        }
+    )
+    bands_tbl = pa.table(
+        {
+            "run": [run] * (n * cfg.n_bands),
+            "latent": np.repeat(latents, cfg.n_bands).astype(np.int32),
+            "band": np.tile(np.arange(cfg.n_bands), n).astype(np.int32),
+            "lo": s.band_edges[:, :-1].ravel().astype(np.float32),
+            "hi": s.band_edges[:, 1:].ravel().astype(np.float32),
+        }
+    )
     kn = nb_idx.shape[1]
-    nb_tbl = pa.table({
-        "run": [run] * (n * kn), "latent": np.repeat(latents, kn).astype(np.int32),
-        "rank": np.tile(np.arange(kn), n).astype(np.int32), "other": nb_idx.ravel().astype(np.int32),
-        "cosine": nb_cos.ravel().astype(np.float32),
-    })
-    co_tbl = pa.table({
-        "run": [run] * len(co[0]), "latent": co[0].astype(np.int32), "rank": co[1].astype(np.int32),
-        "other": co[2].astype(np.int32), "count": co[3].astype(np.int64), "norm": co[4].astype(np.float32),
-    })
-    fam_tbl = pa.table({
-        "run": [run] * len(fam["latent"]), "family": fam["family"].astype(np.int32),
-        "latent": fam["latent"].astype(np.int32),
-        "parent": pa.array(np.maximum(fam["parent"], 0).astype(np.int32), mask=fam["parent"] < 0),
-        "depth": fam["depth"].astype(np.int32),
-        "weight": pa.array(fam["weight"].astype(np.float32), mask=np.isnan(fam["weight"])),
-    })
-    tables.finish_analysis(ws, run, s.n_tokens, {
-        "latent_stats": stats_tbl, "latent_contexts": ctx, "latent_bands": bands_tbl, "latent_neighbors": nb_tbl,
-        "latent_cooccurrence": co_tbl, "latent_families": fam_tbl,
-    })
+    nb_tbl = pa.table(
+        {
+            "run": [run] * (n * kn),
+            "latent": np.repeat(latents, kn).astype(np.int32),
+            "rank": np.tile(np.arange(kn), n).astype(np.int32),
+            "other": nb_idx.ravel().astype(np.int32),
+            "cosine": nb_cos.ravel().astype(np.float32),
+        }
+    )
+    co_tbl = pa.table(
+        {
+            "run": [run] * len(co[0]),
+            "latent": co[0].astype(np.int32),
+            "rank": co[1].astype(np.int32),
+            "other": co[2].astype(np.int32),
+            "count": co[3].astype(np.int64),
+            "norm": co[4].astype(np.float32),
+        }
+    )
+    fam_tbl = pa.table(
+        {
+            "run": [run] * len(fam["latent"]),
+            "family": fam["family"].astype(np.int32),
+            "latent": fam["latent"].astype(np.int32),
+            "parent": pa.array(np.maximum(fam["parent"], 0).astype(np.int32), mask=fam["parent"] < 0),
+            "depth": fam["depth"].astype(np.int32),
+            "weight": pa.array(fam["weight"].astype(np.float32), mask=np.isnan(fam["weight"])),
+        }
+    )
+    tables.finish_analysis(
+        ws,
+        run,
+        s.n_tokens,
+        {
+            "latent_stats": stats_tbl,
+            "latent_contexts": ctx,
+            "latent_bands": bands_tbl,
+            "latent_neighbors": nb_tbl,
+            "latent_cooccurrence": co_tbl,
+            "latent_families": fam_tbl,
+        },
+    )

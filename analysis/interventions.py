@@ -99,9 +99,12 @@ def _splice_mask(model: Any, ids: Any) -> Any:
     return ~torch.isin(ids, special)
 
 
-def _edited_hooks(model: Any, ctx: RunContext, hook: str, iv: Intervention, ids: Any) -> list[tuple[str, Any]]:
-    fn = sae_hook_fn(ctx.sae, error_term=iv.error_term, edits=iv.edits, steering=iv.steering,
-                     mask=_splice_mask(model, ids))
+def _edited_hooks(
+    model: Any, ctx: RunContext, hook: str, iv: Intervention, ids: Any
+) -> list[tuple[str, Any]]:
+    fn = sae_hook_fn(
+        ctx.sae, error_term=iv.error_term, edits=iv.edits, steering=iv.steering, mask=_splice_mask(model, ids)
+    )
     return [(hook, fn)]
 
 
@@ -152,7 +155,9 @@ def intervene_lm(
 ) -> LMResult:
     """Run a prompt clean and edited; compare next-token predictions and (optionally) generations."""
     if not is_causal_lm(model):
-        raise ValueError("this model has no next-token head; use `semantic_search` (--candidate) for encoders")
+        raise ValueError(
+            "this model has no next-token head; use `semantic_search` (--candidate) for encoders"
+        )
     hook = check_hook(model, ctx, hook)
     iv.validate(ctx.sae)
     ids = _prompt_ids(model, prompt)
@@ -169,16 +174,36 @@ def intervene_lm(
     diffs = []
     for t in range(len(strs) - 1):
         nxt = int(ids[0, t + 1])
-        diffs.append({"pos": t, "token": strs[t], "next": strs[t + 1], "logit_clean": float(clean[t, nxt]),
-                      "logit_edited": float(edited[t, nxt]), "diff": float(edited[t, nxt] - clean[t, nxt])})
+        diffs.append(
+            {
+                "pos": t,
+                "token": strs[t],
+                "next": strs[t + 1],
+                "logit_clean": float(clean[t, nxt]),
+                "logit_edited": float(edited[t, nxt]),
+                "diff": float(edited[t, nxt] - clean[t, nxt]),
+            }
+        )
     result = LMResult(
-        tokens=strs, top_clean=top(clean[-1]), top_edited=top(edited[-1]), logit_diff=diffs,
-        max_abs_logit_diff=float(np.abs(edited - clean).max()), logits_clean=clean, logits_edited=edited,
+        tokens=strs,
+        top_clean=top(clean[-1]),
+        top_edited=top(edited[-1]),
+        logit_diff=diffs,
+        max_abs_logit_diff=float(np.abs(edited - clean).max()),
+        logits_clean=clean,
+        logits_edited=edited,
     )
     if max_new_tokens > 0:
         g_clean = _generate(model, ids, max_new_tokens, lambda cur: [], do_sample, temperature, seed)
-        g_edit = _generate(model, ids, max_new_tokens, lambda cur: _edited_hooks(model, ctx, hook, iv, cur),
-                           do_sample, temperature, seed)
+        g_edit = _generate(
+            model,
+            ids,
+            max_new_tokens,
+            lambda cur: _edited_hooks(model, ctx, hook, iv, cur),
+            do_sample,
+            temperature,
+            seed,
+        )
         result.generated_clean = tok.decode(g_clean)
         result.generated_edited = tok.decode(g_edit)
     return result
@@ -211,8 +236,10 @@ def semantic_search(
         return (b @ a) / np.maximum(np.linalg.norm(b, axis=1) * np.linalg.norm(a), 1e-12)
 
     before, after = cos(q_clean, cand), cos(q_edit, cand)
-    rows = [{"candidate": c, "sim_clean": float(s0), "sim_edited": float(s1), "delta": float(s1 - s0)}
-            for c, s0, s1 in zip(candidates, before, after, strict=True)]
+    rows = [
+        {"candidate": c, "sim_clean": float(s0), "sim_edited": float(s1), "delta": float(s1 - s0)}
+        for c, s0, s1 in zip(candidates, before, after, strict=True)
+    ]
     return SearchResult(rows=rows)
 
 
@@ -220,10 +247,14 @@ def format_lm_result(r: LMResult, max_rows: int = 20) -> str:
     lines = ["next-token top-k:", f"  {'clean':<28} {'edited':<28}"]
     for (a, pa), (b, pb) in zip(r.top_clean, r.top_edited, strict=True):
         lines.append(f"  {a!r:<18} {pa:8.4f}  {b!r:<18} {pb:8.4f}")
-    lines.append(f"per-token logit of the actual next token (max |Δlogit| anywhere: {r.max_abs_logit_diff:.4g}):")
+    lines.append(
+        f"per-token logit of the actual next token (max |Δlogit| anywhere: {r.max_abs_logit_diff:.4g}):"
+    )
     for d in r.logit_diff[:max_rows]:
-        lines.append(f"  {d['pos']:>4} {d['token']!r:<14} -> {d['next']!r:<14} "
-                     f"{d['logit_clean']:9.4f} {d['logit_edited']:9.4f} {d['diff']:+9.4f}")
+        lines.append(
+            f"  {d['pos']:>4} {d['token']!r:<14} -> {d['next']!r:<14} "
+            f"{d['logit_clean']:9.4f} {d['logit_edited']:9.4f} {d['diff']:+9.4f}"
+        )
     if r.generated_clean or r.generated_edited:
         lines += [f"generated (clean):  {r.generated_clean!r}", f"generated (edited): {r.generated_edited!r}"]
     return "\n".join(lines)
@@ -232,5 +263,7 @@ def format_lm_result(r: LMResult, max_rows: int = 20) -> str:
 def format_search(r: SearchResult) -> str:
     lines = [f"  {'sim_clean':>9} {'sim_edit':>9} {'delta':>9}  candidate"]
     for row in sorted(r.rows, key=lambda x: -x["delta"]):
-        lines.append(f"  {row['sim_clean']:9.4f} {row['sim_edited']:9.4f} {row['delta']:+9.4f}  {row['candidate']}")
+        lines.append(
+            f"  {row['sim_clean']:9.4f} {row['sim_edited']:9.4f} {row['delta']:+9.4f}  {row['candidate']}"
+        )
     return "\n".join(lines)

@@ -67,14 +67,23 @@ def _num(v: Any) -> float | None:
 def _context(c: tables.Context, bands: dict[int, tuple[float, float]]) -> dict[str, Any]:
     lo, hi = bands.get(c.band, (None, None))
     return {
-        "kind": c.kind, "band": c.band, "rank": c.rank, "tok_idx": c.tok_idx, "doc_id": c.doc_id,
-        "tokens": list(c.tokens), "values": [float(a) for a in c.acts],
-        "maxValue": float(c.value), "maxValueTokenIndex": c.center,
-        "bin_min": _num(lo) if c.kind == "band" else None, "bin_max": _num(hi) if c.kind == "band" else None,
+        "kind": c.kind,
+        "band": c.band,
+        "rank": c.rank,
+        "tok_idx": c.tok_idx,
+        "doc_id": c.doc_id,
+        "tokens": list(c.tokens),
+        "values": [float(a) for a in c.acts],
+        "maxValue": float(c.value),
+        "maxValueTokenIndex": c.center,
+        "bin_min": _num(lo) if c.kind == "band" else None,
+        "bin_max": _num(hi) if c.kind == "band" else None,
     }
 
 
-def feature_record(dash: dict[str, Any], run: str, latent: int, model: str | None, hook: str | None) -> dict[str, Any]:
+def feature_record(
+    dash: dict[str, Any], run: str, latent: int, model: str | None, hook: str | None
+) -> dict[str, Any]:
     """The JSON record of one latent from `tables.dashboard`'s dict."""
     s = dash["summary"]
     hist = [int(h) for h in (s.get("hist") or [])]
@@ -87,28 +96,39 @@ def feature_record(dash: dict[str, Any], run: str, latent: int, model: str | Non
         return [] if v is None else list(v)
 
     return {
-        "format": FORMAT, "modelId": model, "layer": hook, "run": run, "index": int(latent),
-        "frac_nonzero": freq, "log10_density": math.log10(freq) if freq > 0 else None,
-        "n_fires": int(s.get("n_fires") or 0), "mean_act": _num(s.get("mean_act")), "max_act": _num(s.get("max_act")),
+        "format": FORMAT,
+        "modelId": model,
+        "layer": hook,
+        "run": run,
+        "index": int(latent),
+        "frac_nonzero": freq,
+        "log10_density": math.log10(freq) if freq > 0 else None,
+        "n_fires": int(s.get("n_fires") or 0),
+        "mean_act": _num(s.get("mean_act")),
+        "max_act": _num(s.get("max_act")),
         "activations": [_context(c, bands) for c in [*dash["top"], *dash["bands"]]],
         "quantiles": [{"band": b, "lo": _num(lo), "hi": _num(hi)} for b, (lo, hi) in sorted(bands.items())],
         "freq_hist_data_bar_heights": hist,
         "freq_hist_data_bar_values": [float(v) for v in (edges[:-1] + edges[1:]) / 2] if hist else [],
         "hist_edges": [float(v) for v in edges],
-        "pos_str": listed("logit_pos_tokens"), "pos_values": [float(v) for v in listed("logit_pos")],
-        "neg_str": listed("logit_neg_tokens"), "neg_values": [float(v) for v in listed("logit_neg")],
+        "pos_str": listed("logit_pos_tokens"),
+        "pos_values": [float(v) for v in listed("logit_pos")],
+        "neg_str": listed("logit_neg_tokens"),
+        "neg_values": [float(v) for v in listed("logit_neg")],
         "neighbors": [{"index": o, "cosine": c} for o, c in dash["neighbors"]],
         "cooccurring": [{"index": o, "count": n, "norm": r} for o, n, r in dash["cooccurring"]],
         "family": [{**m, "weight": _num(m.get("weight"))} for m in dash["family"]],
     }
 
 
-def _dashboards(ws: Workspace, run: str, latents: list[int], n_top: int, window: int) -> Iterable[tuple[int, dict]]:
+def _dashboards(
+    ws: Workspace, run: str, latents: list[int], n_top: int, window: int
+) -> Iterable[tuple[int, dict]]:
     """`tables.dashboard` for many latents, a bounded number per short read connection."""
     for start in range(0, len(latents), _LATENTS_PER_READ):
         with ws.read() as con:
             info = tables.require_analysis(ws, run, con)
-            for latent in latents[start:start + _LATENTS_PER_READ]:
+            for latent in latents[start : start + _LATENTS_PER_READ]:
                 yield latent, tables.latent_dashboard(ws, con, info, run, latent, n_top=n_top, window=window)
 
 
@@ -133,8 +153,13 @@ def parse_latents(text: str | None, n_latents: int) -> list[int]:
 
 
 def export_neuronpedia(
-    workspace: str | Path | Workspace, run: str, out_dir: str | Path, *, latents: str | list[int] | None = None,
-    n_top: int = 20, window: int = 8,
+    workspace: str | Path | Workspace,
+    run: str,
+    out_dir: str | Path,
+    *,
+    latents: str | list[int] | None = None,
+    n_top: int = 20,
+    window: int = 8,
 ) -> dict[str, Any]:
     """Write ``run.json`` and ``features/<latent>.json`` for an analysed run; returns the run record."""
     from sae import runs
@@ -160,10 +185,19 @@ def export_neuronpedia(
         rec = feature_record(dash, run, latent, model, info["hook"])
         (feat_dir / f"{latent}.json").write_text(json.dumps(rec, ensure_ascii=False))
     record = {
-        "format": FORMAT, "run": run, "modelId": model, "layer": info["hook"], "harvest": info["harvest"],
-        "arch": row.get("arch"), "n_latents": int(info["n_latents"]), "analysed_tokens": int(info["n_tokens"]),
-        "exported_latents": len(ids), "final_metrics": row.get("final_metrics") or {},
-        "features_dir": "features", "n_top": n_top, "window": window,
+        "format": FORMAT,
+        "run": run,
+        "modelId": model,
+        "layer": info["hook"],
+        "harvest": info["harvest"],
+        "arch": row.get("arch"),
+        "n_latents": int(info["n_latents"]),
+        "analysed_tokens": int(info["n_tokens"]),
+        "exported_latents": len(ids),
+        "final_metrics": row.get("final_metrics") or {},
+        "features_dir": "features",
+        "n_top": n_top,
+        "window": window,
     }
     (out / "run.json").write_text(json.dumps(record, indent=1, default=str))
     return record

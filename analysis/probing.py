@@ -42,19 +42,25 @@ def load_labelled(path: str | Path) -> tuple[list[str], np.ndarray, list[str]]:
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}:{n} is not valid JSON ({err}); one object per line") from err
             if not isinstance(obj, dict) or "text" not in obj or "label" not in obj:
-                raise ValueError(f'{path}:{n} needs "text" and "label" keys, e.g. {{"text": "...", "label": 1}}')
+                raise ValueError(
+                    f'{path}:{n} needs "text" and "label" keys, e.g. {{"text": "...", "label": 1}}'
+                )
             rows.append((str(obj["text"]), str(obj["label"])))
     elif path.suffix.lower() in (".csv", ".tsv"):
         with path.open(newline="") as fh:
             reader = csv.DictReader(fh, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
             if not reader.fieldnames or not {"text", "label"} <= set(reader.fieldnames):
-                raise ValueError(f"{path} needs a header row with columns text,label; found {reader.fieldnames}")
+                raise ValueError(
+                    f"{path} needs a header row with columns text,label; found {reader.fieldnames}"
+                )
             rows = [(r["text"], r["label"]) for r in reader]
     else:
         raise ValueError(f"{path}: use a .csv (header text,label) or .jsonl ({{text, label}} per line) file")
     classes = sorted({label for _, label in rows})
     if len(classes) != 2:
-        raise ValueError(f"{path} has {len(classes)} label values {classes[:10]}; binary probing needs exactly 2")
+        raise ValueError(
+            f"{path} has {len(classes)} label values {classes[:10]}; binary probing needs exactly 2"
+        )
     texts = [t for t, _ in rows]
     y = np.array([classes.index(label) for _, label in rows], dtype=np.int64)
     return texts, y, classes
@@ -88,7 +94,11 @@ def _scores(y: np.ndarray, pred: np.ndarray) -> tuple[float, float]:
 
 
 def sparse_probe(
-    feats: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarray, ks: tuple[int, ...] = DEFAULT_KS,
+    feats: np.ndarray,
+    y: np.ndarray,
+    train: np.ndarray,
+    test: np.ndarray,
+    ks: tuple[int, ...] = DEFAULT_KS,
     l2: float = 1.0,
 ) -> list[dict[str, float]]:
     """Test accuracy/F1 of a logistic probe on the top-k features (ranked on the training split) per k."""
@@ -183,8 +193,16 @@ class ProbeReport:
 
 
 def probe_run(
-    model: Any, ctx: RunContext, texts: list[str], y: np.ndarray, classes: list[str], *,
-    ks: tuple[int, ...] = DEFAULT_KS, test_fraction: float = 0.25, seed: int = 0, l2: float = 1.0,
+    model: Any,
+    ctx: RunContext,
+    texts: list[str],
+    y: np.ndarray,
+    classes: list[str],
+    *,
+    ks: tuple[int, ...] = DEFAULT_KS,
+    test_fraction: float = 0.25,
+    seed: int = 0,
+    l2: float = 1.0,
 ) -> ProbeReport:
     if any(k < 1 for k in ks):
         raise ValueError("every k must be at least 1")
@@ -192,15 +210,28 @@ def probe_run(
     raw, lat = text_features(model, ctx, texts)
     sae_rows = sparse_probe(lat, y, train, test, ks, l2)
     raw_rows = sparse_probe(raw, y, train, test, ks, l2)
-    rows = [{"k": s["k"], "sae_accuracy": s["accuracy"], "sae_f1": s["f1"], "raw_accuracy": r["accuracy"],
-             "raw_f1": r["f1"], "sae_latents": s["features"]} for s, r in zip(sae_rows, raw_rows, strict=True)]
+    rows = [
+        {
+            "k": s["k"],
+            "sae_accuracy": s["accuracy"],
+            "sae_f1": s["f1"],
+            "raw_accuracy": r["accuracy"],
+            "raw_f1": r["f1"],
+            "sae_latents": s["features"],
+        }
+        for s, r in zip(sae_rows, raw_rows, strict=True)
+    ]
     return ProbeReport(rows, len(train), len(test), classes)
 
 
 def format_probe(rep: ProbeReport) -> str:
-    lines = [f"sparse probing: {rep.n_train} train / {rep.n_test} test texts, positive class {rep.classes[1]!r}",
-             f"  {'k':>3} {'sae_acc':>8} {'sae_f1':>8} {'raw_acc':>8} {'raw_f1':>8}  top SAE latents"]
+    lines = [
+        f"sparse probing: {rep.n_train} train / {rep.n_test} test texts, positive class {rep.classes[1]!r}",
+        f"  {'k':>3} {'sae_acc':>8} {'sae_f1':>8} {'raw_acc':>8} {'raw_f1':>8}  top SAE latents",
+    ]
     for r in rep.rows:
-        lines.append(f"  {r['k']:>3} {r['sae_accuracy']:8.3f} {r['sae_f1']:8.3f} {r['raw_accuracy']:8.3f} "
-                     f"{r['raw_f1']:8.3f}  {r['sae_latents'][:5]}")
+        lines.append(
+            f"  {r['k']:>3} {r['sae_accuracy']:8.3f} {r['sae_f1']:8.3f} {r['raw_accuracy']:8.3f} "
+            f"{r['raw_f1']:8.3f}  {r['sae_latents'][:5]}"
+        )
     return "\n".join(lines)

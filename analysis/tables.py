@@ -69,7 +69,11 @@ SCHEMA = [
         PRIMARY KEY (run_a, run_b))""",
 ]
 PER_LATENT_TABLES = (
-    "latent_stats", "latent_contexts", "latent_bands", "latent_neighbors", "latent_cooccurrence",
+    "latent_stats",
+    "latent_contexts",
+    "latent_bands",
+    "latent_neighbors",
+    "latent_cooccurrence",
     "latent_families",
 )
 INDEXES = [f"CREATE INDEX IF NOT EXISTS idx_{t}_run_latent ON {t} (run, latent)" for t in PER_LATENT_TABLES]
@@ -118,24 +122,37 @@ def require_analysis(ws: Workspace, run: str, con: Any | None = None) -> dict[st
         has_table = c.execute(
             "SELECT 1 FROM information_schema.tables WHERE table_name = 'analysis_runs'"
         ).fetchone()
-        row = None if not has_table else c.execute(
-            "SELECT harvest, hook, status, n_tokens, n_latents, config FROM analysis_runs WHERE run = ?", [run]
-        ).fetchone()
+        row = (
+            None
+            if not has_table
+            else c.execute(
+                "SELECT harvest, hook, status, n_tokens, n_latents, config FROM analysis_runs WHERE run = ?",
+                [run],
+            ).fetchone()
+        )
     if row is None or row[2] != "done":
         state = "has not been analysed" if row is None else f"has an unfinished analysis (status {row[2]!r})"
         raise AnalysisError(f"run {run!r} {state}; run `saewb analyze {run} --workspace {ws.path}`")
     return {
-        "harvest": row[0], "hook": row[1], "status": row[2], "n_tokens": row[3], "n_latents": row[4],
+        "harvest": row[0],
+        "hook": row[1],
+        "status": row[2],
+        "n_tokens": row[3],
+        "n_latents": row[4],
         "config": json.loads(row[5]),
     }
 
 
 def _check_latent(info: dict[str, Any], run: str, latent: int) -> None:
     if not 0 <= int(latent) < info["n_latents"]:
-        raise AnalysisError(f"latent {latent} is out of range for run {run!r}; it has latents 0..{info['n_latents'] - 1}")
+        raise AnalysisError(
+            f"latent {latent} is out of range for run {run!r}; it has latents 0..{info['n_latents'] - 1}"
+        )
 
 
-def start_analysis(ws: Workspace, run: str, harvest: str, hook: str, n_latents: int, config: dict[str, Any]) -> None:
+def start_analysis(
+    ws: Workspace, run: str, harvest: str, hook: str, n_latents: int, config: dict[str, Any]
+) -> None:
     """Mark `run`'s analysis as running, its earlier sparse codes gone (pass 1 writes them anew)."""
     ensure_schema(ws)
     with ws.write() as con:
@@ -196,7 +213,14 @@ def store_consistency(ws: Workspace, run_a: str, run_b: str, summary: dict[str, 
         con.execute("DELETE FROM run_consistency WHERE run_a = ? AND run_b = ?", [run_a, run_b])
         con.execute(
             "INSERT INTO run_consistency VALUES (?, ?, ?, ?, ?, ?, current_timestamp)",
-            [run_a, run_b, summary["n_latents"], summary["share_above_09"], summary["mean_mcs"], summary["median_mcs"]],
+            [
+                run_a,
+                run_b,
+                summary["n_latents"],
+                summary["share_above_09"],
+                summary["mean_mcs"],
+                summary["median_mcs"],
+            ],
         )
 
 
@@ -256,7 +280,13 @@ class Context:
 
 @accepts_path
 def top_contexts(
-    ws: Workspace, run: str, latent: int, *, kind: str = "top", window: int = 8, limit: int | None = None,
+    ws: Workspace,
+    run: str,
+    latent: int,
+    *,
+    kind: str = "top",
+    window: int = 8,
+    limit: int | None = None,
     con: Any | None = None,
 ) -> list[Context]:
     """Stored contexts of one latent (kind 'top' or 'band') with `window` tokens either side.
@@ -273,7 +303,14 @@ def top_contexts(
 
 
 def _contexts(
-    ws: Workspace, con: Any, info: dict[str, Any], run: str, latent: int, kind: str | None, window: int, limit: int | None
+    ws: Workspace,
+    con: Any,
+    info: dict[str, Any],
+    run: str,
+    latent: int,
+    kind: str | None,
+    window: int,
+    limit: int | None,
 ) -> list[Context]:
     """Contexts of one kind (None: 'top' ones up to `limit`, then every 'band' sample) with their windows."""
     if kind is None:
@@ -302,11 +339,20 @@ def _contexts(
     out: list[Context] = []
     for kind_, band, rank, center, value in ctx_rows:
         idxs = _window_of(tokens, center, window)
-        out.append(Context(
-            kind=kind_, band=band, rank=rank, tok_idx=center, value=float(value), doc_id=tokens[center][2],
-            tok_idxs=idxs, tokens=[tokens[i][0] for i in idxs], acts=[acts.get(i, 0.0) for i in idxs],
-            center=idxs.index(center),
-        ))
+        out.append(
+            Context(
+                kind=kind_,
+                band=band,
+                rank=rank,
+                tok_idx=center,
+                value=float(value),
+                doc_id=tokens[center][2],
+                tok_idxs=idxs,
+                tokens=[tokens[i][0] for i in idxs],
+                acts=[acts.get(i, 0.0) for i in idxs],
+                center=idxs.index(center),
+            )
+        )
     return out
 
 
@@ -348,34 +394,54 @@ def random_windows(ws: Workspace, run: str, n: int, *, seed: int = 0, window: in
     with ws.read() as con:
         info = require_analysis(ws, run, con)
         total = con.execute(
-            "SELECT count(*), min(tok_idx), max(tok_idx) FROM feature_codes WHERE run = ?", [run]).fetchone()
+            "SELECT count(*), min(tok_idx), max(tok_idx) FROM feature_codes WHERE run = ?", [run]
+        ).fetchone()
         if not total or not total[0]:
             return []
         rng = np.random.default_rng(seed)
         analysed = con.execute(
-            "SELECT tok_idx FROM feature_codes WHERE run = ? ORDER BY tok_idx", [run]).fetchnumpy()["tok_idx"]
+            "SELECT tok_idx FROM feature_codes WHERE run = ? ORDER BY tok_idx", [run]
+        ).fetchnumpy()["tok_idx"]
         centers = sorted(int(c) for c in rng.choice(analysed, size=min(n, len(analysed)), replace=False))
         tokens = _window_tokens(ws, con, info["harvest"], centers, window)
         needed = sorted(tokens)
-        codes = {int(t): dict(zip(lat, val, strict=True)) for t, lat, val in con.execute(
-            "SELECT tok_idx, latents, vals FROM feature_codes WHERE run = ? AND tok_idx BETWEEN ? AND ? "
-            "AND tok_idx IN (SELECT unnest(?::BIGINT[]))", [run, needed[0], needed[-1], needed]).fetchall()}
+        codes = {
+            int(t): dict(zip(lat, val, strict=True))
+            for t, lat, val in con.execute(
+                "SELECT tok_idx, latents, vals FROM feature_codes WHERE run = ? AND tok_idx BETWEEN ? AND ? "
+                "AND tok_idx IN (SELECT unnest(?::BIGINT[]))",
+                [run, needed[0], needed[-1], needed],
+            ).fetchall()
+        }
     out = []
     for c in centers:
         idxs = _window_of(tokens, c, window)
-        out.append(Window(tok_idx=c, tok_idxs=idxs, tokens=[tokens[i][0] for i in idxs],
-                          codes=[codes.get(i, {}) for i in idxs], center=idxs.index(c)))
+        out.append(
+            Window(
+                tok_idx=c,
+                tok_idxs=idxs,
+                tokens=[tokens[i][0] for i in idxs],
+                codes=[codes.get(i, {}) for i in idxs],
+                center=idxs.index(c),
+            )
+        )
     return out
 
 
 @accepts_path
-def band_ranges(ws: Workspace, run: str, latent: int, *, con: Any | None = None) -> list[tuple[int, float, float]]:
+def band_ranges(
+    ws: Workspace, run: str, latent: int, *, con: Any | None = None
+) -> list[tuple[int, float, float]]:
     """(band, lo, hi) activation range of each quantile band of a latent."""
     with _reading(ws, con) as c:
         _check_latent(require_analysis(ws, run, c), run, latent)
-        return [tuple(r) for r in c.execute(  # type: ignore[misc]
-            "SELECT band, lo, hi FROM latent_bands WHERE run = ? AND latent = ? ORDER BY band", [run, int(latent)]
-        ).fetchall()]
+        return [
+            tuple(r)
+            for r in c.execute(  # type: ignore[misc]
+                "SELECT band, lo, hi FROM latent_bands WHERE run = ? AND latent = ? ORDER BY band",
+                [run, int(latent)],
+            ).fetchall()
+        ]
 
 
 @accepts_path
@@ -383,20 +449,29 @@ def neighbors(ws: Workspace, run: str, latent: int, *, con: Any | None = None) -
     """(other latent, decoder cosine), nearest first."""
     with _reading(ws, con) as c:
         _check_latent(require_analysis(ws, run, c), run, latent)
-        return [(int(a), float(b)) for a, b in c.execute(
-            "SELECT other, cosine FROM latent_neighbors WHERE run = ? AND latent = ? ORDER BY rank", [run, int(latent)]
-        ).fetchall()]
+        return [
+            (int(a), float(b))
+            for a, b in c.execute(
+                "SELECT other, cosine FROM latent_neighbors WHERE run = ? AND latent = ? ORDER BY rank",
+                [run, int(latent)],
+            ).fetchall()
+        ]
 
 
 @accepts_path
-def cooccurring(ws: Workspace, run: str, latent: int, *, con: Any | None = None) -> list[tuple[int, int, float]]:
+def cooccurring(
+    ws: Workspace, run: str, latent: int, *, con: Any | None = None
+) -> list[tuple[int, int, float]]:
     """(other latent, co-firing token count, normalised co-occurrence), strongest first."""
     with _reading(ws, con) as c:
         _check_latent(require_analysis(ws, run, c), run, latent)
-        return [(int(a), int(b), float(n)) for a, b, n in c.execute(
-            "SELECT other, count, norm FROM latent_cooccurrence WHERE run = ? AND latent = ? ORDER BY rank",
-            [run, int(latent)],
-        ).fetchall()]
+        return [
+            (int(a), int(b), float(n))
+            for a, b, n in c.execute(
+                "SELECT other, count, norm FROM latent_cooccurrence WHERE run = ? AND latent = ? ORDER BY rank",
+                [run, int(latent)],
+            ).fetchall()
+        ]
 
 
 @accepts_path
@@ -466,7 +541,7 @@ def _norm_token(s: str) -> str:
     s = s.strip()
     for p in ("Ġ", "▁", "##"):
         if s.startswith(p):
-            s = s[len(p):]
+            s = s[len(p) :]
     return s.strip().lower()
 
 

@@ -44,11 +44,20 @@ def runs_frame(path: str) -> pd.DataFrame:
     out = []
     for r in rows:
         m = r.get("final_metrics") or {}
-        out.append({
-            "run": r["name"], "arch": r["arch"], "hook": r["hook"], "harvest": r["harvest"], "status": r["status"],
-            "fvu": m.get("fvu"), "l0": m.get("l0"), "dead_frac": m.get("dead_frac"),
-            "dense_frac": m.get("dense_frac"), "updated": r["updated_at"],
-        })
+        out.append(
+            {
+                "run": r["name"],
+                "arch": r["arch"],
+                "hook": r["hook"],
+                "harvest": r["harvest"],
+                "status": r["status"],
+                "fvu": m.get("fvu"),
+                "l0": m.get("l0"),
+                "dead_frac": m.get("dead_frac"),
+                "dense_frac": m.get("dense_frac"),
+                "updated": r["updated_at"],
+            }
+        )
     return pd.DataFrame(out)
 
 
@@ -162,8 +171,10 @@ def explanation_texts(path: str, run: str) -> dict[int, str]:
 def explanation_scores(path: str, run: str) -> pd.DataFrame:
     from analysis import explanations
 
-    return pd.DataFrame(explanations.score_table(Workspace(path), run),
-                        columns=["latent", "explainer", "model", "prompt_version", "scorer", "score"])
+    return pd.DataFrame(
+        explanations.score_table(Workspace(path), run),
+        columns=["latent", "explainer", "model", "prompt_version", "scorer", "score"],
+    )
 
 
 @st.cache_resource(show_spinner="Loading the sentence model ...", max_entries=1)
@@ -184,4 +195,6 @@ def explanation_search(path: str, run: str, query: str, limit: int = 15) -> pd.D
         return pd.DataFrame(columns=["latent", "similarity", "explanation"])
     sims = emb @ sentence_embedder()([query])[0]
     order = sims.argsort()[::-1][:limit]
-    return pd.DataFrame({"latent": latents[order], "similarity": sims[order], "explanation": [texts[i] for i in order]})
+    return pd.DataFrame(
+        {"latent": latents[order], "similarity": sims[order], "explanation": [texts[i] for i in order]}
+    )

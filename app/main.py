@@ -32,4 +32,6 @@ def root() -> None:
     st.switch_page(runs, query_params=st.query_params.to_dict())
 
 
-st.navigation([st.Page(root, title="SAE Workbench", url_path="home", default=True, visibility="hidden"), *pages]).run()
+st.navigation(
+    [st.Page(root, title="SAE Workbench", url_path="home", default=True, visibility="hidden"), *pages]
+).run()

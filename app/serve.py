@@ -124,13 +124,20 @@ class RunningServer:
 
 
 @contextlib.contextmanager
-def running_server(workspace: str | Path, port: int | None = None, timeout: float = 120.0) -> Iterator[RunningServer]:
+def running_server(
+    workspace: str | Path, port: int | None = None, timeout: float = 120.0
+) -> Iterator[RunningServer]:
     """Start the real server (the command `saewb app` runs) on a free localhost port, wait for health."""
     from app.cli import command, environment
 
     port = port or free_port()
-    proc = subprocess.Popen(command(workspace, port), env=environment(workspace), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        command(workspace, port),
+        env=environment(workspace),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     server = RunningServer(f"http://localhost:{port}", proc)
 
     def drain() -> None:  # keep the pipe empty so the server never blocks on its own output

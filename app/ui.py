@@ -60,7 +60,7 @@ def analysed_run(path: str) -> tuple[str, str]:
     analysed = data.analysed_runs(path)
     if not analysed:
         trained = data.runs_frame(path)
-        hint = (f" Runs without analysis: {', '.join(trained['run'])}." if len(trained) else "")
+        hint = f" Runs without analysis: {', '.join(trained['run'])}." if len(trained) else ""
         raise data.AppDataError(
             "No analysed run in this workspace yet. Run `saewb analyze RUN --workspace ...` after training."
             + hint
@@ -85,7 +85,9 @@ def highlight(tokens: list[str], acts: list[float], scale: float, center: int | 
             f'<span class="tok" title="{act:.3f}" style="background:rgba(234,88,12,{alpha:.2f});{border}'
             f'padding:1px 0;border-radius:2px">{html.escape(tok)}</span>'
         )
-    return '<div style="font-family:monospace;line-height:1.9;white-space:pre-wrap">' + "".join(spans) + "</div>"
+    return (
+        '<div style="font-family:monospace;line-height:1.9;white-space:pre-wrap">' + "".join(spans) + "</div>"
+    )
 
 
 def html_table(frame: pd.DataFrame, formats: dict[str, str] | None = None) -> str:
@@ -133,4 +135,6 @@ def latent_links(run: str, latents: list[tuple[int, Any]], fmt: Callable[[Any], 
         st.caption("none")
         return
     for latent, extra in latents:
-        st.page_link(DASHBOARD, label=f"#{latent} · {fmt(extra)}", query_params={"run": run, "latent": str(latent)})
+        st.page_link(
+            DASHBOARD, label=f"#{latent} · {fmt(extra)}", query_params={"run": run, "latent": str(latent)}
+        )

@@ -142,15 +142,21 @@ def cmd_quality(a: argparse.Namespace) -> None:
         # SAELens's "expected_average_only_in" (E‖x‖ = √d), computed here on the training set
         # rather than by fit(), which would draw (and so shift) batches from the shared stream.
         sample = np.asarray(train[: min(len(train), 200_000)], dtype=np.float64)
-        trainer.activation_scaler.scaling_factor = float(
-            math.sqrt(d) / np.linalg.norm(sample, axis=1).mean()
-        )
+        trainer.activation_scaler.scaling_factor = float(math.sqrt(d) / np.linalg.norm(sample, axis=1).mean())
     t0 = time.perf_counter()
     trainer.fit()
     secs = time.perf_counter() - t0
     res = evaluate(trainer, ev)
-    emit({"impl": "saelens", "version": saelens_version, "seconds": secs, "tokens": total,
-          "steps": trainer.n_training_steps, **res})
+    emit(
+        {
+            "impl": "saelens",
+            "version": saelens_version,
+            "seconds": secs,
+            "tokens": total,
+            "steps": trainer.n_training_steps,
+            **res,
+        }
+    )
 
 
 def main() -> None:

@@ -29,7 +29,9 @@ def main() -> None:
 
     for _ in range(a.warmup):
         step()
-    serve_speed(step, {"impl": "torch-matmul", "version": torch.__version__, "threads": torch.get_num_threads()})
+    serve_speed(
+        step, {"impl": "torch-matmul", "version": torch.__version__, "threads": torch.get_num_threads()}
+    )
 
 
 if __name__ == "__main__":

@@ -57,16 +57,47 @@ def setup(root: Path, tokens: int, n_latents: int, k: int) -> tuple[Path, str]:
     ws = root / "ws.duckdb"
     run = f"bench-n{n_latents}-k{k}"
     if not ws.exists():
-        _saewb("harvest", "--workspace", str(ws), "--model", "minilm", "--hook", HOOK, "--ctx-len", "128",
-               "--max-tokens", str(tokens), "--quiet")
+        _saewb(
+            "harvest",
+            "--workspace",
+            str(ws),
+            "--model",
+            "minilm",
+            "--hook",
+            HOOK,
+            "--ctx-len",
+            "128",
+            "--max-tokens",
+            str(tokens),
+            "--quiet",
+        )
     from sae import runs
     from saewb.workspace import Workspace
 
     row = runs.get_run(Workspace(ws), run)
     if row is None or row["status"] != "done":
-        _saewb("train", "--workspace", str(ws), "--hook", HOOK, "--arch", "topk", "--n-latents", str(n_latents),
-               "--k", str(k), "--train-tokens", "20000", "--batch-size", "2048", "--seed", "0", "--name", run,
-               "--no-progress")
+        _saewb(
+            "train",
+            "--workspace",
+            str(ws),
+            "--hook",
+            HOOK,
+            "--arch",
+            "topk",
+            "--n-latents",
+            str(n_latents),
+            "--k",
+            str(k),
+            "--train-tokens",
+            "20000",
+            "--batch-size",
+            "2048",
+            "--seed",
+            "0",
+            "--name",
+            run,
+            "--no-progress",
+        )
     return ws, run
 
 
@@ -90,23 +121,43 @@ def main() -> None:
     rows = []
     for size in sizes:
         proc = subprocess.run(
-            [sys.executable, __file__, "--child", str(ws), run, str(size), "--batch-size", str(args.batch_size)],
-            capture_output=True, text=True, cwd=REPO, env={**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"},
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                str(ws),
+                run,
+                str(size),
+                "--batch-size",
+                str(args.batch_size),
+            ],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            env={**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"},
         )
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode or not line:
             sys.exit(f"child failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
         rows.append(json.loads(line[0][7:]))
-    print(f"\nsaewb analyze scaling: MiniLM {HOOK}, TopK n={args.n_latents} k={args.k}, batch {args.batch_size}, "
-          f"{os.cpu_count()} CPUs (shared)")
-    print(f"{'tokens':>8} {'stream tok/s':>13} {'total s':>8} {'stream s':>9} {'base RSS MB':>12} "
-          f"{'peak RSS MB':>12} {'added MB':>9}")
+    print(
+        f"\nsaewb analyze scaling: MiniLM {HOOK}, TopK n={args.n_latents} k={args.k}, batch {args.batch_size}, "
+        f"{os.cpu_count()} CPUs (shared)"
+    )
+    print(
+        f"{'tokens':>8} {'stream tok/s':>13} {'total s':>8} {'stream s':>9} {'base RSS MB':>12} "
+        f"{'peak RSS MB':>12} {'added MB':>9}"
+    )
     for r in rows:
-        print(f"{r['tokens']:>8} {r['tokens_per_s']:>13.0f} {r['seconds']:>8.1f} {r['stream_seconds']:>9.1f} "
-              f"{r['base_rss_mb']:>12.0f} {r['peak_rss_mb']:>12.0f} {r['peak_rss_mb'] - r['base_rss_mb']:>9.0f}")
+        print(
+            f"{r['tokens']:>8} {r['tokens_per_s']:>13.0f} {r['seconds']:>8.1f} {r['stream_seconds']:>9.1f} "
+            f"{r['base_rss_mb']:>12.0f} {r['peak_rss_mb']:>12.0f} {r['peak_rss_mb'] - r['base_rss_mb']:>9.0f}"
+        )
     a, b = rows
-    print(f"\ntokens x{b['tokens'] / a['tokens']:.2f}: stream time x{b['stream_seconds'] / a['stream_seconds']:.2f}, "
-          f"peak RSS x{b['peak_rss_mb'] / a['peak_rss_mb']:.2f}")
+    print(
+        f"\ntokens x{b['tokens'] / a['tokens']:.2f}: stream time x{b['stream_seconds'] / a['stream_seconds']:.2f}, "
+        f"peak RSS x{b['peak_rss_mb'] / a['peak_rss_mb']:.2f}"
+    )
 
 
 if __name__ == "__main__":

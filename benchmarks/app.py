@@ -31,7 +31,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from analysis import tables  # noqa: E402
 from saewb.workspace import Workspace  # noqa: E402
 
-PAGES = ("views/runs.py", "views/features.py", "views/dashboard.py", "views/inspector.py", "views/interventions.py")
+PAGES = (
+    "views/runs.py",
+    "views/features.py",
+    "views/dashboard.py",
+    "views/inspector.py",
+    "views/interventions.py",
+)
 MAIN = str(Path(__file__).resolve().parents[1] / "app" / "main.py")
 
 
@@ -50,7 +56,8 @@ def synthetic_analysis(path: Path, n_tokens: int, n_latents: int, k: int = 32, t
         )
         con.execute(
             "INSERT INTO tokens SELECT 'default', i, i // 128, i % 128, i // 128, i % 128, i % 30000, "
-            "'tok' || (i % 997)::VARCHAR, i % 128 = 0, NULL FROM range(?) t(i)", [n_tokens]
+            "'tok' || (i % 997)::VARCHAR, i % 128 = 0, NULL FROM range(?) t(i)",
+            [n_tokens],
         )
         con.execute(
             "INSERT INTO analysis_runs VALUES ('syn', 'default', 'blocks.3.hook_out', 'done', ?, ?, '{}', current_timestamp)",
@@ -58,17 +65,23 @@ def synthetic_analysis(path: Path, n_tokens: int, n_latents: int, k: int = 32, t
         )
         con.execute(
             "INSERT INTO latent_stats SELECT 'syn', j, 1000, 0.001, 1.0, 5.0, list_transform(range(40), lambda b: (b * 7 + j) % 50), "
-            "j % 500, NULL, NULL, NULL, NULL, NULL, NULL FROM range(?) t(j)", [n_latents]
+            "j % 500, NULL, NULL, NULL, NULL, NULL, NULL FROM range(?) t(j)",
+            [n_latents],
         )
         con.execute(
             "INSERT INTO latent_contexts SELECT 'syn', j, 'top', -1, r, (hash(j * 100 + r) % ?)::BIGINT, 5.0 - r * 0.1 "
-            "FROM range(?) a(j), range(?) b(r)", [n_tokens, n_latents, top_n]
+            "FROM range(?) a(j), range(?) b(r)",
+            [n_tokens, n_latents, top_n],
         )
         con.execute(
             "INSERT INTO latent_contexts SELECT 'syn', j, 'band', band, r, (hash(j * 1000 + band * 10 + r) % ?)::BIGINT, 1.0 "
-            "FROM range(?) a(j), range(5) b(band), range(4) c(r)", [n_tokens, n_latents]
+            "FROM range(?) a(j), range(5) b(band), range(4) c(r)",
+            [n_tokens, n_latents],
         )
-        con.execute("INSERT INTO latent_bands SELECT 'syn', j, b, b, b + 1 FROM range(?) a(j), range(5) c(b)", [n_latents])
+        con.execute(
+            "INSERT INTO latent_bands SELECT 'syn', j, b, b, b + 1 FROM range(?) a(j), range(5) c(b)",
+            [n_latents],
+        )
         con.execute(
             "INSERT INTO latent_neighbors SELECT 'syn', j, r, (j + r + 1) % ?, 0.5 FROM range(?) a(j), range(10) b(r)",
             [n_latents, n_latents],
@@ -79,11 +92,13 @@ def synthetic_analysis(path: Path, n_tokens: int, n_latents: int, k: int = 32, t
         )
         con.execute(
             "INSERT INTO latent_families SELECT 'syn', j // 8, j, CASE WHEN j % 8 = 0 THEN NULL ELSE j - j % 8 END, "
-            "CASE WHEN j % 8 = 0 THEN 0 ELSE 1 END, 0.5 FROM range(?) t(j)", [n_latents]
+            "CASE WHEN j % 8 = 0 THEN 0 ELSE 1 END, 0.5 FROM range(?) t(j)",
+            [n_latents],
         )
         con.execute(
             "INSERT INTO feature_codes SELECT 'syn', i, list_transform(range(?), lambda q: ((i * 31 + q * 977) % ?)::INTEGER), "
-            "list_transform(range(?), lambda q: 1.0::FLOAT) FROM range(?) t(i)", [k, n_latents, k, n_tokens]
+            "list_transform(range(?), lambda q: 1.0::FLOAT) FROM range(?) t(i)",
+            [k, n_latents, k, n_tokens],
         )
         tables.create_indexes(con)
 
@@ -159,7 +174,9 @@ def browser_times(workspace: Path, run: str) -> tuple[dict[str, float], dict[str
         starts["server healthy"] = time.perf_counter() - t0
         srv.wait_for_output(READY_MARK, timeout=300)
         starts["model + SAE warm"] = time.perf_counter() - t0
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox", "--disable-gpu"])
+        browser = p.chromium.launch(
+            executable_path="/usr/bin/chromium", args=["--no-sandbox", "--disable-gpu"]
+        )
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.set_default_timeout(120_000)
         t1 = time.perf_counter()
@@ -183,24 +200,40 @@ def browser_times(workspace: Path, run: str) -> tuple[dict[str, float], dict[str
             t1 = time.perf_counter()
             latent = len(links) + 1  # rows are in latent order; the sidebar visit shows latent 0
             page.mouse.click(box["x"] + 18, box["y"] + 35 * (latent + 1) + 17)  # the row's selection cell
-            page.wait_for_function(PAGE_DONE, arg=[[f"Latent {latent}", BROWSER_PAGES[1][1]], BROWSER_PAGES[1][2]], polling="raf")
+            page.wait_for_function(
+                PAGE_DONE, arg=[[f"Latent {latent}", BROWSER_PAGES[1][1]], BROWSER_PAGES[1][2]], polling="raf"
+            )
             links.append(time.perf_counter() - t1)
         browser.close()
     visits = {f"{name}, first visit": times[0] for name, times in rounds.items()}
-    visits.update({f"{name}, warm (median of {ROUNDS - 1})": statistics.median(times[1:]) for name, times in rounds.items()})
-    visits[f"Feature dashboard of a new latent, from a table row (median of {ROUNDS})"] = statistics.median(links)
+    visits.update(
+        {
+            f"{name}, warm (median of {ROUNDS - 1})": statistics.median(times[1:])
+            for name, times in rounds.items()
+        }
+    )
+    visits[f"Feature dashboard of a new latent, from a table row (median of {ROUNDS})"] = statistics.median(
+        links
+    )
     return starts, visits
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--workspace", default="workspace.duckdb", help="an analysed workspace (make demo)")
     parser.add_argument("--run", default="demo-topk")
     parser.add_argument("--tokens", type=int, default=1_000_000)
     parser.add_argument("--latents", type=int, default=16_384)
     parser.add_argument("--samples", type=int, default=200)
-    parser.add_argument("--sections", nargs="+", choices=("pages", "synthetic"), default=["pages", "synthetic"],
-                        help="pages: AppTest and browser timings on --workspace; synthetic: dashboard queries at scale")
+    parser.add_argument(
+        "--sections",
+        nargs="+",
+        choices=("pages", "synthetic"),
+        default=["pages", "synthetic"],
+        help="pages: AppTest and browser timings on --workspace; synthetic: dashboard queries at scale",
+    )
     args = parser.parse_args()
 
     if "pages" in args.sections and Path(args.workspace).exists():
@@ -234,8 +267,10 @@ def main() -> None:
         build = time.perf_counter() - t0
         times = dashboard_latency(path, args.latents, args.samples)
     q = np.quantile(times, [0.5, 0.95]) * 1000
-    print(f"Dashboard queries on a synthetic {args.tokens:,}-token x {args.latents:,}-latent analysis "
-          f"(built in {build:.0f} s), {args.samples} random latents, uncached\n")
+    print(
+        f"Dashboard queries on a synthetic {args.tokens:,}-token x {args.latents:,}-latent analysis "
+        f"(built in {build:.0f} s), {args.samples} random latents, uncached\n"
+    )
     print("| measure | value | goal |")
     print("|---|---|---|")
     print(f"| p50 | {q[0]:.0f} ms | |")

@@ -87,8 +87,15 @@ def config_for(arch: str, n: int, target: int, args: argparse.Namespace) -> Any:
     return None
 
 
-def train_and_eval(cfg: Any, train: np.ndarray, order: np.ndarray, ev: np.ndarray, batch: int, seed: int,
-                   eval_ks: list[int | None]) -> list[dict[str, Any]]:
+def train_and_eval(
+    cfg: Any,
+    train: np.ndarray,
+    order: np.ndarray,
+    ev: np.ndarray,
+    batch: int,
+    seed: int,
+    eval_ks: list[int | None],
+) -> list[dict[str, Any]]:
     """Train one SAE on the shared order; held-out metrics of its saved (inference) form per k."""
     from sae.api import SAE
     from sae.trainer import TrainConfig
@@ -104,9 +111,13 @@ def train_and_eval(cfg: Any, train: np.ndarray, order: np.ndarray, ev: np.ndarra
     out = []
     for k in eval_ks:
         m = fvu_l0_dead(lambda x, k=k: model.encode(x, k=k), model.decode, ev)
-        m.update(seconds=secs, tokens=steps * batch, train_fvu=res.final_metrics.get("fvu", float("nan")),
-                 train_l0=res.final_metrics.get("l0", float("nan")),
-                 train_dead=res.final_metrics.get("dead_frac", float("nan")))
+        m.update(
+            seconds=secs,
+            tokens=steps * batch,
+            train_fvu=res.final_metrics.get("fvu", float("nan")),
+            train_l0=res.final_metrics.get("l0", float("nan")),
+            train_dead=res.final_metrics.get("dead_frac", float("nan")),
+        )
         out.append(m)
     return out
 
@@ -120,25 +131,34 @@ def section_l0fvu(args: argparse.Namespace) -> list[dict[str, Any]]:
     order = token_order(len(train), args.train_tokens, args.seed)
     archs = args.archs.split(",") if args.archs else gradient_archs()
     targets = sorted(args.l0)
-    print(f"# data: {len(train):,} train / {len(ev):,} eval tokens of {args.hook} ({args.workspace}); "
-          f"n={args.n}, {len(order) // args.batch * args.batch:,} tokens per run, batch {args.batch}, "
-          f"seed {args.seed}; archs {archs}", flush=True)
+    print(
+        f"# data: {len(train):,} train / {len(ev):,} eval tokens of {args.hook} ({args.workspace}); "
+        f"n={args.n}, {len(order) // args.batch * args.batch:,} tokens per run, batch {args.batch}, "
+        f"seed {args.seed}; archs {archs}",
+        flush=True,
+    )
     rows: list[dict[str, Any]] = []
 
     def record(arch: str, target: int, detail: str, m: dict[str, Any]) -> None:
         row = {"arch": arch, "target_l0": target, "config": detail, **m}
         rows.append(row)
         print("@@" + json.dumps(row), flush=True)
-        print(f"{arch:<18} t={target:<3} L0={m['l0']:7.2f} FVU={m['fvu']:.4f} dead={m['dead_eval']:.3f} "
-              f"(training: {m['train_dead']:.3f}) ({m['seconds']:.0f}s)  {detail}", flush=True)
+        print(
+            f"{arch:<18} t={target:<3} L0={m['l0']:7.2f} FVU={m['fvu']:.4f} dead={m['dead_eval']:.3f} "
+            f"(training: {m['train_dead']:.3f}) ({m['seconds']:.0f}s)  {detail}",
+            flush=True,
+        )
 
     for arch in archs:
         if arch == "hierarchical_topk":
             from sae.hierarchical_topk import HierarchicalTopKConfig
 
             cfg = HierarchicalTopKConfig(n_latents=args.n, k=max(targets))
-            for t, m in zip(targets, train_and_eval(cfg, train, order, ev, args.batch, args.seed, list(targets)),
-                            strict=True):
+            for t, m in zip(
+                targets,
+                train_and_eval(cfg, train, order, ev, args.batch, args.seed, list(targets)),
+                strict=True,
+            ):
                 record(arch, t, f"K={cfg.k}, evaluated at k={t}", m)
             continue
         for t in targets:
@@ -158,8 +178,11 @@ def section_l0fvu(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def _detail(cfg: Any) -> str:
     keys = ("k", "l1_coef", "htf", "update_every", "target_l0", "l0_coef")
-    return ", ".join(f"{k}={getattr(cfg, k):.4g}" if isinstance(getattr(cfg, k), float) else f"{k}={getattr(cfg, k)}"
-                     for k in keys if getattr(cfg, k, None) is not None)
+    return ", ".join(
+        f"{k}={getattr(cfg, k):.4g}" if isinstance(getattr(cfg, k), float) else f"{k}={getattr(cfg, k)}"
+        for k in keys
+        if getattr(cfg, k, None) is not None
+    )
 
 
 def print_table(rows: list[dict[str, Any]], targets: list[int]) -> None:
@@ -173,8 +196,10 @@ def print_table(rows: list[dict[str, Any]], targets: list[int]) -> None:
             r = next((r for r in rows if r["arch"] == arch and r["target_l0"] == t), None)
             cells.append("-" if r is None else f"{r['fvu']:.4f} ({r['l0']:.1f})")
         last = [r for r in rows if r["arch"] == arch]
-        print(f"| {arch} | " + " | ".join(cells) + f" | {last[-1]['dead_eval']:.3f} | "
-              f"{np.median([r['seconds'] for r in last]):.0f} |")
+        print(
+            f"| {arch} | " + " | ".join(cells) + f" | {last[-1]['dead_eval']:.3f} | "
+            f"{np.median([r['seconds'] for r in last]):.0f} |"
+        )
     topk = {r["target_l0"]: r for r in rows if r["arch"] == "topk"}
     hier = {r["target_l0"]: r for r in rows if r["arch"] == "hierarchical_topk"}
     if topk and hier:
@@ -183,12 +208,19 @@ def print_table(rows: list[dict[str, Any]], targets: list[int]) -> None:
         print("|---|---|---|---|")
         for t in targets:
             if t in topk and t in hier:
-                print(f"| {t} | {topk[t]['fvu']:.4f} | {hier[t]['fvu']:.4f} | {hier[t]['fvu'] - topk[t]['fvu']:+.4f} |")
+                print(
+                    f"| {t} | {topk[t]['fvu']:.4f} | {hier[t]['fvu']:.4f} | {hier[t]['fvu'] - topk[t]['fvu']:+.4f} |"
+                )
 
 
 def table_from_logs(paths: list[Path]) -> None:
     """Re-print the tables from the ``@@`` rows of one or more logs (e.g. arch subsets run in parallel)."""
-    rows = [json.loads(line[2:]) for path in paths for line in path.read_text().splitlines() if line.startswith("@@")]
+    rows = [
+        json.loads(line[2:])
+        for path in paths
+        for line in path.read_text().splitlines()
+        if line.startswith("@@")
+    ]
     if not rows:
         raise SystemExit(f"no result rows (lines starting with @@) in {[str(p) for p in paths]}")
     print_table(rows, sorted({int(r["target_l0"]) for r in rows}))
@@ -217,12 +249,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=1024, help="tokens per step")
     p.add_argument("--eval-tokens", type=int, default=0, help="cap on held-out tokens (0: the whole split)")
     p.add_argument("--l0", type=int, nargs="+", default=[16, 32, 64], help="target L0 values")
-    p.add_argument("--archs", default="", help="comma-separated subset (default: every gradient-trained arch)")
+    p.add_argument(
+        "--archs", default="", help="comma-separated subset (default: every gradient-trained arch)"
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--l1-coefs", type=float, nargs="+", default=[10.0, 5.0, 2.5],
-                   help="relu_l1 λ per target L0 (in --l0 order)")
+    p.add_argument(
+        "--l1-coefs",
+        type=float,
+        nargs="+",
+        default=[10.0, 5.0, 2.5],
+        help="relu_l1 λ per target L0 (in --l0 order)",
+    )
     p.add_argument("--jumprelu-coef", type=float, default=1.0, help="jumprelu l0_coef with target_l0")
-    p.add_argument("--gba-update-every", type=int, default=0, help="gba bias-update period T (0: its default)")
+    p.add_argument(
+        "--gba-update-every", type=int, default=0, help="gba bias-update period T (0: its default)"
+    )
     p.add_argument("--from-logs", type=Path, nargs="+", help="only re-print the tables from these logs")
     args, rest = p.parse_known_args(argv)
     if args.from_logs:

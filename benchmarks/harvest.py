@@ -82,14 +82,27 @@ def synthetic_cache(path: Path, n_tokens: int, d: int = 384, chunk: int = 65_536
     for start in range(0, n_tokens, chunk):
         n = min(chunk, n_tokens - start)
         idx = np.arange(start, start + n, dtype=np.int64)
-        tokens = pa.table({
-            "harvest": ["default"] * n, "tok_idx": idx, "doc_id": idx // 100, "pos": (idx % 100).astype(np.int32),
-            "seq_id": idx // 100, "seq_pos": (idx % 100).astype(np.int32), "token_id": np.zeros(n, np.int32),
-            "token_str": ["x"] * n, "is_special": np.zeros(n, bool), "role": pa.nulls(n, pa.string()),
-        })
+        tokens = pa.table(
+            {
+                "harvest": ["default"] * n,
+                "tok_idx": idx,
+                "doc_id": idx // 100,
+                "pos": (idx % 100).astype(np.int32),
+                "seq_id": idx // 100,
+                "seq_pos": (idx % 100).astype(np.int32),
+                "token_id": np.zeros(n, np.int32),
+                "token_str": ["x"] * n,
+                "is_special": np.zeros(n, bool),
+                "role": pa.nulls(n, pa.string()),
+            }
+        )
         with ws.write() as con:
             insert_arrow(con, "tokens", tokens)
-            insert_arrow(con, table, pa.table({"tok_idx": idx, "x": fixed_size_list(rng.standard_normal((n, d), np.float32))}))
+            insert_arrow(
+                con,
+                table,
+                pa.table({"tok_idx": idx, "x": fixed_size_list(rng.standard_normal((n, d), np.float32))}),
+            )
 
 
 def _rss_worker(path: str) -> None:
@@ -102,12 +115,16 @@ def _rss_worker(path: str) -> None:
 
 
 def stream_peak_rss_mb(path: Path) -> dict[str, float]:
-    out = subprocess.run([sys.executable, __file__, "--rss-worker", str(path)], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, __file__, "--rss-worker", str(path)], capture_output=True, text=True, check=True
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--tokens", type=int, default=30_000, help="tokens per harvest repetition")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--rss-sizes", type=int, nargs=2, default=[150_000, 600_000])
@@ -122,7 +139,9 @@ def main() -> None:
         last_ws = Path(tmp) / "h0.duckdb"
         for rep in range(args.reps):
             ws = Path(tmp) / f"h{rep}.duckdb"
-            cfg = HarvestConfig(model="minilm", corpus="stdlib-docs", hooks=(HOOK,), ctx_len=128, max_tokens=args.tokens)
+            cfg = HarvestConfig(
+                model="minilm", corpus="stdlib-docs", hooks=(HOOK,), ctx_len=128, max_tokens=args.tokens
+            )
             harvester = Harvester(cfg, ws)
             bare = bare_forward_s(harvester)
             stats = harvester.run(progress=False)
@@ -153,12 +172,16 @@ def main() -> None:
     print(f"| activation MB/s written | {act_mb_s:.1f} | |")
     print(f"| workspace MB/s written (all tables) | {file_mb_s:.1f} | |")
     print(f"| workspace bytes per token (1 hook, d=384) | {bytes_per_token:,.0f} | |")
-    print(f"| stream tokens/s, real cache (small enough to stay in one buffer: memory-bound) | {stream_rate:,.0f} | |")
+    print(
+        f"| stream tokens/s, real cache (small enough to stay in one buffer: memory-bound) | {stream_rate:,.0f} | |"
+    )
     disk_rate = min(r["rate"] for r in rss.values())
     print(f"| TopK d=384 n=16384 k=32 train tokens/s | {train_rate:,.0f} | |")
     print(f"| stream (slowest disk-bound cache below) / train | {disk_rate / train_rate:.1f}x | >= 20x |")
     for size, r in rss.items():
-        print(f"| stream on {size:,}-token cache: tokens/s, peak RSS | {r['rate']:,.0f} tok/s, {r['peak_rss_mb']:.0f} MB | RSS flat |")
+        print(
+            f"| stream on {size:,}-token cache: tokens/s, peak RSS | {r['rate']:,.0f} tok/s, {r['peak_rss_mb']:.0f} MB | RSS flat |"
+        )
 
 
 if __name__ == "__main__":

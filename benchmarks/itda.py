@@ -73,8 +73,10 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"workspace {args.workspace} not found; run `make demo` first or pass --workspace")
     x_eval = held_out(args.workspace, args.hook, args.eval_tokens)
     n_eval = sum(len(x) for x in x_eval)
-    print(f"workspace={args.workspace.name} hook={args.hook} train_tokens={args.train_tokens} batch={args.batch} "
-          f"eval_tokens={n_eval} (held-out docs) center={args.center} max_atoms={args.max_atoms}")
+    print(
+        f"workspace={args.workspace.name} hook={args.hook} train_tokens={args.train_tokens} batch={args.batch} "
+        f"eval_tokens={n_eval} (held-out docs) center={args.center} max_atoms={args.max_atoms}"
+    )
     print(f"{'model':<10} {'k':>3} {'tau':>5} {'atoms':>6} {'L0':>6} {'FVU':>7} {'fit_s':>7} {'eval_s':>7}")
     fits = {}
     for k, tau in itertools.product(args.ks, args.taus):
@@ -83,15 +85,20 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.perf_counter()
         m = evaluate(model, x_eval)
         fits[(k, tau)] = res
-        print(f"{'itda':<10} {k:>3} {tau:>5.2f} {model.n_latents:>6} {m['l0']:>6.1f} {m['fvu']:>7.4f} {sec:>7.1f} "
-              f"{time.perf_counter() - t0:>7.1f}", flush=True)
+        print(
+            f"{'itda':<10} {k:>3} {tau:>5.2f} {model.n_latents:>6} {m['l0']:>6.1f} {m['fvu']:>7.4f} {sec:>7.1f} "
+            f"{time.perf_counter() - t0:>7.1f}",
+            flush=True,
+        )
     try:
         import sae
 
         ref = sae.load(args.ref_run, workspace=args.workspace)
         m = evaluate(ref, x_eval)
-        print(f"{args.ref_run:<10} {getattr(ref.config, 'k', '-'):>3} {'-':>5} {ref.n_latents:>6} {m['l0']:>6.1f} "
-              f"{m['fvu']:>7.4f} {'-':>7} {'-':>7}   (trained SAE, same held-out tokens)")
+        print(
+            f"{args.ref_run:<10} {getattr(ref.config, 'k', '-'):>3} {'-':>5} {ref.n_latents:>6} {m['l0']:>6.1f} "
+            f"{m['fvu']:>7.4f} {'-':>7} {'-':>7}   (trained SAE, same held-out tokens)"
+        )
     except (ValueError, FileNotFoundError) as err:
         print(f"(no reference run: {err})")
     keys = list(fits)
@@ -106,9 +113,12 @@ def main(argv: list[str] | None = None) -> None:
         base = fits[(k, tau)]
         seen = [seen_tokens(args.workspace, args.hook, args, seed) for seed in (0, 1)]
         both = len(seen[0] & seen[1]) / len(seen[0] | seen[1])
-        print(f"Jaccard(seed 0, seed 1) at k={k}, tau={tau}: {jaccard(base, other):.4f} "
-              f"(atoms {len(base.arch_state.labels)} vs {len(other.arch_state.labels)}); the two seeds' "
-              f"training token sets themselves have Jaccard {both:.4f}")
+        print(
+            f"Jaccard(seed 0, seed 1) at k={k}, tau={tau}: {jaccard(base, other):.4f} "
+            f"(atoms {len(base.arch_state.labels)} vs {len(other.arch_state.labels)}); the two seeds' "
+            f"training token sets themselves have Jaccard {both:.4f}"
+        )
+
 
 if __name__ == "__main__":
     main()

@@ -77,15 +77,35 @@ def cycled(x: np.ndarray, batch: int, seed: int):
     return batches
 
 
-def run_one(objective: str, p_prime: int, n_train: int, args: argparse.Namespace, seed: int) -> tuple[float, float, float]:
+def run_one(
+    objective: str, p_prime: int, n_train: int, args: argparse.Namespace, seed: int
+) -> tuple[float, float, float]:
     a, x = make_problem(args.d, args.p, args.k, args.sigma, n_train, seed)
-    cfg = MaskedConfig(n_latents=p_prime, k=args.k, encoder=args.encoder, objective=objective,
-                       visible_frac=args.visible_frac, train_b_dec=False, init_b_dec="zero")
-    tc = TrainConfig(train_tokens=args.steps * args.batch, batch_size=args.batch, seed=seed, lr=args.lr,
-                     log_every=max(1, args.steps), ckpt_every=10**9, init_sample_tokens=args.batch)
+    cfg = MaskedConfig(
+        n_latents=p_prime,
+        k=args.k,
+        encoder=args.encoder,
+        objective=objective,
+        visible_frac=args.visible_frac,
+        train_b_dec=False,
+        init_b_dec="zero",
+    )
+    tc = TrainConfig(
+        train_tokens=args.steps * args.batch,
+        batch_size=args.batch,
+        seed=seed,
+        lr=args.lr,
+        log_every=max(1, args.steps),
+        ckpt_every=10**9,
+        init_sample_tokens=args.batch,
+    )
     t0 = time.perf_counter()
     res = train(cfg, tc, cycled(x, args.batch, seed), progress=False)
-    return recovery_error(a, np.asarray(res.params.W_dec)), float(res.final_metrics["fvu"]), time.perf_counter() - t0
+    return (
+        recovery_error(a, np.asarray(res.params.W_dec)),
+        float(res.final_metrics["fvu"]),
+        time.perf_counter() - t0,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -95,8 +115,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--p", type=int, default=200)
     ap.add_argument("--p-prime", type=int, nargs="+", default=[200, 1000])
     ap.add_argument("--sigma", type=float, default=0.1)
-    ap.add_argument("--n-train", type=int, nargs="+", default=[1000, 2000, 3000, 5000],
-                    help="training-set sizes: masking matters when samples are few for the atoms")
+    ap.add_argument(
+        "--n-train",
+        type=int,
+        nargs="+",
+        default=[1000, 2000, 3000, 5000],
+        help="training-set sizes: masking matters when samples are few for the atoms",
+    )
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--batch", type=int, default=250)
     ap.add_argument("--lr", type=float, default=2e-3)
@@ -104,9 +129,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--encoder", default="omp", choices=["omp", "topk"])
     ap.add_argument("--seeds", type=int, default=2)
     args = ap.parse_args(argv)
-    print(f"d={args.d} k={args.k} p={args.p} sigma={args.sigma} steps={args.steps} batch={args.batch} lr={args.lr} "
-          f"visible={args.visible_frac} encoder={args.encoder} seeds={args.seeds}")
-    print(f"{'n_train':>7} {'p_prime':>7} {'objective':>9} {'recovery_err':>12} {'train_fvu':>9} {'sec':>6}   (medians)")
+    print(
+        f"d={args.d} k={args.k} p={args.p} sigma={args.sigma} steps={args.steps} batch={args.batch} lr={args.lr} "
+        f"visible={args.visible_frac} encoder={args.encoder} seeds={args.seeds}"
+    )
+    print(
+        f"{'n_train':>7} {'p_prime':>7} {'objective':>9} {'recovery_err':>12} {'train_fvu':>9} {'sec':>6}   (medians)"
+    )
     table: dict[tuple[int, int, str], float] = {}
     for n_train in args.n_train:
         for p_prime in args.p_prime:
@@ -114,14 +143,20 @@ def main(argv: list[str] | None = None) -> None:
                 rows = [run_one(objective, p_prime, n_train, args, seed) for seed in range(args.seeds)]
                 err, fvu, sec = (statistics.median(col) for col in zip(*rows, strict=True))
                 table[(n_train, p_prime, objective)] = err
-                print(f"{n_train:>7} {p_prime:>7} {objective:>9} {err:>12.4f} {fvu:>9.4f} {sec:>6.1f}   per seed: "
-                      + " ".join(f"{r[0]:.4f}" for r in rows), flush=True)
+                print(
+                    f"{n_train:>7} {p_prime:>7} {objective:>9} {err:>12.4f} {fvu:>9.4f} {sec:>6.1f}   per seed: "
+                    + " ".join(f"{r[0]:.4f}" for r in rows),
+                    flush=True,
+                )
     print("\n| n_train | p' | plain | masked | masked / plain |")
     print("|---:|---:|---:|---:|---:|")
     for n_train in args.n_train:
         for p_prime in args.p_prime:
             plain, masked = table[(n_train, p_prime, "plain")], table[(n_train, p_prime, "masked")]
-            print(f"| {n_train} | {p_prime} | {plain:.4f} | {masked:.4f} | {masked / max(plain, 1e-12):.3f} |")
+            print(
+                f"| {n_train} | {p_prime} | {plain:.4f} | {masked:.4f} | {masked / max(plain, 1e-12):.3f} |"
+            )
+
 
 if __name__ == "__main__":
     main()

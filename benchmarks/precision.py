@@ -57,21 +57,33 @@ def main() -> None:
     stream = ActivationStream(args.workspace, args.hook, batch_size=args.batch_size, seed=args.seed)
     ev = ActivationStream(args.workspace, args.hook, batch_size=4096, seed=args.seed, split="eval")
     eval_batches = list(itertools.islice(ev.epoch(), max(1, args.eval_tokens // 4096)))
-    print(f"device {jax.devices()[0].device_kind}; {args.workspace} {args.hook} d={stream.d}; train split "
-          f"{stream.n_tokens} tokens, eval {sum(len(b) for b in eval_batches)} tokens; TopK n={cfg.n_latents} "
-          f"k={cfg.k}, batch {args.batch_size}, {args.train_tokens} training tokens")
+    print(
+        f"device {jax.devices()[0].device_kind}; {args.workspace} {args.hook} d={stream.d}; train split "
+        f"{stream.n_tokens} tokens, eval {sum(len(b) for b in eval_batches)} tokens; TopK n={cfg.n_latents} "
+        f"k={cfg.k}, batch {args.batch_size}, {args.train_tokens} training tokens"
+    )
 
     quality: dict[str, dict[str, float]] = {}
     for dtype in DTYPES:
-        tc = TrainConfig(train_tokens=args.train_tokens, batch_size=args.batch_size, seed=args.seed,
-                         log_every=8, compute_dtype=dtype)
+        tc = TrainConfig(
+            train_tokens=args.train_tokens,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            log_every=8,
+            compute_dtype=dtype,
+        )
         t0 = time.perf_counter()
         result = train(cfg, tc, lambda start: stream.batches(start=start), progress=False)
         wall = time.perf_counter() - t0
         model = SAE(cfg, result.params, result.arch_state, result.d)
         m = evaluate(model, eval_batches)
-        quality[dtype] = {"eval_fvu": m["fvu"], "eval_l0": m["l0"], "eval_dead_frac": m["dead_frac"],
-                          "train_fvu_last": result.final_metrics["fvu"], "train_wall_s": wall}
+        quality[dtype] = {
+            "eval_fvu": m["fvu"],
+            "eval_l0": m["l0"],
+            "eval_dead_frac": m["dead_frac"],
+            "train_fvu_last": result.final_metrics["fvu"],
+            "train_wall_s": wall,
+        }
         print(f"  trained {dtype}: {wall:.0f} s, held-out FVU {m['fvu']:.4f}", flush=True)
 
     # speed: both trainers warmed up, then interleaved rounds on the same batches
@@ -79,7 +91,9 @@ def main() -> None:
     sample = np.concatenate(list(itertools.islice(stream.batches(), 4)))[:16384]
     trainers, states = {}, {}
     for dtype in DTYPES:
-        tc = TrainConfig(train_tokens=args.train_tokens, batch_size=args.batch_size, seed=args.seed, compute_dtype=dtype)
+        tc = TrainConfig(
+            train_tokens=args.train_tokens, batch_size=args.batch_size, seed=args.seed, compute_dtype=dtype
+        )
         trainers[dtype] = Trainer(cfg, tc, stream.d)
         states[dtype] = trainers[dtype].init_state(sample)
         states[dtype] = trainers[dtype].step(states[dtype], batches[0], 1.0)  # compile
@@ -94,21 +108,31 @@ def main() -> None:
             times[dtype].append((time.perf_counter() - t0) / len(batches))
 
     print()
-    print(f"{'dtype':<10} {'held-out FVU':>12} {'L0':>7} {'dead':>6} {'train FVU':>10} "
-          f"{'step s (median)':>16} {'min':>7} {'max':>7} {'tokens/s':>9}")
+    print(
+        f"{'dtype':<10} {'held-out FVU':>12} {'L0':>7} {'dead':>6} {'train FVU':>10} "
+        f"{'step s (median)':>16} {'min':>7} {'max':>7} {'tokens/s':>9}"
+    )
     for dtype in DTYPES:
         q, t = quality[dtype], times[dtype]
         med = statistics.median(t)
-        print(f"{dtype:<10} {q['eval_fvu']:>12.4f} {q['eval_l0']:>7.1f} {q['eval_dead_frac']:>6.3f} "
-              f"{q['train_fvu_last']:>10.4f} {med:>16.3f} {min(t):>7.3f} {max(t):>7.3f} {args.batch_size / med:>9.0f}")
+        print(
+            f"{dtype:<10} {q['eval_fvu']:>12.4f} {q['eval_l0']:>7.1f} {q['eval_dead_frac']:>6.3f} "
+            f"{q['train_fvu_last']:>10.4f} {med:>16.3f} {min(t):>7.3f} {max(t):>7.3f} {args.batch_size / med:>9.0f}"
+        )
     f32, b16 = quality["float32"], quality["bfloat16"]
     ratio = statistics.median(times["bfloat16"]) / statistics.median(times["float32"])
-    print(f"\nbf16 − fp32 held-out FVU: {b16['eval_fvu'] - f32['eval_fvu']:+.4f} "
-          f"({(b16['eval_fvu'] / f32['eval_fvu'] - 1) * 100:+.1f}%); step time bf16/fp32 = {ratio:.2f} "
-          f"(medians of {args.rounds} interleaved rounds x {args.steps} steps)")
+    print(
+        f"\nbf16 − fp32 held-out FVU: {b16['eval_fvu'] - f32['eval_fvu']:+.4f} "
+        f"({(b16['eval_fvu'] / f32['eval_fvu'] - 1) * 100:+.1f}%); step time bf16/fp32 = {ratio:.2f} "
+        f"(medians of {args.rounds} interleaved rounds x {args.steps} steps)"
+    )
     if args.json:
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "quality": quality,
-                                         "step_s": times}, indent=1))
+        args.json.write_text(
+            json.dumps(
+                {"args": {k: str(v) for k, v in vars(args).items()}, "quality": quality, "step_s": times},
+                indent=1,
+            )
+        )
 
 
 if __name__ == "__main__":

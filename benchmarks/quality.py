@@ -59,8 +59,23 @@ def ensure_harvest(ws: Path, hook: str, max_tokens: int, ctx_len: int) -> None:
         except Exception as e:  # an unreadable or foreign workspace: say so rather than overwrite it
             raise SystemExit(f"workspace {ws} has no usable harvest ({e}); pass another --workspace") from e
     saewb = Path(sys.executable).parent / "saewb"
-    cmd = [str(saewb), "harvest", "--model", "minilm", "--corpus", "stdlib-docs", "--hook", hook,
-           "--ctx-len", str(ctx_len), "--max-tokens", str(max_tokens), "--workspace", str(ws), "--quiet"]
+    cmd = [
+        str(saewb),
+        "harvest",
+        "--model",
+        "minilm",
+        "--corpus",
+        "stdlib-docs",
+        "--hook",
+        hook,
+        "--ctx-len",
+        str(ctx_len),
+        "--max-tokens",
+        str(max_tokens),
+        "--workspace",
+        str(ws),
+        "--quiet",
+    ]
     print("harvesting:", " ".join(cmd), file=sys.stderr, flush=True)
     subprocess.run(cmd, check=True)
 
@@ -105,7 +120,9 @@ def fvu_l0_dead(encode: Any, decode: Any, ev: np.ndarray, chunk: int = 4096) -> 
     return {"fvu": err / var, "l0": l0 / len(ev), "dead_eval": float(np.mean(~fired))}
 
 
-def ordered_batches(train: np.ndarray, order: np.ndarray, batch: int) -> Callable[[int], Iterator[np.ndarray]]:
+def ordered_batches(
+    train: np.ndarray, order: np.ndarray, batch: int
+) -> Callable[[int], Iterator[np.ndarray]]:
     """The trainer's data source over a fixed token order: deterministic in `start`, as resume requires."""
     steps = len(order) // batch
 
@@ -116,8 +133,15 @@ def ordered_batches(train: np.ndarray, order: np.ndarray, batch: int) -> Callabl
     return batches
 
 
-def train_ours(cfg: Any, train: np.ndarray, order: np.ndarray, ev: np.ndarray, batch: int, seed: int,
-               lr: float | None = None) -> dict[str, Any]:
+def train_ours(
+    cfg: Any,
+    train: np.ndarray,
+    order: np.ndarray,
+    ev: np.ndarray,
+    batch: int,
+    seed: int,
+    lr: float | None = None,
+) -> dict[str, Any]:
     import jax
 
     from sae.base import arch_module
@@ -125,7 +149,9 @@ def train_ours(cfg: Any, train: np.ndarray, order: np.ndarray, ev: np.ndarray, b
     from sae.trainer import train as sae_train
 
     steps = len(order) // batch
-    tc = TrainConfig(train_tokens=steps * batch, batch_size=batch, seed=seed, lr=lr, log_every=max(1, steps // 10))
+    tc = TrainConfig(
+        train_tokens=steps * batch, batch_size=batch, seed=seed, lr=lr, log_every=max(1, steps // 10)
+    )
 
     t0 = time.perf_counter()
     # Same order as the SAELens worker.
@@ -135,19 +161,51 @@ def train_ours(cfg: Any, train: np.ndarray, order: np.ndarray, ev: np.ndarray, b
     enc = jax.jit(lambda x: arch.encode(cfg, res.params, res.arch_state, x))
     dec = jax.jit(lambda f: arch.decode(cfg, res.params, f))
     out = fvu_l0_dead(enc, dec, ev)
-    out.update(seconds=secs, tokens=steps * batch, dead_train=res.final_metrics.get("dead_frac", float("nan")),
-               dead_window=dead_window(tc))
+    out.update(
+        seconds=secs,
+        tokens=steps * batch,
+        dead_train=res.final_metrics.get("dead_frac", float("nan")),
+        dead_window=dead_window(tc),
+    )
     return out
 
 
-def run_saelens(paths: dict[str, Path], n: int, k: int, batch: int, seed: int, dead_window: int,
-                lr: float, normalize: bool) -> dict[str, Any]:
+def run_saelens(
+    paths: dict[str, Path],
+    n: int,
+    k: int,
+    batch: int,
+    seed: int,
+    dead_window: int,
+    lr: float,
+    normalize: bool,
+) -> dict[str, Any]:
     python = VENVS / "saelens" / "bin" / "python"
     if not python.exists():
         return {"error": f"venv missing ({python.parent.parent}); run benchmarks/peers_setup.sh"}
-    cmd = [str(python), str(HERE / "_peer_saelens.py"), "quality", "--train", str(paths["train"]),
-           "--eval", str(paths["eval"]), "--order", str(paths["order"]), "--n", str(n), "--k", str(k),
-           "--batch", str(batch), "--seed", str(seed), "--dead-window-tokens", str(dead_window), "--lr", str(lr)]
+    cmd = [
+        str(python),
+        str(HERE / "_peer_saelens.py"),
+        "quality",
+        "--train",
+        str(paths["train"]),
+        "--eval",
+        str(paths["eval"]),
+        "--order",
+        str(paths["order"]),
+        "--n",
+        str(n),
+        "--k",
+        str(k),
+        "--batch",
+        str(batch),
+        "--seed",
+        str(seed),
+        "--dead-window-tokens",
+        str(dead_window),
+        "--lr",
+        str(lr),
+    ]
     if normalize:
         cmd.append("--normalize")
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -172,7 +230,9 @@ def gba_htf_for_l0(n: int, target_l0: float, n_groups: int, ltf: float) -> float
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smoke run: n=512, batch 512, ~30k tokens per run")
-    p.add_argument("--workspace", type=Path, default=Path(tempfile.gettempdir()) / "saewb_bench_minilm.duckdb")
+    p.add_argument(
+        "--workspace", type=Path, default=Path(tempfile.gettempdir()) / "saewb_bench_minilm.duckdb"
+    )
     p.add_argument("--hook", default="blocks.3.hook_out")
     p.add_argument("--harvest-tokens", type=int, default=1_000_000, help="max tokens to harvest if needed")
     p.add_argument("--ctx-len", type=int, default=128)
@@ -181,18 +241,37 @@ def main() -> None:
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--batch", type=int, default=None, help="tokens per step (default 4096; 512 quick)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--saelens-lr", type=float, nargs="+", default=[3e-4],
-                   help="SAELens learning rate(s); 3e-4 is its default. Several give several rows.")
-    p.add_argument("--ours-lr", type=float, nargs="+", default=[None],
-                   help="our TopK peak learning rate(s); default: the trainer's 2e-4/sqrt(n/2^14)")
-    p.add_argument("--saelens-normalize", action="store_true",
-                   help="SAELens normalize_activations=expected_average_only_in (default: none, its default)")
+    p.add_argument(
+        "--saelens-lr",
+        type=float,
+        nargs="+",
+        default=[3e-4],
+        help="SAELens learning rate(s); 3e-4 is its default. Several give several rows.",
+    )
+    p.add_argument(
+        "--ours-lr",
+        type=float,
+        nargs="+",
+        default=[None],
+        help="our TopK peak learning rate(s); default: the trainer's 2e-4/sqrt(n/2^14)",
+    )
+    p.add_argument(
+        "--saelens-normalize",
+        action="store_true",
+        help="SAELens normalize_activations=expected_average_only_in (default: none, its default)",
+    )
     p.add_argument("--l1-coefs", type=float, nargs="*", default=None, help="relu_l1 λ values (default 5)")
     p.add_argument("--l0-target", type=float, default=None, help="GBA expected L0 (default k)")
-    p.add_argument("--gba-update-every", type=int, default=10,
-                   help="GBA steps between bias updates (paper: 50; fewer so short runs get enough updates)")
+    p.add_argument(
+        "--gba-update-every",
+        type=int,
+        default=10,
+        help="GBA steps between bias updates (paper: 50; fewer so short runs get enough updates)",
+    )
     p.add_argument("--skip", nargs="*", default=[], choices=["saelens", "topk", "relu_l1", "gba"])
-    p.add_argument("--cache-dir", type=Path, default=None, help="where the .npy exports go (default: next to ws)")
+    p.add_argument(
+        "--cache-dir", type=Path, default=None, help="where the .npy exports go (default: next to ws)"
+    )
     p.add_argument("--json", type=Path, default=None)
     a = p.parse_args()
     n = a.n or (512 if a.quick else 4096)
@@ -210,12 +289,19 @@ def main() -> None:
     ev = np.asarray(export_split(a.workspace, a.hook, "eval", cache / "eval.npy"), np.float32)
     steps = budget // batch
     order = token_order(len(train), steps * batch, a.seed)
-    paths = {"train": cache / "train.npy", "eval": cache / "eval.npy", "order": cache / f"order_{a.seed}_{steps * batch}.npy"}
+    paths = {
+        "train": cache / "train.npy",
+        "eval": cache / "eval.npy",
+        "order": cache / f"order_{a.seed}_{steps * batch}.npy",
+    }
     np.save(paths["order"], order)
     d = train.shape[1]
     epochs = steps * batch / len(train)
-    print(f"data: {a.hook}, d={d}, train {len(train):,} tokens, held-out {len(ev):,} tokens; "
-          f"budget {steps * batch:,} tokens = {steps} steps of {batch} ({epochs:.2f} epochs)", file=sys.stderr)
+    print(
+        f"data: {a.hook}, d={d}, train {len(train):,} tokens, held-out {len(ev):,} tokens; "
+        f"budget {steps * batch:,} tokens = {steps} steps of {batch} ({epochs:.2f} epochs)",
+        file=sys.stderr,
+    )
 
     from sae.gba import GBAConfig
     from sae.relu_l1 import ReluL1Config
@@ -234,36 +320,54 @@ def main() -> None:
     if "topk" not in a.skip:
         for lr in a.ours_lr:
             shown = f"lr={lr:g}" if lr is not None else f"lr={default_lr(n):g} (default)"
-            record("ours TopK", f"k={a.k}, {shown}",
-                   train_ours(TopKConfig(n_latents=n, k=a.k), train, order, ev, batch, a.seed, lr))
+            record(
+                "ours TopK",
+                f"k={a.k}, {shown}",
+                train_ours(TopKConfig(n_latents=n, k=a.k), train, order, ev, batch, a.seed, lr),
+            )
     if "saelens" not in a.skip:
         for lr in a.saelens_lr:
-            record("SAELens TopK", f"k={a.k}, lr={lr:g}" + (", normalized" if a.saelens_normalize else ""),
-                   run_saelens(paths, n, a.k, batch, a.seed, window, lr, a.saelens_normalize))
+            record(
+                "SAELens TopK",
+                f"k={a.k}, lr={lr:g}" + (", normalized" if a.saelens_normalize else ""),
+                run_saelens(paths, n, a.k, batch, a.seed, window, lr, a.saelens_normalize),
+            )
     if "relu_l1" not in a.skip:
         for lam in l1_coefs:
-            record("ours relu_l1", f"λ={lam:g}", train_ours(ReluL1Config(n_latents=n, l1_coef=lam), train, order,
-                                                            ev, batch, a.seed))
+            record(
+                "ours relu_l1",
+                f"λ={lam:g}",
+                train_ours(ReluL1Config(n_latents=n, l1_coef=lam), train, order, ev, batch, a.seed),
+            )
     if "gba" not in a.skip:
         base = GBAConfig(n_latents=n, update_every=a.gba_update_every)
         htf = gba_htf_for_l0(n, l0_target, base.n_groups, base.ltf)
         cfg = dataclasses.replace(base, htf=htf)
-        record("ours gba", f"K={cfg.n_groups}, htf={htf:.4f}, ltf={cfg.ltf:g}, T={cfg.update_every}", train_ours(cfg, train, order, ev,
-                                                                                           batch, a.seed))
+        record(
+            "ours gba",
+            f"K={cfg.n_groups}, htf={htf:.4f}, ltf={cfg.ltf:g}, T={cfg.update_every}",
+            train_ours(cfg, train, order, ev, batch, a.seed),
+        )
 
-    print(f"\n### Held-out quality: MiniLM {a.hook}, stdlib-docs; n={n}, batch={batch}, "
-          f"{steps * batch:,} training tokens ({epochs:.2f} epochs of {len(train):,}), "
-          f"held-out {len(ev):,} tokens, seed {a.seed}\n")
-    print(f"Dead = never fires on the held-out set; dead (train) = no firing in the last {window:,} training "
-          "tokens (the AuxK window, the same for both TopK trainers).\n")
+    print(
+        f"\n### Held-out quality: MiniLM {a.hook}, stdlib-docs; n={n}, batch={batch}, "
+        f"{steps * batch:,} training tokens ({epochs:.2f} epochs of {len(train):,}), "
+        f"held-out {len(ev):,} tokens, seed {a.seed}\n"
+    )
+    print(
+        f"Dead = never fires on the held-out set; dead (train) = no firing in the last {window:,} training "
+        "tokens (the AuxK window, the same for both TopK trainers).\n"
+    )
     print("| SAE | setting | held-out FVU | L0 | dead (held-out) | dead (train) | train s | tokens/s |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for r in sorted(rows, key=lambda r: r.get("l0", float("inf"))):
         if "error" in r:
             print(f"| {r['name']} | {r['setting']} | – | – | – | – | – | {r['error']} |")
             continue
-        print(f"| {r['name']} | {r['setting']} | {r['fvu']:.4f} | {r['l0']:.1f} | {r['dead_eval']:.3f} | "
-              f"{r['dead_train']:.3f} | {r['seconds']:.0f} | {r['tokens'] / r['seconds']:,.0f} |")
+        print(
+            f"| {r['name']} | {r['setting']} | {r['fvu']:.4f} | {r['l0']:.1f} | {r['dead_eval']:.3f} | "
+            f"{r['dead_train']:.3f} | {r['seconds']:.0f} | {r['tokens'] / r['seconds']:,.0f} |"
+        )
     ours_rows = [r for r in rows if r["name"] == "ours TopK" and "error" not in r]
     ours = min(ours_rows, key=lambda r: r["fvu"]) if ours_rows else None
     peers = [r for r in rows if r["name"] == "SAELens TopK" and "error" not in r]
@@ -274,8 +378,10 @@ def main() -> None:
     else:
         best = min(peers, key=lambda r: r["fvu"])
         gap = ours["fvu"] - best["fvu"]
-        print(f"| our FVU ≤ SAELens FVU + 0.005 (best rows: ours {ours['setting']}; SAELens {best['setting']}) | "
-              f"{ours['fvu']:.4f} vs {best['fvu']:.4f} (Δ = {gap:+.4f}) | {'met' if gap <= 0.005 else 'MISSED'} |")
+        print(
+            f"| our FVU ≤ SAELens FVU + 0.005 (best rows: ours {ours['setting']}; SAELens {best['setting']}) | "
+            f"{ours['fvu']:.4f} vs {best['fvu']:.4f} (Δ = {gap:+.4f}) | {'met' if gap <= 0.005 else 'MISSED'} |"
+        )
     if a.json is not None:
         a.json.write_text(json.dumps(rows, indent=2))
 

@@ -126,8 +126,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=2000)
-    ap.add_argument("--batch", type=int, default=4096,
-                    help="samples per step; FRR@0.9 of GBA rose from 80.5%% (256) to 88.3%% (1024) and 99.2%% (4096)")
+    ap.add_argument(
+        "--batch",
+        type=int,
+        default=4096,
+        help="samples per step; FRR@0.9 of GBA rose from 80.5%% (256) to 88.3%% (1024) and 99.2%% (4096)",
+    )
     ap.add_argument("--n-latents", type=int, default=512)
     ap.add_argument("--quick", action="store_true", help="one seed, fewer steps")
     ap.add_argument("--only", default=None, help="comma-separated method names")
@@ -138,8 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     known = {"imbalanced": IMBALANCED, "heavy": HEAVY}
     settings = [known[name] for name in args.settings.split(",")]
     for setting in settings:
-        print(f"\n{setting.name}; SAE width {args.n_latents}, {args.steps} steps × {args.batch}, "
-              f"{args.seeds} seed(s); FRR as mean ± std over seeds")
+        print(
+            f"\n{setting.name}; SAE width {args.n_latents}, {args.steps} steps × {args.batch}, "
+            f"{args.seeds} seed(s); FRR as mean ± std over seeds"
+        )
         print(f"{'method':<12} {'FRR@0.8':>14} {'FRR@0.9':>14} {'time/run':>9}")
         for name, cfg in methods(args.n_latents).items():
             if args.only and name not in args.only.split(","):
@@ -148,7 +154,9 @@ def main(argv: list[str] | None = None) -> int:
             vals = np.array([run_one(cfg, setting, s, args.steps, args.batch) for s in range(args.seeds)])
             dt = (time.time() - t0) / args.seeds
             m, sd = 100 * vals.mean(0), 100 * vals.std(0)
-            print(f"{name:<12} {m[0]:6.1f} ± {sd[0]:4.1f}% {m[1]:6.1f} ± {sd[1]:4.1f}% {dt:8.1f}s", flush=True)
+            print(
+                f"{name:<12} {m[0]:6.1f} ± {sd[0]:4.1f}% {m[1]:6.1f} ± {sd[1]:4.1f}% {dt:8.1f}s", flush=True
+            )
     return 0
 
 

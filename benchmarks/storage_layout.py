@@ -26,17 +26,26 @@ def _data(rows: int, d: int) -> np.ndarray:
     # Real activations are not random noise; a low-rank-plus-noise matrix compresses like them.
     rng = np.random.default_rng(0)
     basis = rng.standard_normal((32, d)).astype(np.float32)
-    return (rng.standard_normal((rows, 32)).astype(np.float32) @ basis + 0.1 * rng.standard_normal((rows, d))).astype(np.float32)
+    return (
+        rng.standard_normal((rows, 32)).astype(np.float32) @ basis + 0.1 * rng.standard_normal((rows, d))
+    ).astype(np.float32)
 
 
 def _table(layout: str, x: np.ndarray, start: int) -> pa.Table:
     idx = pa.array(np.arange(start, start + len(x), dtype=np.int64))
     if layout == "array":
-        return pa.table({"tok_idx": idx, "x": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1])})
+        return pa.table(
+            {"tok_idx": idx, "x": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1])}
+        )
     if layout == "blob":
         raw = x.tobytes()
         step = x.shape[1] * 4
-        return pa.table({"tok_idx": idx, "x": pa.array([raw[i * step : (i + 1) * step] for i in range(len(x))], pa.binary())})
+        return pa.table(
+            {
+                "tok_idx": idx,
+                "x": pa.array([raw[i * step : (i + 1) * step] for i in range(len(x))], pa.binary()),
+            }
+        )
     return pa.table({"tok_idx": idx, **{f"x{j}": pa.array(x[:, j]) for j in range(x.shape[1])}})
 
 
@@ -80,7 +89,13 @@ def measure(layout: str, x: np.ndarray, workdir: Path, chunk: int = 65_536) -> d
     times = []
     for lo in rng.integers(0, rows - 8192, 10):
         t0 = time.perf_counter()
-        _to_numpy(layout, con.sql(f"SELECT {cols} FROM t WHERE tok_idx >= ? AND tok_idx < ?", params=[int(lo), int(lo) + 8192]).to_arrow_table(), d)
+        _to_numpy(
+            layout,
+            con.sql(
+                f"SELECT {cols} FROM t WHERE tok_idx >= ? AND tok_idx < ?", params=[int(lo), int(lo) + 8192]
+            ).to_arrow_table(),
+            d,
+        )
         times.append(time.perf_counter() - t0)
     con.close()
     return {
@@ -92,7 +107,9 @@ def measure(layout: str, x: np.ndarray, workdir: Path, chunk: int = 65_536) -> d
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--d", type=int, default=384)
     args = parser.parse_args()
@@ -103,7 +120,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for layout in ("array", "blob", "wide"):
             r = measure(layout, x, Path(tmp))
-            print(f"| {layout} | {r['bytes_per_value']:.2f} | {r['write_mb_s']:.0f} | {r['scan_mb_s']:.0f} | {r['range8k_mb_s']:.0f} |")
+            print(
+                f"| {layout} | {r['bytes_per_value']:.2f} | {r['write_mb_s']:.0f} | {r['scan_mb_s']:.0f} | {r['range8k_mb_s']:.0f} |"
+            )
 
 
 if __name__ == "__main__":

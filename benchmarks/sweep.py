@@ -51,8 +51,14 @@ from saewb.hugepages import reexec_with_huge_pages  # noqa: E402
 def members(steps: int, batch: int, log_every: int) -> list[Member]:
     out = []
     for k, n, seed in itertools.product((16, 32), (2048, 4096), (0, 1)):
-        tc = TrainConfig(train_tokens=steps * batch, batch_size=batch, seed=seed, log_every=log_every,
-                         ckpt_every=10**9, init_sample_tokens=8192)
+        tc = TrainConfig(
+            train_tokens=steps * batch,
+            batch_size=batch,
+            seed=seed,
+            log_every=log_every,
+            ckpt_every=10**9,
+            init_sample_tokens=8192,
+        )
         out.append(Member(f"k{k}-n{n}-s{seed}", "", TopKConfig(n_latents=n, k=k), tc))
     return out
 
@@ -95,24 +101,55 @@ def run_cli(ws: str, hook: str, ms: list[Member], mode: str) -> float:
     with tempfile.TemporaryDirectory(dir=Path(ws).parent) as tmp:
         copy = Path(tmp) / "ws.duckdb"
         shutil.copy(ws, copy)
-        common = {"train_tokens": tc.train_tokens, "batch_size": tc.batch_size, "log_every": tc.log_every,
-                  "init_sample_tokens": tc.init_sample_tokens}
+        common = {
+            "train_tokens": tc.train_tokens,
+            "batch_size": tc.batch_size,
+            "log_every": tc.log_every,
+            "init_sample_tokens": tc.init_sample_tokens,
+        }
         t0 = time.perf_counter()
         if mode == "lockstep":
             import yaml
 
-            spec = {"workspace": str(copy), "name": "bench", "hook": hook, "eval_tokens": 0, "progress": False,
-                    "train": {**common, "seed": 0},
-                    "members": [{"name": m.name, "k": m.sae_config.k, "n_latents": m.sae_config.n_latents,
-                                 "seed": m.train_config.seed} for m in ms]}
+            spec = {
+                "workspace": str(copy),
+                "name": "bench",
+                "hook": hook,
+                "eval_tokens": 0,
+                "progress": False,
+                "train": {**common, "seed": 0},
+                "members": [
+                    {
+                        "name": m.name,
+                        "k": m.sae_config.k,
+                        "n_latents": m.sae_config.n_latents,
+                        "seed": m.train_config.seed,
+                    }
+                    for m in ms
+                ],
+            }
             (Path(tmp) / "sweep.yaml").write_text(yaml.safe_dump(spec))
             _saewb("sweep", str(Path(tmp) / "sweep.yaml"))
         else:
             for m in ms:
                 flags = [f"--{k.replace('_', '-')}={v}" for k, v in common.items()]
-                _saewb("train", "--workspace", str(copy), "--hook", hook, "--arch", "topk", "--name", m.name,
-                       f"--k={m.sae_config.k}", f"--n-latents={m.sae_config.n_latents}", f"--seed={m.train_config.seed}",
-                       "--eval-tokens=0", "--no-progress", *flags)
+                _saewb(
+                    "train",
+                    "--workspace",
+                    str(copy),
+                    "--hook",
+                    hook,
+                    "--arch",
+                    "topk",
+                    "--name",
+                    m.name,
+                    f"--k={m.sae_config.k}",
+                    f"--n-latents={m.sae_config.n_latents}",
+                    f"--seed={m.train_config.seed}",
+                    "--eval-tokens=0",
+                    "--no-progress",
+                    *flags,
+                )
         return time.perf_counter() - t0
 
 
@@ -128,8 +165,10 @@ def main_cli(args: argparse.Namespace, ms: list[Member]) -> None:
             print(f"rep {rep} {mode} (CLI): wall {got[mode]:.1f}s", flush=True)
         speedups.append(got["sequential"] / got["lockstep"])
     tokens = args.steps * args.batch_size * len(ms)
-    print(f"\n8 TopK members (k 16/32 x n 2048/4096 x 2 seeds), {args.steps} steps of {args.batch_size} tokens "
-          f"each, hook {args.hook}; 8 `saewb train` processes vs one `saewb sweep`; medians of {args.reps} reps")
+    print(
+        f"\n8 TopK members (k 16/32 x n 2048/4096 x 2 seeds), {args.steps} steps of {args.batch_size} tokens "
+        f"each, hook {args.hook}; 8 `saewb train` processes vs one `saewb sweep`; medians of {args.reps} reps"
+    )
     print("| mode | wall s | member-tokens/s (end to end) |")
     print("|---|---|---|")
     for mode, vals in walls.items():
@@ -145,7 +184,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--batch-size", type=int, default=1024)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--cli", action="store_true", help="time `saewb train` x 8 against `saewb sweep` (processes)")
+    ap.add_argument(
+        "--cli", action="store_true", help="time `saewb train` x 8 against `saewb sweep` (processes)"
+    )
     args = ap.parse_args()
     reexec_with_huge_pages()  # both modes run as the saewb program runs them
     log_every = max(1, args.steps // 8)
@@ -167,12 +208,17 @@ def main() -> None:
             wall, st = fn(args.workspace, args.hook, ms)
             got[mode] = (wall, st, (time.process_time() - cpu0) / wall)
             rows[mode].append(got[mode])
-            print(f"rep {rep} {mode}: wall {wall:.1f}s, steady {st:,.0f} member-tok/s, "
-                  f"{got[mode][2]:.2f} cores busy", flush=True)
+            print(
+                f"rep {rep} {mode}: wall {wall:.1f}s, steady {st:,.0f} member-tok/s, "
+                f"{got[mode][2]:.2f} cores busy",
+                flush=True,
+            )
         speedups.append(got["sequential"][0] / got["lockstep"][0])
         steady_speedups.append(got["lockstep"][1] / got["sequential"][1])
-    print(f"\n8 TopK members (k 16/32 x n 2048/4096 x 2 seeds; 2 vmapped groups), {args.steps} steps of {args.batch_size} tokens "
-          f"each, hook {args.hook}; medians of {args.reps} reps")
+    print(
+        f"\n8 TopK members (k 16/32 x n 2048/4096 x 2 seeds; 2 vmapped groups), {args.steps} steps of {args.batch_size} tokens "
+        f"each, hook {args.hook}; medians of {args.reps} reps"
+    )
     print(f"cores: {os.cpu_count()}; 'cores busy' = process CPU time / wall time")
     print("| mode | wall s | member-tokens/s (end to end) | member-tokens/s (steady) | cores busy |")
     print("|---|---|---|---|---|")
@@ -181,8 +227,10 @@ def main() -> None:
         st = statistics.median(v[1] for v in vals)
         busy = statistics.median(v[2] for v in vals)
         print(f"| {mode} | {wall:.1f} | {tokens / wall:,.0f} | {st:,.0f} | {busy:.2f} |")
-    print(f"| speed-up (same rep) | {statistics.median(speedups):.2f}x | {statistics.median(speedups):.2f}x | "
-          f"{statistics.median(steady_speedups):.2f}x | |")
+    print(
+        f"| speed-up (same rep) | {statistics.median(speedups):.2f}x | {statistics.median(speedups):.2f}x | "
+        f"{statistics.median(steady_speedups):.2f}x | |"
+    )
 
 
 if __name__ == "__main__":

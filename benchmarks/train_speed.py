@@ -101,7 +101,9 @@ class Worker:
                 self.proc.kill()
 
 
-def peer(name: str, framework: str, kind: str, venv: str | None, script: str, args: list[str]) -> tuple[Timed, Worker | None]:
+def peer(
+    name: str, framework: str, kind: str, venv: str | None, script: str, args: list[str]
+) -> tuple[Timed, Worker | None]:
     python = Path(sys.executable) if venv is None else VENVS / venv / "bin" / "python"
     t = Timed(name, framework, kind)
     if not python.exists():
@@ -137,7 +139,9 @@ def ours_topk(d: int, n: int, k: int, batch: int, warmup: int) -> Timed:
         return time.perf_counter() - t0
 
     run(warmup)  # compiles
-    return Timed("ours TopK", f"jax {jax.__version__}", "train", rep=run, info={"devices": str(jax.devices())})
+    return Timed(
+        "ours TopK", f"jax {jax.__version__}", "train", rep=run, info={"devices": str(jax.devices())}
+    )
 
 
 def jax_matmul(d: int, n: int, batch: int, warmup: int) -> Timed:
@@ -172,7 +176,9 @@ def main() -> None:
     p.add_argument("--d", type=int, default=384)
     p.add_argument("--n", type=int, default=None, help="latents (default 16384; 4096 with --quick)")
     p.add_argument("--k", type=int, default=32)
-    p.add_argument("--batch", type=int, default=None, help="tokens per step (default 4096; 1024 with --quick)")
+    p.add_argument(
+        "--batch", type=int, default=None, help="tokens per step (default 4096; 1024 with --quick)"
+    )
     p.add_argument("--reps", type=int, default=None, help="timed rounds (default 7; 5 with --quick)")
     p.add_argument("--rep-seconds", type=float, default=None, help="target seconds per timing (sets steps)")
     p.add_argument("--no-peers", action="store_true", help="time only ours and the matmul bounds")
@@ -193,19 +199,45 @@ def main() -> None:
         peer("encoder matmul (torch)", "torch", "bound", None, "_peer_torch.py", ["speed", *shape]),
     ]
     if not a.no_peers:
-        specs.append(peer("SAELens TopK", "torch", "train", "saelens", "_peer_saelens.py",
-                          ["speed", *shape, "--k", str(k)]))
-        specs.append(peer("sparsify TopK (signum)", "torch", "train", "sparsify", "_peer_sparsify.py",
-                          ["speed", *shape, "--k", str(k)]))
+        specs.append(
+            peer(
+                "SAELens TopK",
+                "torch",
+                "train",
+                "saelens",
+                "_peer_saelens.py",
+                ["speed", *shape, "--k", str(k)],
+            )
+        )
+        specs.append(
+            peer(
+                "sparsify TopK (signum)",
+                "torch",
+                "train",
+                "sparsify",
+                "_peer_sparsify.py",
+                ["speed", *shape, "--k", str(k)],
+            )
+        )
         if a.sparsify_adam:
-            specs.append(peer("sparsify TopK (adam)", "torch", "train", "sparsify", "_peer_sparsify.py",
-                              ["speed", *shape, "--k", str(k), "--optimizer", "adam"]))
+            specs.append(
+                peer(
+                    "sparsify TopK (adam)",
+                    "torch",
+                    "train",
+                    "sparsify",
+                    "_peer_sparsify.py",
+                    ["speed", *shape, "--k", str(k), "--optimizer", "adam"],
+                )
+            )
     timed: list[Timed] = [jax_matmul(d, n, batch, int(warm)), ours_topk(d, n, k, batch, int(warm))]
     for t, w in specs:
         if w is not None:
             try:
                 info = w.read()
-                t.framework = f"{info['impl']} {info['version']}" if t.kind == "train" else f"torch {info['version']}"
+                t.framework = (
+                    f"{info['impl']} {info['version']}" if t.kind == "train" else f"torch {info['version']}"
+                )
                 t.info = info
                 t.rep, t.close = w.rep, w.close
             except RuntimeError as e:
@@ -232,13 +264,19 @@ def main() -> None:
 
     med = {t.name: median(tps(t)) for t in live}
     ours = med.get("ours TopK", float("nan"))
-    print(f"\n### Train-step throughput: d={d}, n={n}, k={k}, batch={batch}, fp32, CPU "
-          f"({os.cpu_count()} cores, {platform.processor() or platform.machine()})\n")
+    print(
+        f"\n### Train-step throughput: d={d}, n={n}, k={k}, batch={batch}, fp32, CPU "
+        f"({os.cpu_count()} cores, {platform.processor() or platform.machine()})\n"
+    )
     pages = os.environ.get("GLIBC_TUNABLES", "") or "unset (4 kB pages)"
-    print(f"{reps} interleaved rounds; each timing = `steps` consecutive steps; tokens/s median [min, max]. "
-          f"Every implementation ran with GLIBC_TUNABLES={pages} (see saewb/hugepages.py; "
-          "SAEWB_NO_HUGEPAGES=1 turns it off).\n")
-    print("| implementation | framework | steps/timing | tokens/s (median) | [min, max] | ms/step | ours ÷ this |")
+    print(
+        f"{reps} interleaved rounds; each timing = `steps` consecutive steps; tokens/s median [min, max]. "
+        f"Every implementation ran with GLIBC_TUNABLES={pages} (see saewb/hugepages.py; "
+        "SAEWB_NO_HUGEPAGES=1 turns it off).\n"
+    )
+    print(
+        "| implementation | framework | steps/timing | tokens/s (median) | [min, max] | ms/step | ours ÷ this |"
+    )
     print("|---|---|---:|---:|---|---:|---:|")
     for t in timed:
         if t.rep is None:
@@ -246,8 +284,10 @@ def main() -> None:
             continue
         xs = tps(t)
         m = med[t.name]
-        print(f"| {t.name} | {t.framework} | {t.steps} | {m:,.0f} | [{min(xs):,.0f}, {max(xs):,.0f}] | "
-              f"{1000 * batch / m:,.1f} | {ours / m:.2f}× |")
+        print(
+            f"| {t.name} | {t.framework} | {t.steps} | {m:,.0f} | [{min(xs):,.0f}, {max(xs):,.0f}] | "
+            f"{1000 * batch / m:,.1f} | {ours / m:.2f}× |"
+        )
 
     def goal(label: str, peer_name: str, want: float, as_pct: bool = False) -> None:
         if peer_name not in med:
@@ -264,10 +304,25 @@ def main() -> None:
     goal("ours vs sparsify", "sparsify TopK (signum)", 1.5)
     goal("ours vs jax encoder-matmul bound", "encoder matmul (jax)", 0.4, as_pct=True)
     if a.json is not None:
-        a.json.write_text(json.dumps(
-            {"shape": {"d": d, "n": n, "k": k, "batch": batch}, "reps": reps,
-             "results": [{"name": t.name, "framework": t.framework, "steps": t.steps,
-                          "seconds": t.seconds, "error": t.error} for t in timed]}, indent=2))
+        a.json.write_text(
+            json.dumps(
+                {
+                    "shape": {"d": d, "n": n, "k": k, "batch": batch},
+                    "reps": reps,
+                    "results": [
+                        {
+                            "name": t.name,
+                            "framework": t.framework,
+                            "steps": t.steps,
+                            "seconds": t.seconds,
+                            "error": t.error,
+                        }
+                        for t in timed
+                    ],
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -22,7 +22,18 @@ _LAZY = {
     "train": "sae.trainer",
     "evaluate": "sae.metrics",
 }
-_MODULES = ("gba", "relu_l1", "topk", "trainer", "checkpoint", "common", "runs", "api", "metrics", "sparse_ops")
+_MODULES = (
+    "gba",
+    "relu_l1",
+    "topk",
+    "trainer",
+    "checkpoint",
+    "common",
+    "runs",
+    "api",
+    "metrics",
+    "sparse_ops",
+)
 
 __all__ = sorted([*_LAZY, *_MODULES])
 

@@ -164,7 +164,9 @@ def load_dir(path: str | Path) -> SAE:
         from sae.trainer import TrainConfig, Trainer
 
         ts = read_train_state(Trainer(cfg, TrainConfig(**manifest["config"]["train"]), d), path)
-        params, state = arch_module(cfg.arch).fold_scale(cfg, ts.params, ts.arch_state, float(manifest["scale"]))
+        params, state = arch_module(cfg.arch).fold_scale(
+            cfg, ts.params, ts.arch_state, float(manifest["scale"])
+        )
         metrics = {}
     return SAE(cfg, params, state, d, metrics=metrics, path=path)
 

@@ -53,7 +53,9 @@ class Architecture(Protocol):
     def decode(self, cfg: Any, params: Any, f: jax.Array) -> jax.Array:
         """The reconstruction [B, d] of latents [B, n]."""
 
-    def loss(self, cfg: Any, params: Any, state: Any, batch: jax.Array, ctx: StepCtx) -> tuple[jax.Array, dict]:
+    def loss(
+        self, cfg: Any, params: Any, state: Any, batch: jax.Array, ctx: StepCtx
+    ) -> tuple[jax.Array, dict]:
         """(loss, aux) with aux keys ``err``, ``var`` (FVU terms), ``l0``, ``fires`` ([n] count of
         tokens on which each latent fired), ``recon`` (x − x̂ sum sq)."""
 
@@ -151,9 +153,7 @@ def make_config(cls: type, values: dict[str, Any]) -> Any:
     names = config_fields(cls)
     unknown = sorted(set(values) - set(names))
     if unknown:
-        raise ValueError(
-            f"unknown {cls.__name__} field(s) {unknown}; valid fields are {names}"
-        )
+        raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; valid fields are {names}")
     cfg = cls(**values)
     if getattr(cfg, "validate", None) is not None:
         validate_config(cfg)
@@ -162,26 +162,78 @@ def make_config(cls: type, values: dict[str, Any]) -> Any:
 
 # --------------------------------------------------------------------------- hyper-parameter ranges
 
-_RANGE_TEXT = {">0": "> 0", ">=0": ">= 0", ">=1": ">= 1", "[0,1]": "in [0, 1]", "[0,1)": "in [0, 1)",
-               "(0,1)": "in (0, 1)", "(0,1]": "in (0, 1]"}
+_RANGE_TEXT = {
+    ">0": "> 0",
+    ">=0": ">= 0",
+    ">=1": ">= 1",
+    "[0,1]": "in [0, 1]",
+    "[0,1)": "in [0, 1)",
+    "(0,1)": "in (0, 1)",
+    "(0,1]": "in (0, 1]",
+}
 _RANGE_TEST = {
-    ">0": lambda v: v > 0, ">=0": lambda v: v >= 0, ">=1": lambda v: v >= 1, "[0,1]": lambda v: 0 <= v <= 1,
-    "[0,1)": lambda v: 0 <= v < 1, "(0,1)": lambda v: 0 < v < 1, "(0,1]": lambda v: 0 < v <= 1,
+    ">0": lambda v: v > 0,
+    ">=0": lambda v: v >= 0,
+    ">=1": lambda v: v >= 1,
+    "[0,1]": lambda v: 0 <= v <= 1,
+    "[0,1)": lambda v: 0 <= v < 1,
+    "(0,1)": lambda v: 0 < v < 1,
+    "(0,1]": lambda v: 0 < v <= 1,
 }
 RANGES: dict[str, str] = {
     # TrainConfig
-    "train_tokens": ">=1", "batch_size": ">=1", "seed": ">=0", "lr": ">0", "warmup_steps": ">=0",
-    "decay_frac": "[0,1]", "grad_clip": ">0", "adam_b1": "[0,1)", "adam_b2": "[0,1)", "adam_eps": ">0",
-    "dead_window_tokens": ">=1", "dense_threshold": "[0,1]", "init_sample_tokens": ">=1", "log_every": ">=1",
-    "ckpt_every": ">=1", "keep_checkpoints": ">=1", "mesh_data": ">=1", "mesh_model": ">=1",
+    "train_tokens": ">=1",
+    "batch_size": ">=1",
+    "seed": ">=0",
+    "lr": ">0",
+    "warmup_steps": ">=0",
+    "decay_frac": "[0,1]",
+    "grad_clip": ">0",
+    "adam_b1": "[0,1)",
+    "adam_b2": "[0,1)",
+    "adam_eps": ">0",
+    "dead_window_tokens": ">=1",
+    "dense_threshold": "[0,1]",
+    "init_sample_tokens": ">=1",
+    "log_every": ">=1",
+    "ckpt_every": ">=1",
+    "keep_checkpoints": ">=1",
+    "mesh_data": ">=1",
+    "mesh_model": ">=1",
     # architectures (a field name means the same thing in every architecture that has it)
-    "n_latents": ">=1", "k": ">=1", "k_aux": ">=1", "aux_coef": ">=0", "init_dec_norm": ">0", "l1_coef": ">=0",
-    "l1_warmup_frac": "[0,1]", "resample_every_frac": "[0,1)", "n_groups": ">=1", "htf": "(0,1]", "ltf": "(0,1]",
-    "gamma": ">=0", "update_every": ">=1", "freq_eps": ">0", "init_a": ">0", "candidates": ">=1",
-    "threshold_decay": "[0,1)", "threshold_start_step": ">=0", "threshold_start_frac": "[0,1]", "l0_coef": ">=0",
-    "l0_warmup_frac": "[0,1]", "target_l0": ">0", "bandwidth": ">0", "init_threshold": ">=0", "chunk_size": ">=1",
-    "group_sizes": ">=1", "zipf_alpha": ">=0", "aux_zipf_coef": ">=0", "aux_zipf_c": ">=0",
-    "density_decay": "[0,1)", "visible_frac": "(0,1)", "tau": "(0,1)", "max_atoms": ">=1",
+    "n_latents": ">=1",
+    "k": ">=1",
+    "k_aux": ">=1",
+    "aux_coef": ">=0",
+    "init_dec_norm": ">0",
+    "l1_coef": ">=0",
+    "l1_warmup_frac": "[0,1]",
+    "resample_every_frac": "[0,1)",
+    "n_groups": ">=1",
+    "htf": "(0,1]",
+    "ltf": "(0,1]",
+    "gamma": ">=0",
+    "update_every": ">=1",
+    "freq_eps": ">0",
+    "init_a": ">0",
+    "candidates": ">=1",
+    "threshold_decay": "[0,1)",
+    "threshold_start_step": ">=0",
+    "threshold_start_frac": "[0,1]",
+    "l0_coef": ">=0",
+    "l0_warmup_frac": "[0,1]",
+    "target_l0": ">0",
+    "bandwidth": ">0",
+    "init_threshold": ">=0",
+    "chunk_size": ">=1",
+    "group_sizes": ">=1",
+    "zipf_alpha": ">=0",
+    "aux_zipf_coef": ">=0",
+    "aux_zipf_c": ">=0",
+    "density_decay": "[0,1)",
+    "visible_frac": "(0,1)",
+    "tau": "(0,1)",
+    "max_atoms": ">=1",
 }
 """The allowed range of every numeric field of `TrainConfig` and of every architecture's config, by
 field name: `check_ranges` applies it to any config dataclass, so training and sweeps check alike
@@ -211,7 +263,9 @@ def check_ranges(cfg: Any) -> None:
                 ok = float(v).is_integer()
             if not ok:
                 flag = "--" + f.name.replace("_", "-")
-                raise ValueError(f"{flag} must be {range_text(rule)}, got {v!r}; fix {flag} (or `{f.name}:` in the YAML)")
+                raise ValueError(
+                    f"{flag} must be {range_text(rule)}, got {v!r}; fix {flag} (or `{f.name}:` in the YAML)"
+                )
 
 
 def validate_config(cfg: Any, d: int | None = None) -> None:

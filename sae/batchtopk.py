@@ -151,7 +151,9 @@ def contributions(codes: BatchCodes, w_dec: jax.Array) -> jax.Array:
 
 def decode_codes(codes: BatchCodes, params: Params, batch: int) -> jax.Array:
     """x̂ [B, d] from the flat entries."""
-    return jax.ops.segment_sum(contributions(codes, params.W_dec), codes.rows, num_segments=batch) + params.b_dec
+    return (
+        jax.ops.segment_sum(contributions(codes, params.W_dec), codes.rows, num_segments=batch) + params.b_dec
+    )
 
 
 def dense_codes(codes: BatchCodes, batch: int, n: int) -> jax.Array:
@@ -236,8 +238,13 @@ def code_stats(codes: BatchCodes, batch: int, n: int) -> dict[str, jax.Array]:
 
 def update_state(cfg: BatchTopKConfig, state: State, aux: dict[str, jax.Array], step: jax.Array) -> State:
     return common.track_threshold(
-        state, aux["threshold"], aux["progress"], cfg.threshold_decay, cfg.threshold_start_step,
-        cfg.threshold_start_frac, aux["threshold_seen"],
+        state,
+        aux["threshold"],
+        aux["progress"],
+        cfg.threshold_decay,
+        cfg.threshold_start_step,
+        cfg.threshold_start_frac,
+        aux["threshold_seen"],
     )
 
 
@@ -271,8 +278,9 @@ def saelens_export(model: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         raise InteropError(
             f"this {cfg.arch} SAE has no inference threshold yet (saved before tracking started); train longer"
         )
-    theta = np.broadcast_to(np.asarray(common.threshold_value(state, cfg.threshold_decay), np.float32),
-                            (model.n_latents,))
+    theta = np.broadcast_to(
+        np.asarray(common.threshold_value(state, cfg.threshold_decay), np.float32), (model.n_latents,)
+    )
     scale = score_scale(cfg, p)  # score = pre · scale: score > θ ⇔ pre > θ / scale
     if scale is not None:
         theta = theta / np.maximum(np.asarray(scale, np.float32)[0], 1e-12)

@@ -147,10 +147,14 @@ def read_bundle(directory: Path, templates: dict[str, Any] | None = None) -> tup
                 f"{info['size']}); {hint}"
             )
         if _sha256(path) != info["sha256"]:
-            raise CheckpointError(f"checkpoint {directory}: {fname} fails its sha256 check (corrupted); {hint}")
+            raise CheckpointError(
+                f"checkpoint {directory}: {fname} fails its sha256 check (corrupted); {hint}"
+            )
         arrays = load_file(str(path))
         name = fname.removesuffix(".safetensors")
-        out[name] = arrays if templates is None else unflatten(templates[name], arrays, f"{directory}/{fname}")
+        out[name] = (
+            arrays if templates is None else unflatten(templates[name], arrays, f"{directory}/{fname}")
+        )
     return out, manifest
 
 

@@ -19,11 +19,22 @@ import sys
 from pathlib import Path
 from typing import Any
 
-RUN_KEYS = ("workspace", "hook", "harvest", "arch", "name", "d_in", "eval_tokens", "progress", "wandb",
-            "wandb_project")
+RUN_KEYS = (
+    "workspace",
+    "hook",
+    "harvest",
+    "arch",
+    "name",
+    "d_in",
+    "eval_tokens",
+    "progress",
+    "wandb",
+    "wandb_project",
+)
 """Keys that are about the run, not the SAE or the optimiser."""
 DISTRIBUTED_KEYS = ("coordinator", "num_processes", "process_id")
 """Keys that say how this process joins a multi-process run (``sae.distributed``)."""
+
 
 def _bool(v: str) -> bool:
     if v.lower() in ("1", "true", "yes", "on"):
@@ -48,8 +59,12 @@ def _float_tuple(v: str) -> tuple[float, ...]:
 
 
 _ANNOTATION_TYPES: dict[str, Any] = {
-    "int": int, "float": float, "bool": _bool, "str": str,
-    "tuple[int, ...]": _int_tuple, "tuple[float, ...]": _float_tuple,
+    "int": int,
+    "float": float,
+    "bool": _bool,
+    "str": str,
+    "tuple[int, ...]": _int_tuple,
+    "tuple[float, ...]": _float_tuple,
 }
 
 
@@ -78,11 +93,16 @@ def _config_fields_from_source() -> dict[str, tuple[Any, str]]:
                     continue
                 base = annotation.removesuffix(" | None")
                 if base not in _ANNOTATION_TYPES:
-                    raise TypeError(f"sae/{module}.py {cls.name}.{field.target.id}: no CLI type for {annotation!r}")
+                    raise TypeError(
+                        f"sae/{module}.py {cls.name}.{field.target.id}: no CLI type for {annotation!r}"
+                    )
                 doc = body[i + 1] if i + 1 < len(body) else None
                 text = ""
-                if (isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)
-                        and isinstance(doc.value.value, str)):
+                if (
+                    isinstance(doc, ast.Expr)
+                    and isinstance(doc.value, ast.Constant)
+                    and isinstance(doc.value.value, str)
+                ):
                     text = owner + " ".join(doc.value.value.split()).replace("%", "%%")  # argparse formats %
                 out.setdefault(field.target.id, (_ANNOTATION_TYPES[base], text))
     return out
@@ -112,25 +132,46 @@ def _all_fields() -> dict[str, dataclasses.Field]:
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("train", help="train (or resume) an SAE on a harvested hook")
     p.add_argument("--config", type=Path, help="YAML file; its keys are these flags' names")
-    p.add_argument("--workspace", action="append", default=None,
-                   help="workspace .duckdb file; repeat to train on a set (shards of one harvest, Parquet exports): "
-                        "the first must be a workspace file and holds the run")
+    p.add_argument(
+        "--workspace",
+        action="append",
+        default=None,
+        help="workspace .duckdb file; repeat to train on a set (shards of one harvest, Parquet exports): "
+        "the first must be a workspace file and holds the run",
+    )
     p.add_argument("--hook", help="hook to train on (must be in the harvest)")
     p.add_argument("--harvest", help="harvest name (default: the workspace's only harvest)")
     p.add_argument("--arch", help="architecture: " + ", ".join(_arch_names()))
     p.add_argument("--name", help="run name; the same name + config resumes")
-    p.add_argument("--d-in", dest="d_in", type=int, help="expected activation width (checked against the harvest)")
+    p.add_argument(
+        "--d-in", dest="d_in", type=int, help="expected activation width (checked against the harvest)"
+    )
     p.add_argument("--eval-tokens", dest="eval_tokens", type=int, help="held-out tokens for final metrics")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
-    p.add_argument("--wandb", action="store_true", default=None,
-                   help="also log the metric rows to Weights & Biases (needs `pip install wandb`)")
+    p.add_argument(
+        "--wandb",
+        action="store_true",
+        default=None,
+        help="also log the metric rows to Weights & Biases (needs `pip install wandb`)",
+    )
     p.add_argument("--wandb-project", dest="wandb_project", help="W&B project (default: saewb)")
-    p.add_argument("--coordinator", help="several processes (hosts): process 0's host:port, or 'auto' to let JAX "
-                   "detect the cluster (TPU pod slices, SLURM); env SAEWB_COORDINATOR. See docs/scaling.md")
-    p.add_argument("--num-processes", dest="num_processes", type=int,
-                   help="several processes: how many (env SAEWB_NUM_PROCESSES)")
-    p.add_argument("--process-id", dest="process_id", type=int,
-                   help="several processes: this one's index; process 0 writes the run (env SAEWB_PROCESS_ID)")
+    p.add_argument(
+        "--coordinator",
+        help="several processes (hosts): process 0's host:port, or 'auto' to let JAX "
+        "detect the cluster (TPU pod slices, SLURM); env SAEWB_COORDINATOR. See docs/scaling.md",
+    )
+    p.add_argument(
+        "--num-processes",
+        dest="num_processes",
+        type=int,
+        help="several processes: how many (env SAEWB_NUM_PROCESSES)",
+    )
+    p.add_argument(
+        "--process-id",
+        dest="process_id",
+        type=int,
+        help="several processes: this one's index; process 0 writes the run (env SAEWB_PROCESS_ID)",
+    )
     for name, (typ, text) in _config_fields_from_source().items():
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=text or None)
     p.set_defaults(func=cmd_train)
@@ -168,7 +209,11 @@ class TrainPlan:
         """The run's stored config (the sources only for a set, so single runs keep their record)."""
         from sae.trainer import config_record
 
-        out = {**config_record(self.sae_config, self.train_config), "hook": self.hook, "harvest": self.harvest}
+        out = {
+            **config_record(self.sae_config, self.train_config),
+            "hook": self.hook,
+            "harvest": self.harvest,
+        }
         return {**out, "sources": list(self.sources)} if self.sources else out
 
 
@@ -250,8 +295,9 @@ def _check_existing(plan: TrainPlan) -> int:
     ws = Workspace(plan.workspace)
     row = runs.get_run(ws, plan.name)
     if row is not None:
-        refuse_different_config(row["config"], plan.record(), runs.is_diverged(row),
-                                f"a run named {plan.name!r} already exists")
+        refuse_different_config(
+            row["config"], plan.record(), runs.is_diverged(row), f"a run named {plan.name!r} already exists"
+        )
     latest = ckpt.latest_checkpoint(ws.runs_dir / plan.name)
     return int(ckpt.read_manifest(latest)["step"]) if latest is not None else 0
 
@@ -271,7 +317,9 @@ def run_plan(plan: TrainPlan) -> dict[str, Any]:
     record = plan.record()
     spec = RunSpec(plan.name, plan.hook, plan.sae_config.arch, record, ws.runs_dir / plan.name)
     tc = plan.train_config
-    stream = ActivationStream(plan.data(), plan.hook, harvest=plan.harvest, batch_size=tc.batch_size, seed=tc.seed)
+    stream = ActivationStream(
+        plan.data(), plan.hook, harvest=plan.harvest, batch_size=tc.batch_size, seed=tc.seed
+    )
     extra: dict[str, Any] = {}
     if jax.process_count() > 1:  # each process reads only its rows of every global batch
         extra["local_batches"] = lambda start, rows: stream.batches(start=start, rows=rows)
@@ -285,23 +333,41 @@ def run_plan(plan: TrainPlan) -> dict[str, Any]:
 
     def train(on_log: Any, on_checkpoint: Any) -> dict[str, Any]:
         result = fit(
-            plan.sae_config, tc, lambda start: stream.batches(start=start, with_index=with_index), run_dir=spec.run_dir,
+            plan.sae_config,
+            tc,
+            lambda start: stream.batches(start=start, with_index=with_index),
+            run_dir=spec.run_dir,
             on_log=lambda row: on_log(plan.name, row),
             on_checkpoint=lambda path, step: on_checkpoint(plan.name, path, step),
-            progress=plan.progress, **extra,
+            progress=plan.progress,
+            **extra,
         )
         return {plan.name: result}
 
     def heldout(spec: RunSpec) -> Any:
         def eval_stream() -> ActivationStream:
-            return ActivationStream(plan.data(), plan.hook, harvest=plan.harvest, batch_size=min(tc.batch_size, 4096),
-                                    seed=tc.seed, split="eval")
+            return ActivationStream(
+                plan.data(),
+                plan.hook,
+                harvest=plan.harvest,
+                batch_size=min(tc.batch_size, 4096),
+                seed=tc.seed,
+                split="eval",
+            )
 
         return lambda: heldout_metrics(spec.run_dir, eval_stream, plan.eval_tokens)
 
     try:
-        final = train_runs(ws, plan.harvest, [spec], resume_step, train, heldout, lead=lead,
-                           on_row=None if wb is None else lambda name, row: wb.log(row))[plan.name]
+        final = train_runs(
+            ws,
+            plan.harvest,
+            [spec],
+            resume_step,
+            train,
+            heldout,
+            lead=lead,
+            on_row=None if wb is None else lambda name, row: wb.log(row),
+        )[plan.name]
     except BaseException:
         if wb is not None:
             wb.finish(None, ok=False)
@@ -312,7 +378,11 @@ def run_plan(plan: TrainPlan) -> dict[str, Any]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    cli_values = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config", "debug") and v is not None}
+    cli_values = {
+        k: v
+        for k, v in vars(args).items()
+        if k not in ("func", "command", "config", "debug") and v is not None
+    }
     from sae.orchestrate import load_yaml
 
     values = load_yaml(args.config, "config file") if args.config else {}

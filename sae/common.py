@@ -49,7 +49,9 @@ LINEAR_PARTITION_SPECS = LinearParams(
 
 def linear_params(weights: dict[str, Any]) -> LinearParams:
     """``LinearParams`` from arrays named W_enc, b_enc, W_dec, b_dec (an SAELens weights file)."""
-    return LinearParams(**{k: jnp.asarray(weights[k], jnp.float32) for k in ("W_enc", "b_enc", "W_dec", "b_dec")})
+    return LinearParams(
+        **{k: jnp.asarray(weights[k], jnp.float32) for k in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    )
 
 
 def linear_weights(params: Any, **more: Any) -> dict[str, Any]:
@@ -65,7 +67,9 @@ class StepState:
     step: Any
 
 
-_MEDIANS: contextvars.ContextVar[dict[bytes, np.ndarray] | None] = contextvars.ContextVar("medians", default=None)
+_MEDIANS: contextvars.ContextVar[dict[bytes, np.ndarray] | None] = contextvars.ContextVar(
+    "medians", default=None
+)
 
 
 @contextmanager
@@ -89,7 +93,9 @@ def geometric_median(x: np.ndarray, iters: int = 100, eps: float = 1e-8, tol: fl
     if memo is None:
         return weiszfeld(x, iters, eps, tol)
     arr = np.ascontiguousarray(x)
-    key = hashlib.blake2b(repr((arr.shape, arr.dtype.str, iters, eps, tol)).encode() + arr.tobytes(), digest_size=16).digest()
+    key = hashlib.blake2b(
+        repr((arr.shape, arr.dtype.str, iters, eps, tol)).encode() + arr.tobytes(), digest_size=16
+    ).digest()
     if key not in memo:
         memo[key] = weiszfeld(arr, iters, eps, tol)
     return memo[key].copy()

@@ -150,9 +150,7 @@ def _pre(params: Params, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return x_c, jax.nn.relu(x_c @ params.W_enc + params.b_enc)
 
 
-def choose(
-    cfg: FeatureChoiceConfig, state: State, pre: jax.Array
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+def choose(cfg: FeatureChoiceConfig, state: State, pre: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Training-time choice on a batch: (mask [B, n], min kept value [n] (+inf if none), kept any [n])."""
     b, n = pre.shape
     m_rank = capacities_by_rank(cfg, b)

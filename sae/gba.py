@@ -136,7 +136,9 @@ def group_targets(cfg: GBAConfig) -> np.ndarray:
 def init(cfg: GBAConfig, key: jax.Array, d: int, sample: np.ndarray) -> tuple[Params, State]:
     cfg.validate()
     n = cfg.n_latents
-    b_pre = common.geometric_median(sample) if cfg.init_b_pre == "geometric_median" else np.zeros(d, np.float32)
+    b_pre = (
+        common.geometric_median(sample) if cfg.init_b_pre == "geometric_median" else np.zeros(d, np.float32)
+    )
     if cfg.init_w == "data":
         pick = np.asarray(jax.random.choice(key, len(sample), (n,), replace=len(sample) < n))
         w = common.normalize_rows(jnp.asarray(sample[pick] - b_pre))
@@ -258,8 +260,17 @@ def saelens_export(model: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     w_dec = np.asarray(p.a, np.float32)[:, None] * np.asarray(p.W, np.float32)
     if model.config.activation == "relu":
         return {"architecture": "standard", "apply_b_dec_to_input": True}, {
-            "W_enc": w_enc, "b_enc": b, "W_dec": w_dec, "b_dec": p.b_pre}
+            "W_enc": w_enc,
+            "b_enc": b,
+            "W_dec": w_dec,
+            "b_dec": p.b_pre,
+        }
     if (b > 0).any():
         raise InteropError("a GBA JumpReLU SAE with positive biases has no SAELens jumprelu form")
     return {"architecture": "jumprelu", "apply_b_dec_to_input": True}, {
-        "W_enc": w_enc, "b_enc": np.zeros_like(b), "W_dec": w_dec, "b_dec": p.b_pre, "threshold": -b}
+        "W_enc": w_enc,
+        "b_enc": np.zeros_like(b),
+        "W_dec": w_dec,
+        "b_dec": p.b_pre,
+        "threshold": -b,
+    }

@@ -137,7 +137,9 @@ def loss(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     x_c = x - params.b_dec
     k_aux = common.aux_width(cfg.k_aux, x.shape[1], cfg.n_latents)
-    idx, chosen, scale, dead_picks = topk.select_top_k(cfg, params, x_c, cfg.k, ctx.dead, k_aux)  # sorted, descending
+    idx, chosen, scale, dead_picks = topk.select_top_k(
+        cfg, params, x_c, cfg.k, ctx.dead, k_aux
+    )  # sorted, descending
     vals = jax.nn.relu(gather_encode(x_c, params.W_enc, params.b_enc, idx, chosen=chosen))
     errs, resid = cumulative_errors(x_c, vals, idx, params.W_dec, cfg.chunk_size)
     var = jnp.sum(jnp.square(x - jnp.mean(x, axis=0, keepdims=True)))
@@ -156,7 +158,9 @@ def loss(
     }
 
 
-def update_state(cfg: HierarchicalTopKConfig, state: State, aux: dict[str, jax.Array], step: jax.Array) -> State:
+def update_state(
+    cfg: HierarchicalTopKConfig, state: State, aux: dict[str, jax.Array], step: jax.Array
+) -> State:
     return state.replace(step=state.step + 1)
 
 

@@ -95,8 +95,12 @@ def to_saelens(model: SAE) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     return cfg_dict, weights
 
 
-def write_saelens(out_dir: str | Path, cfg_dict: dict[str, Any], weights: dict[str, np.ndarray],
-                  metadata: dict[str, Any] | None = None) -> Path:
+def write_saelens(
+    out_dir: str | Path,
+    cfg_dict: dict[str, Any],
+    weights: dict[str, np.ndarray],
+    metadata: dict[str, Any] | None = None,
+) -> Path:
     """Write ``cfg.json`` + ``sae_weights.safetensors`` into ``out_dir`` (created; must be empty)."""
     from safetensors.numpy import save_file
 
@@ -104,8 +108,12 @@ def write_saelens(out_dir: str | Path, cfg_dict: dict[str, Any], weights: dict[s
     if out.exists() and any(out.iterdir()):
         raise InteropError(f"{out} exists and is not empty; pick a new directory or empty it")
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"sae_lens_version": SAELENS_FORMAT_VERSION, "sae_lens_training_version": None,
-            "exported_by": "saewb", **(metadata or {})}
+    meta = {
+        "sae_lens_version": SAELENS_FORMAT_VERSION,
+        "sae_lens_training_version": None,
+        "exported_by": "saewb",
+        **(metadata or {}),
+    }
     save_file(weights, str(out / SAELENS_WEIGHTS))
     (out / SAELENS_CFG).write_text(json.dumps({**cfg_dict, "metadata": meta}, indent=1))
     return out
@@ -135,8 +143,13 @@ def export_run(workspace: str | Path, run: str, out_dir: str | Path) -> Path:
             info = None
         if info is not None:
             ident = info.config.get("identity", info.config)
-            meta.update({"model_name": ident.get("model"), "context_size": ident.get("ctx_len"),
-                         "dataset_path": ident.get("corpus")})
+            meta.update(
+                {
+                    "model_name": ident.get("model"),
+                    "context_size": ident.get("ctx_len"),
+                    "dataset_path": ident.get("corpus"),
+                }
+            )
     return export_saelens(model, out_dir, {k: v for k, v in meta.items() if v is not None})
 
 
@@ -149,12 +162,16 @@ def read_saelens(path: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray
 
     path = Path(path).expanduser()
     if not path.is_dir():
-        raise InteropError(f"{path} is not a directory; pass the folder holding {SAELENS_CFG} and {SAELENS_WEIGHTS}")
+        raise InteropError(
+            f"{path} is not a directory; pass the folder holding {SAELENS_CFG} and {SAELENS_WEIGHTS}"
+        )
     missing = [f for f in (SAELENS_CFG, SAELENS_WEIGHTS) if not (path / f).exists()]
     if missing:
         hint = ""
         if (path / "params.npz").exists():
-            hint = " (params.npz is GemmaScope's original JAX format: load it with sae-lens once and save_model)"
+            hint = (
+                " (params.npz is GemmaScope's original JAX format: load it with sae-lens once and save_model)"
+            )
         raise InteropError(
             f"{path} is not an SAELens directory: {', '.join(missing)} missing{hint}; it needs {SAELENS_CFG} "
             f"and {SAELENS_WEIGHTS} as written by sae_lens SAE.save_model"
@@ -219,7 +236,12 @@ def load_saelens(path: str | Path) -> SAE:
 
 
 def import_saelens(
-    path: str | Path, workspace: str | Path, name: str, *, hook: str | None = None, harvest: str | None = None,
+    path: str | Path,
+    workspace: str | Path,
+    name: str,
+    *,
+    hook: str | None = None,
+    harvest: str | None = None,
 ) -> dict[str, Any]:
     """Register an SAELens directory as a finished run of a workspace (status 'done').
 
@@ -261,20 +283,35 @@ def import_saelens(
     from dataclasses import asdict
 
     record = {
-        "arch": model.config.arch, "sae": asdict(model.config), "train": None,
-        "source": {"format": "saelens", "path": str(src), "architecture": cfg.get("architecture", "standard"),
-                   "model_name": meta.get("model_name") or cfg.get("model_name"),
-                   "hook_name": meta.get("hook_name") or cfg.get("hook_name")},
+        "arch": model.config.arch,
+        "sae": asdict(model.config),
+        "train": None,
+        "source": {
+            "format": "saelens",
+            "path": str(src),
+            "architecture": cfg.get("architecture", "standard"),
+            "model_name": meta.get("model_name") or cfg.get("model_name"),
+            "hook_name": meta.get("hook_name") or cfg.get("hook_name"),
+        },
     }
     run_dir = ws.runs_dir / name
     if run_dir.exists():
-        raise InteropError(f"{run_dir} already exists (left by a removed run?); remove it or pick another --name")
+        raise InteropError(
+            f"{run_dir} already exists (left by a removed run?); remove it or pick another --name"
+        )
     bundle = ckpt.write_bundle(
-        run_dir / "sae", {"params": model.params, "state": model.state},
+        run_dir / "sae",
+        {"params": model.params, "state": model.state},
         {"config": record, "d": model.d, "input_scale_folded": 1.0, "final_metrics": {}},
     )
-    runs.start_run(ws, name, harvest=info.name, hook=hook, arch=model.config.arch,
-                   config={**record, "hook": hook, "harvest": info.name}, checkpoint_path=str(run_dir))
+    runs.start_run(
+        ws,
+        name,
+        harvest=info.name,
+        hook=hook,
+        arch=model.config.arch,
+        config={**record, "hook": hook, "harvest": info.name},
+        checkpoint_path=str(run_dir),
+    )
     runs.finish_run(ws, name, "done", {"imported_from": str(src)}, str(bundle))
     return runs.get_run(ws, name) or {}
-

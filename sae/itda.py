@@ -169,8 +169,9 @@ def _unit(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return x / np.maximum(norms, 1e-12)[:, None], norms
 
 
-def select_new_atoms(u: np.ndarray, loss: np.ndarray, labels: np.ndarray, known: set[int], tau: float,
-                     room: int) -> np.ndarray:
+def select_new_atoms(
+    u: np.ndarray, loss: np.ndarray, labels: np.ndarray, known: set[int], tau: float, room: int
+) -> np.ndarray:
     """Indices (into the batch, in stream order) of the tokens to add: MP loss > tau, label not yet an
     atom, not within tau of a candidate accepted earlier in this batch, at most ``room`` of them."""
     cand = [i for i in np.flatnonzero(loss > tau).tolist() if int(labels[i]) not in known]
@@ -278,7 +279,9 @@ def fit(
     from sae.trainer import divergence
 
     if local_batches is not None or jax.process_count() > 1:
-        raise ValueError("the ITDA fit runs in a single process (it is cheap); start it without jax.distributed")
+        raise ValueError(
+            "the ITDA fit runs in a single process (it is cheap); start it without jax.distributed"
+        )
     if getattr(tc, "compute_dtype", "float32") != "float32":
         raise ValueError("the ITDA fit runs in float32; drop --compute-dtype")
     from sae.base import validate_config
@@ -315,9 +318,13 @@ def fit(
     def save(step: int) -> None:
         assert run_dir is not None
         if not (np.isfinite(book.atoms).all() and np.isfinite(b_dec).all()):
-            raise stop_diverged(run_dir, f"diverged: the dictionary turned non-finite by batch {step}", "the ITDA fit")
+            raise stop_diverged(
+                run_dir, f"diverged: the dictionary turned non-finite by batch {step}", "the ITDA fit"
+            )
         trees = {"params": Params(W_dec=book.atoms, b_dec=b_dec), "state": State(labels=book.labels)}
-        meta = checkpoint_meta(record, d, 1.0, history[-1] if history else last_row, extra_meta, n_atoms=len(book))
+        meta = checkpoint_meta(
+            record, d, 1.0, history[-1] if history else last_row, extra_meta, n_atoms=len(book)
+        )
         write_checkpoint(run_dir, step, trees, meta, tc.keep_checkpoints, on_checkpoint)
 
     total = tc.total_steps
@@ -331,7 +338,9 @@ def fit(
     while step < total:
         idx, x = _split_batch(next(it), step, tc.batch_size)
         if x.shape != (tc.batch_size, d):
-            raise ValueError(f"data iterator gave a batch of shape {x.shape}, expected ({tc.batch_size}, {d})")
+            raise ValueError(
+                f"data iterator gave a batch of shape {x.shape}, expected ({tc.batch_size}, {d})"
+            )
         u, norms = _unit(x - b_dec)
         n_before = len(book)
         if n_before:
@@ -367,7 +376,8 @@ def fit(
                 "l0": win["l0"] / steps,
                 "dead_frac": float(np.mean(fires[:n_window] == 0)) if n_window else 0.0,
                 "dense_frac": float(np.mean(fires[:n_window] / max(win["tokens"], 1) > tc.dense_threshold))
-                if n_window else 0.0,
+                if n_window
+                else 0.0,
                 "lr": 0.0,
                 "tokens_per_s": win["tokens"] / max(now - t_last, 1e-9),
                 "n_atoms": float(len(book)),
@@ -405,7 +415,9 @@ def labels_of(model: Any) -> np.ndarray:
         return np.asarray(model)
     state = getattr(model, "state", None) or getattr(model, "arch_state", None)
     if not isinstance(state, State):
-        raise TypeError(f"{type(model).__name__} is not an ITDA (no atom labels); pass a loaded ITDA or labels")
+        raise TypeError(
+            f"{type(model).__name__} is not an ITDA (no atom labels); pass a loaded ITDA or labels"
+        )
     return np.asarray(state.labels)
 
 
@@ -430,8 +442,12 @@ def atom_tokens(model: Any, workspace: Any, harvest: str | None = None) -> dict[
     tok = table.column("tok_idx").to_numpy()
     order = np.argsort(tok)
     where = np.searchsorted(tok[order], labels)
-    if len(tok) != len(np.unique(labels)) or not np.array_equal(tok[order][np.minimum(where, len(tok) - 1)], labels):
-        raise ValueError(f"some atom labels are not tokens of harvest {info.name!r}; was the ITDA fitted on it?")
+    if len(tok) != len(np.unique(labels)) or not np.array_equal(
+        tok[order][np.minimum(where, len(tok) - 1)], labels
+    ):
+        raise ValueError(
+            f"some atom labels are not tokens of harvest {info.name!r}; was the ITDA fitted on it?"
+        )
     pick = order[where]
     return {
         "tok_idx": labels,

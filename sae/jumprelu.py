@@ -201,7 +201,9 @@ def project_grads(cfg: JumpReLUConfig, params: Params, grads: Params) -> Params:
 
 
 def constrain(cfg: JumpReLUConfig, params: Params) -> Params:
-    return params.replace(W_dec=common.normalize_rows(params.W_dec), threshold=jnp.maximum(params.threshold, 0.0))
+    return params.replace(
+        W_dec=common.normalize_rows(params.W_dec), threshold=jnp.maximum(params.threshold, 0.0)
+    )
 
 
 def fold_scale(cfg: JumpReLUConfig, params: Params, state: State, s: float) -> tuple[Params, State]:
@@ -237,6 +239,11 @@ def saelens_import(cfg: dict[str, Any], weights: dict[str, np.ndarray], where: A
         b_enc = b_enc + weights["b_dec"] @ weights["W_enc"]
     ours = make_config(JumpReLUConfig, {"n_latents": weights["W_enc"].shape[1]})
     f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
-    params = Params(W_enc=f32(weights["W_enc"]), b_enc=f32(b_enc), W_dec=f32(weights["W_dec"]),
-                    b_dec=f32(weights["b_dec"]), threshold=f32(np.maximum(weights["threshold"], 0.0)))
+    params = Params(
+        W_enc=f32(weights["W_enc"]),
+        b_enc=f32(b_enc),
+        W_dec=f32(weights["W_dec"]),
+        b_dec=f32(weights["b_dec"]),
+        threshold=f32(np.maximum(weights["threshold"], 0.0)),
+    )
     return ours, params, common.StepState(step=jnp.zeros((), jnp.int32))

@@ -78,7 +78,12 @@ def config_record(cfg: Any, tc: Any) -> dict[str, Any]:
 
 
 def refuse_different_config(
-    stored: dict[str, Any], new: dict[str, Any], diverged: bool, holder: str, *, fix: str = RESUME_FIX,
+    stored: dict[str, Any],
+    new: dict[str, Any],
+    diverged: bool,
+    holder: str,
+    *,
+    fix: str = RESUME_FIX,
     error: type[Exception] = ValueError,
 ) -> None:
     """Raise ``error`` unless a run stored with ``stored`` may go on with ``new`` (``runs.may_resume``).
@@ -86,8 +91,10 @@ def refuse_different_config(
     ``holder`` says where the other run is ("a run named 'x' already exists", "run directory d holds a run").
     """
     if not runs.may_resume(stored, json.loads(json.dumps(new)), diverged):
-        raise error(f"{holder} with a different config; {fix}"
-                    + (" (after a divergence only --lr may change)" if diverged else ""))
+        raise error(
+            f"{holder} with a different config; {fix}"
+            + (" (after a divergence only --lr may change)" if diverged else "")
+        )
 
 
 def diverged_before(run_dir: Path | None) -> bool:
@@ -103,8 +110,11 @@ def stop_diverged(run_dir: Path | None, reason: str, what: str = "run") -> RunDi
         kept = int(ckpt.read_manifest(latest)["step"]) if latest is not None else None
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         (Path(run_dir) / DIVERGED_FILE).write_text(json.dumps({"reason": reason, "checkpoint_step": kept}))
-    how = (f"its last good checkpoint (step {kept}) is kept: run the same command with a lower --lr to go on from it"
-           if kept is not None else "no checkpoint was written yet: run the same command with a lower --lr to start over")
+    how = (
+        f"its last good checkpoint (step {kept}) is kept: run the same command with a lower --lr to go on from it"
+        if kept is not None
+        else "no checkpoint was written yet: run the same command with a lower --lr to start over"
+    )
     return RunDivergedError(f"{what} stopped, {reason}; {how}", reason)
 
 
@@ -122,13 +132,16 @@ def resume_manifest(run_dir: Path | None, record: dict[str, Any]) -> tuple[Path,
     if jax.process_count() > 1:
         from sae import distributed
 
-        distributed.check_same(int(latest.name.removeprefix("step_")) if latest is not None else -1,
-                               "the checkpoint to resume from (is run_dir on a filesystem every process shares?)")
+        distributed.check_same(
+            int(latest.name.removeprefix("step_")) if latest is not None else -1,
+            "the checkpoint to resume from (is run_dir on a filesystem every process shares?)",
+        )
     if latest is None:
         return None
     manifest = ckpt.read_manifest(latest)
-    refuse_different_config(manifest["config"], record, diverged_before(run_dir),
-                            f"run directory {run_dir} holds a run")
+    refuse_different_config(
+        manifest["config"], record, diverged_before(run_dir), f"run directory {run_dir} holds a run"
+    )
     return latest, manifest
 
 
@@ -143,22 +156,40 @@ def read_train_state(trainer: Any, path: Path) -> Any:
 
 def train_trees(ts: Any) -> dict[str, Any]:
     """What a checkpoint stores of a ``TrainState`` for an exact resume."""
-    state = {"arch_state": ts.arch_state, "since_fired": ts.since_fired, "step": ts.step, "rng": ts.rng, "win": ts.win}
+    state = {
+        "arch_state": ts.arch_state,
+        "since_fired": ts.since_fired,
+        "step": ts.step,
+        "rng": ts.rng,
+        "win": ts.win,
+    }
     return {"params": ts.params, "opt_state": ts.opt_state, "state": state}
 
 
 # ----------------------------------------------------------------------------------- checkpoint
 
 
-def checkpoint_meta(record: dict[str, Any], d: int, scale: float, last_metrics: dict[str, float],
-                    extra: dict[str, Any] | None = None, **more: Any) -> dict[str, Any]:
+def checkpoint_meta(
+    record: dict[str, Any],
+    d: int,
+    scale: float,
+    last_metrics: dict[str, float],
+    extra: dict[str, Any] | None = None,
+    **more: Any,
+) -> dict[str, Any]:
     """A checkpoint's manifest fields: the run's identity, width, input scale, last metric row."""
     meta = {"config": record, "d": d, "scale": scale, **more, "last_metrics": last_metrics}
     return {**meta, "extra": extra} if extra else meta
 
 
-def write_checkpoint(run_dir: Path, step: int, trees: dict[str, Any], meta: dict[str, Any], keep: int,
-                     on_checkpoint: Callable[[Path, int], None] | None = None) -> Path:
+def write_checkpoint(
+    run_dir: Path,
+    step: int,
+    trees: dict[str, Any],
+    meta: dict[str, Any],
+    keep: int,
+    on_checkpoint: Callable[[Path, int], None] | None = None,
+) -> Path:
     """Write one checkpoint (atomically, keeping the ``keep`` newest) and report it."""
     path = ckpt.save_checkpoint(run_dir, step, trees, meta, keep=keep)
     (Path(run_dir) / DIVERGED_FILE).unlink(missing_ok=True)  # the checkpoint now holds the new config
@@ -179,19 +210,40 @@ def save_final(run_dir: Path, result: TrainResult, **more: Any) -> Path:
         "final_metrics": result.final_metrics,
         **more,
     }
-    return ckpt.write_bundle(Path(run_dir) / "sae", {"params": result.params, "state": result.arch_state}, meta)
+    return ckpt.write_bundle(
+        Path(run_dir) / "sae", {"params": result.params, "state": result.arch_state}, meta
+    )
 
 
-def finish_training(cfg: Any, tc: Any, params: Any, state: Any, scale: float, d: int,
-                    history: list[dict[str, float]], last_row: dict[str, float], run_dir: Path | None,
-                    write: bool = True, **more: Any) -> TrainResult:
+def finish_training(
+    cfg: Any,
+    tc: Any,
+    params: Any,
+    state: Any,
+    scale: float,
+    d: int,
+    history: list[dict[str, float]],
+    last_row: dict[str, float],
+    run_dir: Path | None,
+    write: bool = True,
+    **more: Any,
+) -> TrainResult:
     """Fold the input scale into the trained params, and save the SAE in ``run_dir`` when ``write``."""
     from sae.base import arch_module
 
     params, state = arch_module(cfg.arch).fold_scale(cfg, params, state, scale)
     final = dict(history[-1]) if history else dict(last_row)
-    result = TrainResult(params=params, arch_state=state, config=cfg, train_config=tc, scale=scale, d=d,
-                         final_metrics=final, run_dir=run_dir, history=history)
+    result = TrainResult(
+        params=params,
+        arch_state=state,
+        config=cfg,
+        train_config=tc,
+        scale=scale,
+        d=d,
+        final_metrics=final,
+        run_dir=run_dir,
+        history=history,
+    )
     if run_dir is not None and write:
         save_final(run_dir, result, **more)
     return result
@@ -216,14 +268,17 @@ def check_final(ws: Any, name: str, final: dict[str, Any]) -> None:
     """Never mark a run done whose final FVU (held-out or training) is not finite: mark it failed."""
     bad = {k: v for k, v in final.items() if k in ("fvu", "train_fvu") and not math.isfinite(v)}
     if bad:
-        err = RuntimeError(f"{runs.DIVERGED}: run {name!r} ended with a non-finite FVU ({bad}); it is marked failed, "
-                           "not done: run the same command with a lower --lr to go on from its last checkpoint")
+        err = RuntimeError(
+            f"{runs.DIVERGED}: run {name!r} ended with a non-finite FVU ({bad}); it is marked failed, "
+            "not done: run the same command with a lower --lr to go on from its last checkpoint"
+        )
         runs.finish_run(ws, name, "failed", final, reason=str(err))
         raise err
 
 
-def finalise_run(ws: Any, name: str, run_dir: Path, result: TrainResult,
-                 heldout: Callable[[], dict[str, Any]] | None) -> dict[str, Any]:
+def finalise_run(
+    ws: Any, name: str, run_dir: Path, result: TrainResult, heldout: Callable[[], dict[str, Any]] | None
+) -> dict[str, Any]:
     """A trained run's final metrics (training + held-out) in its run row, status done (or failed)."""
     final: dict[str, Any] = {f"train_{k}": v for k, v in result.final_metrics.items()}
     if heldout is not None:

@@ -82,8 +82,10 @@ class MaskedConfig:
         if d is not None and self.objective == "masked":
             n_vis = n_visible(self, d)
             if not 1 <= n_vis < d:
-                raise ValueError(f"visible_frac={self.visible_frac} leaves {n_vis} of d={d} coordinates visible; "
-                                 "at least one must be visible and one hidden")
+                raise ValueError(
+                    f"visible_frac={self.visible_frac} leaves {n_vis} of d={d} coordinates visible; "
+                    "at least one must be visible and one hidden"
+                )
 
 
 Config = MaskedConfig
@@ -112,7 +114,9 @@ def init(cfg: MaskedConfig, key: jax.Array, d: int, sample: np.ndarray) -> tuple
     cfg.validate()
     k_dec, k_mask = jax.random.split(key)
     w_dec = common.random_unit_rows(k_dec, cfg.n_latents, d)
-    b_dec = common.geometric_median(sample) if cfg.init_b_dec == "geometric_median" else np.zeros(d, np.float32)
+    b_dec = (
+        common.geometric_median(sample) if cfg.init_b_dec == "geometric_median" else np.zeros(d, np.float32)
+    )
     params = Params(
         W_enc=w_dec.T, b_enc=jnp.zeros((cfg.n_latents,), jnp.float32), W_dec=w_dec, b_dec=jnp.asarray(b_dec)
     )

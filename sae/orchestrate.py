@@ -109,7 +109,9 @@ def train_runs(
     harvest: str,
     specs: list[RunSpec],
     resume_step: int,
-    fit: Callable[[Callable[[str, dict[str, float]], None], Callable[[str, Path, int], None]], dict[str, Any]],
+    fit: Callable[
+        [Callable[[str, dict[str, float]], None], Callable[[str, Path, int], None]], dict[str, Any]
+    ],
     heldout: Callable[[RunSpec], Callable[[], dict[str, Any]] | None],
     *,
     lead: bool = True,
@@ -127,8 +129,16 @@ def train_runs(
 
     if lead:
         for s in specs:
-            runs.start_run(ws, s.name, harvest=harvest, hook=s.hook, arch=s.arch, config=s.record,
-                           checkpoint_path=str(s.run_dir), resume_step=resume_step)
+            runs.start_run(
+                ws,
+                s.name,
+                harvest=harvest,
+                hook=s.hook,
+                arch=s.arch,
+                config=s.record,
+                checkpoint_path=str(s.run_dir),
+                resume_step=resume_step,
+            )
 
     def on_log(name: str, row: dict[str, float]) -> None:
         runs.log_metrics(ws, name, [row])  # one short transaction per log row
@@ -143,7 +153,11 @@ def train_runs(
     except BaseException as err:
         if lead:
             reasons = getattr(err, "reasons", {})  # the members the divergence guard stopped
-            others = {s.name: f"stopped with the sweep: {' '.join(str(err).split())}" for s in specs} if reasons else {}
+            others = (
+                {s.name: f"stopped with the sweep: {' '.join(str(err).split())}" for s in specs}
+                if reasons
+                else {}
+            )
             runs.mark_stopped(ws, [s.name for s in specs], err, {**others, **reasons})
         raise
     if not lead:

@@ -197,6 +197,11 @@ def saelens_import(cfg: dict[str, Any], weights: dict[str, np.ndarray], where: A
     """SAELens ``standard``: ``april`` without, ``classic`` with ``apply_b_dec_to_input``."""
     from sae.base import make_config
 
-    ours = make_config(ReluL1Config, {"n_latents": weights["W_enc"].shape[1],
-                                      "variant": "classic" if cfg.get("apply_b_dec_to_input", True) else "april"})
+    ours = make_config(
+        ReluL1Config,
+        {
+            "n_latents": weights["W_enc"].shape[1],
+            "variant": "classic" if cfg.get("apply_b_dec_to_input", True) else "april",
+        },
+    )
     return ours, common.linear_params(weights), common.StepState(step=jnp.zeros((), jnp.int32))

@@ -107,8 +107,12 @@ def start_run(
         if row is not None:
             from sae.lifecycle import refuse_different_config
 
-            refuse_different_config(json.loads(row[0]), json.loads(cfg_json),
-                                    is_diverged({"status": row[1], "reason": row[2]}), f"a run named {name!r} already exists")
+            refuse_different_config(
+                json.loads(row[0]),
+                json.loads(cfg_json),
+                is_diverged({"status": row[1], "reason": row[2]}),
+                f"a run named {name!r} already exists",
+            )
         now = _now()
         if row is None:
             con.execute(
@@ -136,22 +140,37 @@ def log_metrics(ws: Workspace, name: str, rows: list[dict[str, float]]) -> None:
 
 def set_checkpoint(ws: Workspace, name: str, path: str) -> None:
     with ws.write() as con:
-        con.execute("UPDATE runs SET checkpoint_path = ?, updated_at = ? WHERE name = ?", [path, _now(), name])
+        con.execute(
+            "UPDATE runs SET checkpoint_path = ?, updated_at = ? WHERE name = ?", [path, _now(), name]
+        )
 
 
 def finish_run(
-    ws: Workspace, name: str, status: str, final_metrics: dict[str, Any] | None = None, path: str | None = None,
+    ws: Workspace,
+    name: str,
+    status: str,
+    final_metrics: dict[str, Any] | None = None,
+    path: str | None = None,
     reason: str | None = None,
 ) -> None:
     with ws.write() as con:
         con.execute(
             "UPDATE runs SET status = ?, updated_at = ?, final_metrics = COALESCE(?, final_metrics),"
             " checkpoint_path = COALESCE(?, checkpoint_path), reason = ? WHERE name = ?",
-            [status, _now(), json.dumps(final_metrics) if final_metrics is not None else None, path, reason, name],
+            [
+                status,
+                _now(),
+                json.dumps(final_metrics) if final_metrics is not None else None,
+                path,
+                reason,
+                name,
+            ],
         )
 
 
-def mark_stopped(ws: Workspace, names: list[str], err: BaseException, reasons: dict[str, str] | None = None) -> None:
+def mark_stopped(
+    ws: Workspace, names: list[str], err: BaseException, reasons: dict[str, str] | None = None
+) -> None:
     """Record runs stopped by `err`: interrupted (Ctrl-C) or failed with the reason (`reasons` by run,
     else the error's message). Never raises: on a full or read-only disk the record may not be
     writable, and the error the user must see is `err`."""
@@ -159,7 +178,12 @@ def mark_stopped(ws: Workspace, names: list[str], err: BaseException, reasons: d
     default = getattr(err, "reason", None) or " ".join(str(err).split()) or type(err).__name__
     with contextlib.suppress(Exception):
         for name in names:
-            finish_run(ws, name, status, reason=None if status == "interrupted" else (reasons or {}).get(name, default))
+            finish_run(
+                ws,
+                name,
+                status,
+                reason=None if status == "interrupted" else (reasons or {}).get(name, default),
+            )
 
 
 def list_runs(ws: Workspace) -> list[dict[str, Any]]:
@@ -183,7 +207,9 @@ def run_metrics(ws: Workspace, name: str) -> list[dict[str, Any]]:
     if not ws.table_exists("metrics"):
         return []
     with ws.read() as con:
-        cur = con.execute(f"SELECT {', '.join(METRIC_COLUMNS)} FROM metrics WHERE run = ? ORDER BY step", [name])
+        cur = con.execute(
+            f"SELECT {', '.join(METRIC_COLUMNS)} FROM metrics WHERE run = ? ORDER BY step", [name]
+        )
         rows = cur.fetchall()
     return [dict(zip(METRIC_COLUMNS, r, strict=True)) for r in rows]
 

@@ -44,7 +44,9 @@ def _is_spec(x: Any) -> bool:
     return isinstance(x, PartitionSpec)
 
 
-def mesh_shape(mesh_data: int, mesh_model: int, n_devices: int | None = None, n_processes: int | None = None) -> tuple[int, int]:
+def mesh_shape(
+    mesh_data: int, mesh_model: int, n_devices: int | None = None, n_processes: int | None = None
+) -> tuple[int, int]:
     """The (data, model) shape to use; raises naming the fix when the devices do not fit.
 
     One process: exactly the configured shape (1 x 1 = no mesh at all). Several processes: the mesh
@@ -111,10 +113,13 @@ def param_specs(arch: Any, cfg: Any, params: Any) -> Any:
             f"{arch.__name__}.partition_specs(cfg) has structure {got}, but the params are {want}; "
             "give one PartitionSpec per parameter"
         )
-    for leaf, spec in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(specs, is_leaf=_is_spec),
-                          strict=True):
+    for leaf, spec in zip(
+        jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(specs, is_leaf=_is_spec), strict=True
+    ):
         if len(spec) > np.ndim(leaf):
-            raise ValueError(f"{arch.__name__}.partition_specs: {spec} has more axes than a {np.shape(leaf)} parameter")
+            raise ValueError(
+                f"{arch.__name__}.partition_specs: {spec} has more axes than a {np.shape(leaf)} parameter"
+            )
     return specs
 
 
@@ -133,7 +138,12 @@ def train_state_specs(arch: Any, cfg: Any, tx: Any, ts: Any) -> Any:
     pspecs = param_specs(arch, cfg, ts.params)
     try:  # the Adam moments mirror the params; counts and empty states stay replicated
         ospecs = optax.tree_map_params(
-            tx, lambda _, spec: spec, ts.opt_state, pspecs, transform_non_params=lambda _: REPLICATED, is_leaf=_is_spec
+            tx,
+            lambda _, spec: spec,
+            ts.opt_state,
+            pspecs,
+            transform_non_params=lambda _: REPLICATED,
+            is_leaf=_is_spec,
         )
     except (ValueError, TypeError):  # an optimiser optax cannot map: fall back to shapes
         ospecs = jax.tree_util.tree_map(lambda leaf: _latent_spec(leaf, cfg.n_latents), ts.opt_state)
@@ -228,7 +238,9 @@ def sharded_top_k(score: jax.Array, k: int, local_k: int | None = None) -> tuple
     n = score.shape[-1]
     kl = min(k if local_k is None else local_k, n // mesh.shape[MODEL_AXIS])
     if kl * mesh.shape[MODEL_AXIS] < k:
-        raise ValueError(f"local_k={local_k} x {mesh.shape[MODEL_AXIS]} shards gives fewer than k={k} candidates")
+        raise ValueError(
+            f"local_k={local_k} x {mesh.shape[MODEL_AXIS]} shards gives fewer than k={k} candidates"
+        )
 
     def local(s: jax.Array) -> tuple[jax.Array, jax.Array]:
         vals, idx = jax.lax.top_k(s, kl)
@@ -290,6 +302,11 @@ def top_k(score: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     if native.serves(score):
         return native.top_k(score, k)
     n = score.shape[-1]
-    if score.ndim == 2 and jax.default_backend() == "cpu" and n % TOP_K_BLOCK == 0 and 4 * k * TOP_K_BLOCK <= n:
+    if (
+        score.ndim == 2
+        and jax.default_backend() == "cpu"
+        and n % TOP_K_BLOCK == 0
+        and 4 * k * TOP_K_BLOCK <= n
+    ):
         return block_top_k(score, k)
     return jax.lax.top_k(score, k)

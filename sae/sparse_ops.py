@@ -142,7 +142,9 @@ def gather_encode(
     return _gather_encode_data(x_c, b_dec, w_enc, b_enc, idx, vals)
 
 
-def _encoder_grads(g: jax.Array, x_c: jax.Array, w_enc: jax.Array, idx: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _encoder_grads(
+    g: jax.Array, x_c: jax.Array, w_enc: jax.Array, idx: jax.Array
+) -> tuple[jax.Array, jax.Array]:
     """(dW_enc [d, n], db_enc [n]) of x_c · W_enc[:, idx] + b_enc[idx] with output cotangent g [B, k]."""
     n = w_enc.shape[1]
     if native.serves(g, x_c):  # written in W_enc's [d, n] layout, the bias sums alongside
@@ -152,7 +154,9 @@ def _encoder_grads(g: jax.Array, x_c: jax.Array, w_enc: jax.Array, idx: jax.Arra
 
 
 @jax.custom_vjp
-def _gather_encode(x_c: jax.Array, w_enc: jax.Array, b_enc: jax.Array, idx: jax.Array, vals: jax.Array) -> jax.Array:
+def _gather_encode(
+    x_c: jax.Array, w_enc: jax.Array, b_enc: jax.Array, idx: jax.Array, vals: jax.Array
+) -> jax.Array:
     """Identity on the precomputed ``vals`` [B, k]; the backward differentiates x_c · W_enc[:, idx] + b_enc[idx]."""
     return vals
 
@@ -194,7 +198,9 @@ _gather_encode_data.defvjp(_encode_data_fwd, _encode_data_bwd)
 
 
 @jax.custom_vjp
-def prefix_errors(x_c: jax.Array, vals: jax.Array, idx: jax.Array, w_dec: jax.Array) -> tuple[jax.Array, jax.Array]:
+def prefix_errors(
+    x_c: jax.Array, vals: jax.Array, idx: jax.Array, w_dec: jax.Array
+) -> tuple[jax.Array, jax.Array]:
     """Errors of every prefix of a sparse code, one row gather per pick (HierarchicalTopK's loss).
 
     With r_j = x_c − Σ_{i≤j} vals[:, i] · w_dec[idx[:, i]]: returns ([K] Σ_tokens ‖r_j‖² for j = 1..K,

@@ -105,10 +105,32 @@ from sae.trainer import (
 )
 from saewb.progress import progress_bar
 
-TOP_KEYS = ("workspace", "harvest", "name", "hook", "arch", "eval_tokens", "progress", "train", "defaults", "grid",
-            "members")
-MEMBER_TRAIN_KEYS = ("seed", "lr", "warmup_steps", "decay_frac", "grad_clip", "adam_b1", "adam_b2", "adam_eps",
-                     "dead_window_tokens", "dense_threshold", "init_sample_tokens")
+TOP_KEYS = (
+    "workspace",
+    "harvest",
+    "name",
+    "hook",
+    "arch",
+    "eval_tokens",
+    "progress",
+    "train",
+    "defaults",
+    "grid",
+    "members",
+)
+MEMBER_TRAIN_KEYS = (
+    "seed",
+    "lr",
+    "warmup_steps",
+    "decay_frac",
+    "grad_clip",
+    "adam_b1",
+    "adam_b2",
+    "adam_eps",
+    "dead_window_tokens",
+    "dense_threshold",
+    "init_sample_tokens",
+)
 """Train fields a member may set: they change its init or optimiser, not the shared stream."""
 
 
@@ -147,8 +169,13 @@ class SweepPlan:
 
     def run_record(self, m: Member) -> dict[str, Any]:
         """A member's stored run config: the `saewb train` record plus the sweep and the data seed."""
-        out = {**config_record(m.sae_config, m.train_config), "hook": m.hook, "harvest": self.harvest,
-               "sweep": self.name, "data_seed": self.data_seed}
+        out = {
+            **config_record(m.sae_config, m.train_config),
+            "hook": m.hook,
+            "harvest": self.harvest,
+            "sweep": self.name,
+            "data_seed": self.data_seed,
+        }
         return {**out, "sources": self.sources} if len(self.sources) > 1 else out
 
     @property
@@ -197,7 +224,9 @@ def plan_sweep(values: dict[str, Any]) -> SweepPlan:
     if getattr(base_tc, "mesh_data", 1) * getattr(base_tc, "mesh_model", 1) != 1:
         raise SweepError("a sweep trains on one device; drop mesh_data / mesh_model from train:")
     if base_tc.keep_checkpoints < 2:
-        raise SweepError("a sweep needs keep_checkpoints >= 2 (its resume step stays on disk while the next is written)")
+        raise SweepError(
+            "a sweep needs keep_checkpoints >= 2 (its resume step stays on disk while the next is written)"
+        )
     defaults = _norm(values.get("defaults"), "defaults")
     grid = _norm(values.get("grid"), "grid")
     for k, v in grid.items():
@@ -235,8 +264,11 @@ def plan_sweep(values: dict[str, Any]) -> SweepPlan:
         wrong = sorted(set(vals) - arch_fields - set(MEMBER_TRAIN_KEYS))
         if wrong:
             shared = sorted(set(wrong) & train_fields)
-            hint = (f"; {shared} must be the same for every member: put them under train:" if shared
-                    else f"; {arch.Config.arch} fields are {sorted(arch_fields)}")
+            hint = (
+                f"; {shared} must be the same for every member: put them under train:"
+                if shared
+                else f"; {arch.Config.arch} fields are {sorted(arch_fields)}"
+            )
             raise SweepError(f"member {run_name!r}: option(s) {wrong} do not apply{hint}")
         sae_cfg = make_config(arch.Config, {k: v for k, v in vals.items() if k in arch_fields})
         tc = dataclasses.replace(base_tc, **{k: v for k, v in vals.items() if k in MEMBER_TRAIN_KEYS})
@@ -252,12 +284,26 @@ def plan_sweep(values: dict[str, Any]) -> SweepPlan:
     if dupes:
         raise SweepError(f"member names {dupes} occur twice; give the members distinct `name:`s")
     plan = SweepPlan(
-        name=name, workspace=ws.path, sources=resolved, harvest=str(harvest_name), members=members,
-        widths=parts_by_hook, data_seed=base_tc.seed, eval_tokens=int(values.get("eval_tokens", 200_000)),
+        name=name,
+        workspace=ws.path,
+        sources=resolved,
+        harvest=str(harvest_name),
+        members=members,
+        widths=parts_by_hook,
+        data_seed=base_tc.seed,
+        eval_tokens=int(values.get("eval_tokens", 200_000)),
         progress=bool(values.get("progress", True)),
     )
-    plan.record = json.loads(json.dumps({"sources": plan.sources, "harvest": plan.harvest, "data_seed": plan.data_seed,
-                                         "members": {m.name: plan.run_record(m) for m in members}}))
+    plan.record = json.loads(
+        json.dumps(
+            {
+                "sources": plan.sources,
+                "harvest": plan.harvest,
+                "data_seed": plan.data_seed,
+                "members": {m.name: plan.run_record(m) for m in members},
+            }
+        )
+    )
     _check_existing(plan)
     return plan
 
@@ -272,8 +318,14 @@ def _check_existing(plan: SweepPlan) -> None:
         stored = json.loads(plan.state_path.read_text())["record"]
         # a member stopped by the divergence guard may come back with another lr (sae/trainer.py)
         diverged = {n for n, row in rows.items() if runs.is_diverged(row)}
-        relax = lambda rec: {**rec, "members": {n: runs.without_lr(r) if n in diverged else r  # noqa: E731
-                                                for n, r in rec.get("members", {}).items()}}
+
+        def relax(rec: dict[str, Any]) -> dict[str, Any]:
+            members = rec.get("members", {})
+            return {
+                **rec,
+                "members": {n: runs.without_lr(r) if n in diverged else r for n, r in members.items()},
+            }
+
         if relax(stored) != relax(plan.record):
             raise SweepError(
                 f"sweep {plan.name!r} already ran in {ws.path} with a different config; use another name:, "
@@ -282,9 +334,14 @@ def _check_existing(plan: SweepPlan) -> None:
     for m in plan.members:
         row = rows[m.name]
         if row is not None:
-            refuse_different_config(row["config"], plan.run_record(m), runs.is_diverged(row),
-                                    f"a run named {m.name!r} (of this sweep or not) already exists",
-                                    error=SweepError, fix="rename the sweep or the member")
+            refuse_different_config(
+                row["config"],
+                plan.run_record(m),
+                runs.is_diverged(row),
+                f"a run named {m.name!r} (of this sweep or not) already exists",
+                error=SweepError,
+                fix="rename the sweep or the member",
+            )
 
 
 # --------------------------------------------------------------------------- lockstep training
@@ -430,15 +487,21 @@ def train_lockstep(
                 sample = samples[m.hook][: m.train_config.init_sample_tokens]
                 arch = arch_module(m.sae_config.arch)
                 validate_config(m.sae_config, widths[m.hook])
-                scale = common.estimate_input_scale(sample, arch.input_scale_target(m.sae_config), widths[m.hook])
+                scale = common.estimate_input_scale(
+                    sample, arch.input_scale_target(m.sae_config), widths[m.hook]
+                )
                 trainer = Trainer(m.sae_config, m.train_config, widths[m.hook])
                 states.append(trainer.init_state(sample * np.float32(scale)))
                 scales.append(scale)
 
     groups = _groups(members, widths)
     g_states = [_stack([states[i] for i in g.members]) if g.vmapped else states[g.members[0]] for g in groups]
-    g_scales = [jnp.asarray([scales[i] for i in g.members], jnp.float32) if g.vmapped else jnp.float32(scales[g.members[0]])
-                for g in groups]
+    g_scales = [
+        jnp.asarray([scales[i] for i in g.members], jnp.float32)
+        if g.vmapped
+        else jnp.float32(scales[g.members[0]])
+        for g in groups
+    ]
     del states
     hook_index = {h: i for i, h in enumerate(hooks)}
 
@@ -446,15 +509,24 @@ def train_lockstep(
     # compiled all groups into one program and was OOM-killed at 9 GB RSS (8 TopK members,
     # B = 1024, n <= 4096, CPU); separate programs free each group's intermediates before the next.
     # What identifies a group's step program, built once (it is looked up every step).
-    group_keys = [[[_group_key(members[i]) for i in g.members],
-                   None if g.k_active is None else np.asarray(g.k_active).tolist(), widths[g.hook]] for g in groups]
+    group_keys = [
+        [
+            [_group_key(members[i]) for i in g.members],
+            None if g.k_active is None else np.asarray(g.k_active).tolist(),
+            widths[g.hook],
+        ]
+        for g in groups
+    ]
 
     def compiled(gi: int, maybe_dead: bool) -> Any:
         g = groups[gi]
         key = json.dumps([*group_keys[gi], maybe_dead], sort_keys=True)
         if key not in _STEP_CACHE:
+
             def fn(ts: TrainState, x: jax.Array, scale: jax.Array, k_active: jax.Array | None) -> TrainState:
-                return g.trainer.step_impl(ts, x, scale, maybe_dead, k_active)  # maybe_dead static: AuxK in or out
+                return g.trainer.step_impl(
+                    ts, x, scale, maybe_dead, k_active
+                )  # maybe_dead static: AuxK in or out
 
             axes = (0, None, 0, None if g.k_active is None else 0)
             _STEP_CACHE[key] = jax.jit(jax.vmap(fn, in_axes=axes) if g.vmapped else fn, donate_argnums=(0,))
@@ -468,7 +540,9 @@ def train_lockstep(
         flags = [g.trainer.maybe_dead(ts.since_fired) for g, ts in zip(groups, all_states, strict=True)]
         out = []
         for gi, (flag, ts, h, sc) in enumerate(zip(flags, all_states, hook_of, all_scales, strict=True)):
-            with common.members_vmapped() if groups[gi].vmapped else contextlib.nullcontext():  # read when tracing
+            with (
+                common.members_vmapped() if groups[gi].vmapped else contextlib.nullcontext()
+            ):  # read when tracing
                 out.append(compiled(gi, flag)(ts, xs[h], sc, groups[gi].k_active))
         return tuple(out)
 
@@ -497,8 +571,11 @@ def train_lockstep(
             for name, reason in reasons.items():
                 stop_diverged(run_dirs[name] if run_dirs is not None else None, reason)  # records the reason
             names = ", ".join(f"{n} ({r})" for n, r in reasons.items())
-            err = RunDivergedError(f"sweep stopped, member(s) {names}; the last good checkpoints are kept: lower "
-                                   "their lr in the sweep file and run it again to go on from them", "")
+            err = RunDivergedError(
+                f"sweep stopped, member(s) {names}; the last good checkpoints are kept: lower "
+                "their lr in the sweep file and run it again to go on from them",
+                "",
+            )
             err.reasons = reasons  # type: ignore[attr-defined]
             raise err
 
@@ -509,11 +586,22 @@ def train_lockstep(
             for j, i in enumerate(g.members):
                 m = members[i]
                 ts = _unstack(host, j) if g.vmapped else host
-                meta = checkpoint_meta(config_record(m.sae_config, m.train_config), widths[m.hook], scales[i],
-                                       last_rows.get(m.name, {}), {"sweep_state": str(state_path)},
-                                       rng=[int(v) for v in np.asarray(ts.rng)])
-                write_checkpoint(run_dirs[m.name], step, train_trees(ts), meta, m.train_config.keep_checkpoints,
-                                 None if on_checkpoint is None else partial(on_checkpoint, m.name))
+                meta = checkpoint_meta(
+                    config_record(m.sae_config, m.train_config),
+                    widths[m.hook],
+                    scales[i],
+                    last_rows.get(m.name, {}),
+                    {"sweep_state": str(state_path)},
+                    rng=[int(v) for v in np.asarray(ts.rng)],
+                )
+                write_checkpoint(
+                    run_dirs[m.name],
+                    step,
+                    train_trees(ts),
+                    meta,
+                    m.train_config.keep_checkpoints,
+                    None if on_checkpoint is None else partial(on_checkpoint, m.name),
+                )
         # Only now does the sweep move on: a kill before this line resumes from the previous step.
         state_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = state_path.with_suffix(".tmp")
@@ -536,14 +624,18 @@ def train_lockstep(
             due = optional(g.trainer.arch, "resample_due")
             if not g.vmapped and due is not None and due(g.trainer.cfg, step, total):
                 i = g.members[0]
-                g_states[gi] = resample_dead(g.trainer, g_states[gi], xs_host[g.hook], scales[i],
-                                         members[i].train_config.seed + step)
+                g_states[gi] = resample_dead(
+                    g.trainer, g_states[gi], xs_host[g.hook], scales[i], members[i].train_config.seed + step
+                )
         if step % tc0.log_every == 0 or step == total:
             jax.block_until_ready(g_states)
             now = time.perf_counter()
             tps = steps_since * tc0.batch_size / max(now - t_last, 1e-9)  # tokens per second per member
-            new_rows = {members[i].name: g.trainer.metrics_row(view, tps)
-                        for gi, g in enumerate(groups) for i, view in zip(g.members, host_view(gi), strict=True)}
+            new_rows = {
+                members[i].name: g.trainer.metrics_row(view, tps)
+                for gi, g in enumerate(groups)
+                for i, view in zip(g.members, host_view(gi), strict=True)
+            }
             guard(new_rows)
             for gi, g in enumerate(groups):
                 for i in g.members:
@@ -572,10 +664,20 @@ def train_lockstep(
             run_dir = run_dirs[m.name] if run_dirs is not None else None
             last_row = {}
             if not histories[m.name] and run_dir is not None:  # resumed at the very end: the last logged row
-                last_row = ckpt.read_manifest(ckpt.checkpoints_dir(run_dir) / f"step_{start:09d}").get("last_metrics", {})
-            res = finish_training(m.sae_config, m.train_config, jax.tree_util.tree_map(jnp.asarray, p_host),
-                                  jax.tree_util.tree_map(jnp.asarray, s_host), scales[i], widths[m.hook],
-                                  histories[m.name], last_row, run_dir)
+                last_row = ckpt.read_manifest(ckpt.checkpoints_dir(run_dir) / f"step_{start:09d}").get(
+                    "last_metrics", {}
+                )
+            res = finish_training(
+                m.sae_config,
+                m.train_config,
+                jax.tree_util.tree_map(jnp.asarray, p_host),
+                jax.tree_util.tree_map(jnp.asarray, s_host),
+                scales[i],
+                widths[m.hook],
+                histories[m.name],
+                last_row,
+                run_dir,
+            )
             results[m.name] = res
     return results
 
@@ -591,16 +693,26 @@ def run_sweep(plan: SweepPlan) -> dict[str, dict[str, Any]]:
     tc0 = plan.members[0].train_config
     data: Any = plan.sources if len(plan.sources) > 1 else ws
     hooks = list(dict.fromkeys(m.hook for m in plan.members))
-    streams = {h: ActivationStream(data, h, harvest=plan.harvest, batch_size=tc0.batch_size, seed=plan.data_seed)
-               for h in hooks}
+    streams = {
+        h: ActivationStream(data, h, harvest=plan.harvest, batch_size=tc0.batch_size, seed=plan.data_seed)
+        for h in hooks
+    }
     start = int(json.loads(plan.state_path.read_text())["step"]) if plan.state_path.exists() else 0
-    specs = [RunSpec(m.name, m.hook, m.sae_config.arch, plan.run_record(m), ws.runs_dir / m.name) for m in plan.members]
+    specs = [
+        RunSpec(m.name, m.hook, m.sae_config.arch, plan.run_record(m), ws.runs_dir / m.name)
+        for m in plan.members
+    ]
 
     def train(on_log: Any, on_checkpoint: Any) -> dict[str, Any]:
         return train_lockstep(
-            plan.members, {h: (lambda s, st=streams[h]: st.batches(start=s)) for h in hooks},
-            run_dirs={s.name: s.run_dir for s in specs}, state_path=plan.state_path, state_record=plan.record,
-            on_log=on_log, on_checkpoint=on_checkpoint, progress=plan.progress,
+            plan.members,
+            {h: (lambda s, st=streams[h]: st.batches(start=s)) for h in hooks},
+            run_dirs={s.name: s.run_dir for s in specs},
+            state_path=plan.state_path,
+            state_record=plan.record,
+            on_log=on_log,
+            on_checkpoint=on_checkpoint,
+            progress=plan.progress,
         )
 
     evals: dict[str, Any] = {}  # one eval stream per hook
@@ -608,10 +720,20 @@ def run_sweep(plan: SweepPlan) -> dict[str, dict[str, Any]]:
     def heldout(spec: RunSpec) -> Any:
         def eval_stream() -> ActivationStream:
             if spec.hook not in evals:
-                evals[spec.hook] = ActivationStream(data, spec.hook, harvest=plan.harvest, seed=plan.data_seed,
-                                                    batch_size=min(tc0.batch_size, 4096), split="eval")
+                evals[spec.hook] = ActivationStream(
+                    data,
+                    spec.hook,
+                    harvest=plan.harvest,
+                    seed=plan.data_seed,
+                    batch_size=min(tc0.batch_size, 4096),
+                    split="eval",
+                )
             return evals[spec.hook]
 
-        return (lambda: heldout_metrics(spec.run_dir, eval_stream, plan.eval_tokens)) if plan.eval_tokens > 0 else None
+        return (
+            (lambda: heldout_metrics(spec.run_dir, eval_stream, plan.eval_tokens))
+            if plan.eval_tokens > 0
+            else None
+        )
 
     return train_runs(ws, plan.harvest, specs, start, train, heldout)

@@ -12,7 +12,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     # The module docstring's YAML section is the reference; read with ast so --help does not import JAX.
     doc = ast.get_docstring(ast.parse((Path(__file__).parent / "sweep.py").read_text())) or ""
-    fmt = doc[doc.index("YAML format"):doc.index("Resume:")].rstrip()
+    fmt = doc[doc.index("YAML format") : doc.index("Resume:")].rstrip()
     p = sub.add_parser(
         "sweep",
         help="train many SAEs in lockstep on one pass over the activation stream",
@@ -45,6 +45,10 @@ def _sweep(args: argparse.Namespace) -> int:
         return 0
     finals = run_sweep(plan)
     for name, final in finals.items():
-        shown = {k: round(final[k], 5) for k in ("fvu", "l0", "dead_frac", "train_fvu") if isinstance(final.get(k), float)}
+        shown = {
+            k: round(final[k], 5)
+            for k in ("fvu", "l0", "dead_frac", "train_fvu")
+            if isinstance(final.get(k), float)
+        }
         print(f"run {name!r} done: {json.dumps(shown)}")
     return 0

@@ -148,7 +148,9 @@ def loss(
     k_aux = common.aux_width(cfg.k_aux, x.shape[1], cfg.n_latents)
     idx_all, chosen, scale, dead_picks = select_top_k(cfg, params, x_c, kk, ctx.dead, k_aux)
     # forward values are top-k's own (O(B·k)); the backward is the sparse kernel's
-    vals_all = jax.nn.relu(gather_encode(x_c, params.W_enc, params.b_enc, idx_all, chosen=chosen, b_dec=params.b_dec))
+    vals_all = jax.nn.relu(
+        gather_encode(x_c, params.W_enc, params.b_enc, idx_all, chosen=chosen, b_dec=params.b_dec)
+    )
     # top_k returns sorted picks, so the first k of the 4k are the top k.
     vals, idx = vals_all[:, : cfg.k], idx_all[:, : cfg.k]
     if ctx.k_active is not None:  # a sweep member with a smaller k: its top k are the first k picks
@@ -157,7 +159,16 @@ def loss(
     err, var = common.fvu_terms(x, x_hat)
     fvu = err / jnp.maximum(var, 1e-12)
     aux = common.auxk_loss(
-        x_c, None, ctx.dead, x - x_hat, params.W_enc, params.b_enc, params.W_dec, k_aux, scale, b_dec=params.b_dec,
+        x_c,
+        None,
+        ctx.dead,
+        x - x_hat,
+        params.W_enc,
+        params.b_enc,
+        params.W_dec,
+        k_aux,
+        scale,
+        b_dec=params.b_dec,
         picks=dead_picks,
     )
     total = fvu + cfg.aux_coef * aux
@@ -221,8 +232,12 @@ def fold_scale(cfg: TopKConfig, params: Params, state: State, s: float) -> tuple
 
 def saelens_export(model: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """SAELens ``topk``: its decoder norms are folded in (or it chose on raw pre-activations)."""
-    fields = {"architecture": "topk", "apply_b_dec_to_input": True, "k": int(model.config.k),
-              "rescale_acts_by_decoder_norm": False}
+    fields = {
+        "architecture": "topk",
+        "apply_b_dec_to_input": True,
+        "k": int(model.config.k),
+        "rescale_acts_by_decoder_norm": False,
+    }
     return fields, common.linear_weights(model.params)
 
 
@@ -245,7 +260,14 @@ def saelens_import(cfg: dict[str, Any], weights: dict[str, np.ndarray], where: A
         w_enc, b_enc, w_dec = w_enc * norms[None, :], b_enc * norms, w_dec / norms[:, None]
     if not cfg.get("apply_b_dec_to_input", True):
         b_enc = b_enc + b_dec @ w_enc  # x W + c = (x − b_dec) W + (c + b_dec W)
-    ours = make_config(TopKConfig, {"n_latents": w_enc.shape[1], "k": int(cfg["k"]), "decoder": "free",
-                                    "rescale_by_decoder_norm": False})
+    ours = make_config(
+        TopKConfig,
+        {
+            "n_latents": w_enc.shape[1],
+            "k": int(cfg["k"]),
+            "decoder": "free",
+            "rescale_by_decoder_norm": False,
+        },
+    )
     params = common.linear_params({"W_enc": w_enc, "b_enc": b_enc, "W_dec": w_dec, "b_dec": b_dec})
     return ours, params, common.StepState(step=jnp.zeros((), jnp.int32))

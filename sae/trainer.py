@@ -129,7 +129,9 @@ class TrainConfig:
         if self.log_every < 1 or self.ckpt_every < 1:
             raise ValueError("log_every and ckpt_every must be >= 1")
         if self.mesh_data < 1 or self.mesh_model < 1:
-            raise ValueError(f"mesh_data and mesh_model must be >= 1, got {self.mesh_data} x {self.mesh_model}")
+            raise ValueError(
+                f"mesh_data and mesh_model must be >= 1, got {self.mesh_data} x {self.mesh_model}"
+            )
         if self.batch_size % self.mesh_data:
             raise ValueError(f"batch_size={self.batch_size} is not divisible by mesh_data={self.mesh_data}")
         if self.compute_dtype not in COMPUTE_DTYPES:
@@ -143,11 +145,12 @@ class TrainConfig:
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
-
 DIVERGENCE_FACTOR = 100.0
 """A run has diverged when its FVU exceeds this many times its best recent FVU (floored at 0.01)."""
 DIVERGENCE_HISTORY = 20
 """How many recent metric rows the divergence guard compares with."""
+
+
 def divergence(row: dict[str, float], history: list[dict[str, float]], explosion: bool = True) -> str | None:
     """Why the metric row of a run means it diverged, or None (see the module docstring).
 
@@ -168,9 +171,18 @@ def divergence(row: dict[str, float], history: list[dict[str, float]], explosion
     return None
 
 
-_all_finite = jax.jit(lambda tree: jnp.all(jnp.stack(
-    [jnp.all(jnp.isfinite(a)) for a in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(a.dtype, jnp.floating)]
-    or [jnp.bool_(True)])))
+_all_finite = jax.jit(
+    lambda tree: jnp.all(
+        jnp.stack(
+            [
+                jnp.all(jnp.isfinite(a))
+                for a in jax.tree_util.tree_leaves(tree)
+                if jnp.issubdtype(a.dtype, jnp.floating)
+            ]
+            or [jnp.bool_(True)]
+        )
+    )
+)
 
 
 def default_lr(n_latents: int) -> float:
@@ -332,13 +344,20 @@ class Trainer:
 
         def loss(cfg: Any, params: Any, state: Any, x: jax.Array, ctx: StepCtx):
             # grads flow back through the casts, so they arrive in float32 for the master weights
-            value, aux = self.arch.loss(cfg, _cast_floats(params, cdt), _cast_floats(state, cdt), x.astype(cdt), ctx)
+            value, aux = self.arch.loss(
+                cfg, _cast_floats(params, cdt), _cast_floats(state, cdt), x.astype(cdt), ctx
+            )
             return value.astype(jnp.float32), _cast_floats(aux, jnp.float32)
 
         return loss
 
     def step_impl(
-        self, ts: TrainState, batch: jax.Array, scale: jax.Array, maybe_dead: bool = True, k_active: jax.Array | None = None
+        self,
+        ts: TrainState,
+        batch: jax.Array,
+        scale: jax.Array,
+        maybe_dead: bool = True,
+        k_active: jax.Array | None = None,
     ) -> TrainState:
         """One optimiser step, unjitted: the trainer jits it, the sweep vmaps it over members.
 
@@ -350,7 +369,9 @@ class Trainer:
         """
         x = batch * scale
         dead = ts.since_fired >= self.window if maybe_dead else None
-        ctx = StepCtx(dead=dead, progress=ts.step.astype(jnp.float32) / max(1, self.tc.total_steps), k_active=k_active)
+        ctx = StepCtx(
+            dead=dead, progress=ts.step.astype(jnp.float32) / max(1, self.tc.total_steps), k_active=k_active
+        )
         grad_fn = jax.value_and_grad(self._loss_fn(), argnums=1, has_aux=True)
         (loss, aux), grads = grad_fn(self.cfg, ts.params, ts.arch_state, x, ctx)
         updates, opt_state = self.tx.update(grads, ts.opt_state, ts.params)
@@ -397,8 +418,11 @@ class Trainer:
             rep = jax.sharding.NamedSharding(self.mesh, sharding.REPLICATED)
             data = jax.sharding.NamedSharding(self.mesh, sharding.BATCH_SPEC)
             self._sharded_step = jax.jit(
-                self.step_impl, in_shardings=(self._shardings, data, rep), out_shardings=self._shardings,
-                donate_argnums=(0,), static_argnums=(3,),
+                self.step_impl,
+                in_shardings=(self._shardings, data, rep),
+                out_shardings=self._shardings,
+                donate_argnums=(0,),
+                static_argnums=(3,),
             )
         x = sharding.put_batch(np.asarray(batch, np.float32), self.mesh, self.tc.batch_size)
         with jax.set_mesh(self.mesh):  # the arch's top-k reads the mesh while tracing
@@ -492,7 +516,9 @@ def train(
         """Stop the run if this metric row (or, at a checkpoint, the window so far) or the params diverged."""
         reason = divergence(row if row is not None else trainer.metrics_row(ts, 0.0), history)
         if reason is None and not bool(sharding.to_host(_all_finite(ts.params))):
-            reason = f"{runs.DIVERGED}: the parameters turned non-finite by step {int(sharding.to_host(ts.step))}"
+            reason = (
+                f"{runs.DIVERGED}: the parameters turned non-finite by step {int(sharding.to_host(ts.step))}"
+            )
         if reason is not None:
             raise stop_diverged(run_dir if lead else None, reason)
 
@@ -504,9 +530,20 @@ def train(
         if not lead:
             return None
         step = int(np.asarray(trees["state"]["step"]))
-        mesh = {"mesh": {str(k): int(v) for k, v in trainer.mesh.shape.items()}} if trainer.mesh is not None else {}
-        meta = checkpoint_meta(record, d, scale, history[-1] if history else last_row, extra_meta,
-                               rng=[int(v) for v in np.asarray(trees["state"]["rng"])], **mesh)
+        mesh = (
+            {"mesh": {str(k): int(v) for k, v in trainer.mesh.shape.items()}}
+            if trainer.mesh is not None
+            else {}
+        )
+        meta = checkpoint_meta(
+            record,
+            d,
+            scale,
+            history[-1] if history else last_row,
+            extra_meta,
+            rng=[int(v) for v in np.asarray(trees["state"]["rng"])],
+            **mesh,
+        )
         return write_checkpoint(run_dir, step, trees, meta, tc.keep_checkpoints, on_checkpoint)
 
     total = tc.total_steps
@@ -549,7 +586,9 @@ def train(
     if trainer.mesh is not None:  # back to ordinary single-device arrays on every process
         host = sharding.to_host((final_params, final_state))
         final_params, final_state = jax.tree_util.tree_map(jnp.asarray, host)
-    return finish_training(cfg, tc, final_params, final_state, scale, d, history, last_row, run_dir, write=lead)
+    return finish_training(
+        cfg, tc, final_params, final_state, scale, d, history, last_row, run_dir, write=lead
+    )
 
 
 def resample_dead(trainer: Trainer, ts: TrainState, batch: np.ndarray, scale: float, seed: int) -> TrainState:

@@ -34,8 +34,14 @@ class WandbLogger:
 
     def __init__(self, workspace: str | Path, name: str, project: str | None, config: dict[str, Any]) -> None:
         wandb = require_wandb()
-        self.run = wandb.init(project=project or "saewb", name=name, id=run_id(workspace, name), resume="allow",
-                              config=config, reinit="finish_previous")
+        self.run = wandb.init(
+            project=project or "saewb",
+            name=name,
+            id=run_id(workspace, name),
+            resume="allow",
+            config=config,
+            reinit="finish_previous",
+        )
 
     def log(self, row: dict[str, float]) -> None:
         self.run.log({k: v for k, v in row.items() if v is not None and k != "step"}, step=int(row["step"]))

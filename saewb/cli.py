@@ -19,8 +19,17 @@ def _registrars() -> list[Registrar]:
     from sae import cli as sae_cli
     from sae import interop_cli, sweep_cli
 
-    return [activations_cli.register, sae_cli.register, sweep_cli.register, eval_cli.register, analyze_cli.register,
-            explain_cli.register, app_cli.register, interop_cli.register, analyze_cli.register_exports]
+    return [
+        activations_cli.register,
+        sae_cli.register,
+        sweep_cli.register,
+        eval_cli.register,
+        analyze_cli.register,
+        explain_cli.register,
+        app_cli.register,
+        interop_cli.register,
+        analyze_cli.register_exports,
+    ]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,8 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="SAE Workbench: harvest activations, train sparse autoencoders, analyse and browse features.",
     )
     parser.add_argument("--version", action="version", version=f"saewb {__version__}")
-    parser.add_argument("--debug", action="store_true",
-                        help="show the full traceback when a command fails (default: one line with the fix)")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the full traceback when a command fails (default: one line with the fix)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for register in _registrars():
         register(sub)

@@ -16,12 +16,24 @@ import errno
 INTACT = "the data written so far is intact"
 
 _OS_FAILURES: tuple[tuple[tuple[int, ...], tuple[str, ...], str, str], ...] = (
-    ((errno.ENOSPC, errno.EDQUOT), ("no space left on device", "disk quota exceeded"), "no space left on the device",
-     "free some space (or move the workspace) and run the same command again to resume"),
-    ((errno.EROFS,), ("read-only file system",), "the file system is read-only",
-     "remount it read-write or copy the workspace somewhere writable, then run the same command again"),
-    ((errno.EACCES, errno.EPERM), ("permission denied", "operation not permitted"), "permission denied",
-     "fix the permissions (or use a workspace you own), then run the same command again"),
+    (
+        (errno.ENOSPC, errno.EDQUOT),
+        ("no space left on device", "disk quota exceeded"),
+        "no space left on the device",
+        "free some space (or move the workspace) and run the same command again to resume",
+    ),
+    (
+        (errno.EROFS,),
+        ("read-only file system",),
+        "the file system is read-only",
+        "remount it read-write or copy the workspace somewhere writable, then run the same command again",
+    ),
+    (
+        (errno.EACCES, errno.EPERM),
+        ("permission denied", "operation not permitted"),
+        "permission denied",
+        "fix the permissions (or use a workspace you own), then run the same command again",
+    ),
 )
 
 

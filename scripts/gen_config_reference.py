@@ -31,8 +31,11 @@ def _field_docs(module_file: Path, class_name: str) -> dict[str, str]:
             for i, item in enumerate(node.body):
                 if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name):
                     nxt = node.body[i + 1] if i + 1 < len(node.body) else None
-                    if (isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
-                            and isinstance(nxt.value.value, str)):
+                    if (
+                        isinstance(nxt, ast.Expr)
+                        and isinstance(nxt.value, ast.Constant)
+                        and isinstance(nxt.value.value, str)
+                    ):
                         out[item.target.id] = " ".join(nxt.value.value.split())
             return out
     raise LookupError(f"class {class_name} not found in {module_file}")
@@ -65,11 +68,20 @@ def _range(name: str) -> str:
 def _section(title: str, cls: type, module_name: str, intro: str) -> list[str]:
     module = sys.modules[cls.__module__]
     docs = _field_docs(Path(module.__file__), cls.__name__)  # type: ignore[arg-type]
-    lines = [f"## {title}", "", intro, "", "| flag | type | default | range | meaning |", "|---|---|---|---|---|"]
+    lines = [
+        f"## {title}",
+        "",
+        intro,
+        "",
+        "| flag | type | default | range | meaning |",
+        "|---|---|---|---|---|",
+    ]
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
-        lines.append(f"| `{flag}` | `{_md_cell(_type_name(f))}` | {_md_cell(_default(f))} | {_md_cell(_range(f.name))} | "
-                     f"{_md_cell(docs.get(f.name, ''))} |")
+        lines.append(
+            f"| `{flag}` | `{_md_cell(_type_name(f))}` | {_md_cell(_default(f))} | {_md_cell(_range(f.name))} | "
+            f"{_md_cell(docs.get(f.name, ''))} |"
+        )
     return [*lines, ""]
 
 
@@ -95,8 +107,12 @@ def render() -> str:
         "Architectures: " + ", ".join(f"[`{m}`](#arch-{m.replace('_', '-')})" for m in ARCH_MODULES) + ".",
         "",
     ]
-    lines += _section("Training (every architecture)", TrainConfig, "trainer",
-                      "`sae.trainer.TrainConfig`: optimisation, schedule, logging and checkpoints.")
+    lines += _section(
+        "Training (every architecture)",
+        TrainConfig,
+        "trainer",
+        "`sae.trainer.TrainConfig`: optimisation, schedule, logging and checkpoints.",
+    )
     for name in ARCH_MODULES:
         mod = importlib.import_module(f"sae.{name}")
         cfg = mod.Config
@@ -109,7 +125,9 @@ def render() -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--check", action="store_true", help="exit 1 if docs/config_reference.md is stale")
     args = parser.parse_args()
     text = render()

@@ -37,13 +37,40 @@ import numpy as np
 from activations.corpus import module_docstrings
 
 PACKAGES = (
-    "numpy", "jax", "flax", "optax", "torch", "transformers", "tokenizers", "huggingface_hub",
-    "transformer_lens", "pandas", "pyarrow", "duckdb", "safetensors", "streamlit", "tqdm", "yaml", "psutil",
+    "numpy",
+    "jax",
+    "flax",
+    "optax",
+    "torch",
+    "transformers",
+    "tokenizers",
+    "huggingface_hub",
+    "transformer_lens",
+    "pandas",
+    "pyarrow",
+    "duckdb",
+    "safetensors",
+    "streamlit",
+    "tqdm",
+    "yaml",
+    "psutil",
 )
 """Installed packages whose docstrings join the stdlib's: the workbench's dependencies (and theirs)."""
 _DIST_NAMES = {"yaml": "pyyaml", "transformer_lens": "transformer-lens", "huggingface_hub": "huggingface-hub"}
-_SKIP_DIRS = {"test", "tests", "testing", "idlelib", "lib2to3", "site-packages", "dist-packages", "__pycache__",
-              "turtledemo", "_vendor", "vendored", "third_party"}
+_SKIP_DIRS = {
+    "test",
+    "tests",
+    "testing",
+    "idlelib",
+    "lib2to3",
+    "site-packages",
+    "dist-packages",
+    "__pycache__",
+    "turtledemo",
+    "_vendor",
+    "vendored",
+    "third_party",
+}
 EOT = "<|endoftext|>"
 
 
@@ -98,7 +125,9 @@ def _tree_docs(root: Path, module_prefix: str) -> Iterator[tuple[str, str]]:
         except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
             continue
         parts = path.relative_to(root).with_suffix("").parts
-        yield from module_docstrings(tree, ".".join((module_prefix, *parts)) if module_prefix else ".".join(parts))
+        yield from module_docstrings(
+            tree, ".".join((module_prefix, *parts)) if module_prefix else ".".join(parts)
+        )
 
 
 def build_corpus(cfg: TinyLMConfig) -> tuple[list[tuple[str, str]], dict]:
@@ -130,13 +159,19 @@ def build_corpus(cfg: TinyLMConfig) -> tuple[list[tuple[str, str]], dict]:
             total += len(text)
             if cfg.max_chars and total >= cfg.max_chars:
                 break
-        stats.append({"source": name, "version": version, "docs": n_docs, "duplicates_dropped": n_dup,
-                      "chars": chars})
+        stats.append(
+            {"source": name, "version": version, "docs": n_docs, "duplicates_dropped": n_dup, "chars": chars}
+        )
         if cfg.max_chars and total >= cfg.max_chars:
             break
     corpus_hash = hashlib.sha256("\x00".join(t for _, t in docs).encode()).hexdigest()
-    return docs, {"sources": stats, "docs": len(docs), "chars": total, "sha256": corpus_hash,
-                  "python": platform.python_version()}
+    return docs, {
+        "sources": stats,
+        "docs": len(docs),
+        "chars": total,
+        "sha256": corpus_hash,
+        "python": platform.python_version(),
+    }
 
 
 def split_docs(docs: list[tuple[str, str]], val_permille: int) -> tuple[list[str], list[str]]:
@@ -156,12 +191,15 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[EOT], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=vocab_size,
+        special_tokens=[EOT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOT, eos_token=EOT, unk_token=EOT,
-                                   model_max_length=1_000_000)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=EOT, eos_token=EOT, unk_token=EOT, model_max_length=1_000_000
+    )
 
 
 def pack_windows(tokenizer, texts: list[str], ctx_len: int) -> np.ndarray:
@@ -189,11 +227,15 @@ def ngram_baselines(train: np.ndarray, val: np.ndarray, vocab: int) -> dict[str,
     bi = np.bincount(prev * vocab + nxt, minlength=vocab * vocab).reshape(vocab, vocab).astype(np.float64)
     vp, vn = val[:, :-1].ravel().astype(np.int64), val[:, 1:].ravel().astype(np.int64)
     out: dict[str, dict] = {}
-    best_u = min((-np.mean(np.log((uni[vn] + k) / (uni.sum() + k * vocab))), k) for k in (0.01, 0.1, 0.5, 1.0))
+    best_u = min(
+        (-np.mean(np.log((uni[vn] + k) / (uni.sum() + k * vocab))), k) for k in (0.01, 0.1, 0.5, 1.0)
+    )
     out["unigram"] = {"loss": float(best_u[0]), "ppl": float(math.exp(best_u[0])), "k": best_u[1]}
     row = bi.sum(1)
-    best_b = min((-np.mean(np.log((bi[vp, vn] + k) / (row[vp] + k * vocab))), k)
-                  for k in (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0))
+    best_b = min(
+        (-np.mean(np.log((bi[vp, vn] + k) / (row[vp] + k * vocab))), k)
+        for k in (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+    )
     out["bigram"] = {"loss": float(best_b[0]), "ppl": float(math.exp(best_b[0])), "k": best_b[1]}
     return out
 
@@ -230,29 +272,43 @@ def _train(cfg: TinyLMConfig, out: Path, log) -> dict:
     t0 = time.time()
     docs, corpus = build_corpus(cfg)
     train_texts, val_texts = split_docs(docs, cfg.val_permille)
-    log(f"corpus: {corpus['docs']} docs, {corpus['chars'] / 1e6:.1f} M chars, train {len(train_texts)} "
-        f"val {len(val_texts)} docs ({time.time() - t0:.0f}s)")
+    log(
+        f"corpus: {corpus['docs']} docs, {corpus['chars'] / 1e6:.1f} M chars, train {len(train_texts)} "
+        f"val {len(val_texts)} docs ({time.time() - t0:.0f}s)"
+    )
     tokenizer = train_tokenizer(train_texts, cfg.vocab_size)
     tr = pack_windows(tokenizer, train_texts, cfg.ctx_len)
     va = pack_windows(tokenizer, val_texts, cfg.ctx_len)[: cfg.max_val_windows]
     vocab = len(tokenizer)
-    log(f"tokenizer: vocab {vocab}; train {tr.size / 1e6:.2f} M tokens ({len(tr)} windows), "
-        f"val scored {va.size} tokens ({time.time() - t0:.0f}s)")
+    log(
+        f"tokenizer: vocab {vocab}; train {tr.size / 1e6:.2f} M tokens ({len(tr)} windows), "
+        f"val scored {va.size} tokens ({time.time() - t0:.0f}s)"
+    )
     baselines = ngram_baselines(tr, va, vocab)
     log(f"baselines: {json.dumps(baselines)}")
 
     torch.manual_seed(cfg.seed)
     config = GPT2Config(
-        vocab_size=vocab, n_positions=cfg.ctx_len, n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # under two epochs: dropout would only slow learning
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=vocab,
+        n_positions=cfg.ctx_len,
+        n_embd=cfg.n_embd,
+        n_layer=cfg.n_layer,
+        n_head=cfg.n_head,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,  # under two epochs: dropout would only slow learning
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.eos_token_id,
     )
     model = GPT2LMHeadModel(config)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.95),
+    )
 
     def lr_at(step: int) -> float:
         if step < cfg.warmup:
@@ -279,8 +335,12 @@ def _train(cfg: TinyLMConfig, out: Path, log) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         if step % 25 == 0 or step == cfg.steps - 1:
-            entry = {"step": step, "train_loss": round(float(loss.detach()), 4), "lr": lr_at(step),
-                     "elapsed_s": round(time.time() - t_train, 1)}
+            entry = {
+                "step": step,
+                "train_loss": round(float(loss.detach()), 4),
+                "lr": lr_at(step),
+                "elapsed_s": round(time.time() - t_train, 1),
+            }
             if step % 100 == 0 or step == cfg.steps - 1:
                 model.eval()
                 entry["val_loss"] = round(evaluate(model, va[:48]), 4)
@@ -290,20 +350,30 @@ def _train(cfg: TinyLMConfig, out: Path, log) -> dict:
     model.eval()
     val_loss = evaluate(model, va)
     result = {
-        "val_loss": val_loss, "val_ppl": math.exp(val_loss), "val_tokens_scored": int(va[:, 1:].size),
-        "baselines": baselines, "train_tokens_seen": need * cfg.ctx_len,
-        "train_tokens_available": int(tr.size), "train_seconds": round(time.time() - t_train, 1),
+        "val_loss": val_loss,
+        "val_ppl": math.exp(val_loss),
+        "val_tokens_scored": int(va[:, 1:].size),
+        "baselines": baselines,
+        "train_tokens_seen": need * cfg.ctx_len,
+        "train_tokens_available": int(tr.size),
+        "train_seconds": round(time.time() - t_train, 1),
     }
     log(f"final: {json.dumps(result)}")
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     manifest = {
-        "config": asdict(cfg), "corpus": corpus, "result": result, "curve": curve,
+        "config": asdict(cfg),
+        "corpus": corpus,
+        "result": result,
+        "curve": curve,
         "n_params": sum(p.numel() for p in model.parameters()),
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": importlib.metadata.version("transformers"),
-                     "tokenizers": importlib.metadata.version("tokenizers")},
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": importlib.metadata.version("transformers"),
+            "tokenizers": importlib.metadata.version("tokenizers"),
+        },
         "weights_sha256": hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest(),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
     }
@@ -313,7 +383,9 @@ def _train(cfg: TinyLMConfig, out: Path, log) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, required=True, help="folder for the model, tokenizer and manifest")
+    parser.add_argument(
+        "--out", type=Path, required=True, help="folder for the model, tokenizer and manifest"
+    )
     defaults = TinyLMConfig()
     for name, value in asdict(defaults).items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)

@@ -19,7 +19,9 @@ def run_saewb(*args: str, check: bool = True, timeout: float = 600) -> subproces
     """Run the real CLI in a subprocess, as a user would."""
     proc = subprocess.run([*SAEWB, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
     if check and proc.returncode != 0:
-        raise AssertionError(f"saewb {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(
+            f"saewb {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+        )
     return proc
 
 
@@ -37,8 +39,12 @@ def minilm_ws(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     path = tmp_path_factory.mktemp("ws") / "minilm.duckdb"
     cfg = HarvestConfig(
-        model="minilm", corpus="stdlib-docs", hooks=("blocks.1.hook_out", "blocks.2.hook_resid_post"),
-        ctx_len=64, max_tokens=6000, commit_tokens=2000,
+        model="minilm",
+        corpus="stdlib-docs",
+        hooks=("blocks.1.hook_out", "blocks.2.hook_resid_post"),
+        ctx_len=64,
+        max_tokens=6000,
+        commit_tokens=2000,
     )
     run_harvest(cfg, path, progress=False)
     return path
@@ -48,11 +54,43 @@ def minilm_ws(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def demo_ws(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small end-to-end workspace, made with the CLI as `make demo` does: harvest, train, analyze."""
     path = tmp_path_factory.mktemp("demo") / "demo.duckdb"
-    run_saewb("harvest", "--model", "minilm", "--corpus", "stdlib-docs", "--hook", "blocks.2.hook_out",
-              "--ctx-len", "64", "--max-tokens", "8000", "--workspace", str(path), "--quiet")
-    run_saewb("train", "--workspace", str(path), "--hook", "blocks.2.hook_out", "--arch", "topk",
-              "--n-latents", "512", "--k", "16", "--train-tokens", "40000", "--batch-size", "1024",
-              "--seed", "0", "--name", "demo")
+    run_saewb(
+        "harvest",
+        "--model",
+        "minilm",
+        "--corpus",
+        "stdlib-docs",
+        "--hook",
+        "blocks.2.hook_out",
+        "--ctx-len",
+        "64",
+        "--max-tokens",
+        "8000",
+        "--workspace",
+        str(path),
+        "--quiet",
+    )
+    run_saewb(
+        "train",
+        "--workspace",
+        str(path),
+        "--hook",
+        "blocks.2.hook_out",
+        "--arch",
+        "topk",
+        "--n-latents",
+        "512",
+        "--k",
+        "16",
+        "--train-tokens",
+        "40000",
+        "--batch-size",
+        "1024",
+        "--seed",
+        "0",
+        "--name",
+        "demo",
+    )
     run_saewb("analyze", "demo", "--workspace", str(path))
     return path
 
@@ -69,13 +107,35 @@ def tiny_lm_ws(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from sae.cli import plan_from_values, run_plan
 
     path = tmp_path_factory.mktemp("tiny-lm") / "tiny_lm.duckdb"
-    run_harvest(HarvestConfig(model="tiny-lm", corpus="stdlib-docs", hooks=(TINY_LM_HOOK,), ctx_len=64,
-                              max_tokens=12_000, commit_tokens=6000), path, progress=False)
-    run_plan(plan_from_values({
-        "workspace": str(path), "hook": TINY_LM_HOOK, "arch": "topk", "n_latents": 256, "k": 16,
-        "train_tokens": 40_000, "batch_size": 1024, "seed": 0, "name": "lm", "progress": False,
-        "eval_tokens": 2048,
-    }))
+    run_harvest(
+        HarvestConfig(
+            model="tiny-lm",
+            corpus="stdlib-docs",
+            hooks=(TINY_LM_HOOK,),
+            ctx_len=64,
+            max_tokens=12_000,
+            commit_tokens=6000,
+        ),
+        path,
+        progress=False,
+    )
+    run_plan(
+        plan_from_values(
+            {
+                "workspace": str(path),
+                "hook": TINY_LM_HOOK,
+                "arch": "topk",
+                "n_latents": 256,
+                "k": 16,
+                "train_tokens": 40_000,
+                "batch_size": 1024,
+                "seed": 0,
+                "name": "lm",
+                "progress": False,
+                "eval_tokens": 2048,
+            }
+        )
+    )
     analyze_run(path, "lm", AnalyzeConfig(batch_size=1024))
     return path
 
@@ -88,8 +148,15 @@ def smollm2_chat() -> object:
     return LocalChat(batch_size=16)
 
 
-EXPLAIN_TEST_CONFIG = {"n_top_shown": 3, "n_band_shown": 1, "n_score": 2, "n_embed": 4, "window": 4,
-                       "explain_tokens": 8, "pool": 60}
+EXPLAIN_TEST_CONFIG = {
+    "n_top_shown": 3,
+    "n_band_shown": 1,
+    "n_score": 2,
+    "n_embed": 4,
+    "window": 4,
+    "explain_tokens": 8,
+    "pool": 60,
+}
 """Small prompts and short answers: the real SmolLM2 in seconds, not minutes."""
 
 

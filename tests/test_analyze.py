@@ -18,10 +18,23 @@ HOOK = "blocks.1.hook_out"
 def _train(ws: Path, name: str, seed: int) -> None:
     from sae.cli import plan_from_values, run_plan
 
-    run_plan(plan_from_values({
-        "workspace": str(ws), "hook": HOOK, "arch": "topk", "n_latents": 128, "k": 8, "train_tokens": 8192,
-        "batch_size": 1024, "seed": seed, "name": name, "progress": False, "eval_tokens": 512,
-    }))
+    run_plan(
+        plan_from_values(
+            {
+                "workspace": str(ws),
+                "hook": HOOK,
+                "arch": "topk",
+                "n_latents": 128,
+                "k": 8,
+                "train_tokens": 8192,
+                "batch_size": 1024,
+                "seed": seed,
+                "name": name,
+                "progress": False,
+                "eval_tokens": 512,
+            }
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -106,8 +119,10 @@ def test_top_contexts_match_dense(analysed: dict[str, Any], dense: dict[str, Any
     f, idx = dense["f"], dense["idx"]
     stored: dict[int, list[tuple[int, float]]] = {}
     for latent, tok, value in _table(
-        analysed["ws"], "SELECT latent, tok_idx, value FROM latent_contexts WHERE run = ? AND kind = 'top' "
-        "ORDER BY latent, rank", ["s0"],
+        analysed["ws"],
+        "SELECT latent, tok_idx, value FROM latent_contexts WHERE run = ? AND kind = 'top' "
+        "ORDER BY latent, rank",
+        ["s0"],
     ):
         stored.setdefault(latent, []).append((tok, value))
     for latent in range(f.shape[1]):  # every latent, in bulk
@@ -126,7 +141,9 @@ def test_top_contexts_match_dense(analysed: dict[str, Any], dense: dict[str, Any
                 assert a == pytest.approx(float(f[pos[t], latent]) if t in pos else 0.0, abs=1e-6)
 
 
-def test_bands_hold_samples_from_their_quantile_range(analysed: dict[str, Any], dense: dict[str, Any]) -> None:
+def test_bands_hold_samples_from_their_quantile_range(
+    analysed: dict[str, Any], dense: dict[str, Any]
+) -> None:
     from analysis import tables
     from saewb.workspace import Workspace
 
@@ -156,13 +173,16 @@ def test_cooccurrence_and_neighbors_match_dense(analysed: dict[str, Any], dense:
     sims = dirs @ dirs.T
     co: dict[int, list[tuple[int, int, float]]] = {}
     for latent, other, count, norm in _table(
-        analysed["ws"], "SELECT latent, other, count, norm FROM latent_cooccurrence WHERE run = ? ORDER BY latent, rank",
+        analysed["ws"],
+        "SELECT latent, other, count, norm FROM latent_cooccurrence WHERE run = ? ORDER BY latent, rank",
         ["s0"],
     ):
         co.setdefault(latent, []).append((other, count, norm))
     nb: dict[int, list[float]] = {}
     for latent, cos in _table(
-        analysed["ws"], "SELECT latent, cosine FROM latent_neighbors WHERE run = ? ORDER BY latent, rank", ["s0"]
+        analysed["ws"],
+        "SELECT latent, cosine FROM latent_neighbors WHERE run = ? ORDER BY latent, rank",
+        ["s0"],
     ):
         nb.setdefault(latent, []).append(cos)
     for latent in range(f.shape[1]):
@@ -269,7 +289,9 @@ def test_mst_matches_brute_force(seed: int) -> None:
     i, j = np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
     ti, tj, tw = maximum_spanning_tree(n, i, j, w)
     assert len(tw) == n - 1
-    assert tw.sum() == pytest.approx(_brute_force_mst_weight(n, list(zip(i.tolist(), j.tolist(), w.tolist(), strict=True))))
+    assert tw.sum() == pytest.approx(
+        _brute_force_mst_weight(n, list(zip(i.tolist(), j.tolist(), w.tolist(), strict=True)))
+    )
 
 
 def test_mst_of_a_forest_and_families() -> None:
@@ -285,7 +307,11 @@ def test_mst_of_a_forest_and_families() -> None:
     c[4, 5] = c[5, 4] = 7
     c[1, 2] = c[2, 1] = 1
     fam = feature_families(c, fires, min_weight=0.1, min_children=2)
-    members = {int(lat): int(f) for f, lat, d in zip(fam["family"], fam["latent"], fam["depth"], strict=True) if f == 0}
+    members = {
+        int(lat): int(f)
+        for f, lat, d in zip(fam["family"], fam["latent"], fam["depth"], strict=True)
+        if f == 0
+    }
     assert set(members) == {0, 1, 2, 3}
     assert 4 not in fam["latent"] and 5 not in fam["latent"]  # a pair is not a family (one child)
 
@@ -298,12 +324,28 @@ def test_analyze_causal_lm_stores_logit_effect(tiny_gpt2: Path, tmp_path: Path) 
     from saewb.workspace import Workspace
 
     ws = tmp_path / "gpt2.duckdb"
-    run_harvest(HarvestConfig(model=str(tiny_gpt2), hooks=("blocks.1.hook_out",), ctx_len=64, max_tokens=2000), ws,
-                progress=False)
-    run_plan(plan_from_values({
-        "workspace": str(ws), "hook": "blocks.1.hook_out", "arch": "topk", "n_latents": 32, "k": 4,
-        "train_tokens": 2048, "batch_size": 512, "seed": 0, "name": "g", "progress": False, "eval_tokens": 256,
-    }))
+    run_harvest(
+        HarvestConfig(model=str(tiny_gpt2), hooks=("blocks.1.hook_out",), ctx_len=64, max_tokens=2000),
+        ws,
+        progress=False,
+    )
+    run_plan(
+        plan_from_values(
+            {
+                "workspace": str(ws),
+                "hook": "blocks.1.hook_out",
+                "arch": "topk",
+                "n_latents": 32,
+                "k": 4,
+                "train_tokens": 2048,
+                "batch_size": 512,
+                "seed": 0,
+                "name": "g",
+                "progress": False,
+                "eval_tokens": 256,
+            }
+        )
+    )
     out = analyze_run(ws, "g", AnalyzeConfig(batch_size=256, n_logits=5))
     assert out["logit_effect"] is True
     import sae
@@ -348,4 +390,4 @@ def test_sparse_cooccurrence_and_top_per_group_match_naive(monkeypatch: pytest.M
         ref = np.argsort(-allf[:, j], kind="stable")[:3]
         ref = ref[allf[ref, j] > 0]
         assert top.tok[j, : len(ref)].tolist() == ref.tolist()
-        assert (top.tok[j, len(ref):] == -1).all()
+        assert (top.tok[j, len(ref) :] == -1).all()

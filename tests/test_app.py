@@ -11,7 +11,13 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 MAIN = str(Path(__file__).resolve().parents[1] / "app" / "main.py")
-PAGES = ("views/runs.py", "views/features.py", "views/dashboard.py", "views/inspector.py", "views/interventions.py")
+PAGES = (
+    "views/runs.py",
+    "views/features.py",
+    "views/dashboard.py",
+    "views/inspector.py",
+    "views/interventions.py",
+)
 
 
 def _app(ws: Path, page: str | None = None, **params: str) -> AppTest:
@@ -83,7 +89,9 @@ def test_label_is_saved_in_the_workspace(demo_ws: Path) -> None:
     at.button[0].click()
     at.run()
     con = duckdb.connect(str(demo_ws), read_only=True)
-    assert con.execute("SELECT label FROM latent_labels WHERE run = 'demo' AND latent = 2").fetchone() == ("docstring openers",)
+    assert con.execute("SELECT label FROM latent_labels WHERE run = 'demo' AND latent = 2").fetchone() == (
+        "docstring openers",
+    )
     con.close()
 
 
@@ -102,7 +110,9 @@ def test_latent_table_sorts_and_pages_on_the_server(demo_ws: Path) -> None:
     con.close()
     assert len(second) == PAGE_ROWS and n > 2 * PAGE_ROWS
     freqs = list(second["freq"])
-    assert freqs == sorted(freqs, reverse=True)  # sorted over all latents, then cut: page 2 starts below page 1
+    assert freqs == sorted(
+        freqs, reverse=True
+    )  # sorted over all latents, then cut: page 2 starts below page 1
     at.number_input(key="latent_page").set_value(1)
     at.run()
     assert min(at.dataframe[0].value["freq"]) >= max(freqs)
@@ -163,9 +173,14 @@ def test_pages_have_no_bare_strings_for_streamlit_magic_to_print() -> None:
 
     for page in PAGES:
         tree = ast.parse((Path(MAIN).parent / page).read_text())
-        stray = [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Expr)
-                 and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)
-                 and node is not tree.body[0]]
+        stray = [
+            node.lineno
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Expr)
+            and isinstance(node.value, ast.Constant)
+            and isinstance(node.value.value, str)
+            and node is not tree.body[0]
+        ]
         funcs = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)]
         docstrings = {f.body[0].lineno for f in funcs if f.body and isinstance(f.body[0], ast.Expr)}
         assert [line for line in stray if line not in docstrings] == [], page
@@ -174,7 +189,9 @@ def test_pages_have_no_bare_strings_for_streamlit_magic_to_print() -> None:
 def test_next_token_tables_keep_whitespace_tokens_visible(tiny_lm_ws: Path) -> None:
     """The LM's likeliest next tokens after `def parse(text):` are newlines and indents; shown raw,
     their cells would look empty, so every token is shown quoted and escaped."""
-    at = _app(tiny_lm_ws, "views/interventions.py", run="lm", latents="7", edit="steer", coeff="40", tokens="4")
+    at = _app(
+        tiny_lm_ws, "views/interventions.py", run="lm", latents="7", edit="steer", coeff="40", tokens="4"
+    )
     at.button(key="iv_run").click().run()
     assert not at.exception, [e.value for e in at.exception]
     clean, edited = at.dataframe[0].value, at.dataframe[1].value
@@ -233,6 +250,8 @@ def test_explanations_show_on_the_dashboard_table_and_search(explained_ws: Path)
     search = next(t for t in features.text_input if t.key == "explanation_query")
     search.input(got["llm"]["text"]).run()
     links = [p.proto.label for p in features.get("page_link")]
-    assert any(label.startswith(f"#{latent}: ") for label in links[:2]), links  # its own text ranks it first or second
+    assert any(label.startswith(f"#{latent}: ") for label in links[:2]), (
+        links
+    )  # its own text ranks it first or second
     hist = "".join(h.proto.body for h in features.get("html"))
     assert "embedding · llm: mean" in hist and "embedding · baseline: mean" in hist

@@ -18,8 +18,13 @@ from app.serve import READY_MARK, free_port, is_serving, running_server
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 BROWSER_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 ]
 
 
@@ -32,7 +37,9 @@ def server(demo_ws: Path) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
     if not CHROMIUM.exists():
-        pytest.fail("Debian's chromium is missing: `make test` installs it (apt-get install chromium chromium-driver)")
+        pytest.fail(
+            "Debian's chromium is missing: `make test` installs it (apt-get install chromium chromium-driver)"
+        )
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
@@ -56,8 +63,10 @@ def test_pages_table_click_dashboard_and_intervention(server: str, browser: obje
     page.set_default_timeout(120_000)
     # Every page opened from its own URL, as a bookmark or a shared link would: its title, its last section.
     for path, title, last in [
-        ("runs?run=demo", "Runs", "Training curves: demo"), ("features?run=demo", "Features", "latents"),
-        ("feature?run=demo&latent=3", "Latent 3", "Family"), ("inspector?run=demo", "Text inspector", "Strongest latents"),
+        ("runs?run=demo", "Runs", "Training curves: demo"),
+        ("features?run=demo", "Features", "latents"),
+        ("feature?run=demo&latent=3", "Latent 3", "Family"),
+        ("inspector?run=demo", "Text inspector", "Strongest latents"),
         ("interventions?run=demo", "Interventions", "Candidate texts"),
     ]:
         page.goto(f"{server}/{path}")
@@ -139,8 +148,9 @@ def test_saewb_app_stops_its_server_on_sigterm(demo_ws: Path, tmp_path: Path) ->
     port = free_port()
     log = tmp_path / "app.log"
     with log.open("w") as out:
-        proc = subprocess.Popen([*SAEWB, "app", str(demo_ws), "--port", str(port)], stdout=out,
-                                stderr=subprocess.STDOUT, cwd=REPO)
+        proc = subprocess.Popen(
+            [*SAEWB, "app", str(demo_ws), "--port", str(port)], stdout=out, stderr=subprocess.STDOUT, cwd=REPO
+        )
     try:
         deadline = time.monotonic() + 120
         while not is_serving(f"http://localhost:{port}"):

@@ -84,8 +84,9 @@ def test_architecture_conforms(name: str, tmp_path: Path) -> None:
         assert f.shape == (len(sample), n)
         assert mod.decode(cfg, params, f).shape == x.shape
         ctx = StepCtx(dead=jnp.zeros(n, bool), progress=jnp.float32(0.5))
-        (value, aux), grads = jax.jit(jax.value_and_grad(
-            lambda p: mod.loss(cfg, p, state, x, ctx), has_aux=True))(params)
+        (value, aux), grads = jax.jit(
+            jax.value_and_grad(lambda p: mod.loss(cfg, p, state, x, ctx), has_aux=True)
+        )(params)
         assert np.isfinite(float(value))
         assert {"err", "var", "l0", "fires"} <= set(aux) and aux["fires"].shape == (n,)
         assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree_util.tree_leaves(grads))
@@ -94,8 +95,15 @@ def test_architecture_conforms(name: str, tmp_path: Path) -> None:
     # train, save, load; resume the finished run (nothing changes)
     fit, with_index = fit_function(name)
     assert with_index == own_fit
-    tc = TrainConfig(train_tokens=32 * 8, batch_size=32, lr=1e-2, log_every=4, ckpt_every=4, init_sample_tokens=64,
-                     dead_window_tokens=64)
+    tc = TrainConfig(
+        train_tokens=32 * 8,
+        batch_size=32,
+        lr=1e-2,
+        log_every=4,
+        ckpt_every=4,
+        init_sample_tokens=64,
+        dead_window_tokens=64,
+    )
     run_dir = tmp_path / name
     result = fit(cfg, tc, _batches(), run_dir=run_dir, progress=False)
     model = sae.load(run_dir)
@@ -103,10 +111,14 @@ def test_architecture_conforms(name: str, tmp_path: Path) -> None:
     probe = next(_batches(2)(0))
     f = model.encode(probe)
     assert f.shape == (len(probe), model.n_latents) and model.decode(f).shape == probe.shape
-    direct = mod.encode(cfg, result.params, result.arch_state, jnp.asarray(probe))  # the inference form trained
+    direct = mod.encode(
+        cfg, result.params, result.arch_state, jnp.asarray(probe)
+    )  # the inference form trained
     np.testing.assert_allclose(f, np.asarray(direct), rtol=1e-5, atol=1e-6)
     again = fit(cfg, tc, _batches(), run_dir=run_dir, progress=False)
-    for a, b in zip(jax.tree_util.tree_leaves(again.params), jax.tree_util.tree_leaves(result.params), strict=True):
+    for a, b in zip(
+        jax.tree_util.tree_leaves(again.params), jax.tree_util.tree_leaves(result.params), strict=True
+    ):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(ValueError, match="different config"):
         fit(cfg, TrainConfig(**{**tc.__dict__, "seed": 1}), _batches(), run_dir=run_dir, progress=False)

@@ -12,7 +12,9 @@ DOCS = REPO / "docs"
 
 
 def _generator():
-    spec = importlib.util.spec_from_file_location("gen_config_reference", REPO / "scripts" / "gen_config_reference.py")
+    spec = importlib.util.spec_from_file_location(
+        "gen_config_reference", REPO / "scripts" / "gen_config_reference.py"
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -23,7 +25,9 @@ def test_config_reference_is_current() -> None:
 
     text = _generator().render()
     committed = (DOCS / "config_reference.md").read_text()
-    assert committed == text, "docs/config_reference.md is stale: run `python scripts/gen_config_reference.py`"
+    assert committed == text, (
+        "docs/config_reference.md is stale: run `python scripts/gen_config_reference.py`"
+    )
     for arch, mod in registry().items():  # generic over the registry: every arch and every field
         assert f"`--arch {arch}`" in text
         for name in mod.Config.__dataclass_fields__:
@@ -68,7 +72,8 @@ def test_every_table_is_listed_with_its_owner() -> None:
                 created[name] = path.relative_to(REPO).as_posix()
     assert {"tokens", "runs", "latent_labels", "nonfinite_tokens"} <= set(created)
     wrong = [
-        f"{name} ({owner})" for name, owner in created.items()
+        f"{name} ({owner})"
+        for name, owner in created.items()
         if not any(f"`{name}`" in tables and f"`{owner}`" in owners for tables, owners in listed)
     ]
     assert not wrong, f"docs/concepts.md does not list these tables with their owner module: {wrong}"

@@ -70,7 +70,9 @@ def test_zero_ablation_matches_hand_written_hook(gpt2) -> None:
 def _eval_activations(ctx) -> np.ndarray:
     """Every held-out, non-special activation of the run's hook, read in one naive query."""
     threshold = round(EVAL_FRACTION * 10_000)
-    table = {h: t for h, t in __import__("activations.store", fromlist=["x"]).harvest_info(ctx.ws).tables.items()}
+    table = {
+        h: t for h, t in __import__("activations.store", fromlist=["x"]).harvest_info(ctx.ws).tables.items()
+    }
     with ctx.ws.read() as con:
         rows = con.execute(
             f'SELECT a.x FROM "{table[ctx.hook]}" a JOIN tokens t USING (tok_idx) WHERE t.harvest = ? '
@@ -91,9 +93,15 @@ def test_reconstruction_metrics_match_naive_full_batch(gpt2) -> None:
     xn, hn = np.linalg.norm(x, axis=1), np.linalg.norm(xh, axis=1)
     freq = (f != 0).mean(0)
     naive = {
-        "fvu": fvu, "legacy_ev": legacy, "l0": (f != 0).sum(1).mean(), "dead_frac": np.mean(freq == 0),
-        "dense_frac": np.mean(freq > 0.1), "cosine": np.mean((x * xh).sum(1) / (xn * hn)),
-        "l2_ratio": np.mean(hn / xn), "rel_bias": (hn**2).sum() / (x * xh).sum(), "eval_tokens": len(x),
+        "fvu": fvu,
+        "legacy_ev": legacy,
+        "l0": (f != 0).sum(1).mean(),
+        "dead_frac": np.mean(freq == 0),
+        "dense_frac": np.mean(freq > 0.1),
+        "cosine": np.mean((x * xh).sum(1) / (xn * hn)),
+        "l2_ratio": np.mean(hn / xn),
+        "rel_bias": (hn**2).sum() / (x * xh).sum(),
+        "eval_tokens": len(x),
     }
     full = reconstruction_metrics(ctx, batch_size=len(x) + 1)
     small = reconstruction_metrics(ctx, batch_size=97)
@@ -150,7 +158,9 @@ def test_lm_metrics_match_per_window_computation(gpt2) -> None:
     assert got["lm_targets"] == n_t
 
 
-def test_eval_cli_prints_table_and_stores_row(gpt2, tiny_gpt2: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_eval_cli_prints_table_and_stores_row(
+    gpt2, tiny_gpt2: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from saewb.cli import main
 
     _, ctx = gpt2

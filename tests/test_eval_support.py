@@ -10,8 +10,17 @@ import functools
 from pathlib import Path
 from typing import Any
 
-TRAIN = {"arch": "topk", "n_latents": 128, "k": 8, "train_tokens": 8192, "batch_size": 1024, "seed": 0,
-         "name": "t", "progress": False, "eval_tokens": 4096}
+TRAIN = {
+    "arch": "topk",
+    "n_latents": 128,
+    "k": 8,
+    "train_tokens": 8192,
+    "batch_size": 1024,
+    "seed": 0,
+    "name": "t",
+    "progress": False,
+    "eval_tokens": 4096,
+}
 
 
 def _train(ws: Path, hook: str, **extra: Any) -> None:
@@ -26,8 +35,14 @@ def gpt2_workspace(base: str, model_dir: str) -> Path:
     from activations.harvest import HarvestConfig, run_harvest
 
     ws = Path(base) / "gpt2.duckdb"
-    cfg = HarvestConfig(model=model_dir, corpus="stdlib-docs", hooks=("blocks.0.hook_out",), ctx_len=32,
-                        max_tokens=8000, commit_tokens=4000)
+    cfg = HarvestConfig(
+        model=model_dir,
+        corpus="stdlib-docs",
+        hooks=("blocks.0.hook_out",),
+        ctx_len=32,
+        max_tokens=8000,
+        commit_tokens=4000,
+    )
     run_harvest(cfg, ws, progress=False)
     _train(ws, "blocks.0.hook_out")
     return ws

@@ -25,7 +25,9 @@ def test_tokens_are_contiguous_and_flag_cls_sep(minilm_ws: Path) -> None:
     assert info.status == "complete"
     assert set(info.hooks) == {"blocks.1.hook_out", "blocks.2.hook_out"}  # resid_post stored as its alias
     con = duckdb.connect(str(minilm_ws), read_only=True)
-    n, lo, hi, distinct = con.execute("SELECT count(*), min(tok_idx), max(tok_idx), count(DISTINCT tok_idx) FROM tokens").fetchone()
+    n, lo, hi, distinct = con.execute(
+        "SELECT count(*), min(tok_idx), max(tok_idx), count(DISTINCT tok_idx) FROM tokens"
+    ).fetchone()
     assert (n, lo, hi, distinct) == (info.n_tokens, 0, info.n_tokens - 1, info.n_tokens)
     assert 6000 <= n < 6000 + 64
     # every window starts with [CLS] and ends with [SEP], both flagged special, nothing else is
@@ -35,7 +37,9 @@ def test_tokens_are_contiguous_and_flag_cls_sep(minilm_ws: Path) -> None:
         "SELECT DISTINCT token_str FROM tokens t WHERE seq_pos = (SELECT max(seq_pos) FROM tokens u WHERE u.seq_id = t.seq_id)"
     ).fetchall()
     assert lasts == [("[SEP]",)]
-    assert con.execute("SELECT count(*) FROM tokens WHERE is_special AND token_str NOT IN ('[CLS]', '[SEP]')").fetchone() == (0,)
+    assert con.execute(
+        "SELECT count(*) FROM tokens WHERE is_special AND token_str NOT IN ('[CLS]', '[SEP]')"
+    ).fetchone() == (0,)
     # (doc_id, pos) is unique, and each activation table has one row per token
     assert con.execute("SELECT count(*) FROM (SELECT DISTINCT doc_id, pos FROM tokens)").fetchone() == (n,)
     for table in info.tables.values():
@@ -48,14 +52,18 @@ def test_stored_activations_match_a_direct_forward(minilm_ws: Path) -> None:
     info = harvest_info(minilm_ws)
     con = duckdb.connect(str(minilm_ws), read_only=True)
     seq = con.execute("SELECT seq_id FROM tokens WHERE doc_id = 0 AND pos = 0").fetchone()[0]
-    rows = con.execute("SELECT tok_idx, token_id FROM tokens WHERE seq_id = ? ORDER BY seq_pos", [seq]).fetchall()
+    rows = con.execute(
+        "SELECT tok_idx, token_id FROM tokens WHERE seq_id = ? ORDER BY seq_pos", [seq]
+    ).fetchall()
     con.close()
     model = load_model("minilm")
     ids = torch.tensor([[r[1] for r in rows]])
     with torch.inference_mode():
         _, cache = model.run_with_cache(ids, names_filter=["blocks.2.hook_out"])
     expected = cache["blocks.2.hook_out"][0].numpy()
-    _, stored = read_activations(Workspace(minilm_ws), info.tables["blocks.2.hook_out"], rows[0][0], rows[-1][0] + 1)
+    _, stored = read_activations(
+        Workspace(minilm_ws), info.tables["blocks.2.hook_out"], rows[0][0], rows[-1][0] + 1
+    )
     np.testing.assert_allclose(stored, expected, atol=2e-4, rtol=1e-4)
 
 
@@ -64,12 +72,21 @@ def test_long_documents_are_split_into_windows_not_truncated(tmp_path: Path) -> 
     corpus = tmp_path / "long.txt"
     corpus.write_text(text + "\nshort line\n")
     ws = tmp_path / "ws.duckdb"
-    run_harvest(HarvestConfig(corpus=str(corpus), hooks=("blocks.0.hook_out",), ctx_len=32), ws, progress=False)
+    run_harvest(
+        HarvestConfig(corpus=str(corpus), hooks=("blocks.0.hook_out",), ctx_len=32), ws, progress=False
+    )
     model = load_model("minilm")
     body = model.tokenizer(text, add_special_tokens=False)["input_ids"]
     con = duckdb.connect(str(ws), read_only=True)
-    stored = [r[0] for r in con.execute("SELECT token_id FROM tokens WHERE doc_id = 0 AND NOT is_special ORDER BY pos").fetchall()]
-    windows = con.execute("SELECT count(DISTINCT seq_id), max(seq_pos) FROM tokens WHERE doc_id = 0").fetchone()
+    stored = [
+        r[0]
+        for r in con.execute(
+            "SELECT token_id FROM tokens WHERE doc_id = 0 AND NOT is_special ORDER BY pos"
+        ).fetchall()
+    ]
+    windows = con.execute(
+        "SELECT count(DISTINCT seq_id), max(seq_pos) FROM tokens WHERE doc_id = 0"
+    ).fetchone()
     assert stored == body  # every token, in order, none lost
     assert windows == (-(-len(body) // 30), 31)
     assert con.execute("SELECT count(*) FROM documents").fetchone() == (2,)
@@ -79,14 +96,27 @@ def test_long_documents_are_split_into_windows_not_truncated(tmp_path: Path) -> 
 def test_causal_lm_gets_bos_and_chat_roles(tiny_gpt2: Path, tmp_path: Path) -> None:
     chat = tmp_path / "chat.jsonl"
     rows = [
-        {"messages": [{"role": "user", "content": "What does zip do?"}, {"role": "assistant", "content": "It pairs items."}]},
-        {"messages": [{"role": "user", "content": "Define a class."}, {"role": "assistant", "content": "Use the class keyword."}]},
+        {
+            "messages": [
+                {"role": "user", "content": "What does zip do?"},
+                {"role": "assistant", "content": "It pairs items."},
+            ]
+        },
+        {
+            "messages": [
+                {"role": "user", "content": "Define a class."},
+                {"role": "assistant", "content": "Use the class keyword."},
+            ]
+        },
     ]
     chat.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     ws = tmp_path / "ws.duckdb"
     info = run_harvest(
-        HarvestConfig(model=str(tiny_gpt2), corpus=str(chat), chat=True, hooks=("blocks.1.hook_resid_post",), ctx_len=64),
-        ws, progress=False,
+        HarvestConfig(
+            model=str(tiny_gpt2), corpus=str(chat), chat=True, hooks=("blocks.1.hook_resid_post",), ctx_len=64
+        ),
+        ws,
+        progress=False,
     )
     assert info.hooks == {"blocks.1.hook_out": 64}
     con = duckdb.connect(str(ws), read_only=True)
@@ -94,16 +124,29 @@ def test_causal_lm_gets_bos_and_chat_roles(tiny_gpt2: Path, tmp_path: Path) -> N
     assert sorted(d for _, d in per_seq) == [0, 1]  # one conversation per sequence, never packed
     roles = dict(con.execute("SELECT role, count(*) FROM tokens GROUP BY role").fetchall())
     assert {"user", "assistant", "template"} <= set(roles)
-    text = "".join(r[0] for r in con.execute("SELECT token_str FROM tokens WHERE doc_id = 0 AND role = 'assistant' ORDER BY pos").fetchall())
+    text = "".join(
+        r[0]
+        for r in con.execute(
+            "SELECT token_str FROM tokens WHERE doc_id = 0 AND role = 'assistant' ORDER BY pos"
+        ).fetchall()
+    )
     assert text.strip() == "It pairs items."
-    assert con.execute("SELECT bool_and(is_special) FROM tokens WHERE token_str = '<|endoftext|>'").fetchone() == (True,)
+    assert con.execute(
+        "SELECT bool_and(is_special) FROM tokens WHERE token_str = '<|endoftext|>'"
+    ).fetchone() == (True,)
     con.close()
 
     plain = tmp_path / "plain.txt"
     plain.write_text("a plain document\n")
-    run_harvest(HarvestConfig(model=str(tiny_gpt2), corpus=str(plain), hooks=("blocks.0.hook_out",), name="plain"), ws, progress=False)
+    run_harvest(
+        HarvestConfig(model=str(tiny_gpt2), corpus=str(plain), hooks=("blocks.0.hook_out",), name="plain"),
+        ws,
+        progress=False,
+    )
     con = duckdb.connect(str(ws), read_only=True)
-    first = con.execute("SELECT token_str, is_special FROM tokens WHERE harvest = 'plain' ORDER BY tok_idx LIMIT 1").fetchone()
+    first = con.execute(
+        "SELECT token_str, is_special FROM tokens WHERE harvest = 'plain' ORDER BY tok_idx LIMIT 1"
+    ).fetchone()
     assert first == ("<|endoftext|>", True)  # BOS prepended, as TransformerLens does for causal LMs
     con.close()
 
@@ -117,7 +160,9 @@ def test_corpus_formats(tmp_path: Path) -> None:
         "txt": [d.text for d in iter_documents(CorpusSpec(str(tmp_path / "c.txt")))],
         "whole": [d.text for d in iter_documents(CorpusSpec(str(tmp_path / "c.txt"), doc_per_line=False))],
         "jsonl": [d.text for d in iter_documents(CorpusSpec(str(tmp_path / "c.jsonl"), text_column="body"))],
-        "parquet": [d.text for d in iter_documents(CorpusSpec(str(tmp_path / "c.parquet"), text_column="body"))],
+        "parquet": [
+            d.text for d in iter_documents(CorpusSpec(str(tmp_path / "c.parquet"), text_column="body"))
+        ],
     }
     assert got["txt"] == got["jsonl"] == got["parquet"] == texts
     assert got["whole"] == ["\n".join(texts) + "\n"]

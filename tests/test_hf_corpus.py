@@ -35,21 +35,30 @@ def test_local_dataset_folders(tmp_path: Path) -> None:
         list(iter_documents(CorpusSpec(f"hf:{data}")))
     saved = tmp_path / "saved"
     datasets.Dataset.from_list(rows).save_to_disk(str(saved))
-    assert [d.text for d in iter_documents(CorpusSpec(f"hf:{saved}", text_column="body"))] == [r["body"] for r in rows]
+    assert [d.text for d in iter_documents(CorpusSpec(f"hf:{saved}", text_column="body"))] == [
+        r["body"] for r in rows
+    ]
 
 
 def test_uncached_hub_dataset_fails_fast_with_the_fix(tmp_path: Path) -> None:
     """A fresh process (the offline switch is process-wide), an empty cache, the hub unreachable here."""
     from activations.models import hub_reachable
 
-    code = ("from activations.corpus import CorpusSpec, iter_documents\n"
-            "next(iter_documents(CorpusSpec('hf:saewb-test/surely-not-cached')))")
+    code = (
+        "from activations.corpus import CorpusSpec, iter_documents\n"
+        "next(iter_documents(CorpusSpec('hf:saewb-test/surely-not-cached')))"
+    )
     base = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
     # offline by the user's choice, then by detection (the hub is unreachable on this machine)
     for env, offline in (({"HF_HUB_OFFLINE": "1"}, True), ({}, not hub_reachable())):
         start = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180,
-                              env={**base, **env, "HF_HOME": str(tmp_path / "hf")})
+        proc = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            timeout=180,
+            env={**base, **env, "HF_HOME": str(tmp_path / "hf")},
+        )
         assert proc.returncode != 0
         if offline:
             assert "not in the local Hugging Face cache and the hub is unreachable" in proc.stderr

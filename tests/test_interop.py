@@ -24,7 +24,7 @@ SAELENS_PY = REPO / ".bench-venvs" / "saelens" / "bin" / "python"
 
 # Runs inside the sae-lens venv: loads our exports with SAE.load_from_disk and encodes the same inputs;
 # writes SAELens's own SAEs with save_model (random weights, every importable architecture).
-PEER = textwrap.dedent('''
+PEER = textwrap.dedent("""
     import json, sys
     import torch
     from safetensors.torch import load_file, save_file
@@ -61,7 +61,7 @@ PEER = textwrap.dedent('''
             out["made." + name + ".f"] = sae.encode(x).contiguous()
             out["made." + name + ".xhat"] = sae.decode(sae.encode(x)).contiguous()
     save_file(out, job["out"])
-''')
+""")
 
 
 def _peer(job: dict, tmp: Path) -> dict[str, np.ndarray]:
@@ -70,7 +70,9 @@ def _peer(job: dict, tmp: Path) -> dict[str, np.ndarray]:
     script, jpath = tmp / "peer.py", tmp / "job.json"
     script.write_text(PEER)
     jpath.write_text(json.dumps(job))
-    proc = subprocess.run([str(SAELENS_PY), str(script), str(jpath)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [str(SAELENS_PY), str(script), str(jpath)], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return load_file(job["out"])
 
@@ -82,24 +84,32 @@ def _random_saes(d: int, n: int) -> dict:
 
     out = {}
     rng = np.random.default_rng(0)
-    specs = {"relu_april": ("relu_l1", {"variant": "april"}), "relu_classic": ("relu_l1", {"variant": "classic"}),
-             "gba_relu": ("gba", {"activation": "relu", "n_groups": 2}),
-             "gba_jump": ("gba", {"activation": "jumprelu", "n_groups": 2}),
-             "jumprelu": ("jumprelu", {}), "batchtopk": ("batchtopk", {"k": 8}),
-             "hierarchical_topk": ("hierarchical_topk", {"k": 8})}
+    specs = {
+        "relu_april": ("relu_l1", {"variant": "april"}),
+        "relu_classic": ("relu_l1", {"variant": "classic"}),
+        "gba_relu": ("gba", {"activation": "relu", "n_groups": 2}),
+        "gba_jump": ("gba", {"activation": "jumprelu", "n_groups": 2}),
+        "jumprelu": ("jumprelu", {}),
+        "batchtopk": ("batchtopk", {"k": 8}),
+        "hierarchical_topk": ("hierarchical_topk", {"k": 8}),
+    }
     for name, (arch, extra) in specs.items():
         mod = arch_module(arch)
         cfg = make_config(mod.Config, {"n_latents": n, **extra})
         sample = rng.normal(size=(64, d)).astype(np.float32)
         params, state = mod.init(cfg, jax.random.PRNGKey(1), d, sample)
-        params = jax.tree_util.tree_map(lambda a: a + 0.05 * rng.normal(size=np.shape(a)).astype(np.float32), params)
+        params = jax.tree_util.tree_map(
+            lambda a: a + 0.05 * rng.normal(size=np.shape(a)).astype(np.float32), params
+        )
         if arch == "gba":
             params = params.replace(a=jax.numpy.abs(params.a) + 0.5)
             state = state.replace(b=-jax.numpy.asarray(rng.uniform(0, 0.3, n), np.float32))
         if arch == "jumprelu":
             params = params.replace(threshold=jax.numpy.asarray(rng.uniform(0, 0.2, n), np.float32))
         if arch == "batchtopk":  # as if θ had been tracked for a few steps
-            state = state.replace(count=state.count + 3, ema=state.ema * 0 + 0.05 * (1 - cfg.threshold_decay**3))
+            state = state.replace(
+                count=state.count + 3, ema=state.ema * 0 + 0.05 * (1 - cfg.threshold_decay**3)
+            )
         params, state = mod.fold_scale(cfg, params, state, 1.7)
         out[name] = SAE(cfg, params, state, d)
     return out
@@ -133,8 +143,17 @@ def test_saelens_round_trip(demo_ws: Path, tmp_path: Path) -> None:
         ours[name] = model
         exports[name] = interop.export_saelens(model, tmp_path / "exp" / name, {"hook_name": hook})
     made = tmp_path / "made"
-    theirs = _peer({"x": str(tmp_path / "x.safetensors"), "load": {k: str(v) for k, v in exports.items()},
-                    "n": 64, "hook": hook, "made": str(made), "out": str(tmp_path / "out.safetensors")}, tmp_path)
+    theirs = _peer(
+        {
+            "x": str(tmp_path / "x.safetensors"),
+            "load": {k: str(v) for k, v in exports.items()},
+            "n": 64,
+            "hook": hook,
+            "made": str(made),
+            "out": str(tmp_path / "out.safetensors"),
+        },
+        tmp_path,
+    )
     for name, model in ours.items():
         f = model.encode(x)
         assert (f != 0).sum() > 0, name
@@ -145,8 +164,19 @@ def test_saelens_round_trip(demo_ws: Path, tmp_path: Path) -> None:
     ws_path = tmp_path / "ws.duckdb"
     shutil.copy(demo_ws, ws_path)
     ws = Workspace(ws_path)
-    assert main(["import-saelens", str(made / "topk_rescale"), "--workspace", str(ws_path),
-                 "--name", "sl-topk_rescale"]) == 0
+    assert (
+        main(
+            [
+                "import-saelens",
+                str(made / "topk_rescale"),
+                "--workspace",
+                str(ws_path),
+                "--name",
+                "sl-topk_rescale",
+            ]
+        )
+        == 0
+    )
     for name in ("standard_nobdec", "standard_bdec", "topk_rescale", "jumprelu", "jumprelu_gemmascope"):
         if name.startswith("jumprelu") and "jumprelu" not in _registered():
             with pytest.raises(interop.InteropError, match="jumprelu"):
@@ -181,19 +211,33 @@ def test_saelens_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(interop.InteropError, match="sae_weights.safetensors missing"):
         interop.load_saelens(tmp_path)
     d, n = 8, 16
-    w = {"W_enc": np.zeros((d, n), np.float32), "b_enc": np.zeros(n, np.float32),
-         "W_dec": np.zeros((n, d), np.float32), "b_dec": np.zeros(d, np.float32)}
+    w = {
+        "W_enc": np.zeros((d, n), np.float32),
+        "b_enc": np.zeros(n, np.float32),
+        "W_dec": np.zeros((n, d), np.float32),
+        "b_dec": np.zeros(d, np.float32),
+    }
     save_np(w, str(tmp_path / "sae_weights.safetensors"))
     (tmp_path / "cfg.json").write_text(json.dumps({"architecture": "gated", "d_in": d, "d_sae": n}))
-    with pytest.raises(interop.InteropError, match="'gated' is not supported; importable: jumprelu, standard, topk"):
+    with pytest.raises(
+        interop.InteropError, match="'gated' is not supported; importable: jumprelu, standard, topk"
+    ):
         interop.load_saelens(tmp_path)
-    (tmp_path / "cfg.json").write_text(json.dumps({"architecture": "standard", "d_in": d, "d_sae": n,
-                                                   "normalize_activations": "layer_norm"}))
+    (tmp_path / "cfg.json").write_text(
+        json.dumps({"architecture": "standard", "d_in": d, "d_sae": n, "normalize_activations": "layer_norm"})
+    )
     with pytest.raises(interop.InteropError, match="layer_norm"):
         interop.load_saelens(tmp_path)
     (tmp_path / "cfg.json").write_text(json.dumps({"architecture": "standard", "d_in": d + 1, "d_sae": n}))
     with pytest.raises(interop.InteropError, match="d_in=9 but the weights have 8"):
         interop.load_saelens(tmp_path)
-    proc = run_saewb("import-saelens", str(tmp_path), "--workspace", str(tmp_path / "none.duckdb"), "--name", "x",
-                     check=False)  # one real subprocess: the exit code and the message a user sees
+    proc = run_saewb(
+        "import-saelens",
+        str(tmp_path),
+        "--workspace",
+        str(tmp_path / "none.duckdb"),
+        "--name",
+        "x",
+        check=False,
+    )  # one real subprocess: the exit code and the message a user sees
     assert proc.returncode == 1 and "does not exist" in proc.stderr

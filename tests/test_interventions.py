@@ -127,8 +127,24 @@ def test_intervene_cli(gpt2, tiny_gpt2: Path, capsys: pytest.CaptureFixture[str]
 
     _, ctx = gpt2
     ws = str(ctx.ws.path)
-    rc = main(["intervene", "t", "--workspace", ws, "--model", str(tiny_gpt2), "--prompt", PROMPT,
-               "--ablate", "1,2", "--clamp", "3=2.0", "--generate", "4"])
+    rc = main(
+        [
+            "intervene",
+            "t",
+            "--workspace",
+            ws,
+            "--model",
+            str(tiny_gpt2),
+            "--prompt",
+            PROMPT,
+            "--ablate",
+            "1,2",
+            "--clamp",
+            "3=2.0",
+            "--generate",
+            "4",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0 and "next-token top-k" in out and "generated (edited)" in out
     rc = main(["intervene", "t", "--workspace", ws, "--prompt", PROMPT, "--ablate", "99999"])

@@ -22,9 +22,29 @@ from conftest import REPO, SAEWB
 HOOK = "blocks.1.hook_out"
 BATCH = 64
 TRAIN = [
-    "--hook", HOOK, "--arch", "topk", "--n-latents", "64", "--k", "4", "--train-tokens", str(BATCH * 12),
-    "--batch-size", str(BATCH), "--log-every", "4", "--ckpt-every", "6", "--init-sample-tokens", "256",
-    "--eval-tokens", "256", "--seed", "3", "--no-progress",
+    "--hook",
+    HOOK,
+    "--arch",
+    "topk",
+    "--n-latents",
+    "64",
+    "--k",
+    "4",
+    "--train-tokens",
+    str(BATCH * 12),
+    "--batch-size",
+    str(BATCH),
+    "--log-every",
+    "4",
+    "--ckpt-every",
+    "6",
+    "--init-sample-tokens",
+    "256",
+    "--eval-tokens",
+    "256",
+    "--seed",
+    "3",
+    "--no-progress",
 ]
 
 
@@ -43,16 +63,44 @@ def runs_ws(minilm_ws: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
     procs = [
         subprocess.Popen(
-            [*SAEWB, "train", "--workspace", str(ws), *TRAIN, "--name", "multi", "--mesh-data", "2",
-             "--mesh-model", "2", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
-             "--process-id", str(pid)],
-            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            [
+                *SAEWB,
+                "train",
+                "--workspace",
+                str(ws),
+                *TRAIN,
+                "--name",
+                "multi",
+                "--mesh-data",
+                "2",
+                "--mesh-model",
+                "2",
+                "--coordinator",
+                f"127.0.0.1:{port}",
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(pid),
+            ],
+            env=env,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for pid in (0, 1)
     ]
     single_env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    procs.append(subprocess.Popen([*SAEWB, "train", "--workspace", str(ws), *TRAIN, "--name", "single"],
-                                  env=single_env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    procs.append(
+        subprocess.Popen(
+            [*SAEWB, "train", "--workspace", str(ws), *TRAIN, "--name", "single"],
+            env=single_env,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    )
     import resource
 
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime
@@ -81,11 +129,14 @@ def test_two_processes_match_one(runs_ws: Path) -> None:
     multi, single = runs.run_metrics(ws, "multi"), runs.run_metrics(ws, "single")
     assert [r["step"] for r in multi] == [r["step"] for r in single] == [4, 8, 12]  # process 0 alone logged
     for key in ("loss", "fvu", "l0", "dead_frac"):
-        np.testing.assert_allclose([r[key] for r in multi], [r[key] for r in single], rtol=2e-5, atol=1e-6,
-                                   err_msg=key)
+        np.testing.assert_allclose(
+            [r[key] for r in multi], [r[key] for r in single], rtol=2e-5, atol=1e-6, err_msg=key
+        )
     info = {r["name"]: r for r in runs.list_runs(ws)}
     assert info["multi"]["status"] == info["single"]["status"] == "done"
-    assert info["multi"]["final_metrics"]["fvu"] == pytest.approx(info["single"]["final_metrics"]["fvu"], rel=1e-4)
+    assert info["multi"]["final_metrics"]["fvu"] == pytest.approx(
+        info["single"]["final_metrics"]["fvu"], rel=1e-4
+    )
     a = load_file(str(ws.runs_dir / "multi" / "sae" / "params.safetensors"))
     b = load_file(str(ws.runs_dir / "single" / "sae" / "params.safetensors"))
     assert sorted(a) == sorted(b)
@@ -102,8 +153,10 @@ def test_stream_rows_split_each_batch(minilm_ws: Path) -> None:
 
     s = ActivationStream(minilm_ws, HOOK, batch_size=BATCH, seed=3, chunk_tokens=512, buffer_tokens=1024)
     full = [b for _, b in zip(range(3), s.batches(start=2), strict=False)]
-    halves = [[b for _, b in zip(range(3), s.batches(start=2, rows=slice(lo, lo + BATCH // 2)), strict=False)]
-              for lo in (0, BATCH // 2)]
+    halves = [
+        [b for _, b in zip(range(3), s.batches(start=2, rows=slice(lo, lo + BATCH // 2)), strict=False)]
+        for lo in (0, BATCH // 2)
+    ]
     for i, batch in enumerate(full):
         np.testing.assert_array_equal(np.concatenate([halves[0][i], halves[1][i]]), batch)
         assert halves[0][i].shape == (BATCH // 2, s.d)

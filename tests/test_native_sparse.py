@@ -42,10 +42,14 @@ def test_native_kernels_equal_the_xla_references(b: int, k: int, n: int, d: int,
     m = jnp.asarray(rng.normal(size=(n, d)).astype(np.float32))
     g = jnp.asarray(rng.normal(size=(b, d)).astype(np.float32))
     tol = dict(rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(native.weighted_row_sum(vals, idx, m)),
-                               np.asarray(_xla(sparse_ops.weighted_row_sum, vals, idx, m)), **tol)
-    np.testing.assert_allclose(np.asarray(native.row_dots(g, idx, m)),
-                               np.asarray(_xla(sparse_ops.row_dots, g, idx, m)), **tol)
+    np.testing.assert_allclose(
+        np.asarray(native.weighted_row_sum(vals, idx, m)),
+        np.asarray(_xla(sparse_ops.weighted_row_sum, vals, idx, m)),
+        **tol,
+    )
+    np.testing.assert_allclose(
+        np.asarray(native.row_dots(g, idx, m)), np.asarray(_xla(sparse_ops.row_dots, g, idx, m)), **tol
+    )
     want = np.asarray(_xla(sparse_ops.scatter_outer, vals, idx, g, n))
     want_sums = np.zeros(n, np.float32)
     np.add.at(want_sums, np.asarray(idx).ravel(), np.asarray(vals).ravel())
@@ -79,11 +83,18 @@ def test_native_kernels_vmap_over_members() -> None:
     vals = jnp.asarray(rng.normal(size=(members, b, k)).astype(np.float32))
     m = jnp.asarray(rng.normal(size=(members, n, d)).astype(np.float32))
     got = jax.jit(jax.vmap(native.weighted_row_sum))(vals, idx, m)
-    got_s = jax.jit(jax.vmap(lambda c, i, r: native.scatter_outer(c, i, r, n, transposed=True)[0]))(vals, idx, m[:, :b])
+    got_s = jax.jit(jax.vmap(lambda c, i, r: native.scatter_outer(c, i, r, n, transposed=True)[0]))(
+        vals, idx, m[:, :b]
+    )
     for i in range(members):
-        np.testing.assert_allclose(np.asarray(got[i]), np.asarray(native.weighted_row_sum(vals[i], idx[i], m[i])), rtol=1e-6)
-        np.testing.assert_allclose(np.asarray(got_s[i]),
-                                   np.asarray(native.scatter_outer(vals[i], idx[i], m[i, :b], n, transposed=True)[0]), rtol=1e-6)
+        np.testing.assert_allclose(
+            np.asarray(got[i]), np.asarray(native.weighted_row_sum(vals[i], idx[i], m[i])), rtol=1e-6
+        )
+        np.testing.assert_allclose(
+            np.asarray(got_s[i]),
+            np.asarray(native.scatter_outer(vals[i], idx[i], m[i, :b], n, transposed=True)[0]),
+            rtol=1e-6,
+        )
 
 
 def test_native_kernels_refuse_indices_out_of_range() -> None:
@@ -92,7 +103,9 @@ def test_native_kernels_refuse_indices_out_of_range() -> None:
     with pytest.raises(Exception, match=r"every index in \[0, n\)"):
         jax.block_until_ready(native.weighted_row_sum(jnp.ones((1, 2), jnp.float32), idx, m))
     with pytest.raises(Exception, match=r"every index in \[0, n\)"):
-        jax.block_until_ready(native.scatter_outer(jnp.ones((1, 2), jnp.float32), idx, jnp.ones((1, 4), jnp.float32), 5))
+        jax.block_until_ready(
+            native.scatter_outer(jnp.ones((1, 2), jnp.float32), idx, jnp.ones((1, 4), jnp.float32), 5)
+        )
 
 
 def test_sparse_ops_take_the_native_kernels_on_cpu_outside_a_mesh() -> None:

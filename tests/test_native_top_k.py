@@ -60,8 +60,9 @@ def test_native_top_k_is_differentiable_and_vmaps_like_lax() -> None:
     def loss(f, x):
         return jnp.sum(jnp.sin(jax.vmap(lambda r: f(r, 10)[0])(x)) * w)
 
-    np.testing.assert_allclose(jax.grad(lambda x: loss(native.top_k, x))(x),
-                               jax.grad(lambda x: loss(jax.lax.top_k, x))(x), rtol=1e-6)
+    np.testing.assert_allclose(
+        jax.grad(lambda x: loss(native.top_k, x))(x), jax.grad(lambda x: loss(jax.lax.top_k, x))(x), rtol=1e-6
+    )
 
 
 def test_top_k_takes_the_native_kernel_on_cpu_outside_a_mesh() -> None:

@@ -18,8 +18,17 @@ def test_export_neuronpedia(demo_ws: Path, tmp_path: Path) -> None:
     alive = [s["latent"] for s in stats if s["n_fires"] > 0]
     dead = [s["latent"] for s in stats if s["n_fires"] == 0]
     pick = [alive[0], alive[-1], *dead[:1]]
-    args = ["export-neuronpedia", "demo", str(out), "--workspace", str(demo_ws), "--latents", ",".join(map(str, pick)),
-            "--n-top", "5"]
+    args = [
+        "export-neuronpedia",
+        "demo",
+        str(out),
+        "--workspace",
+        str(demo_ws),
+        "--latents",
+        ",".join(map(str, pick)),
+        "--n-top",
+        "5",
+    ]
     assert main(args) == 0  # the real CLI, in-process
     run = json.loads((out / "run.json").read_text())
     assert run["n_latents"] == 512 and run["layer"] == "blocks.2.hook_out" and run["modelId"] == "minilm"

@@ -17,13 +17,23 @@ def test_there_are_notebooks() -> None:
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_notebook_executes(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, minilm_ws: Path) -> None:
+def test_notebook_executes(
+    path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, minilm_ws: Path
+) -> None:
     monkeypatch.setenv("SAEWB_WS", str(tmp_path / "ws.duckdb"))
     monkeypatch.setenv("SAEWB_MINILM_WS", str(minilm_ws))  # read-only shared harvest (notebook 03)
     monkeypatch.setenv("MPLBACKEND", "Agg")
     nb = nbformat.read(path, as_version=4)
-    client = NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
+    client = NotebookClient(
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    )
     client.execute(env={**os.environ})
-    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    errors = [
+        o
+        for c in nb.cells
+        if c.cell_type == "code"
+        for o in c.get("outputs", [])
+        if o.get("output_type") == "error"
+    ]
     assert not errors
     assert any(c.get("outputs") for c in nb.cells if c.cell_type == "code")

@@ -13,11 +13,50 @@ import test_eval_support as support
 from analysis.evaluate import list_evals
 from analysis.probing import fit_logistic, load_labelled, probe_run, sparse_probe, split_indices
 
-CODE = ["list", "dictionary", "tuple", "string", "integer", "iterator", "generator", "file handle", "socket",
-        "thread", "module", "class", "exception", "decorator", "byte array", "queue", "set", "path", "regex",
-        "buffer"]
-FOOD = ["soup", "bread", "pasta", "salad", "cake", "rice", "stew", "pancakes", "curry", "pie", "omelette",
-        "noodles", "risotto", "tacos", "dumplings", "porridge", "lasagna", "muffins", "chowder", "sushi"]
+CODE = [
+    "list",
+    "dictionary",
+    "tuple",
+    "string",
+    "integer",
+    "iterator",
+    "generator",
+    "file handle",
+    "socket",
+    "thread",
+    "module",
+    "class",
+    "exception",
+    "decorator",
+    "byte array",
+    "queue",
+    "set",
+    "path",
+    "regex",
+    "buffer",
+]
+FOOD = [
+    "soup",
+    "bread",
+    "pasta",
+    "salad",
+    "cake",
+    "rice",
+    "stew",
+    "pancakes",
+    "curry",
+    "pie",
+    "omelette",
+    "noodles",
+    "risotto",
+    "tacos",
+    "dumplings",
+    "porridge",
+    "lasagna",
+    "muffins",
+    "chowder",
+    "sushi",
+]
 
 
 def test_logistic_regression_is_at_its_optimum() -> None:
@@ -93,13 +132,27 @@ def test_probe_on_minilm(minilm_ws: Path, tmp_path: Path) -> None:
 
 
 def test_probe_cli_stores_result(
-    tmp_path_factory: pytest.TempPathFactory, tiny_gpt2: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path_factory: pytest.TempPathFactory,
+    tiny_gpt2: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     from saewb.cli import main
 
     ws = support.gpt2_workspace(str(tmp_path_factory.getbasetemp()), str(tiny_gpt2))
     data = _topics(tmp_path / "topics.jsonl")
-    args = ["probe", "t", "--workspace", str(ws), "--model", str(tiny_gpt2), "--data", str(data), "--ks", "1,5"]
+    args = [
+        "probe",
+        "t",
+        "--workspace",
+        str(ws),
+        "--model",
+        str(tiny_gpt2),
+        "--data",
+        str(data),
+        "--ks",
+        "1,5",
+    ]
     assert main([*args, "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert [r["k"] for r in out["rows"]] == [1, 5] and out["classes"] == ["code", "food"]

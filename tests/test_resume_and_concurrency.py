@@ -16,15 +16,31 @@ from activations.store import harvest_info
 from saewb.workspace import Workspace
 
 HARVEST_ARGS = [
-    "harvest", "--model", "minilm", "--corpus", "stdlib-docs", "--hook", "blocks.1.hook_out",
-    "--ctx-len", "64", "--max-tokens", "8000", "--commit-tokens", "1500", "--batch-size", "8", "--quiet",
+    "harvest",
+    "--model",
+    "minilm",
+    "--corpus",
+    "stdlib-docs",
+    "--hook",
+    "blocks.1.hook_out",
+    "--ctx-len",
+    "64",
+    "--max-tokens",
+    "8000",
+    "--commit-tokens",
+    "1500",
+    "--batch-size",
+    "8",
+    "--quiet",
 ]
 
 
 def _start(ws: Path) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "saewb.cli", *HARVEST_ARGS, "--workspace", str(ws)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -41,7 +57,9 @@ def _committed(ws: Path) -> int:
 
 def _dump(ws: Path) -> tuple[list[tuple], np.ndarray]:
     con = duckdb.connect(str(ws), read_only=True)
-    toks = con.execute("SELECT tok_idx, doc_id, pos, seq_id, token_id, is_special FROM tokens ORDER BY tok_idx").fetchall()
+    toks = con.execute(
+        "SELECT tok_idx, doc_id, pos, seq_id, token_id, is_special FROM tokens ORDER BY tok_idx"
+    ).fetchall()
     x = con.sql('SELECT x FROM "act__default__blocks_1_hook_out" ORDER BY tok_idx').to_arrow_table()
     con.close()
     col = x.column("x").combine_chunks()
@@ -61,13 +79,17 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path: Path) -> None:
     partial = _committed(killed)
     assert 0 < partial < 8000
     resumed = subprocess.run(
-        [sys.executable, "-m", "saewb.cli", *HARVEST_ARGS, "--workspace", str(killed)], capture_output=True, text=True
+        [sys.executable, "-m", "saewb.cli", *HARVEST_ARGS, "--workspace", str(killed)],
+        capture_output=True,
+        text=True,
     )
     assert resumed.returncode == 0, resumed.stderr
 
     clean = tmp_path / "clean.duckdb"
     done = subprocess.run(
-        [sys.executable, "-m", "saewb.cli", *HARVEST_ARGS, "--workspace", str(clean)], capture_output=True, text=True
+        [sys.executable, "-m", "saewb.cli", *HARVEST_ARGS, "--workspace", str(clean)],
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 0, done.stderr
 
@@ -107,13 +129,29 @@ def test_reader_and_writer_processes_never_block_each_other(tmp_path: Path) -> N
     ws = tmp_path / "shared.duckdb"
     # The reader polls before the writer starts and until it finishes, and the writer makes many
     # small commits, so the reader sees several of them land however fast the machine is.
-    reader = subprocess.Popen([sys.executable, "-c", READER, str(ws), "300"], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
+    reader = subprocess.Popen(
+        [sys.executable, "-c", READER, str(ws), "300"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert reader.stdout is not None and reader.stdout.readline().strip() == "polling"
     writer = subprocess.Popen(
-        [sys.executable, "-m", "saewb.cli", *HARVEST_ARGS, "--workspace", str(ws), "--max-tokens", "40000",
-         "--commit-tokens", "1000"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "saewb.cli",
+            *HARVEST_ARGS,
+            "--workspace",
+            str(ws),
+            "--max-tokens",
+            "40000",
+            "--commit-tokens",
+            "1000",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     out, err = reader.communicate(timeout=360)
     assert reader.returncode == 0, err
@@ -171,12 +209,21 @@ def test_a_reader_gets_in_between_back_to_back_commits(tmp_path: Path) -> None:
     import json
 
     ws = tmp_path / "busy.duckdb"
-    writer = subprocess.Popen([sys.executable, "-c", BACK_TO_BACK_WRITER, str(ws), "6"], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    writer = subprocess.Popen(
+        [sys.executable, "-c", BACK_TO_BACK_WRITER, str(ws), "6"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert writer.stdout is not None and writer.stdin is not None
     assert writer.stdout.readline().strip() == "ready", writer.stderr
-    reader = subprocess.Popen([sys.executable, "-c", POLLING_READER, str(ws)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
+    reader = subprocess.Popen(
+        [sys.executable, "-c", POLLING_READER, str(ws)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert reader.stdout is not None
     alone = int(reader.stdout.readline())
     writer.stdin.write("go\n")

@@ -56,7 +56,9 @@ def _jit(fn, *args):
 
 
 def _allclose_tree(a, b, rtol=2e-4, atol=1e-5) -> None:
-    for (path, la), lb in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b), strict=True):
+    for (path, la), lb in zip(
+        jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b), strict=True
+    ):
         np.testing.assert_allclose(np.asarray(la), np.asarray(lb), rtol=rtol, atol=atol, err_msg=str(path))
 
 
@@ -79,15 +81,21 @@ def test_batchtopk_selection_exact_with_enough_candidates_and_capped_otherwise(d
     assert naive[0].sum() > 2 * k  # the exact selection would give token 0 more than c·k latents
     got_b = np.asarray(_jit(lambda p: batchtopk.encode_batch(small, p, big), params))
     assert (got_b[0] != 0).sum() == 2 * k
-    codes = _jit(lambda p: batchtopk.select_batch(small, p, big - p.b_dec, pre_b, batchtopk.score_scale(small, p), k),
-                 params)
+    codes = _jit(
+        lambda p: batchtopk.select_batch(small, p, big - p.b_dec, pre_b, batchtopk.score_scale(small, p), k),
+        params,
+    )
     per_row = np.bincount(np.asarray(codes.rows), minlength=B)
     assert per_row[0] == 2 * k and float(codes.overflow) == pytest.approx(np.mean(per_row == 2 * k))
     # the rest of the budget goes to the next-best entries of the other tokens, still k·B in all
     assert len(np.asarray(codes.vals)) == k * B
     exact = batchtopk.BatchTopKConfig(n_latents=N, k=k, decoder=decoder, candidates=N)
-    np.testing.assert_allclose(np.asarray(_jit(lambda p: batchtopk.encode_batch(exact, p, big), params)),
-                               np.where(naive, np.asarray(pre_b), 0.0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(_jit(lambda p: batchtopk.encode_batch(exact, p, big), params)),
+        np.where(naive, np.asarray(pre_b), 0.0),
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 @pytest.mark.parametrize("arch", ["batchtopk", "matryoshka"])
@@ -131,13 +139,18 @@ def test_batch_losses_and_grads_match_naive_dense_form(arch: str) -> None:
 
 def test_threshold_tracking_inference_and_folding() -> None:
     x, params = _problem(3)
-    cfg = batchtopk.BatchTopKConfig(n_latents=N, k=3, threshold_decay=0.9, threshold_start_step=3,
-                                    threshold_start_frac=1.0)
+    cfg = batchtopk.BatchTopKConfig(
+        n_latents=N, k=3, threshold_decay=0.9, threshold_start_step=3, threshold_start_frac=1.0
+    )
     state = common.threshold_state()
     seen = []
     for i, v in enumerate([5.0, 4.0, 3.0, 0.7, 0.9, 1.1]):
-        state = batchtopk.update_state(cfg, state, {"threshold": jnp.float32(v), "threshold_seen": True,
-                                                    "progress": jnp.float32(0.1)}, jnp.asarray(i))
+        state = batchtopk.update_state(
+            cfg,
+            state,
+            {"threshold": jnp.float32(v), "threshold_seen": True, "progress": jnp.float32(0.1)},
+            jnp.asarray(i),
+        )
         if i >= 3:
             seen.append(v)
     # bias-corrected EMA of the values from step 3 on
@@ -170,7 +183,9 @@ def test_threshold_tracking_inference_and_folding() -> None:
 def test_hierarchical_loss_grads_chunks_and_budgets_match_naive() -> None:
     x, params = _problem(4)
     kk = 5
-    cfg = hierarchical_topk.HierarchicalTopKConfig(n_latents=N, k=kk, chunk_size=5)  # 12 tokens: 3 chunks, padded
+    cfg = hierarchical_topk.HierarchicalTopKConfig(
+        n_latents=N, k=kk, chunk_size=5
+    )  # 12 tokens: 3 chunks, padded
     state = common.StepState(step=jnp.zeros((), jnp.int32))
 
     order = np.argsort(-np.asarray(_scores(cfg, params, x)[1]), axis=1, kind="stable")[:, :kk]
@@ -181,7 +196,10 @@ def test_hierarchical_loss_grads_chunks_and_budgets_match_naive() -> None:
         total = 0.0
         for j in range(1, kk + 1):  # x̂_j from the j largest, one budget at a time
             idx = order[:, :j]
-            x_hat = jnp.einsum("bj,bjd->bd", jnp.take_along_axis(pre, jnp.asarray(idx), 1), p.W_dec[idx]) + p.b_dec
+            x_hat = (
+                jnp.einsum("bj,bjd->bd", jnp.take_along_axis(pre, jnp.asarray(idx), 1), p.W_dec[idx])
+                + p.b_dec
+            )
             total = total + jnp.sum((x - x_hat) ** 2) / var
         return total / kk
 
@@ -211,8 +229,13 @@ def test_jumprelu_forward_and_straight_through_grads_match_formulas() -> None:
     x, lin = _problem(5)
     r = np.random.default_rng(5)
     eps, lam = 0.4, 0.03
-    params = jumprelu.Params(W_enc=lin.W_enc, b_enc=lin.b_enc, W_dec=lin.W_dec, b_dec=lin.b_dec,
-                             threshold=jnp.asarray(r.uniform(0.0, 0.8, N), jnp.float32))
+    params = jumprelu.Params(
+        W_enc=lin.W_enc,
+        b_enc=lin.b_enc,
+        W_dec=lin.W_dec,
+        b_dec=lin.b_dec,
+        threshold=jnp.asarray(r.uniform(0.0, 0.8, N), jnp.float32),
+    )
     cfg = jumprelu.JumpReLUConfig(n_latents=N, l0_coef=lam, bandwidth=eps, l0_warmup_frac=0.0)
     state = common.StepState(step=jnp.zeros((), jnp.int32))
     pre = np.asarray((x - params.b_dec) @ params.W_enc + params.b_enc)
@@ -235,8 +258,13 @@ def test_jumprelu_forward_and_straight_through_grads_match_formulas() -> None:
 
     g_naive = jax.jit(jax.grad(naive))(params)
     for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
-        np.testing.assert_allclose(np.asarray(getattr(grads, name)), np.asarray(getattr(g_naive, name)),
-                                   rtol=2e-4, atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(
+            np.asarray(getattr(grads, name)),
+            np.asarray(getattr(g_naive, name)),
+            rtol=2e-4,
+            atol=1e-5,
+            err_msg=name,
+        )
     # θ: −(θ/ε)·K((z−θ)/ε)·∂L/∂f from the reconstruction, −(λ/ε)·mean_b K((z−θ)/ε) from the L0 term
     g_f = 2 * (x_hat - np.asarray(x)) @ np.asarray(params.W_dec).T / var
     kern = (np.abs((pre - theta) / eps) < 0.5).astype(np.float64)
@@ -244,7 +272,9 @@ def test_jumprelu_forward_and_straight_through_grads_match_formulas() -> None:
     assert kern.sum() > 5  # the window catches enough entries for the check to mean something
     np.testing.assert_allclose(np.asarray(grads.threshold), want_theta, rtol=2e-4, atol=1e-6)
 
-    target = jumprelu.JumpReLUConfig(n_latents=N, l0_coef=lam, bandwidth=eps, l0_warmup_frac=0.0, target_l0=4.0)
+    target = jumprelu.JumpReLUConfig(
+        n_latents=N, l0_coef=lam, bandwidth=eps, l0_warmup_frac=0.0, target_l0=4.0
+    )
     loss_t = jax.jit(lambda p: jumprelu.loss(target, p, state, x, NO_DEAD)[0])(params)
     assert float(loss_t) == pytest.approx(float(loss) - lam * l0 + lam * (l0 / 4.0 - 1) ** 2, rel=1e-5)
 
@@ -276,8 +306,9 @@ def test_sae_object_encodes_any_budget_up_to_k() -> None:
     np.testing.assert_allclose(model.encode(xn), model.encode(xn, k=5), rtol=1e-6)
     with pytest.raises(ValueError, match="outside the budgets"):
         model.encode(xn, k=9)
-    jr = jumprelu.Params(W_enc=params.W_enc, b_enc=params.b_enc, W_dec=params.W_dec, b_dec=params.b_dec,
-                         threshold=jnp.zeros(N))
+    jr = jumprelu.Params(
+        W_enc=params.W_enc, b_enc=params.b_enc, W_dec=params.W_dec, b_dec=params.b_dec, threshold=jnp.zeros(N)
+    )
     with pytest.raises(ValueError, match="'jumprelu' has no per-call budget"):
         sae.SAE(jumprelu.JumpReLUConfig(n_latents=N), jr, state, D).encode(xn, k=2)
 
@@ -293,9 +324,28 @@ def test_matryoshka_through_cli_train_resume_and_eval(ws: Path, capsys: pytest.C
     from analysis.evaluate import list_evals
     from saewb.cli import main
 
-    base = ["train", "--workspace", str(ws), "--hook", "blocks.1.hook_out", "--n-latents", "64",
-            "--train-tokens", "2048", "--batch-size", "256", "--log-every", "4", "--ckpt-every", "4",
-            "--init-sample-tokens", "512", "--eval-tokens", "512", "--no-progress"]
+    base = [
+        "train",
+        "--workspace",
+        str(ws),
+        "--hook",
+        "blocks.1.hook_out",
+        "--n-latents",
+        "64",
+        "--train-tokens",
+        "2048",
+        "--batch-size",
+        "256",
+        "--log-every",
+        "4",
+        "--ckpt-every",
+        "4",
+        "--init-sample-tokens",
+        "512",
+        "--eval-tokens",
+        "512",
+        "--no-progress",
+    ]
     mat = [*base, "--arch", "matryoshka", "--k", "4", "--group-sizes", "8,24,32", "--name", "mat"]
     assert main(mat) == 0
     assert main(mat) == 0  # the same flags resume (nothing left to do): the tuple config matches itself

@@ -49,7 +49,10 @@ def test_feature_choice_matches_naive_reference() -> None:
         params, state = fc.init(cfg, jax.random.PRNGKey(1), d, np.asarray(x))
         params = params.replace(b_enc=jnp.asarray(rng.normal(0, 0.3, n), jnp.float32))
         state = state.replace(density=jnp.asarray(rng.uniform(0, 1, n), jnp.float32))
-        pre = np.maximum((np.asarray(x) - np.asarray(params.b_dec)) @ np.asarray(params.W_enc) + np.asarray(params.b_enc), 0)
+        pre = np.maximum(
+            (np.asarray(x) - np.asarray(params.b_dec)) @ np.asarray(params.W_enc) + np.asarray(params.b_enc),
+            0,
+        )
         # naive capacities: uniform k·B/n; Zipf by descending density rank, floor, clipped to [1, B]
         dens = np.asarray(state.density)
         rank = np.empty(n, int)
@@ -126,7 +129,8 @@ def test_masked_omp_and_loss_match_naive_reference() -> None:
     params, state = masked.init(cfg, jax.random.PRNGKey(2), d, np.asarray(x))
     vis = np.asarray(masked.visible_mask(cfg, state, (b, d)))
     assert (vis.sum(1) == 6).all() and not np.array_equal(
-        vis, np.asarray(masked.visible_mask(cfg, state.replace(step=state.step + 1), (b, d))))
+        vis, np.asarray(masked.visible_mask(cfg, state.replace(step=state.step + 1), (b, d)))
+    )
     w, b_dec = np.asarray(params.W_dec, np.float64), np.asarray(params.b_dec, np.float64)
     xc = np.asarray(x, np.float64) - b_dec
     codes = _naive_omp(w, xc, vis, k)
@@ -149,13 +153,24 @@ def test_masked_omp_and_loss_match_naive_reference() -> None:
 # ------------------------------------------------------------- gradient archs: save and resume
 
 
-@pytest.mark.parametrize("cfg", [
-    fc.FeatureChoiceConfig(n_latents=16, k=2, capacity="zipf", density_decay=0.8),
-    masked.MaskedConfig(n_latents=16, k=2, encoder="topk"),
-], ids=["feature_choice", "masked"])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        fc.FeatureChoiceConfig(n_latents=16, k=2, capacity="zipf", density_decay=0.8),
+        masked.MaskedConfig(n_latents=16, k=2, encoder="topk"),
+    ],
+    ids=["feature_choice", "masked"],
+)
 def test_resume_is_bit_for_bit_and_loads(cfg, tmp_path: Path) -> None:
-    tc = TrainConfig(train_tokens=32 * 12, batch_size=32, log_every=4, ckpt_every=4, keep_checkpoints=5,
-                     init_sample_tokens=64, dead_window_tokens=64)
+    tc = TrainConfig(
+        train_tokens=32 * 12,
+        batch_size=32,
+        log_every=4,
+        ckpt_every=4,
+        keep_checkpoints=5,
+        init_sample_tokens=64,
+        dead_window_tokens=64,
+    )
     batches = _stream(8, 32)
     ref = tmp_path / "ref"
     train(cfg, tc, batches, run_dir=ref, progress=False)
@@ -210,7 +225,11 @@ def _naive_itda(batches, steps: int, k: int, tau: float) -> tuple[np.ndarray, li
         base = np.array(atoms) if atoms else np.zeros((0, x.shape[1]))
         added: list[np.ndarray] = []
         for t in range(len(u)):
-            loss = 1.0 if not len(base) else float(np.sum((u[t] - _naive_mp(base, u[t : t + 1], k)[0] @ base) ** 2))
+            loss = (
+                1.0
+                if not len(base)
+                else float(np.sum((u[t] - _naive_mp(base, u[t : t + 1], k)[0] @ base) ** 2))
+            )
             label = step * len(u) + t
             if loss > tau and label not in labels and all((a @ u[t]) ** 2 < 1 - tau for a in added):
                 added.append(u[t])
@@ -225,8 +244,9 @@ def test_itda_mp_and_fit_match_naive_reference() -> None:
     atoms /= np.linalg.norm(atoms, axis=1, keepdims=True)
     x = rng.standard_normal((9, 6))
     for use_gram in (True, False):
-        got = np.asarray(itda.matching_pursuit(jnp.asarray(atoms, jnp.float32), jnp.asarray(x, jnp.float32), 4,
-                                               use_gram))
+        got = np.asarray(
+            itda.matching_pursuit(jnp.asarray(atoms, jnp.float32), jnp.asarray(x, jnp.float32), 4, use_gram)
+        )
         np.testing.assert_allclose(got, _naive_mp(atoms, x, 4), atol=1e-4)
     assert ((got != 0).sum(1) <= 4).all()
 
@@ -252,6 +272,7 @@ def test_itda_resume_keeps_every_atom_once_and_jaccard(tmp_path: Path) -> None:
                 if start + i == limit:
                     raise KeyboardInterrupt  # as a Ctrl-C between batches
                 yield b
+
         return gen
 
     with pytest.raises(KeyboardInterrupt):
@@ -274,13 +295,38 @@ def test_itda_resume_keeps_every_atom_once_and_jaccard(tmp_path: Path) -> None:
     assert 0 < itda.jaccard(loaded, other) < 1
 
 
-def test_itda_cli_train_eval_and_labels(minilm_ws: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_itda_cli_train_eval_and_labels(
+    minilm_ws: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     ws = tmp_path / "ws.duckdb"
     shutil.copy(minilm_ws, ws)
     hook = "blocks.1.hook_out"
-    argv = ["train", "--workspace", str(ws), "--hook", hook, "--arch", "itda", "--name", "it", "--k", "8",
-            "--tau", "0.3", "--train-tokens", "2048", "--batch-size", "256", "--log-every", "4",
-            "--ckpt-every", "4", "--eval-tokens", "512", "--no-progress"]
+    argv = [
+        "train",
+        "--workspace",
+        str(ws),
+        "--hook",
+        hook,
+        "--arch",
+        "itda",
+        "--name",
+        "it",
+        "--k",
+        "8",
+        "--tau",
+        "0.3",
+        "--train-tokens",
+        "2048",
+        "--batch-size",
+        "256",
+        "--log-every",
+        "4",
+        "--ckpt-every",
+        "4",
+        "--eval-tokens",
+        "512",
+        "--no-progress",
+    ]
     assert main(argv) == 0
     assert "run 'it' done" in capsys.readouterr().out
     model = sae.load("it", workspace=ws)

@@ -170,8 +170,14 @@ def test_interrupted_run_resumes_bit_for_bit_for_each_arch(cfg: str, tmp_path: P
     from sae.jumprelu import JumpReLUConfig
 
     config = eval(cfg, {"BatchTopKConfig": BatchTopKConfig, "JumpReLUConfig": JumpReLUConfig})
-    tc = TrainConfig(train_tokens=48 * 12, batch_size=48, log_every=3, ckpt_every=5, init_sample_tokens=96,
-                     dead_window_tokens=96)
+    tc = TrainConfig(
+        train_tokens=48 * 12,
+        batch_size=48,
+        log_every=3,
+        ckpt_every=5,
+        init_sample_tokens=96,
+        dead_window_tokens=96,
+    )
 
     def batches(stop_at: int | None):
         def gen(start: int):
@@ -180,6 +186,7 @@ def test_interrupted_run_resumes_bit_for_bit_for_each_arch(cfg: str, tmp_path: P
                     raise _Stop  # a crash after step 8's update was applied, before its checkpoint
                 r = np.random.default_rng([2, step])
                 yield (r.standard_normal((48, 8)) * np.linspace(0.5, 3, 8) + 2).astype(np.float32)
+
         return gen
 
     with pytest.raises(_Stop):

@@ -14,9 +14,29 @@ from saewb.cli import main
 from saewb.workspace import Workspace
 
 HOOK = "blocks.1.hook_out"
-BASE = ["--hook", HOOK, "--arch", "topk", "--n-latents", "64", "--k", "8", "--train-tokens", "4096",
-        "--batch-size", "256", "--log-every", "4", "--ckpt-every", "8", "--init-sample-tokens", "1024",
-        "--eval-tokens", "512", "--no-progress"]
+BASE = [
+    "--hook",
+    HOOK,
+    "--arch",
+    "topk",
+    "--n-latents",
+    "64",
+    "--k",
+    "8",
+    "--train-tokens",
+    "4096",
+    "--batch-size",
+    "256",
+    "--log-every",
+    "4",
+    "--ckpt-every",
+    "8",
+    "--init-sample-tokens",
+    "1024",
+    "--eval-tokens",
+    "512",
+    "--no-progress",
+]
 
 
 @pytest.fixture()
@@ -33,7 +53,9 @@ def _fails(capsys: pytest.CaptureFixture[str], argv: list[str], *needles: str) -
         assert needle in err, err
 
 
-def test_bad_configs_refused_before_work(ws: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_configs_refused_before_work(
+    ws: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     w = ["train", "--workspace", str(ws), "--name", "r1"]
     _fails(capsys, [*w, *BASE[:4], "--arch", "nope"], "unknown architecture 'nope'", "topk")
     _fails(capsys, [*w, *BASE, "--k", "100"], "k=100 must be between 1 and n_latents=64")
@@ -51,9 +73,9 @@ def test_bad_configs_refused_before_work(ws: Path, tmp_path: Path, capsys: pytes
 def test_train_runs_resume_and_load(ws: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     yaml_path = tmp_path / "run.yaml"
     yaml_path.write_text(
-        f"workspace: {ws}\nname: my-run\n" + "".join(
-            f"{BASE[i].lstrip('-')}: {BASE[i + 1]}\n" for i in range(0, len(BASE) - 1, 2)
-        ) + "progress: false\n"
+        f"workspace: {ws}\nname: my-run\n"
+        + "".join(f"{BASE[i].lstrip('-')}: {BASE[i + 1]}\n" for i in range(0, len(BASE) - 1, 2))
+        + "progress: false\n"
     )
     assert main(["train", "--config", str(yaml_path)]) == 0
     out = capsys.readouterr().out

@@ -88,12 +88,16 @@ def test_kernels_vjp_match_gather_autodiff() -> None:
     b_enc = jnp.asarray(rng.normal(size=(n,)), jnp.float32)
     ref_dec = lambda v, w: jnp.sum(jnp.sin(jnp.einsum("bk,bkd->bd", v, w[idx])))  # noqa: E731
     got_dec = lambda v, w: jnp.sum(jnp.sin(sparse_decode(v, idx, w)))  # noqa: E731
-    for a, r in zip(jax.grad(got_dec, (0, 1))(vals, w_dec), jax.grad(ref_dec, (0, 1))(vals, w_dec), strict=True):
+    for a, r in zip(
+        jax.grad(got_dec, (0, 1))(vals, w_dec), jax.grad(ref_dec, (0, 1))(vals, w_dec), strict=True
+    ):
         np.testing.assert_allclose(a, r, rtol=1e-5, atol=1e-6)
     ref_enc = lambda x, w, bb: jnp.sum(jnp.sin((x @ w + bb)[jnp.arange(b)[:, None], idx]))  # noqa: E731
     got_enc = lambda x, w, bb: jnp.sum(jnp.sin(gather_encode(x, w, bb, idx)))  # noqa: E731
     for a, r in zip(
-        jax.grad(got_enc, (0, 1, 2))(x, w_enc, b_enc), jax.grad(ref_enc, (0, 1, 2))(x, w_enc, b_enc), strict=True
+        jax.grad(got_enc, (0, 1, 2))(x, w_enc, b_enc),
+        jax.grad(ref_enc, (0, 1, 2))(x, w_enc, b_enc),
+        strict=True,
     ):
         np.testing.assert_allclose(a, r, rtol=1e-5, atol=1e-6)
 
@@ -112,7 +116,9 @@ def test_gather_encode_from_dense_pre_matches() -> None:
     )
     np.testing.assert_allclose(from_pre(x, w_enc, b_enc), plain(x, w_enc, b_enc), rtol=1e-5)
     for a, r in zip(
-        jax.grad(from_pre, (0, 1, 2))(x, w_enc, b_enc), jax.grad(plain, (0, 1, 2))(x, w_enc, b_enc), strict=True
+        jax.grad(from_pre, (0, 1, 2))(x, w_enc, b_enc),
+        jax.grad(plain, (0, 1, 2))(x, w_enc, b_enc),
+        strict=True,
     ):
         np.testing.assert_allclose(a, r, rtol=1e-5, atol=1e-6)
 
@@ -172,7 +178,9 @@ def test_encode_top_k_in_chunks_equals_the_dense_search(
 
 @pytest.mark.parametrize("k", [3, 80])  # 80 > SCATTER_LOOP_K: the one-pick-at-a-time scatter
 @pytest.mark.parametrize("use_native", [True, False], ids=["native", "xla"])
-def test_sparse_kernels_match_dense_autodiff(use_native: bool, k: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sparse_kernels_match_dense_autodiff(
+    use_native: bool, k: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     _kernels(use_native, monkeypatch)
     b, n, d = 24, 200, 10
     rng = np.random.default_rng(k)
@@ -180,7 +188,10 @@ def test_sparse_kernels_match_dense_autodiff(use_native: bool, k: int, monkeypat
     vals = jnp.asarray(rng.normal(size=(b, k)).astype(np.float32))
     w_dec = jnp.asarray(rng.normal(size=(n, d)).astype(np.float32))
     w_enc, b_enc = w_dec.T * 0.7, jnp.asarray(rng.normal(size=n).astype(np.float32))
-    x, b_dec = jnp.asarray(rng.normal(size=(b, d)).astype(np.float32)), jnp.asarray(rng.normal(size=d).astype(np.float32))
+    x, b_dec = (
+        jnp.asarray(rng.normal(size=(b, d)).astype(np.float32)),
+        jnp.asarray(rng.normal(size=d).astype(np.float32)),
+    )
     dense = jnp.zeros((b, n)).at[jnp.arange(b)[:, None], idx]
 
     def sparse_loss(v, wd, we, be, bd):
@@ -193,8 +204,11 @@ def test_sparse_kernels_match_dense_autodiff(use_native: bool, k: int, monkeypat
         return jnp.sum(jnp.sin(codes @ wd))
 
     args = (vals, w_dec, w_enc, b_enc, b_dec)
-    for g_s, g_d in zip(jax.grad(sparse_loss, argnums=(0, 1, 2, 3, 4))(*args),
-                        jax.grad(dense_loss, argnums=(0, 1, 2, 3, 4))(*args), strict=True):
+    for g_s, g_d in zip(
+        jax.grad(sparse_loss, argnums=(0, 1, 2, 3, 4))(*args),
+        jax.grad(dense_loss, argnums=(0, 1, 2, 3, 4))(*args),
+        strict=True,
+    ):
         np.testing.assert_allclose(np.asarray(g_s), np.asarray(g_d), rtol=2e-4, atol=2e-4)
 
 

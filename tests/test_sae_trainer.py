@@ -78,13 +78,23 @@ def test_dead_window_counts_tokens() -> None:
         HierarchicalTopKConfig(n_latents=96, k=6),
         MatryoshkaConfig(n_latents=96, k=4, group_sizes=(16, 16, 64)),
     ],
-    ids=["topk-unit", "topk-free-multi", "relu_l1", "relu_l1-classic", "gba", "batchtopk", "jumprelu",
-         "hierarchical_topk", "matryoshka"],
+    ids=[
+        "topk-unit",
+        "topk-free-multi",
+        "relu_l1",
+        "relu_l1-classic",
+        "gba",
+        "batchtopk",
+        "jumprelu",
+        "hierarchical_topk",
+        "matryoshka",
+    ],
 )
 def test_arch_learns_and_saved_sae_takes_raw_activations(cfg, tmp_path: Path) -> None:
     batches = sparse_batches()
-    tc = TrainConfig(train_tokens=128 * 200, batch_size=128, lr=3e-3, log_every=50, ckpt_every=200,
-                     init_sample_tokens=1024)
+    tc = TrainConfig(
+        train_tokens=128 * 200, batch_size=128, lr=3e-3, log_every=50, ckpt_every=200, init_sample_tokens=1024
+    )
     res = train(cfg, tc, batches, run_dir=tmp_path, progress=False)
     first, last = res.history[0], res.history[-1]
     assert res.scale != pytest.approx(1.0, rel=0.05)  # data is far from unit scale, so folding matters
@@ -175,8 +185,11 @@ def test_step_leaves_auxk_out_only_when_nothing_is_dead() -> None:
         return ts.replace(since_fired=jnp.full((64,), since, jnp.int32))
 
     def updated(ts, maybe_dead: bool | None = None):
-        out = trainer.step(ts, batch, 1.0) if maybe_dead is None else trainer._step(ts, jnp.asarray(batch),
-                                                                                   jnp.float32(1.0), maybe_dead)
+        out = (
+            trainer.step(ts, batch, 1.0)
+            if maybe_dead is None
+            else trainer._step(ts, jnp.asarray(batch), jnp.float32(1.0), maybe_dead)
+        )
         return np.asarray(out.params.W_enc)
 
     # nothing dead: the step Trainer.step runs equals the full program's (AuxK is zero there)
@@ -195,12 +208,17 @@ def test_bad_configs_are_refused_with_fix() -> None:
     with pytest.raises(ValueError, match="less than one batch"):
         TrainConfig(train_tokens=10, batch_size=100).validate()
     with pytest.raises(ValueError, match=r"expected \(128, 16\)"):
+
         def short(start: int):
             while True:
                 yield np.zeros((100, 16), np.float32)
 
-        train(TopKConfig(n_latents=8, k=2), TrainConfig(train_tokens=256, batch_size=128, init_sample_tokens=64),
-              short, progress=False)
+        train(
+            TopKConfig(n_latents=8, k=2),
+            TrainConfig(train_tokens=256, batch_size=128, init_sample_tokens=64),
+            short,
+            progress=False,
+        )
 
 
 def test_partition_specs_shard_latent_axis() -> None:
@@ -232,6 +250,8 @@ def test_classic_resampling_resets_dead_latents_and_their_adam_moments() -> None
     np.testing.assert_allclose(np.linalg.norm(w_new[dead], axis=1), 1.0, rtol=1e-5)
     assert np.all(np.asarray(params.b_enc)[dead] == 0)
     opt = _reset_adam_moments(ts.opt_state, mask)
-    adam = [s for s in jax.tree_util.tree_leaves(opt, is_leaf=lambda s: hasattr(s, "mu")) if hasattr(s, "mu")][0]
+    adam = [
+        s for s in jax.tree_util.tree_leaves(opt, is_leaf=lambda s: hasattr(s, "mu")) if hasattr(s, "mu")
+    ][0]
     mu = np.asarray(adam.mu.W_dec)
     assert np.all(mu[dead] == 0) and np.any(mu[~dead] != 0)

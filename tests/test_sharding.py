@@ -47,8 +47,16 @@ def _configs() -> dict[str, Any]:
 def _tc(mesh: tuple[int, int], **kw: Any) -> Any:
     from sae.trainer import TrainConfig
 
-    opts = dict(train_tokens=BATCH * STEPS, batch_size=BATCH, log_every=4, init_sample_tokens=256, ckpt_every=12,
-                keep_checkpoints=4, mesh_data=mesh[0], mesh_model=mesh[1])
+    opts = dict(
+        train_tokens=BATCH * STEPS,
+        batch_size=BATCH,
+        log_every=4,
+        init_sample_tokens=256,
+        ckpt_every=12,
+        keep_checkpoints=4,
+        mesh_data=mesh[0],
+        mesh_model=mesh[1],
+    )
     opts.update(kw)
     return TrainConfig(**opts)
 
@@ -84,11 +92,16 @@ def _mesh_worker(part: str, out: Path, work: Path) -> None:
                     used = sharding.model_shards()
                     v, i = jax.jit(lambda s, k=k: sharding.top_k(s, k))(arr)
                 v0, i0 = jax.lax.top_k(jnp.asarray(arr), k)
-                topk_checks.append({
-                    "mesh": mesh_shape, "input": name, "k": k, "model_shards": used,
-                    "same_idx": bool(np.array_equal(np.asarray(i), np.asarray(i0))),
-                    "same_vals": bool(np.array_equal(np.asarray(v), np.asarray(v0))),
-                })
+                topk_checks.append(
+                    {
+                        "mesh": mesh_shape,
+                        "input": name,
+                        "k": k,
+                        "model_shards": used,
+                        "same_idx": bool(np.array_equal(np.asarray(i), np.asarray(i0))),
+                        "same_vals": bool(np.array_equal(np.asarray(v), np.asarray(v0))),
+                    }
+                )
     res["topk"] = topk_checks
 
     # layouts: latent axis split over model, b_dec replicated, per-latent state split
@@ -111,7 +124,10 @@ def _mesh_worker(part: str, out: Path, work: Path) -> None:
         curves[arch] = {"1x1": {"loss": [h["loss"] for h in ref.history], "params": _flat(ref.params)}}
         for m in MESHES:
             r = train(cfg, _tc(m), synthetic_batches, run_dir=work / f"{arch}-{m[0]}x{m[1]}", progress=False)
-            curves[arch][f"{m[0]}x{m[1]}"] = {"loss": [h["loss"] for h in r.history], "params": _flat(r.params)}
+            curves[arch][f"{m[0]}x{m[1]}"] = {
+                "loss": [h["loss"] for h in r.history],
+                "params": _flat(r.params),
+            }
 
     # resume the step-12 checkpoint of the 1x1 run on 2x4, and of the 2x4 run on 1x1
     resumed = {}
@@ -124,7 +140,9 @@ def _mesh_worker(part: str, out: Path, work: Path) -> None:
         manifest = json.loads((cdir / "step_000000012" / "manifest.json").read_text())
         r = train(_configs()["topk"], _tc(dst), synthetic_batches, run_dir=run, progress=False)
         resumed[f"{src}->{dst[0]}x{dst[1]}"] = {
-            "saved_on": manifest.get("mesh"), "loss": [h["loss"] for h in r.history], "params": _flat(r.params),
+            "saved_on": manifest.get("mesh"),
+            "loss": [h["loss"] for h in r.history],
+            "params": _flat(r.params),
             "first_step": r.history[0]["step"],
         }
 
@@ -138,8 +156,8 @@ def _mesh_worker(part: str, out: Path, work: Path) -> None:
             "loss": [h["loss"] for h in r.history],
             "param_dtypes": sorted({str(a.dtype) for a in jax.tree_util.tree_leaves(r.params)}),
             "state_dtypes": sorted({str(a.dtype) for a in jax.tree_util.tree_leaves(ts.opt_state)}),
-            "bf16_dots": hlo.count("dot_general") and sum("bf16" in line for line in hlo.splitlines()
-                                                           if "dot_general" in line),
+            "bf16_dots": hlo.count("dot_general")
+            and sum("bf16" in line for line in hlo.splitlines() if "dot_general" in line),
         }
 
     def lists(x: Any) -> Any:
@@ -164,10 +182,18 @@ def mesh_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
     procs = {}
     for part in ("topk", "gba"):
-        code = (f"import sys; sys.path.insert(0, {str(HERE)!r}); import test_sharding as t; from pathlib import Path; "
-                f"t._mesh_worker({part!r}, Path({str(tmp / part)!r} + '.json'), Path({str(tmp / part)!r}))")
-        procs[part] = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=HERE.parent, text=True,
-                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        code = (
+            f"import sys; sys.path.insert(0, {str(HERE)!r}); import test_sharding as t; from pathlib import Path; "
+            f"t._mesh_worker({part!r}, Path({str(tmp / part)!r} + '.json'), Path({str(tmp / part)!r}))"
+        )
+        procs[part] = subprocess.Popen(
+            [sys.executable, "-c", code],
+            env=env,
+            cwd=HERE.parent,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
     merged: dict[str, Any] = {}
     import resource
 
@@ -229,7 +255,9 @@ def test_loss_curve_matches_one_device(mesh_results: dict[str, Any], arch: str) 
         got = curves[f"{m[0]}x{m[1]}"]
         np.testing.assert_allclose(got["loss"], ref["loss"], rtol=2e-5, atol=1e-6, err_msg=f"{arch} {m}")
         for a, b in zip(got["params"], ref["params"], strict=True):
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=2e-5, err_msg=f"{arch} {m}")
+            np.testing.assert_allclose(
+                np.asarray(a), np.asarray(b), rtol=1e-4, atol=2e-5, err_msg=f"{arch} {m}"
+            )
 
 
 def test_checkpoint_resumes_across_meshes(mesh_results: dict[str, Any]) -> None:

@@ -21,8 +21,14 @@ HOOK = "blocks.1.hook_out"
 
 
 def _cfg(corpus: Path, tiny: Path, **kw: object) -> HarvestConfig:
-    opts: dict = {"model": str(tiny), "corpus": str(corpus), "hooks": HOOKS, "ctx_len": 24, "commit_tokens": 400,
-                  "batch_size": 16}
+    opts: dict = {
+        "model": str(tiny),
+        "corpus": str(corpus),
+        "hooks": HOOKS,
+        "ctx_len": 24,
+        "commit_tokens": 400,
+        "batch_size": 16,
+    }
     opts.update(kw)
     return HarvestConfig(**opts)
 
@@ -38,9 +44,33 @@ def harvests(tiny_gpt2: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
     run_harvest(_cfg(corpus, tiny_gpt2), out["full"], progress=False)
     run_harvest(_cfg(corpus, tiny_gpt2, shard=(0, 2)), out["s0"], progress=False)
     # the second shard through the real CLI
-    assert saewb(["harvest", "--workspace", str(out["s1"]), "--model", str(tiny_gpt2), "--corpus", str(corpus),
-                  "--hook", HOOKS[0], "--hook", HOOKS[1], "--ctx-len", "24", "--commit-tokens", "400",
-                  "--batch-size", "16", "--shard", "1/2", "--quiet"]) == 0
+    assert (
+        saewb(
+            [
+                "harvest",
+                "--workspace",
+                str(out["s1"]),
+                "--model",
+                str(tiny_gpt2),
+                "--corpus",
+                str(corpus),
+                "--hook",
+                HOOKS[0],
+                "--hook",
+                HOOKS[1],
+                "--ctx-len",
+                "24",
+                "--commit-tokens",
+                "400",
+                "--batch-size",
+                "16",
+                "--shard",
+                "1/2",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -82,25 +112,37 @@ def test_two_shards_merge_to_the_unsharded_harvest(harvests: dict[str, Path]) ->
     c.close()
 
 
-def test_shard_resumes_and_refuses_another_shard(harvests: dict[str, Path], tiny_gpt2: Path, tmp_path: Path) -> None:
+def test_shard_resumes_and_refuses_another_shard(
+    harvests: dict[str, Path], tiny_gpt2: Path, tmp_path: Path
+) -> None:
     ws = tmp_path / "s0.duckdb"
     ws.write_bytes(harvests["s0"].read_bytes())
     # Leave the state a kill leaves: the committed prefix up to a window boundary, status running.
     con = duckdb.connect(str(ws))
     info = harvest_info(harvests["s0"])
     cut = info.n_windows // 2 // 16 * 16  # a commit boundary falls after a whole batch
-    con.execute("DELETE FROM documents WHERE doc_id NOT IN (SELECT doc_id FROM tokens WHERE seq_id < ? AND pos < 24)", [cut])
+    con.execute(
+        "DELETE FROM documents WHERE doc_id NOT IN (SELECT doc_id FROM tokens WHERE seq_id < ? AND pos < 24)",
+        [cut],
+    )
     n_keep = con.execute("SELECT count(*) FROM tokens WHERE seq_id < ?", [cut]).fetchone()[0]
     con.execute("DELETE FROM tokens WHERE seq_id >= ?", [cut])
     for table in info.tables.values():
         con.execute(f'DELETE FROM "{table}" WHERE tok_idx >= ?', [n_keep])
     n_docs = con.execute("SELECT count(*) FROM documents").fetchone()[0]
-    con.execute("UPDATE harvests SET status = 'running', n_windows = ?, n_tokens = ?, n_docs = ?", [cut, n_keep, n_docs])
+    con.execute(
+        "UPDATE harvests SET status = 'running', n_windows = ?, n_tokens = ?, n_docs = ?",
+        [cut, n_keep, n_docs],
+    )
     con.close()
     with pytest.raises(HarvestError, match="shard"):
         run_harvest(_cfg(harvests["corpus"], tiny_gpt2, shard=(1, 2)), ws, progress=False)
     resumed = run_harvest(_cfg(harvests["corpus"], tiny_gpt2, shard=(0, 2)), ws, progress=False)
-    assert (resumed.n_tokens, resumed.n_windows, resumed.n_docs) == (info.n_tokens, info.n_windows, info.n_docs)
+    assert (resumed.n_tokens, resumed.n_windows, resumed.n_docs) == (
+        info.n_tokens,
+        info.n_windows,
+        info.n_docs,
+    )
     a, b = duckdb.connect(str(ws), read_only=True), duckdb.connect(str(harvests["s0"]), read_only=True)
     q = "SELECT tok_idx, doc_id, pos, token_id FROM tokens ORDER BY tok_idx"
     assert a.execute(q).fetchall() == b.execute(q).fetchall()
@@ -111,17 +153,30 @@ def test_shard_resumes_and_refuses_another_shard(harvests: dict[str, Path], tiny
 
 
 @pytest.mark.parametrize("bad", ["2/2", "0/0", "a/b", "3", "-1/2", "1/2/3"])
-def test_bad_shard_values_are_refused_before_work(bad: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_bad_shard_values_are_refused_before_work(
+    bad: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     ws = tmp_path / "never.duckdb"
-    assert saewb(["harvest", "--workspace", str(ws), "--model", "no-such-model", f"--shard={bad}", "--quiet"]) == 1
+    assert (
+        saewb(["harvest", "--workspace", str(ws), "--model", "no-such-model", f"--shard={bad}", "--quiet"])
+        == 1
+    )
     err = capsys.readouterr().err
     assert "shard" in err and ("i/N" in err or "0.." in err or "at least 1" in err)
     assert not ws.exists()
 
 
 def _epoch(sources: object, split: str = "train", seed: int = 5) -> tuple[np.ndarray, np.ndarray]:
-    s = ActivationStream(sources, HOOK, batch_size=64, seed=seed, split=split, eval_fraction=0.2,  # type: ignore[arg-type]
-                         chunk_tokens=256, buffer_tokens=512)
+    s = ActivationStream(
+        sources,
+        HOOK,
+        batch_size=64,
+        seed=seed,
+        split=split,
+        eval_fraction=0.2,  # type: ignore[arg-type]
+        chunk_tokens=256,
+        buffer_tokens=512,
+    )
     idx, x = zip(*s.epoch(with_index=True), strict=True)
     return np.concatenate(idx), np.concatenate(x)
 
@@ -132,7 +187,9 @@ def _keyed(sources: list[Path], idx: np.ndarray, x: np.ndarray) -> tuple[np.ndar
     table = np.zeros((0, 2), dtype=np.int64)
     for src in sources:
         c = duckdb.connect(str(src), read_only=True)
-        part = np.array(c.execute("SELECT doc_id, pos FROM tokens ORDER BY tok_idx").fetchall(), dtype=np.int64)
+        part = np.array(
+            c.execute("SELECT doc_id, pos FROM tokens ORDER BY tok_idx").fetchall(), dtype=np.int64
+        )
         c.close()
         table = np.concatenate([table, part])
         offset += len(part)
@@ -164,7 +221,9 @@ def test_stream_over_shards_yields_the_unsharded_tokens(harvests: dict[str, Path
         ActivationStream([shards[0], shards[0]], HOOK)
 
 
-def test_parquet_export_round_trips(harvests: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_parquet_export_round_trips(
+    harvests: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     out = tmp_path / "s1.parquet"
     assert saewb(["export-parquet", str(harvests["s1"]), str(out)]) == 0
     manifest = json.loads((out / "harvest.json").read_text())
@@ -174,24 +233,30 @@ def test_parquet_export_round_trips(harvests: dict[str, Path], tmp_path: Path, c
     con.execute("ATTACH ? AS ws (READ_ONLY)", [str(harvests["s1"])])
     for table, file in [("tokens", "tokens.parquet"), ("documents", "documents.parquet")]:
         for a, b in [(f"ws.{table}", "read_parquet(?)"), ("read_parquet(?)", f"ws.{table}")]:
-            assert con.execute(f"SELECT count(*) FROM (SELECT * FROM {a} EXCEPT ALL SELECT * FROM {b})",
-                               [str(out / file)]).fetchone() == (0,)
+            assert con.execute(
+                f"SELECT count(*) FROM (SELECT * FROM {a} EXCEPT ALL SELECT * FROM {b})", [str(out / file)]
+            ).fetchone() == (0,)
     for hook in HOOKS:
         d, file = manifest["hooks"][hook]["d"], str(out / manifest["hooks"][hook]["file"])
         typ = con.execute(f"SELECT typeof(x::FLOAT[{d}]) FROM read_parquet(?) LIMIT 1", [file]).fetchone()[0]
         assert typ == f"FLOAT[{d}]"
         diff = con.execute(
             f'SELECT count(*) FROM ws."{info.tables[hook]}" a FULL JOIN read_parquet(?) p USING (tok_idx) '
-            f"WHERE a.x IS DISTINCT FROM p.x::FLOAT[{d}]", [file],
+            f"WHERE a.x IS DISTINCT FROM p.x::FLOAT[{d}]",
+            [file],
         ).fetchone()
         assert diff == (0,)
-        meta = dict(con.execute("SELECT key::VARCHAR, value::VARCHAR FROM parquet_kv_metadata(?)", [file]).fetchall())
+        meta = dict(
+            con.execute("SELECT key::VARCHAR, value::VARCHAR FROM parquet_kv_metadata(?)", [file]).fetchall()
+        )
         assert meta["saewb.d"] == str(d)
     con.close()
     # the stream reads the export exactly as the workspace, alone or in a set with a workspace
     a = ActivationStream(harvests["s1"], HOOK, batch_size=50, seed=2, chunk_tokens=256, buffer_tokens=512)
     b = ActivationStream(out, HOOK, batch_size=50, seed=2, chunk_tokens=256, buffer_tokens=512)
-    for (ia, xa), (ib, xb) in itertools.islice(zip(a.batches(with_index=True), b.batches(with_index=True), strict=True), 12):
+    for (ia, xa), (ib, xb) in itertools.islice(
+        zip(a.batches(with_index=True), b.batches(with_index=True), strict=True), 12
+    ):
         np.testing.assert_array_equal(ia, ib)
         np.testing.assert_array_equal(xa, xb)
     mixed = _epoch([harvests["s0"], out])
@@ -202,7 +267,9 @@ def test_parquet_export_round_trips(harvests: dict[str, Path], tmp_path: Path, c
     assert "already holds an export" in capsys.readouterr().err
 
 
-def test_train_and_eval_on_a_set_of_shards(harvests: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_train_and_eval_on_a_set_of_shards(
+    harvests: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     from analysis.evaluate import list_evals
     from sae import runs
     from saewb.workspace import Workspace
@@ -211,8 +278,25 @@ def test_train_and_eval_on_a_set_of_shards(harvests: dict[str, Path], tmp_path: 
     home.write_bytes(harvests["s0"].read_bytes())
     out = tmp_path / "s1.parquet"
     assert saewb(["export-parquet", str(harvests["s1"]), str(out)]) == 0
-    common = ["--hook", HOOK, "--arch", "topk", "--n-latents", "64", "--k", "4", "--train-tokens", "512",
-              "--batch-size", "64", "--init-sample-tokens", "256", "--eval-tokens", "256", "--no-progress"]
+    common = [
+        "--hook",
+        HOOK,
+        "--arch",
+        "topk",
+        "--n-latents",
+        "64",
+        "--k",
+        "4",
+        "--train-tokens",
+        "512",
+        "--batch-size",
+        "64",
+        "--init-sample-tokens",
+        "256",
+        "--eval-tokens",
+        "256",
+        "--no-progress",
+    ]
     assert saewb(["train", "--workspace", str(home), "--workspace", str(out), "--name", "set", *common]) == 0
     row = runs.get_run(Workspace(home), "set")
     assert row["status"] == "done" and row["config"]["sources"] == [str(home.resolve()), str(out.resolve())]

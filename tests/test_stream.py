@@ -22,7 +22,10 @@ def test_one_epoch_yields_every_token_exactly_once(minilm_ws: Path) -> None:
     s = _stream(minilm_ws, split="all")
     idx = np.concatenate([i for i, _ in s.epoch(with_index=True)])
     con = duckdb.connect(str(minilm_ws), read_only=True)
-    expected = [r[0] for r in con.execute("SELECT tok_idx FROM tokens WHERE NOT is_special ORDER BY tok_idx").fetchall()]
+    expected = [
+        r[0]
+        for r in con.execute("SELECT tok_idx FROM tokens WHERE NOT is_special ORDER BY tok_idx").fetchall()
+    ]
     con.close()
     assert len(idx) == len(expected) == s.n_tokens
     assert sorted(idx.tolist()) == expected  # nothing twice, nothing missing, no special token
@@ -33,7 +36,9 @@ def test_batches_carry_the_right_rows(minilm_ws: Path) -> None:
     idx, x = next(s.batches(with_index=True))
     assert x.dtype == np.float32 and x.shape == (256, s.d)
     con = duckdb.connect(str(minilm_ws), read_only=True)
-    row = con.execute("SELECT x FROM act__default__blocks_2_hook_out WHERE tok_idx = ?", [int(idx[7])]).fetchone()
+    row = con.execute(
+        "SELECT x FROM act__default__blocks_2_hook_out WHERE tok_idx = ?", [int(idx[7])]
+    ).fetchone()
     con.close()
     np.testing.assert_array_equal(np.asarray(row[0], dtype=np.float32), x[7])
 
@@ -46,7 +51,9 @@ def test_shuffle_reaches_the_whole_cache(minilm_ws: Path) -> None:
     assert idx.max() - idx.min() > n // 3
     assert not np.all(np.diff(idx) > 0)
     # ... and across seeds the first batches together touch every region of it.
-    firsts = np.concatenate([next(_stream(minilm_ws, split="all", seed=k).batches(with_index=True))[0] for k in range(8)])
+    firsts = np.concatenate(
+        [next(_stream(minilm_ws, split="all", seed=k).batches(with_index=True))[0] for k in range(8)]
+    )
     regions = set((firsts * 10 // n).tolist())
     assert regions == set(range(10))
 
@@ -74,8 +81,18 @@ def test_train_eval_split_by_document(minilm_ws: Path) -> None:
     e = np.concatenate([i for i, _ in held.epoch(with_index=True)])
     assert len(np.intersect1d(t, e)) == 0 and len(t) + len(e) == everything.n_tokens
     con = duckdb.connect(str(minilm_ws), read_only=True)
-    docs_t = {r[0] for r in con.execute("SELECT DISTINCT doc_id FROM tokens WHERE list_contains(?, tok_idx)", [t.tolist()]).fetchall()}
-    docs_e = {r[0] for r in con.execute("SELECT DISTINCT doc_id FROM tokens WHERE list_contains(?, tok_idx)", [e.tolist()]).fetchall()}
+    docs_t = {
+        r[0]
+        for r in con.execute(
+            "SELECT DISTINCT doc_id FROM tokens WHERE list_contains(?, tok_idx)", [t.tolist()]
+        ).fetchall()
+    }
+    docs_e = {
+        r[0]
+        for r in con.execute(
+            "SELECT DISTINCT doc_id FROM tokens WHERE list_contains(?, tok_idx)", [e.tolist()]
+        ).fetchall()
+    }
     con.close()
     assert docs_t.isdisjoint(docs_e) and docs_e
     assert 0.05 < len(e) / everything.n_tokens < 0.4

@@ -31,23 +31,36 @@ def _synthetic_workspace(path: Path) -> Path:
     with ws.write() as con:
         ensure_schema(con)
         config = {"identity": {"model": "synthetic", "hooks": list(HOOKS), "ctx_len": 40}}
-        con.execute("INSERT INTO harvests (name, config, model, ctx_len, status, n_windows, n_tokens, n_docs) "
-                    "VALUES ('default', ?, 'synthetic', 40, 'complete', ?, ?, ?)",
-                    [json.dumps(config), N_TOKENS // 40, N_TOKENS, N_TOKENS // 40])
-        tokens = pa.table({
-            "harvest": ["default"] * N_TOKENS, "tok_idx": np.arange(N_TOKENS), "doc_id": doc_id,
-            "pos": (np.arange(N_TOKENS) % 40).astype(np.int32), "seq_id": doc_id,
-            "seq_pos": (np.arange(N_TOKENS) % 40).astype(np.int32),
-            "token_id": rng.integers(0, 100, N_TOKENS).astype(np.int32), "token_str": ["t"] * N_TOKENS,
-            "is_special": np.arange(N_TOKENS) % 40 == 0, "role": pa.nulls(N_TOKENS, pa.string()),
-        })
+        con.execute(
+            "INSERT INTO harvests (name, config, model, ctx_len, status, n_windows, n_tokens, n_docs) "
+            "VALUES ('default', ?, 'synthetic', 40, 'complete', ?, ?, ?)",
+            [json.dumps(config), N_TOKENS // 40, N_TOKENS, N_TOKENS // 40],
+        )
+        tokens = pa.table(
+            {
+                "harvest": ["default"] * N_TOKENS,
+                "tok_idx": np.arange(N_TOKENS),
+                "doc_id": doc_id,
+                "pos": (np.arange(N_TOKENS) % 40).astype(np.int32),
+                "seq_id": doc_id,
+                "seq_pos": (np.arange(N_TOKENS) % 40).astype(np.int32),
+                "token_id": rng.integers(0, 100, N_TOKENS).astype(np.int32),
+                "token_str": ["t"] * N_TOKENS,
+                "is_special": np.arange(N_TOKENS) % 40 == 0,
+                "role": pa.nulls(N_TOKENS, pa.string()),
+            }
+        )
         insert_arrow(con, "tokens", tokens)
         for hook, d in HOOKS.items():
             table = activation_table("default", hook)
             con.execute(f"CREATE TABLE {quote_ident(table)} (tok_idx BIGINT NOT NULL, x FLOAT[{d}])")
             con.execute("INSERT INTO harvest_hooks VALUES ('default', ?, ?, ?)", [hook, d, table])
-            x = rng.normal(size=(N_TOKENS, 4)) @ rng.normal(size=(4, d)) + 0.1 * rng.normal(size=(N_TOKENS, d))
-            insert_arrow(con, table, pa.table({"tok_idx": np.arange(N_TOKENS), "x": fixed_size_list(x + 1.0)}))
+            x = rng.normal(size=(N_TOKENS, 4)) @ rng.normal(size=(4, d)) + 0.1 * rng.normal(
+                size=(N_TOKENS, d)
+            )
+            insert_arrow(
+                con, table, pa.table({"tok_idx": np.arange(N_TOKENS), "x": fixed_size_list(x + 1.0)})
+            )
     return path
 
 
@@ -65,9 +78,20 @@ def ws(ws_template: Path, tmp_path: Path) -> Path:
 
 def _sweep_file(tmp_path: Path, ws: Path, **over: object) -> Path:
     spec: dict = {
-        "workspace": str(ws), "name": "sw", "hook": "blocks.1.hook_out", "eval_tokens": 256, "progress": False,
-        "train": {"train_tokens": 64 * 24, "batch_size": 64, "seed": 3, "log_every": 4, "ckpt_every": 8,
-                  "init_sample_tokens": 512, "warmup_steps": 2},
+        "workspace": str(ws),
+        "name": "sw",
+        "hook": "blocks.1.hook_out",
+        "eval_tokens": 256,
+        "progress": False,
+        "train": {
+            "train_tokens": 64 * 24,
+            "batch_size": 64,
+            "seed": 3,
+            "log_every": 4,
+            "ckpt_every": 8,
+            "init_sample_tokens": 512,
+            "warmup_steps": 2,
+        },
         "defaults": {"n_latents": 32},
         "members": [
             {"name": "a", "k": 4, "seed": 0},
@@ -138,17 +162,33 @@ def test_interrupted_sweep_resumes_exactly(swept: Path, ws: Path, tmp_path: Path
         runs.log_metrics(Workspace(ws), name, [row])
 
     for m in plan.members:
-        runs.start_run(Workspace(ws), m.name, harvest=plan.harvest, hook=m.hook, arch=m.sae_config.arch,
-                       config=plan.run_record(m), checkpoint_path="")
+        runs.start_run(
+            Workspace(ws),
+            m.name,
+            harvest=plan.harvest,
+            hook=m.hook,
+            arch=m.sae_config.arch,
+            config=plan.run_record(m),
+            checkpoint_path="",
+        )
     streams = {h: ActivationStream(ws, h, batch_size=64, seed=3) for h in HOOKS}
     with pytest.raises(Stop):
-        train_lockstep(plan.members, {h: (lambda s, st=st: st.batches(start=s)) for h, st in streams.items()},
-                       run_dirs={m.name: Workspace(ws).runs_dir / m.name for m in plan.members},
-                       state_path=plan.state_path, state_record=plan.record, on_log=log_then_stop, progress=False)
+        train_lockstep(
+            plan.members,
+            {h: (lambda s, st=st: st.batches(start=s)) for h, st in streams.items()},
+            run_dirs={m.name: Workspace(ws).runs_dir / m.name for m in plan.members},
+            state_path=plan.state_path,
+            state_record=plan.record,
+            on_log=log_then_stop,
+            progress=False,
+        )
     assert json.loads(plan.state_path.read_text())["step"] == 16
     run_sweep(plan_sweep(load_sweep(path)))  # resumes at step 16
     for m in plan.members:
-        a, b = _params(sae.load(m.name, workspace=ws).params), _params(sae.load(m.name, workspace=swept).params)
+        a, b = (
+            _params(sae.load(m.name, workspace=ws).params),
+            _params(sae.load(m.name, workspace=swept).params),
+        )
         for key in a:
             np.testing.assert_array_equal(a[key], b[key], err_msg=f"{m.name} {key}")
         assert [r["step"] for r in runs.run_metrics(Workspace(ws), m.name)] == list(range(4, 25, 4))

@@ -93,17 +93,32 @@ def test_ngram_baselines_match_naive_counts() -> None:
 def test_training_script_is_deterministic(tmp_path: Path) -> None:
     """Two runs with one seed give byte-identical tokenizer and weights; another seed does not."""
     mod = _script()
-    small = {"vocab_size": 300, "n_layer": 1, "n_embd": 32, "n_head": 2, "ctx_len": 32, "batch_size": 4,
-             "steps": 2, "warmup": 1, "max_chars": 15_000, "max_val_windows": 4}
+    small = {
+        "vocab_size": 300,
+        "n_layer": 1,
+        "n_embd": 32,
+        "n_head": 2,
+        "ctx_len": 32,
+        "batch_size": 4,
+        "steps": 2,
+        "warmup": 1,
+        "max_chars": 15_000,
+        "max_val_windows": 4,
+    }
     hashes = []
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
         manifest = mod.train(mod.TinyLMConfig(seed=seed, **small), tmp_path / name, log=lambda s: None)
         hashes.append(manifest["weights_sha256"])
         assert manifest["corpus"]["docs"] > 0 and manifest["result"]["val_tokens_scored"] > 0
     assert hashes[0] == hashes[1] != hashes[2]
-    assert (tmp_path / "a" / "tokenizer.json").read_bytes() == (tmp_path / "b" / "tokenizer.json").read_bytes()
+    assert (tmp_path / "a" / "tokenizer.json").read_bytes() == (
+        tmp_path / "b" / "tokenizer.json"
+    ).read_bytes()
     a = json.loads((tmp_path / "a" / "manifest.json").read_text())
-    assert a["corpus"]["sha256"] == json.loads((tmp_path / "c" / "manifest.json").read_text())["corpus"]["sha256"]
+    assert (
+        a["corpus"]["sha256"]
+        == json.loads((tmp_path / "c" / "manifest.json").read_text())["corpus"]["sha256"]
+    )
 
 
 def test_steering_moves_logits_along_the_stored_logit_effect(tiny_lm_ws: Path) -> None:
@@ -125,7 +140,9 @@ def test_steering_moves_logits_along_the_stored_logit_effect(tiny_lm_ws: Path) -
         assert row["logit_pos_tokens"] and len(row["logit_pos_ids"]) == 10
         predicted = decoder_rows(ctx.sae)[latent].astype(np.float64) @ w_u
         assert int(np.argmax(predicted)) == row["logit_pos_ids"][0]
-        r = intervene_lm(model, ctx, "Return the number of items", Intervention(steering=[Steering(latent, 4.0)]))
+        r = intervene_lm(
+            model, ctx, "Return the number of items", Intervention(steering=[Steering(latent, 4.0)])
+        )
         actual = (r.logits_edited[-1] - r.logits_clean[-1]).astype(np.float64)
         corrs.append(np.corrcoef(predicted, actual)[0, 1])
     # Later LayerNorms and blocks bend the direct path, but it must still dominate for most latents.

@@ -41,7 +41,9 @@ def render() -> None:
     if explained:
         st.html(explanation_html(explained))
     else:
-        st.caption(f"No explanation yet: `saewb explain {run} --workspace {path} --latents {latent}` writes one.")
+        st.caption(
+            f"No explanation yet: `saewb explain {run} --workspace {path} --latents {latent}` writes one."
+        )
 
     with st.form("label_form"):
         new = st.text_input("Label", value=label, placeholder="what this latent means")
@@ -56,15 +58,26 @@ def render() -> None:
         if not board["top"]:
             st.caption("This latent never fired on the analysed tokens.")
         else:  # one element for all contexts: each element costs the browser a mount
-            st.html("".join(f'<div style="margin-bottom:0.5rem"><small>{ctx.value:.3f} · doc {ctx.doc_id}</small>'
-                            f"{highlight(ctx.tokens, ctx.acts, scale, ctx.center)}</div>" for ctx in board["top"]))
+            st.html(
+                "".join(
+                    f'<div style="margin-bottom:0.5rem"><small>{ctx.value:.3f} · doc {ctx.doc_id}</small>'
+                    f"{highlight(ctx.tokens, ctx.acts, scale, ctx.center)}</div>"
+                    for ctx in board["top"]
+                )
+            )
         if board["bands"]:
             st.subheader("Samples by activation quantile band")
             ranges = {b: (lo, hi) for b, lo, hi in board["band_ranges"]}
             for band in sorted({c.band for c in board["bands"]}, reverse=True):
                 lo, hi = ranges.get(band, (0.0, 0.0))
                 with st.expander(f"band {band}: {lo:.3f} to {hi:.3f}"):
-                    st.html("".join(highlight(c.tokens, c.acts, scale, c.center) for c in board["bands"] if c.band == band))
+                    st.html(
+                        "".join(
+                            highlight(c.tokens, c.acts, scale, c.center)
+                            for c in board["bands"]
+                            if c.band == band
+                        )
+                    )
     with right:
         st.subheader("Activation histogram")
         hist = np.asarray(s["hist"] or [], dtype=float)
@@ -74,8 +87,12 @@ def render() -> None:
             st.html(histogram(density, edges))
         if s.get("logit_pos_tokens"):
             st.subheader("Logit effect")
-            pos = pd.DataFrame({"token": [shown_token(t) for t in s["logit_pos_tokens"]], "logit": s["logit_pos"]})
-            neg = pd.DataFrame({"token": [shown_token(t) for t in s["logit_neg_tokens"]], "logit": s["logit_neg"]})
+            pos = pd.DataFrame(
+                {"token": [shown_token(t) for t in s["logit_pos_tokens"]], "logit": s["logit_pos"]}
+            )
+            neg = pd.DataFrame(
+                {"token": [shown_token(t) for t in s["logit_neg_tokens"]], "logit": s["logit_neg"]}
+            )
             a, b = st.columns(2)
             a.caption("promoted")
             a.html(html_table(pos, formats={"logit": ".3f"}))
@@ -84,7 +101,12 @@ def render() -> None:
         st.subheader("Nearest latents (decoder cosine)")
         latent_links(run, board["neighbors"][:8], lambda v: f"cos {v:.3f}", "nb")
         st.subheader("Co-occurring latents")
-        latent_links(run, [(o, (n, z)) for o, n, z in board["cooccurring"][:8]], lambda v: f"{v[0]} tokens, {v[1]:.2f}", "co")
+        latent_links(
+            run,
+            [(o, (n, z)) for o, n, z in board["cooccurring"][:8]],
+            lambda v: f"{v[0]} tokens, {v[1]:.2f}",
+            "co",
+        )
         st.subheader("Family")
         fam = board["family"]
         if fam:
@@ -105,9 +127,11 @@ def explanation_html(explained: dict[str, dict]) -> str:
         else:
             body = f"<i>failed: {html.escape(e['error'] or 'no answer')}</i>"
         scores = " · ".join(f"{k} {'-' if v is None else f'{v:.2f}'}" for k, v in sorted(e["scores"].items()))
-        cells.append(f'<div style="flex:1;padding:0.4rem 0.6rem;border:1px solid #ececf0;border-radius:6px">'
-                     f"<small>{title} · {html.escape(e['model'])}</small><div>{body}</div>"
-                     f"<small>{scores}</small></div>")
+        cells.append(
+            f'<div style="flex:1;padding:0.4rem 0.6rem;border:1px solid #ececf0;border-radius:6px">'
+            f"<small>{title} · {html.escape(e['model'])}</small><div>{body}</div>"
+            f"<small>{scores}</small></div>"
+        )
     return f'<div style="display:flex;gap:0.6rem;margin-bottom:0.6rem">{"".join(cells)}</div>'
 
 

@@ -28,18 +28,34 @@ def render() -> None:
     if mode == "one latent":
         ranked = rank_latents(path, run, text)
         default = ranked[0][0] if ranked else 0
-        latent = int(st.number_input("Latent", min_value=0, max_value=codes.shape[1] - 1, value=default, key="inspect_latent"))
+        latent = int(
+            st.number_input(
+                "Latent", min_value=0, max_value=codes.shape[1] - 1, value=default, key="inspect_latent"
+            )
+        )
         acts = codes[:, latent].tolist()
         st.html(highlight(tokens, acts, float(max(max(acts), 1e-6))))
-        st.page_link(DASHBOARD, label=f"Open latent #{latent}", query_params={"run": run, "latent": str(latent)})
+        st.page_link(
+            DASHBOARD, label=f"Open latent #{latent}", query_params={"run": run, "latent": str(latent)}
+        )
         st.caption("Strongest latents on this text:")
         for j, best, tok in ranked[:8]:
-            st.page_link(DASHBOARD, label=f"#{j}: {best:.2f} on {tok!r}", query_params={"run": run, "latent": str(j)})
+            st.page_link(
+                DASHBOARD, label=f"#{j}: {best:.2f} on {tok!r}", query_params={"run": run, "latent": str(j)}
+            )
     else:
         rows = []
         for tok, code in zip(tokens, codes, strict=True):
             top = np.argsort(-code, kind="stable")[:5]
-            rows.append({"token": tok, **{f"top{i + 1}": (f"#{j} ({code[j]:.2f})" if code[j] > 0 else "") for i, j in enumerate(top)}})
+            rows.append(
+                {
+                    "token": tok,
+                    **{
+                        f"top{i + 1}": (f"#{j} ({code[j]:.2f})" if code[j] > 0 else "")
+                        for i, j in enumerate(top)
+                    },
+                }
+            )
         st.dataframe(rows, hide_index=True)
 
 

@@ -31,19 +31,39 @@ def render() -> None:
     model, ctx = model_and_run(path, run)
     causal = is_causal_lm(model)
     c1, c2, c3 = st.columns(3)
-    latents_raw = c1.text_input("Latents (comma-separated ids)", value=_param("latents", "0"), key="iv_latents")
-    edit = c2.selectbox("Edit", EDITS, index=EDITS.index(_param("edit", "steer")) if _param("edit", "steer") in EDITS else 0, key="iv_edit")
+    latents_raw = c1.text_input(
+        "Latents (comma-separated ids)", value=_param("latents", "0"), key="iv_latents"
+    )
+    edit = c2.selectbox(
+        "Edit",
+        EDITS,
+        index=EDITS.index(_param("edit", "steer")) if _param("edit", "steer") in EDITS else 0,
+        key="iv_edit",
+    )
     coeff = c3.number_input("Coefficient / value", value=float(_param("coeff", "5.0")), key="iv_coeff")
-    prompt = st.text_area("Prompt" if causal else "Query", value=_param("prompt", "def parse(text):"), key="iv_prompt")
+    prompt = st.text_area(
+        "Prompt" if causal else "Query", value=_param("prompt", "def parse(text):"), key="iv_prompt"
+    )
     candidates_raw = ""
     new_tokens = 20
     if causal:  # greedy generation, clean and edited, from the same prompt
-        new_tokens = int(st.number_input("New tokens to generate", min_value=0, max_value=200, step=1,
-                                         value=int(_param("tokens", "20")), key="iv_tokens"))
+        new_tokens = int(
+            st.number_input(
+                "New tokens to generate",
+                min_value=0,
+                max_value=200,
+                step=1,
+                value=int(_param("tokens", "20")),
+                key="iv_tokens",
+            )
+        )
     else:
         candidates_raw = st.text_area(
-            "Candidate texts (one per line)", key="iv_candidates",
-            value=_param("candidates", "Open a file for reading.\nSort a list in place.\nParse a JSON document."),
+            "Candidate texts (one per line)",
+            key="iv_candidates",
+            value=_param(
+                "candidates", "Open a file for reading.\nSort a list in place.\nParse a JSON document."
+            ),
         )
     try:
         latents = [int(v) for v in latents_raw.replace(" ", "").split(",") if v]
@@ -73,7 +93,9 @@ def render() -> None:
         b.code(prompt + r.generated_edited)
         if new_tokens:
             same = r.generated_clean == r.generated_edited
-            st.caption("the edit left the generation unchanged" if same else "the edit changed the generation")
+            st.caption(
+                "the edit left the generation unchanged" if same else "the edit changed the generation"
+            )
         st.caption(f"largest logit change: {r.max_abs_logit_diff:.3f}")
         st.dataframe(pd.DataFrame(r.logit_diff), hide_index=True)
     else:

@@ -14,7 +14,9 @@ def render() -> None:
     st.title("Runs")
     path = str(data.workspace().path)
     if data.harvests_frame(path).empty:
-        st.info(f"Workspace `{path}` is empty: no harvest yet. Start one with `saewb harvest --workspace {path}`.")
+        st.info(
+            f"Workspace `{path}` is empty: no harvest yet. Start one with `saewb harvest --workspace {path}`."
+        )
         return
     live(path)
     # A run that finished after the server started is warmed while the user reads this page.
@@ -25,20 +27,24 @@ def render() -> None:
 def live(path: str) -> None:
     # A fragment re-runs on its own every couple of seconds: harvests and curves grow while jobs run.
     harvests = data.harvests_frame(path)
-    st.markdown("  \n".join(
-        f"**harvest {h.name}** · {h.model} · {h.n_tokens:,} tokens, {h.n_docs:,} documents · {h.status}"
-        for h in harvests.itertuples()
-    ))
+    st.markdown(
+        "  \n".join(
+            f"**harvest {h.name}** · {h.model} · {h.n_tokens:,} tokens, {h.n_docs:,} documents · {h.status}"
+            for h in harvests.itertuples()
+        )
+    )
     runs = data.runs_frame(path)
     if runs.empty:
         st.info("No training run yet. Train one with `saewb train --workspace ... --hook ...`.")
         return
     latest = data.latest_metrics(path)
     progress = dict(zip(latest["run"], latest["tokens"], strict=True)) if not latest.empty else {}
-    st.markdown("  \n".join(
-        f"**run {r.run}** · {r.arch} · {r.status} · {int(progress.get(r.run, 0)):,} tokens trained"
-        for r in runs.itertuples()
-    ))
+    st.markdown(
+        "  \n".join(
+            f"**run {r.run}** · {r.arch} · {r.status} · {int(progress.get(r.run, 0)):,} tokens trained"
+            for r in runs.itertuples()
+        )
+    )
     st.dataframe(runs, hide_index=True, key="runs_table")
     if not latest.empty:
         st.subheader("L0 vs FVU")

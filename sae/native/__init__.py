@@ -59,8 +59,14 @@ def _build(compiler: str) -> Path:
     """The shared library, compiled unless already in the cache (written atomically, so concurrent
     builds in several processes are safe)."""
     key = hashlib.sha256()
-    for part in (*(f.read_bytes() for f in SOURCES + HEADERS), " ".join(FLAGS).encode(), compiler.encode(), jax.__version__.encode(),
-                 _cpu_flags().encode(), platform.machine().encode()):
+    for part in (
+        *(f.read_bytes() for f in SOURCES + HEADERS),
+        " ".join(FLAGS).encode(),
+        compiler.encode(),
+        jax.__version__.encode(),
+        _cpu_flags().encode(),
+        platform.machine().encode(),
+    ):
         key.update(part)
     lib = cache_dir() / key.hexdigest()[:16] / "libsaewb_native.so"
     if lib.exists():
@@ -83,17 +89,22 @@ def available() -> bool:
         return False
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")
     if compiler is None:
-        log.warning("no C++ compiler (g++ or clang++) found: top-k and the sparse kernels run in plain XLA, "
-                    "slower on CPU. "
-                    "Install one (apt install g++) or set SAEWB_NATIVE=0 to silence this.")
+        log.warning(
+            "no C++ compiler (g++ or clang++) found: top-k and the sparse kernels run in plain XLA, "
+            "slower on CPU. "
+            "Install one (apt install g++) or set SAEWB_NATIVE=0 to silence this."
+        )
         return False
     try:
         lib = ctypes.cdll.LoadLibrary(str(_build(compiler)))
         for target, symbol in TARGETS.items():
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     except (OSError, RuntimeError, AttributeError) as e:
-        log.warning("native kernels unavailable, top-k and the sparse kernels run in plain XLA (set SAEWB_NATIVE=0 to "
-                    "silence this): %s", e)
+        log.warning(
+            "native kernels unavailable, top-k and the sparse kernels run in plain XLA (set SAEWB_NATIVE=0 to "
+            "silence this): %s",
+            e,
+        )
         return False
     return True
 
@@ -142,7 +153,9 @@ def weighted_row_sum(vals: jax.Array, idx: jax.Array, m: jax.Array) -> jax.Array
     """[B, d] = Σ_j vals[:, j] · m[idx[:, j]] for vals, idx [B, k] and m [n, d]. No gradient rule: the
     callers are ``sae.sparse_ops``'s custom VJPs."""
     out = jax.ShapeDtypeStruct((idx.shape[0], m.shape[1]), jnp.float32)
-    return jax.ffi.ffi_call("saewb_weighted_row_sum_f32", out, vmap_method="sequential")(vals, idx.astype(jnp.int32), m)
+    return jax.ffi.ffi_call("saewb_weighted_row_sum_f32", out, vmap_method="sequential")(
+        vals, idx.astype(jnp.int32), m
+    )
 
 
 def row_dots(g: jax.Array, idx: jax.Array, m: jax.Array) -> jax.Array:
@@ -151,11 +164,15 @@ def row_dots(g: jax.Array, idx: jax.Array, m: jax.Array) -> jax.Array:
     return jax.ffi.ffi_call("saewb_row_dots_f32", out, vmap_method="sequential")(g, idx.astype(jnp.int32), m)
 
 
-def scatter_outer(coef: jax.Array, idx: jax.Array, rows: jax.Array, n: int,
-                  transposed: bool = False) -> tuple[jax.Array, jax.Array]:
+def scatter_outer(
+    coef: jax.Array, idx: jax.Array, rows: jax.Array, n: int, transposed: bool = False
+) -> tuple[jax.Array, jax.Array]:
     """([n, d] with coef[b, j] · rows[b] summed at row idx[b, j], [n] with coef summed at idx) for coef,
     idx [B, k] and rows [B, d]; ``transposed`` gives the first as [d, n]. No gradient rule."""
     d = rows.shape[1]
-    out = (jax.ShapeDtypeStruct((d, n) if transposed else (n, d), jnp.float32), jax.ShapeDtypeStruct((n,), jnp.float32))
+    out = (
+        jax.ShapeDtypeStruct((d, n) if transposed else (n, d), jnp.float32),
+        jax.ShapeDtypeStruct((n,), jnp.float32),
+    )
     call = jax.ffi.ffi_call("saewb_scatter_outer_f32", out, vmap_method="sequential")
     return call(coef, idx.astype(jnp.int32), rows, transposed=transposed)
