@@ -1,23 +1,16 @@
 """Names of the architecture modules (one file per architecture under ``sae/``).
 
-Kept free of JAX imports: the CLI reads the modules' config dataclasses with ``ast`` to build
-`saewb train --help` without loading JAX. Add a new architecture's module name here.
+Kept free of JAX imports, like ``sae.configs`` where each architecture's config dataclass lives:
+`saewb train --help` is built from those dataclasses without loading JAX. To add an architecture,
+write ``sae/<arch>.py`` and add its config class to ``sae.configs.ARCH_CONFIGS``.
 """
 
 from __future__ import annotations
 
-ARCH_MODULES: tuple[str, ...] = (
-    "topk",
-    "relu_l1",
-    "gba",
-    "batchtopk",
-    "jumprelu",
-    "hierarchical_topk",
-    "matryoshka",
-    "feature_choice",
-    "masked",
-    "itda",
-)
+from sae.configs import ARCH_CONFIGS
+
+ARCH_MODULES: tuple[str, ...] = tuple(ARCH_CONFIGS)
+"""Each architecture's name, which is also its module's name (``sae/<arch>.py``), in registry order."""
 
 OWN_FIT: frozenset[str] = frozenset({"itda"})
 """Architectures not trained by gradient steps: their module's ``fit`` (the signature and result of

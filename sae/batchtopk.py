@@ -26,8 +26,7 @@ usable θ.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -36,57 +35,8 @@ from flax import struct
 
 from sae import common, topk
 from sae.base import StepCtx
+from sae.configs import BatchTopKConfig
 from sae.sparse_ops import gather_encode, sparse_decode
-
-
-@dataclass(frozen=True)
-class BatchTopKConfig:
-    """BatchTopK hyper-parameters (defaults from the reference sheet unless noted)."""
-
-    arch: ClassVar[str] = "batchtopk"
-
-    n_latents: int = 4096
-    """Number of latents n."""
-    k: int = 32
-    """Mean active latents per token: each batch keeps its top k·B pre-activations."""
-    candidates: int = 4
-    """c: per-token candidates c·k for the batch selection (a token keeps at most c·k; c >= n/k is exact)."""
-    k_aux: int | None = None
-    """Latents used by AuxK; None means d/2 (capped at the number of dead latents)."""
-    aux_coef: float = 1.0 / 32.0
-    """Weight of the AuxK loss."""
-    decoder: str = "free"
-    """"free" (SAELens: no norm constraint, rows init at norm 0.1, top-k on pre·‖W_dec,i‖; the default,
-    by measurement, see the module doc) or "unit" (unit-norm rows + gradient projection)."""
-    init_dec_norm: float | None = None
-    """Norm of the initial decoder rows; None means 1.0 for "unit" and 0.1 for "free"."""
-    rescale_by_decoder_norm: bool = True
-    """Choose the top k on pre · ‖W_dec,i‖ (only matters for decoder="free")."""
-    threshold_decay: float = 0.999
-    """EMA decay of the inference threshold θ."""
-    threshold_start_step: int = 1000
-    """Track θ from this step on (or from threshold_start_frac of the run, whichever is first)."""
-    threshold_start_frac: float = 0.75
-    """Track θ from this fraction of the run on (short runs; see threshold_start_step)."""
-
-    def validate(self, d: int | None = None) -> None:
-        if self.n_latents < 1:
-            raise ValueError(f"n_latents must be positive, got {self.n_latents}")
-        if not 1 <= self.k <= self.n_latents:
-            raise ValueError(
-                f"k={self.k} must be between 1 and n_latents={self.n_latents}; lower --k or raise --n-latents"
-            )
-        if self.candidates < 1:
-            raise ValueError(f"candidates must be >= 1, got {self.candidates}")
-        if self.decoder not in ("unit", "free"):
-            raise ValueError(f"decoder must be 'unit' or 'free', got {self.decoder!r}")
-        if self.k_aux is not None and not 1 <= self.k_aux <= self.n_latents:
-            raise ValueError(f"k_aux={self.k_aux} must be between 1 and n_latents={self.n_latents}")
-        if not 0 < self.threshold_decay < 1:
-            raise ValueError(f"threshold_decay must be in (0, 1), got {self.threshold_decay}")
-        if not 0 <= self.threshold_start_frac <= 1:
-            raise ValueError(f"threshold_start_frac must be in [0, 1], got {self.threshold_start_frac}")
-
 
 Config = BatchTopKConfig
 SKIPS_AUX_WITHOUT_DEAD = True  # ctx.dead feeds AuxK only (see sae.base)

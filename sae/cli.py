@@ -16,6 +16,8 @@ import argparse
 import dataclasses
 import json
 import sys
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -58,57 +60,60 @@ def _float_tuple(v: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {v!r}") from None
 
 
-_ANNOTATION_TYPES: dict[str, Any] = {
-    "int": int,
-    "float": float,
-    "bool": _bool,
-    "str": str,
-    "tuple[int, ...]": _int_tuple,
-    "tuple[float, ...]": _float_tuple,
+_SCALAR_TYPES: dict[Any, Any] = {
+    int: int,
+    float: float,
+    bool: _bool,
+    str: str,
+    tuple[int, ...]: _int_tuple,
+    tuple[float, ...]: _float_tuple,
 }
 
 
-def _config_fields_from_source() -> dict[str, tuple[Any, str]]:
-    """Every config field → (argparse type, help), read from the sources with `ast` (no JAX import).
+def _flag_type(hint: Any) -> tuple[Any, tuple[str, ...] | None]:
+    """A field's type hint → (argparse type, choices); ``X | None`` parses as X, ``Literal`` gives choices."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1:
+        hint = args[0]
+    if typing.get_origin(hint) is typing.Literal:
+        return str, typing.get_args(hint)
+    if hint not in _SCALAR_TYPES:
+        raise TypeError(f"no CLI type for {hint!r}")
+    return _SCALAR_TYPES[hint], None
+
+
+@dataclasses.dataclass(frozen=True)
+class ConfigFlag:
+    """One config field as a `saewb train` flag."""
+
+    type: Any
+    choices: tuple[str, ...] | None
+    help: str
+
+
+def config_flags() -> dict[str, ConfigFlag]:
+    """Every config field → its flag, from the dataclasses in `sae.configs` (no JAX import).
 
     The trainer's fields come first; an architecture's help is prefixed with its name. A field
     shared by several architectures keeps the first docstring found.
     """
-    import ast
+    from sae.configs import ARCH_CONFIGS, TrainConfig, field_docs
 
-    from sae.archs import ARCH_MODULES
-
-    out: dict[str, tuple[Any, str]] = {}
-    here = Path(__file__).parent
-    for module in ("trainer", *ARCH_MODULES):
-        tree = ast.parse((here / f"{module}.py").read_text())
-        owner = "" if module == "trainer" else f"{module}: "
-        for cls in (n for n in tree.body if isinstance(n, ast.ClassDef) and n.name.endswith("Config")):
-            body = cls.body
-            for i, field in enumerate(body):
-                if not (isinstance(field, ast.AnnAssign) and isinstance(field.target, ast.Name)):
-                    continue
-                annotation = ast.unparse(field.annotation)
-                if annotation.startswith("ClassVar"):
-                    continue
-                base = annotation.removesuffix(" | None")
-                if base not in _ANNOTATION_TYPES:
-                    raise TypeError(
-                        f"sae/{module}.py {cls.name}.{field.target.id}: no CLI type for {annotation!r}"
-                    )
-                doc = body[i + 1] if i + 1 < len(body) else None
-                text = ""
-                if (
-                    isinstance(doc, ast.Expr)
-                    and isinstance(doc.value, ast.Constant)
-                    and isinstance(doc.value.value, str)
-                ):
-                    text = owner + " ".join(doc.value.value.split()).replace("%", "%%")  # argparse formats %
-                out.setdefault(field.target.id, (_ANNOTATION_TYPES[base], text))
+    out: dict[str, ConfigFlag] = {}
+    for owner, cls in (("", TrainConfig), *((f"{a}: ", c) for a, c in ARCH_CONFIGS.items())):
+        hints = typing.get_type_hints(cls)
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            try:
+                typ, choices = _flag_type(hints[f.name])
+            except TypeError as e:
+                raise TypeError(f"{cls.__name__}.{f.name}: {e}") from None
+            text = owner + docs[f.name].replace("%", "%%") if f.name in docs else ""  # argparse formats %
+            out.setdefault(f.name, ConfigFlag(typ, choices, text))
     return out
 
 
-FLAG_TYPES: dict[str, Any] = {name: typ for name, (typ, _) in _config_fields_from_source().items()}
+FLAG_TYPES: dict[str, Any] = {name: flag.type for name, flag in config_flags().items()}
 """Every config field as a flag; a test checks it against the imported dataclasses."""
 
 
@@ -172,8 +177,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         help="several processes: this one's index; process 0 writes the run (env SAEWB_PROCESS_ID)",
     )
-    for name, (typ, text) in _config_fields_from_source().items():
-        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=text or None)
+    for name, flag in config_flags().items():
+        p.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=name,
+            type=flag.type,
+            choices=flag.choices,
+            metavar=name.upper(),  # as without choices: the help text names the values
+            default=None,
+            help=flag.help or None,
+        )
     p.set_defaults(func=cmd_train)
 
     r = subparsers.add_parser("runs", help="list training runs and their final metrics")

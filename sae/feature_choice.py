@@ -32,8 +32,7 @@ like the encoder (as in ReLU-L1).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -42,50 +41,7 @@ from flax import struct
 
 from sae import common
 from sae.base import StepCtx
-
-
-@dataclass(frozen=True)
-class FeatureChoiceConfig:
-    """Feature Choice SAE hyper-parameters."""
-
-    arch: ClassVar[str] = "feature_choice"
-
-    n_latents: int = 4096
-    """Number of latents n."""
-    k: int = 32
-    """Mean active latents per token: the batch budget is k·B (latent, token) pairs."""
-    capacity: str = "uniform"
-    """Per-latent token capacities: "uniform" (k·B/n each) or "zipf" (by density rank)."""
-    zipf_alpha: float = 1.0
-    """Exponent α of the Zipf capacities m_r ∝ (r+1)^−α."""
-    aux_zipf_coef: float = 1.0 / 32.0
-    """Weight of aux_zipf_loss (AuxK over latents used less than the Zipf fit predicts); 0 turns it off."""
-    aux_zipf_c: float = 0.5
-    """A latent is under-used when its EMA density is below this multiple of the Zipf fit for its rank."""
-    k_aux: int | None = None
-    """Latents used by the auxiliary loss per token; None means d/2 (capped at n)."""
-    density_decay: float = 0.99
-    """EMA decay of the per-latent firing densities (per step)."""
-    threshold_decay: float = 0.99
-    """EMA decay of the per-latent inference thresholds (per step)."""
-
-    def validate(self, d: int | None = None) -> None:
-        if self.n_latents < 1:
-            raise ValueError(f"n_latents must be positive, got {self.n_latents}")
-        if not 1 <= self.k <= self.n_latents:
-            raise ValueError(f"k={self.k} must be between 1 and n_latents={self.n_latents}")
-        if self.capacity not in ("uniform", "zipf"):
-            raise ValueError(f"capacity must be 'uniform' or 'zipf', got {self.capacity!r}")
-        if self.zipf_alpha < 0:
-            raise ValueError(f"zipf_alpha must be >= 0, got {self.zipf_alpha}")
-        for name in ("density_decay", "threshold_decay"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        if self.aux_zipf_coef < 0 or self.aux_zipf_c < 0:
-            raise ValueError("aux_zipf_coef and aux_zipf_c must be >= 0")
-        if self.k_aux is not None and not 1 <= self.k_aux <= self.n_latents:
-            raise ValueError(f"k_aux={self.k_aux} must be between 1 and n_latents={self.n_latents}")
-
+from sae.configs import FeatureChoiceConfig
 
 Config = FeatureChoiceConfig
 Params = common.LinearParams

@@ -35,8 +35,7 @@ d = 42, 256 neurons, T = 10, 1500 steps of 256, lr 1e-3, seed 0):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -45,55 +44,7 @@ from flax import struct
 
 from sae import common
 from sae.base import StepCtx
-
-
-@dataclass(frozen=True)
-class GBAConfig:
-    """GBA / BA hyper-parameters (paper defaults)."""
-
-    arch: ClassVar[str] = "gba"
-
-    n_latents: int = 4096
-    """Number of neurons."""
-    n_groups: int = 10
-    """K; 1 gives plain bias adaptation (BA)."""
-    htf: float = 0.5
-    """Highest target frequency (group 0)."""
-    ltf: float = 1e-3
-    """Lowest target frequency (group K−1)."""
-    gamma: float = 0.01
-    """Bias step size γ."""
-    update_every: int = 50
-    """T: steps between bias updates."""
-    freq_eps: float = 1e-6
-    """A neuron whose frequency is below this counts as never fired."""
-    activation: str = "relu"
-    """φ: "relu" or "jumprelu"."""
-    init_a: float = 0.05
-    """Initial output scale a_m."""
-    init_w: str = "data"
-    """W at init: "random" unit rows or "data" (normalised centred samples)."""
-    train_b_pre: bool = False
-    """Let Adam move b_pre; False keeps it at its init (see the measurements in the module doc)."""
-    init_b_pre: str = "geometric_median"
-    """b_pre at init: "geometric_median" of the sample or "zero"."""
-
-    def validate(self, d: int | None = None) -> None:
-        if self.n_latents < 1:
-            raise ValueError(f"n_latents must be positive, got {self.n_latents}")
-        if not 1 <= self.n_groups <= self.n_latents:
-            raise ValueError(f"n_groups={self.n_groups} must be between 1 and n_latents={self.n_latents}")
-        if not 0 < self.ltf <= self.htf <= 1:
-            raise ValueError(f"need 0 < ltf <= htf <= 1, got ltf={self.ltf}, htf={self.htf}")
-        if self.init_w not in ("random", "data"):
-            raise ValueError(f"init_w must be 'random' or 'data', got {self.init_w!r}")
-        if self.init_b_pre not in ("geometric_median", "zero"):
-            raise ValueError(f"init_b_pre must be 'geometric_median' or 'zero', got {self.init_b_pre!r}")
-        if self.activation not in ("relu", "jumprelu"):
-            raise ValueError(f"activation must be 'relu' or 'jumprelu', got {self.activation!r}")
-        if self.update_every < 1:
-            raise ValueError(f"update_every must be >= 1, got {self.update_every}")
-
+from sae.configs import GBAConfig
 
 Config = GBAConfig
 

@@ -27,48 +27,14 @@ is added as for TopK (the sheet's loss has no dead-latent term).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from sae import common, topk
 from sae.base import StepCtx
+from sae.configs import HierarchicalTopKConfig
 from sae.sparse_ops import gather_encode, prefix_errors
-
-
-@dataclass(frozen=True)
-class HierarchicalTopKConfig:
-    """HierarchicalTopK hyper-parameters."""
-
-    arch: ClassVar[str] = "hierarchical_topk"
-
-    n_latents: int = 4096
-    """Number of latents n."""
-    k: int = 64
-    """K: the largest budget; the saved SAE encodes with any k <= K (default K)."""
-    chunk_size: int = 256
-    """Tokens per chunk of the prefix-error loop (memory O(chunk·d) per chunk; 256 measured fastest)."""
-    k_aux: int | None = None
-    """Latents used by AuxK; None means d/2 (capped at the number of dead latents)."""
-    aux_coef: float = 1.0 / 32.0
-    """Weight of the AuxK loss."""
-    decoder: str = "free"
-    """"free" (no norm constraint, choice on pre·‖W_dec,i‖) or "unit" (unit-norm rows)."""
-    init_dec_norm: float | None = None
-    """Norm of the initial decoder rows; None means 1.0 for "unit" and 0.1 for "free"."""
-    rescale_by_decoder_norm: bool = True
-    """Choose the top k on pre · ‖W_dec,i‖ (only matters for decoder="free")."""
-
-    multi_topk: ClassVar[bool] = False  # read by the shared TopK init/validate
-
-    def validate(self, d: int | None = None) -> None:
-        topk.TopKConfig.validate(self, d)  # type: ignore[arg-type]
-        if self.chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
-
 
 Config = HierarchicalTopKConfig
 SKIPS_AUX_WITHOUT_DEAD = True  # ctx.dead feeds AuxK only (see sae.base)

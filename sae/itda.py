@@ -37,10 +37,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +48,7 @@ from flax import struct
 
 from sae import checkpoint as ckpt
 from sae import common
+from sae.configs import ITDAConfig
 from saewb.progress import progress_bar
 
 GRAM_MAX_ATOMS = 8192
@@ -56,30 +56,6 @@ GRAM_MAX_ATOMS = 8192
 PAD_ATOMS = 1024
 """The fit pads the dictionary to a multiple of this (zero rows) so MP compiles for few shapes."""
 LABEL_MAX = 2**31 - 1
-
-
-@dataclass(frozen=True)
-class ITDAConfig:
-    """ITDA hyper-parameters."""
-
-    arch: ClassVar[str] = "itda"
-
-    k: int = 32
-    """Matching-pursuit steps per token (L0 is at most k)."""
-    tau: float = 0.1
-    """Add a token to the dictionary when its relative MP loss ‖u − û‖²/‖u‖² exceeds this."""
-    max_atoms: int = 65536
-    """The dictionary stops growing at this size."""
-    center: bool = False
-    """Subtract the sample mean before normalising (the paper uses raw activations: False)."""
-
-    def validate(self, d: int | None = None) -> None:
-        if self.k < 1:
-            raise ValueError(f"k must be >= 1, got {self.k}")
-        if not 0 < self.tau < 1:
-            raise ValueError(f"tau must be in (0, 1), got {self.tau} (a relative squared error)")
-        if self.max_atoms < 1:
-            raise ValueError(f"max_atoms must be positive, got {self.max_atoms}")
 
 
 Config = ITDAConfig

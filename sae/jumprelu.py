@@ -27,9 +27,8 @@ hitting a chosen sparsity, off by default.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import partial
-from typing import Any, ClassVar
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -38,41 +37,7 @@ from flax import struct
 
 from sae import common
 from sae.base import StepCtx
-
-
-@dataclass(frozen=True)
-class JumpReLUConfig:
-    """JumpReLU hyper-parameters (defaults from the reference sheet unless noted)."""
-
-    arch: ClassVar[str] = "jumprelu"
-
-    n_latents: int = 4096
-    """Number of latents n."""
-    l0_coef: float = 2e-3
-    """λ: weight of the L0 penalty (the reconstruction term is the FVU)."""
-    l0_warmup_frac: float = 0.05
-    """λ ramps linearly from 0 over this fraction of the steps."""
-    target_l0: float | None = None
-    """With a target, the penalty is (L0/target_l0 − 1)² instead of L0 (use l0_coef ≈ 1)."""
-    bandwidth: float = 0.001
-    """ε: width of the rectangle kernel of the straight-through pseudo-derivatives."""
-    init_threshold: float = 0.001
-    """Initial θ of every latent (inputs scaled to E‖x‖² = 1)."""
-
-    def validate(self, d: int | None = None) -> None:
-        if self.n_latents < 1:
-            raise ValueError(f"n_latents must be positive, got {self.n_latents}")
-        if self.l0_coef < 0:
-            raise ValueError(f"l0_coef must be >= 0, got {self.l0_coef}")
-        if not 0 <= self.l0_warmup_frac <= 1:
-            raise ValueError(f"l0_warmup_frac must be in [0, 1], got {self.l0_warmup_frac}")
-        if self.target_l0 is not None and not 0 < self.target_l0 <= self.n_latents:
-            raise ValueError(f"target_l0={self.target_l0} must be in (0, n_latents={self.n_latents}]")
-        if self.bandwidth <= 0:
-            raise ValueError(f"bandwidth must be positive, got {self.bandwidth}")
-        if self.init_threshold < 0:
-            raise ValueError(f"init_threshold must be >= 0, got {self.init_threshold}")
-
+from sae.configs import JumpReLUConfig
 
 Config = JumpReLUConfig
 

@@ -31,8 +31,7 @@ coordinates, from the code fitted on the visible ones.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -41,52 +40,8 @@ from flax import struct
 
 from sae import common
 from sae.base import StepCtx
+from sae.configs import MaskedConfig, n_visible
 from sae.sparse_ops import gather_encode, sparse_decode
-
-
-@dataclass(frozen=True)
-class MaskedConfig:
-    """Masked-objective dictionary learning hyper-parameters."""
-
-    arch: ClassVar[str] = "masked"
-
-    n_latents: int = 4096
-    """Number of atoms p'."""
-    k: int = 32
-    """Non-zero coefficients per token."""
-    encoder: str = "topk"
-    """"omp" (the paper: OMP code on the visible coordinates, constant for the gradient) or "topk"
-    (a learned TopK encoder on the visible coordinates)."""
-    objective: str = "masked"
-    """"masked" (fit on visible coordinates, loss on the hidden ones) or "plain" (all coordinates)."""
-    visible_frac: float = 0.9
-    """Share of coordinates visible to the code fit."""
-    train_b_dec: bool = True
-    """Let Adam move b_dec; False keeps it at its init."""
-    init_b_dec: str = "geometric_median"
-    """b_dec at init: "geometric_median" of the sample or "zero"."""
-
-    def validate(self, d: int | None = None) -> None:
-        if self.n_latents < 1:
-            raise ValueError(f"n_latents must be positive, got {self.n_latents}")
-        if not 1 <= self.k <= self.n_latents:
-            raise ValueError(f"k={self.k} must be between 1 and n_latents={self.n_latents}")
-        if self.encoder not in ("omp", "topk"):
-            raise ValueError(f"encoder must be 'omp' or 'topk', got {self.encoder!r}")
-        if self.objective not in ("masked", "plain"):
-            raise ValueError(f"objective must be 'masked' or 'plain', got {self.objective!r}")
-        if not 0 < self.visible_frac < 1:
-            raise ValueError(f"visible_frac must be in (0, 1), got {self.visible_frac}")
-        if self.init_b_dec not in ("geometric_median", "zero"):
-            raise ValueError(f"init_b_dec must be 'geometric_median' or 'zero', got {self.init_b_dec!r}")
-        if d is not None and self.objective == "masked":
-            n_vis = n_visible(self, d)
-            if not 1 <= n_vis < d:
-                raise ValueError(
-                    f"visible_frac={self.visible_frac} leaves {n_vis} of d={d} coordinates visible; "
-                    "at least one must be visible and one hidden"
-                )
-
 
 Config = MaskedConfig
 Params = common.LinearParams
@@ -104,10 +59,6 @@ def partition_specs(cfg: MaskedConfig) -> Params:
 
 def input_scale_target(cfg: MaskedConfig) -> str:
     return "sq_norm_d"
-
-
-def n_visible(cfg: MaskedConfig, d: int) -> int:
-    return int(round(cfg.visible_frac * d))
 
 
 def init(cfg: MaskedConfig, key: jax.Array, d: int, sample: np.ndarray) -> tuple[Params, State]:

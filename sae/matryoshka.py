@@ -16,71 +16,13 @@ Default groups [adapt]: prefixes ending at n/16, n/8, n/4, n/2, n (the sheet giv
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from sae import batchtopk, common
 from sae.base import StepCtx
-
-
-@dataclass(frozen=True)
-class MatryoshkaConfig:
-    """Matryoshka BatchTopK hyper-parameters."""
-
-    arch: ClassVar[str] = "matryoshka"
-
-    n_latents: int = 4096
-    """Number of latents n."""
-    k: int = 32
-    """Mean active latents per token: each batch keeps its top k·B pre-activations."""
-    group_sizes: tuple[int, ...] | None = None
-    """Sizes of the nested groups, in order, summing to n_latents (e.g. 256,256,512,1024,2048);
-    None: prefixes ending at n/16, n/8, n/4, n/2, n."""
-    candidates: int = 4
-    """c: per-token candidates c·k for the batch selection (a token keeps at most c·k; c >= n/k is exact)."""
-    k_aux: int | None = None
-    """Latents used by AuxK; None means d/2 (capped at the number of dead latents)."""
-    aux_coef: float = 1.0 / 32.0
-    """Weight of the AuxK loss."""
-    decoder: str = "free"
-    """"free" (no norm constraint, choice on pre·‖W_dec,i‖) or "unit" (unit-norm rows)."""
-    init_dec_norm: float | None = None
-    """Norm of the initial decoder rows; None means 1.0 for "unit" and 0.1 for "free"."""
-    rescale_by_decoder_norm: bool = True
-    """Choose the top k on pre · ‖W_dec,i‖ (only matters for decoder="free")."""
-    threshold_decay: float = 0.999
-    """EMA decay of the inference threshold θ."""
-    threshold_start_step: int = 1000
-    """Track θ from this step on (or from threshold_start_frac of the run, whichever is first)."""
-    threshold_start_frac: float = 0.75
-    """Track θ from this fraction of the run on (short runs; see threshold_start_step)."""
-
-    def __post_init__(self) -> None:
-        if isinstance(self.group_sizes, list):  # from JSON/YAML
-            object.__setattr__(self, "group_sizes", tuple(int(g) for g in self.group_sizes))
-
-    def validate(self, d: int | None = None) -> None:
-        batchtopk.BatchTopKConfig.validate(self, d)  # type: ignore[arg-type]
-        if self.group_sizes is not None:
-            if not self.group_sizes or any(g < 1 for g in self.group_sizes):
-                raise ValueError(f"group_sizes must be positive integers, got {self.group_sizes}")
-            if sum(self.group_sizes) != self.n_latents:
-                raise ValueError(
-                    f"group_sizes {self.group_sizes} sum to {sum(self.group_sizes)}, not n_latents={self.n_latents}; "
-                    "fix --group-sizes or --n-latents"
-                )
-
-    def group_ends(self) -> tuple[int, ...]:
-        """Exclusive end of each prefix."""
-        if self.group_sizes is not None:
-            return tuple(int(e) for e in np.cumsum(self.group_sizes))
-        ends = sorted({self.n_latents >> s for s in (4, 3, 2, 1, 0)} - {0})
-        return tuple(ends)
-
+from sae.configs import MatryoshkaConfig
 
 Config = MatryoshkaConfig
 SKIPS_AUX_WITHOUT_DEAD = True  # ctx.dead feeds AuxK only (see sae.base)

@@ -14,8 +14,7 @@ the same direction × 0.2 × the mean alive encoder norm, b_enc = 0, and their A
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -23,37 +22,7 @@ import numpy as np
 
 from sae import common
 from sae.base import StepCtx
-
-
-@dataclass(frozen=True)
-class ReluL1Config:
-    """ReLU + L1 hyper-parameters."""
-
-    arch: ClassVar[str] = "relu_l1"
-
-    n_latents: int = 4096
-    """Number of latents n."""
-    l1_coef: float = 5.0
-    """λ (with inputs scaled to E‖x‖ = √d, Anthropic's value is ~5)."""
-    l1_warmup_frac: float = 0.05
-    """λ ramps linearly from 0 over this fraction of the steps."""
-    variant: str = "april"
-    """"april" (decoder-norm-weighted L1, free decoder) or "classic" (unit norm + resampling)."""
-    init_dec_norm: float = 0.1
-    """Initial decoder-row norm for the April variant."""
-    resample_every_frac: float = 0.25
-    """Classic variant: resample dead latents at these fractions of training (0 disables)."""
-
-    def validate(self, d: int | None = None) -> None:
-        if self.n_latents < 1:
-            raise ValueError(f"n_latents must be positive, got {self.n_latents}")
-        if self.l1_coef < 0:
-            raise ValueError(f"l1_coef must be >= 0, got {self.l1_coef}")
-        if self.variant not in ("april", "classic"):
-            raise ValueError(f"variant must be 'april' or 'classic', got {self.variant!r}")
-        if not 0 <= self.resample_every_frac < 1:
-            raise ValueError(f"resample_every_frac must be in [0, 1), got {self.resample_every_frac}")
-
+from sae.configs import ReluL1Config
 
 Config = ReluL1Config
 

@@ -26,8 +26,7 @@ machine, worth repeating at n = 4096 with longer training.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -35,47 +34,8 @@ import numpy as np
 
 from sae import common
 from sae.base import StepCtx
+from sae.configs import TopKConfig
 from sae.sparse_ops import gather_encode, sparse_decode
-
-
-@dataclass(frozen=True)
-class TopKConfig:
-    """TopK SAE hyper-parameters (defaults from the reference sheet unless noted)."""
-
-    arch: ClassVar[str] = "topk"
-
-    n_latents: int = 4096
-    """Number of latents n."""
-    k: int = 32
-    """Active latents per token."""
-    k_aux: int | None = None
-    """Latents used by AuxK; None means d/2 (capped at the number of dead latents)."""
-    aux_coef: float = 1.0 / 32.0
-    """Weight of the AuxK loss."""
-    multi_topk: bool = False
-    """Add ‖x − x̂_{4k}‖²/8 so k can be raised at inference."""
-    decoder: str = "free"
-    """"free" (SAELens: no norm constraint, rows init at norm 0.1, top-k on pre·‖W_dec,i‖; the default,
-    by measurement, see the module doc) or "unit" (unit-norm rows + gradient projection)."""
-    init_dec_norm: float | None = None
-    """Norm of the initial decoder rows; None means 1.0 for "unit" and 0.1 for "free"."""
-    rescale_by_decoder_norm: bool = True
-    """Choose the top k on pre · ‖W_dec,i‖ (only matters for decoder="free")."""
-
-    def validate(self, d: int | None = None) -> None:
-        if self.n_latents < 1:
-            raise ValueError(f"n_latents must be positive, got {self.n_latents}")
-        if not 1 <= self.k <= self.n_latents:
-            raise ValueError(
-                f"k={self.k} must be between 1 and n_latents={self.n_latents}; lower --k or raise --n-latents"
-            )
-        if self.multi_topk and 4 * self.k > self.n_latents:
-            raise ValueError(f"multi_topk needs 4k={4 * self.k} <= n_latents={self.n_latents}")
-        if self.decoder not in ("unit", "free"):
-            raise ValueError(f"decoder must be 'unit' or 'free', got {self.decoder!r}")
-        if self.k_aux is not None and not 1 <= self.k_aux <= self.n_latents:
-            raise ValueError(f"k_aux={self.k_aux} must be between 1 and n_latents={self.n_latents}")
-
 
 Config = TopKConfig
 SKIPS_AUX_WITHOUT_DEAD = True  # ctx.dead feeds AuxK only (see sae.base)

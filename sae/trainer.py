@@ -39,7 +39,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +50,7 @@ from flax import struct
 
 from sae import common, runs, sharding
 from sae.base import StepCtx, arch_module, optional, validate_config
+from sae.configs import TrainConfig
 from sae.lifecycle import (  # noqa: F401  (re-exported: the trainer's public names)
     DIVERGED_FILE,
     EXECUTION_FIELDS,
@@ -68,82 +68,6 @@ from sae.lifecycle import (  # noqa: F401  (re-exported: the trainer's public na
     write_checkpoint,
 )
 from saewb.progress import progress_bar
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Optimisation settings shared by every architecture."""
-
-    train_tokens: int = 2_000_000
-    """Tokens to train on (steps = train_tokens // batch_size)."""
-    batch_size: int = 4096
-    """Tokens per step."""
-    seed: int = 0
-    """Seeds the init and the data order."""
-    lr: float | None = None
-    """Peak learning rate; None means 2e-4 / sqrt(n_latents / 2^14)."""
-    warmup_steps: int = 1000
-    """Linear warmup length, capped at a tenth of the run."""
-    decay_frac: float = 0.2
-    """Linear decay to 0 over this final fraction of the steps."""
-    grad_clip: float = 1.0
-    """Global gradient-norm clip."""
-    adam_b1: float = 0.9
-    adam_b2: float = 0.999
-    adam_eps: float = 1e-8
-    dead_window_tokens: int | None = None
-    """A latent is dead after this many tokens without firing; None: min(10M, 5% of the run)."""
-    dense_threshold: float = 0.1
-    """A latent is dense when it fires on more than this fraction of tokens."""
-    init_sample_tokens: int = 16384
-    """Tokens used to estimate the input scale and the geometric-median bias."""
-    log_every: int = 50
-    """Steps between metric rows."""
-    ckpt_every: int = 500
-    """Steps between checkpoints (a final one is always written)."""
-    keep_checkpoints: int = 2
-    """How many recent checkpoints to keep."""
-    mesh_data: int = 1
-    """Devices on the mesh's "data" axis (the batch is split over them); 1 x 1 is one device. With
-    several processes and a 1 x 1 mesh, every device goes on this axis."""
-    mesh_model: int = 1
-    """Devices on the mesh's "model" axis (the latent axis of the weights, Adam moments and
-    per-latent state is split over them; top-k runs shard-local then merges)."""
-    compute_dtype: str = "float32"
-    """Forward/backward dtype: "float32" or "bfloat16" (master weights, optimiser and state stay
-    float32)."""
-
-    def validate(self) -> None:
-        from sae.base import check_ranges
-
-        check_ranges(self)  # every field's range (sae/base.py RANGES), then how fields fit together
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
-        if self.train_tokens < self.batch_size:
-            raise ValueError(
-                f"train_tokens={self.train_tokens} is less than one batch of {self.batch_size}; "
-                "raise --train-tokens or lower --batch-size"
-            )
-        if not 0 <= self.decay_frac <= 1:
-            raise ValueError(f"decay_frac must be in [0, 1], got {self.decay_frac}")
-        if self.log_every < 1 or self.ckpt_every < 1:
-            raise ValueError("log_every and ckpt_every must be >= 1")
-        if self.mesh_data < 1 or self.mesh_model < 1:
-            raise ValueError(
-                f"mesh_data and mesh_model must be >= 1, got {self.mesh_data} x {self.mesh_model}"
-            )
-        if self.batch_size % self.mesh_data:
-            raise ValueError(f"batch_size={self.batch_size} is not divisible by mesh_data={self.mesh_data}")
-        if self.compute_dtype not in COMPUTE_DTYPES:
-            raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}")
-
-    @property
-    def total_steps(self) -> int:
-        return self.train_tokens // self.batch_size
-
-
-COMPUTE_DTYPES = ("float32", "bfloat16")
-
 
 DIVERGENCE_FACTOR = 100.0
 """A run has diverged when its FVU exceeds this many times its best recent FVU (floored at 0.01)."""

@@ -3,42 +3,24 @@
     python scripts/gen_config_reference.py            # rewrite docs/config_reference.md
     python scripts/gen_config_reference.py --check    # exit 1 if the committed file is stale
 
-Covers `sae.trainer.TrainConfig` and the `Config` of every architecture registered in `sae/archs.py`
-(ARCH_MODULES), in registry order: each field's `saewb train` flag, type, default and docstring (the
-docstring under the field, read with `ast`, exactly as `saewb train --help` shows it).
+Covers `TrainConfig` and the config of every architecture registered in `sae.configs.ARCH_CONFIGS`,
+in registry order: each field's `saewb train` flag, type (`typing.get_type_hints`), default
+(`dataclasses.fields`) and docstring (`sae.configs.field_docs`, exactly as `saewb train --help` shows it).
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import importlib
 import sys
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "docs" / "config_reference.md"
-
-
-def _field_docs(module_file: Path, class_name: str) -> dict[str, str]:
-    """Field name → the string literal right under it in the class body."""
-    tree = ast.parse(module_file.read_text())
-    for node in tree.body:
-        if isinstance(node, ast.ClassDef) and node.name == class_name:
-            out: dict[str, str] = {}
-            for i, item in enumerate(node.body):
-                if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name):
-                    nxt = node.body[i + 1] if i + 1 < len(node.body) else None
-                    if (
-                        isinstance(nxt, ast.Expr)
-                        and isinstance(nxt.value, ast.Constant)
-                        and isinstance(nxt.value.value, str)
-                    ):
-                        out[item.target.id] = " ".join(nxt.value.value.split())
-            return out
-    raise LookupError(f"class {class_name} not found in {module_file}")
 
 
 def _default(f: dataclasses.Field) -> str:
@@ -51,8 +33,16 @@ def _default(f: dataclasses.Field) -> str:
     return "None" if value is None else f"`{value!r}`"
 
 
-def _type_name(f: dataclasses.Field) -> str:
-    return str(f.type).replace("typing.", "")
+def _type_name(hint: Any) -> str:
+    """`int`, `float | None`, `tuple[int, ...]`, `Literal['free', 'unit']`."""
+    args = typing.get_args(hint)
+    if hint is type(None):
+        return "None"
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in args)
+    if typing.get_origin(hint) is typing.Literal:
+        return f"Literal[{', '.join(repr(a) for a in args)}]"
+    return hint.__name__ if isinstance(hint, type) and not args else str(hint).replace("typing.", "")
 
 
 def _md_cell(text: str) -> str:
@@ -66,8 +56,10 @@ def _range(name: str) -> str:
 
 
 def _section(title: str, cls: type, module_name: str, intro: str) -> list[str]:
-    module = sys.modules[cls.__module__]
-    docs = _field_docs(Path(module.__file__), cls.__name__)  # type: ignore[arg-type]
+    from sae.configs import field_docs
+
+    docs = field_docs(cls)
+    hints = typing.get_type_hints(cls)
     lines = [
         f"## {title}",
         "",
@@ -79,7 +71,7 @@ def _section(title: str, cls: type, module_name: str, intro: str) -> list[str]:
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         lines.append(
-            f"| `{flag}` | `{_md_cell(_type_name(f))}` | {_md_cell(_default(f))} | {_md_cell(_range(f.name))} | "
+            f"| `{flag}` | `{_md_cell(_type_name(hints[f.name]))}` | {_md_cell(_default(f))} | {_md_cell(_range(f.name))} | "
             f"{_md_cell(docs.get(f.name, ''))} |"
         )
     return [*lines, ""]
@@ -88,8 +80,7 @@ def _section(title: str, cls: type, module_name: str, intro: str) -> list[str]:
 def render() -> str:
     """The whole reference as markdown (deterministic: registry order, field order)."""
     sys.path.insert(0, str(REPO))
-    from sae.archs import ARCH_MODULES
-    from sae.trainer import TrainConfig
+    from sae.configs import ARCH_CONFIGS, TrainConfig
 
     lines = [
         "# Configuration reference",
@@ -104,7 +95,7 @@ def render() -> str:
         "[cli.md](cli.md#saewb-train). The range column is `sae.base.RANGES`, checked for train and sweep",
         "alike before any work; each architecture adds the checks that tie fields together (k <= n_latents, ...).",
         "",
-        "Architectures: " + ", ".join(f"[`{m}`](#arch-{m.replace('_', '-')})" for m in ARCH_MODULES) + ".",
+        "Architectures: " + ", ".join(f"[`{m}`](#arch-{m.replace('_', '-')})" for m in ARCH_CONFIGS) + ".",
         "",
     ]
     lines += _section(
@@ -113,9 +104,8 @@ def render() -> str:
         "trainer",
         "`sae.trainer.TrainConfig`: optimisation, schedule, logging and checkpoints.",
     )
-    for name in ARCH_MODULES:
-        mod = importlib.import_module(f"sae.{name}")
-        cfg = mod.Config
+    for name, cfg in ARCH_CONFIGS.items():
+        mod = importlib.import_module(f"sae.{name}")  # its module doc's first line introduces it
         doc = (mod.__doc__ or "").strip().splitlines()
         first = doc[0] if doc else ""
         lines.append(f'<a id="arch-{name.replace("_", "-")}"></a>')

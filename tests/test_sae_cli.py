@@ -113,3 +113,61 @@ def test_every_config_field_is_a_flag() -> None:
     from sae.cli import FLAG_TYPES, _all_fields
 
     assert set(FLAG_TYPES) == set(_all_fields())
+
+
+def test_configs_and_train_help_import_no_jax() -> None:
+    """`sae.configs` and the `saewb train` parser (every config flag) load without JAX."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, sae.configs, sae.archs; from saewb.cli import build_parser; build_parser(); "
+        "loaded = sorted(m for m in sys.modules if m == 'jax' or m.startswith(('jax.', 'flax', 'optax'))); "
+        "print(loaded or 'clean')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "clean", out.stdout
+
+
+def test_train_help_lists_every_config_option_with_its_help() -> None:
+    import dataclasses
+    import typing
+
+    from conftest import run_saewb
+
+    from sae.cli import config_flags
+    from sae.configs import ARCH_CONFIGS, TrainConfig, field_docs
+
+    out = run_saewb("train", "--help").stdout
+    text = " ".join(out.split())
+    squeezed = "".join(out.split())  # argparse wraps lines at spaces and after hyphens
+    flags = config_flags()
+    for cls in (TrainConfig, *ARCH_CONFIGS.values()):
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            assert f"--{f.name.replace('_', '-')} {f.name.upper()}" in text, f.name
+            if f.name in docs and flags[f.name].help.endswith(docs[f.name].replace("%", "%%")):
+                assert "".join(docs[f.name].split()) in squeezed, f.name  # the first owner's docstring
+            hint = typing.get_type_hints(cls)[f.name]
+            if typing.get_origin(hint) is typing.Literal:
+                assert flags[f.name].choices == typing.get_args(hint), f.name
+    assert flags["decoder"].choices == ("free", "unit")
+    assert flags["compute_dtype"].choices == ("float32", "bfloat16")
+
+
+def test_literal_choices_are_enforced_by_argparse(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--decoder", "tied"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--decoder" in err and "invalid choice: 'tied'" in err and "'free', 'unit'" in err
+
+
+def test_arch_configs_registry_matches_the_architecture_modules() -> None:
+    from sae.base import registry
+    from sae.configs import ARCH_CONFIGS
+
+    reg = registry()
+    assert list(reg) == list(ARCH_CONFIGS)
+    assert all(reg[name].Config is cls for name, cls in ARCH_CONFIGS.items())

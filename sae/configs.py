@@ -1,0 +1,548 @@
+"""The config dataclasses: `TrainConfig` and each architecture's hyper-parameters.
+
+They live here, apart from their architecture modules (``sae/<arch>.py`` re-exports its own as
+``Config``), because this module imports no JAX: the `saewb train` flags and
+``docs/config_reference.md`` (``scripts/gen_config_reference.py``) are built from these dataclasses
+(``dataclasses.fields`` + ``typing.get_type_hints``; a field's help is the docstring under it), and
+`saewb --help` stays fast. Choice fields are ``Literal[...]``: the CLI offers exactly those values.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import itertools
+import textwrap
+from dataclasses import dataclass
+from functools import cache
+from typing import ClassVar, Literal, get_args
+
+ComputeDtype = Literal["float32", "bfloat16"]
+COMPUTE_DTYPES: tuple[str, ...] = get_args(ComputeDtype)
+
+
+# --- training, every architecture (sae/trainer.py)
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings shared by every architecture."""
+
+    train_tokens: int = 2_000_000
+    """Tokens to train on (steps = train_tokens // batch_size)."""
+    batch_size: int = 4096
+    """Tokens per step."""
+    seed: int = 0
+    """Seeds the init and the data order."""
+    lr: float | None = None
+    """Peak learning rate; None means 2e-4 / sqrt(n_latents / 2^14)."""
+    warmup_steps: int = 1000
+    """Linear warmup length, capped at a tenth of the run."""
+    decay_frac: float = 0.2
+    """Linear decay to 0 over this final fraction of the steps."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip."""
+    adam_b1: float = 0.9
+    adam_b2: float = 0.999
+    adam_eps: float = 1e-8
+    dead_window_tokens: int | None = None
+    """A latent is dead after this many tokens without firing; None: min(10M, 5% of the run)."""
+    dense_threshold: float = 0.1
+    """A latent is dense when it fires on more than this fraction of tokens."""
+    init_sample_tokens: int = 16384
+    """Tokens used to estimate the input scale and the geometric-median bias."""
+    log_every: int = 50
+    """Steps between metric rows."""
+    ckpt_every: int = 500
+    """Steps between checkpoints (a final one is always written)."""
+    keep_checkpoints: int = 2
+    """How many recent checkpoints to keep."""
+    mesh_data: int = 1
+    """Devices on the mesh's "data" axis (the batch is split over them); 1 x 1 is one device. With
+    several processes and a 1 x 1 mesh, every device goes on this axis."""
+    mesh_model: int = 1
+    """Devices on the mesh's "model" axis (the latent axis of the weights, Adam moments and
+    per-latent state is split over them; top-k runs shard-local then merges)."""
+    compute_dtype: ComputeDtype = "float32"
+    """Forward/backward dtype: "float32" or "bfloat16" (master weights, optimiser and state stay
+    float32)."""
+
+    def validate(self) -> None:
+        from sae.base import check_ranges
+
+        check_ranges(self)  # every field's range (sae/base.py RANGES), then how fields fit together
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+        if self.train_tokens < self.batch_size:
+            raise ValueError(
+                f"train_tokens={self.train_tokens} is less than one batch of {self.batch_size}; "
+                "raise --train-tokens or lower --batch-size"
+            )
+        if not 0 <= self.decay_frac <= 1:
+            raise ValueError(f"decay_frac must be in [0, 1], got {self.decay_frac}")
+        if self.log_every < 1 or self.ckpt_every < 1:
+            raise ValueError("log_every and ckpt_every must be >= 1")
+        if self.mesh_data < 1 or self.mesh_model < 1:
+            raise ValueError(
+                f"mesh_data and mesh_model must be >= 1, got {self.mesh_data} x {self.mesh_model}"
+            )
+        if self.batch_size % self.mesh_data:
+            raise ValueError(f"batch_size={self.batch_size} is not divisible by mesh_data={self.mesh_data}")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}")
+
+    @property
+    def total_steps(self) -> int:
+        return self.train_tokens // self.batch_size
+
+
+# --- topk (sae/topk.py)
+@dataclass(frozen=True)
+class TopKConfig:
+    """TopK SAE hyper-parameters (defaults from the reference sheet unless noted)."""
+
+    arch: ClassVar[str] = "topk"
+
+    n_latents: int = 4096
+    """Number of latents n."""
+    k: int = 32
+    """Active latents per token."""
+    k_aux: int | None = None
+    """Latents used by AuxK; None means d/2 (capped at the number of dead latents)."""
+    aux_coef: float = 1.0 / 32.0
+    """Weight of the AuxK loss."""
+    multi_topk: bool = False
+    """Add ‖x − x̂_{4k}‖²/8 so k can be raised at inference."""
+    decoder: Literal["free", "unit"] = "free"
+    """"free" (SAELens: no norm constraint, rows init at norm 0.1, top-k on pre·‖W_dec,i‖; the default,
+    by measurement, see the module doc) or "unit" (unit-norm rows + gradient projection)."""
+    init_dec_norm: float | None = None
+    """Norm of the initial decoder rows; None means 1.0 for "unit" and 0.1 for "free"."""
+    rescale_by_decoder_norm: bool = True
+    """Choose the top k on pre · ‖W_dec,i‖ (only matters for decoder="free")."""
+
+    def validate(self, d: int | None = None) -> None:
+        if self.n_latents < 1:
+            raise ValueError(f"n_latents must be positive, got {self.n_latents}")
+        if not 1 <= self.k <= self.n_latents:
+            raise ValueError(
+                f"k={self.k} must be between 1 and n_latents={self.n_latents}; lower --k or raise --n-latents"
+            )
+        if self.multi_topk and 4 * self.k > self.n_latents:
+            raise ValueError(f"multi_topk needs 4k={4 * self.k} <= n_latents={self.n_latents}")
+        if self.decoder not in ("unit", "free"):
+            raise ValueError(f"decoder must be 'unit' or 'free', got {self.decoder!r}")
+        if self.k_aux is not None and not 1 <= self.k_aux <= self.n_latents:
+            raise ValueError(f"k_aux={self.k_aux} must be between 1 and n_latents={self.n_latents}")
+
+
+# --- relu_l1 (sae/relu_l1.py)
+@dataclass(frozen=True)
+class ReluL1Config:
+    """ReLU + L1 hyper-parameters."""
+
+    arch: ClassVar[str] = "relu_l1"
+
+    n_latents: int = 4096
+    """Number of latents n."""
+    l1_coef: float = 5.0
+    """λ (with inputs scaled to E‖x‖ = √d, Anthropic's value is ~5)."""
+    l1_warmup_frac: float = 0.05
+    """λ ramps linearly from 0 over this fraction of the steps."""
+    variant: Literal["april", "classic"] = "april"
+    """"april" (decoder-norm-weighted L1, free decoder) or "classic" (unit norm + resampling)."""
+    init_dec_norm: float = 0.1
+    """Initial decoder-row norm for the April variant."""
+    resample_every_frac: float = 0.25
+    """Classic variant: resample dead latents at these fractions of training (0 disables)."""
+
+    def validate(self, d: int | None = None) -> None:
+        if self.n_latents < 1:
+            raise ValueError(f"n_latents must be positive, got {self.n_latents}")
+        if self.l1_coef < 0:
+            raise ValueError(f"l1_coef must be >= 0, got {self.l1_coef}")
+        if self.variant not in ("april", "classic"):
+            raise ValueError(f"variant must be 'april' or 'classic', got {self.variant!r}")
+        if not 0 <= self.resample_every_frac < 1:
+            raise ValueError(f"resample_every_frac must be in [0, 1), got {self.resample_every_frac}")
+
+
+# --- gba (sae/gba.py)
+@dataclass(frozen=True)
+class GBAConfig:
+    """GBA / BA hyper-parameters (paper defaults)."""
+
+    arch: ClassVar[str] = "gba"
+
+    n_latents: int = 4096
+    """Number of neurons."""
+    n_groups: int = 10
+    """K; 1 gives plain bias adaptation (BA)."""
+    htf: float = 0.5
+    """Highest target frequency (group 0)."""
+    ltf: float = 1e-3
+    """Lowest target frequency (group K−1)."""
+    gamma: float = 0.01
+    """Bias step size γ."""
+    update_every: int = 50
+    """T: steps between bias updates."""
+    freq_eps: float = 1e-6
+    """A neuron whose frequency is below this counts as never fired."""
+    activation: Literal["relu", "jumprelu"] = "relu"
+    """φ: "relu" or "jumprelu"."""
+    init_a: float = 0.05
+    """Initial output scale a_m."""
+    init_w: Literal["random", "data"] = "data"
+    """W at init: "random" unit rows or "data" (normalised centred samples)."""
+    train_b_pre: bool = False
+    """Let Adam move b_pre; False keeps it at its init (see the measurements in the module doc)."""
+    init_b_pre: Literal["geometric_median", "zero"] = "geometric_median"
+    """b_pre at init: "geometric_median" of the sample or "zero"."""
+
+    def validate(self, d: int | None = None) -> None:
+        if self.n_latents < 1:
+            raise ValueError(f"n_latents must be positive, got {self.n_latents}")
+        if not 1 <= self.n_groups <= self.n_latents:
+            raise ValueError(f"n_groups={self.n_groups} must be between 1 and n_latents={self.n_latents}")
+        if not 0 < self.ltf <= self.htf <= 1:
+            raise ValueError(f"need 0 < ltf <= htf <= 1, got ltf={self.ltf}, htf={self.htf}")
+        if self.init_w not in ("random", "data"):
+            raise ValueError(f"init_w must be 'random' or 'data', got {self.init_w!r}")
+        if self.init_b_pre not in ("geometric_median", "zero"):
+            raise ValueError(f"init_b_pre must be 'geometric_median' or 'zero', got {self.init_b_pre!r}")
+        if self.activation not in ("relu", "jumprelu"):
+            raise ValueError(f"activation must be 'relu' or 'jumprelu', got {self.activation!r}")
+        if self.update_every < 1:
+            raise ValueError(f"update_every must be >= 1, got {self.update_every}")
+
+
+# --- batchtopk (sae/batchtopk.py)
+@dataclass(frozen=True)
+class BatchTopKConfig:
+    """BatchTopK hyper-parameters (defaults from the reference sheet unless noted)."""
+
+    arch: ClassVar[str] = "batchtopk"
+
+    n_latents: int = 4096
+    """Number of latents n."""
+    k: int = 32
+    """Mean active latents per token: each batch keeps its top k·B pre-activations."""
+    candidates: int = 4
+    """c: per-token candidates c·k for the batch selection (a token keeps at most c·k; c >= n/k is exact)."""
+    k_aux: int | None = None
+    """Latents used by AuxK; None means d/2 (capped at the number of dead latents)."""
+    aux_coef: float = 1.0 / 32.0
+    """Weight of the AuxK loss."""
+    decoder: Literal["free", "unit"] = "free"
+    """"free" (SAELens: no norm constraint, rows init at norm 0.1, top-k on pre·‖W_dec,i‖; the default,
+    by measurement, see the module doc) or "unit" (unit-norm rows + gradient projection)."""
+    init_dec_norm: float | None = None
+    """Norm of the initial decoder rows; None means 1.0 for "unit" and 0.1 for "free"."""
+    rescale_by_decoder_norm: bool = True
+    """Choose the top k on pre · ‖W_dec,i‖ (only matters for decoder="free")."""
+    threshold_decay: float = 0.999
+    """EMA decay of the inference threshold θ."""
+    threshold_start_step: int = 1000
+    """Track θ from this step on (or from threshold_start_frac of the run, whichever is first)."""
+    threshold_start_frac: float = 0.75
+    """Track θ from this fraction of the run on (short runs; see threshold_start_step)."""
+
+    def validate(self, d: int | None = None) -> None:
+        if self.n_latents < 1:
+            raise ValueError(f"n_latents must be positive, got {self.n_latents}")
+        if not 1 <= self.k <= self.n_latents:
+            raise ValueError(
+                f"k={self.k} must be between 1 and n_latents={self.n_latents}; lower --k or raise --n-latents"
+            )
+        if self.candidates < 1:
+            raise ValueError(f"candidates must be >= 1, got {self.candidates}")
+        if self.decoder not in ("unit", "free"):
+            raise ValueError(f"decoder must be 'unit' or 'free', got {self.decoder!r}")
+        if self.k_aux is not None and not 1 <= self.k_aux <= self.n_latents:
+            raise ValueError(f"k_aux={self.k_aux} must be between 1 and n_latents={self.n_latents}")
+        if not 0 < self.threshold_decay < 1:
+            raise ValueError(f"threshold_decay must be in (0, 1), got {self.threshold_decay}")
+        if not 0 <= self.threshold_start_frac <= 1:
+            raise ValueError(f"threshold_start_frac must be in [0, 1], got {self.threshold_start_frac}")
+
+
+# --- jumprelu (sae/jumprelu.py)
+@dataclass(frozen=True)
+class JumpReLUConfig:
+    """JumpReLU hyper-parameters (defaults from the reference sheet unless noted)."""
+
+    arch: ClassVar[str] = "jumprelu"
+
+    n_latents: int = 4096
+    """Number of latents n."""
+    l0_coef: float = 2e-3
+    """λ: weight of the L0 penalty (the reconstruction term is the FVU)."""
+    l0_warmup_frac: float = 0.05
+    """λ ramps linearly from 0 over this fraction of the steps."""
+    target_l0: float | None = None
+    """With a target, the penalty is (L0/target_l0 − 1)² instead of L0 (use l0_coef ≈ 1)."""
+    bandwidth: float = 0.001
+    """ε: width of the rectangle kernel of the straight-through pseudo-derivatives."""
+    init_threshold: float = 0.001
+    """Initial θ of every latent (inputs scaled to E‖x‖² = 1)."""
+
+    def validate(self, d: int | None = None) -> None:
+        if self.n_latents < 1:
+            raise ValueError(f"n_latents must be positive, got {self.n_latents}")
+        if self.l0_coef < 0:
+            raise ValueError(f"l0_coef must be >= 0, got {self.l0_coef}")
+        if not 0 <= self.l0_warmup_frac <= 1:
+            raise ValueError(f"l0_warmup_frac must be in [0, 1], got {self.l0_warmup_frac}")
+        if self.target_l0 is not None and not 0 < self.target_l0 <= self.n_latents:
+            raise ValueError(f"target_l0={self.target_l0} must be in (0, n_latents={self.n_latents}]")
+        if self.bandwidth <= 0:
+            raise ValueError(f"bandwidth must be positive, got {self.bandwidth}")
+        if self.init_threshold < 0:
+            raise ValueError(f"init_threshold must be >= 0, got {self.init_threshold}")
+
+
+# --- hierarchical_topk (sae/hierarchical_topk.py)
+@dataclass(frozen=True)
+class HierarchicalTopKConfig:
+    """HierarchicalTopK hyper-parameters."""
+
+    arch: ClassVar[str] = "hierarchical_topk"
+
+    n_latents: int = 4096
+    """Number of latents n."""
+    k: int = 64
+    """K: the largest budget; the saved SAE encodes with any k <= K (default K)."""
+    chunk_size: int = 256
+    """Tokens per chunk of the prefix-error loop (memory O(chunk·d) per chunk; 256 measured fastest)."""
+    k_aux: int | None = None
+    """Latents used by AuxK; None means d/2 (capped at the number of dead latents)."""
+    aux_coef: float = 1.0 / 32.0
+    """Weight of the AuxK loss."""
+    decoder: Literal["free", "unit"] = "free"
+    """"free" (no norm constraint, choice on pre·‖W_dec,i‖) or "unit" (unit-norm rows)."""
+    init_dec_norm: float | None = None
+    """Norm of the initial decoder rows; None means 1.0 for "unit" and 0.1 for "free"."""
+    rescale_by_decoder_norm: bool = True
+    """Choose the top k on pre · ‖W_dec,i‖ (only matters for decoder="free")."""
+
+    multi_topk: ClassVar[bool] = False  # read by the shared TopK init/validate
+
+    def validate(self, d: int | None = None) -> None:
+        TopKConfig.validate(self, d)  # type: ignore[arg-type]
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+
+
+# --- matryoshka (sae/matryoshka.py)
+@dataclass(frozen=True)
+class MatryoshkaConfig:
+    """Matryoshka BatchTopK hyper-parameters."""
+
+    arch: ClassVar[str] = "matryoshka"
+
+    n_latents: int = 4096
+    """Number of latents n."""
+    k: int = 32
+    """Mean active latents per token: each batch keeps its top k·B pre-activations."""
+    group_sizes: tuple[int, ...] | None = None
+    """Sizes of the nested groups, in order, summing to n_latents (e.g. 256,256,512,1024,2048);
+    None: prefixes ending at n/16, n/8, n/4, n/2, n."""
+    candidates: int = 4
+    """c: per-token candidates c·k for the batch selection (a token keeps at most c·k; c >= n/k is exact)."""
+    k_aux: int | None = None
+    """Latents used by AuxK; None means d/2 (capped at the number of dead latents)."""
+    aux_coef: float = 1.0 / 32.0
+    """Weight of the AuxK loss."""
+    decoder: Literal["free", "unit"] = "free"
+    """"free" (no norm constraint, choice on pre·‖W_dec,i‖) or "unit" (unit-norm rows)."""
+    init_dec_norm: float | None = None
+    """Norm of the initial decoder rows; None means 1.0 for "unit" and 0.1 for "free"."""
+    rescale_by_decoder_norm: bool = True
+    """Choose the top k on pre · ‖W_dec,i‖ (only matters for decoder="free")."""
+    threshold_decay: float = 0.999
+    """EMA decay of the inference threshold θ."""
+    threshold_start_step: int = 1000
+    """Track θ from this step on (or from threshold_start_frac of the run, whichever is first)."""
+    threshold_start_frac: float = 0.75
+    """Track θ from this fraction of the run on (short runs; see threshold_start_step)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.group_sizes, list):  # from JSON/YAML
+            object.__setattr__(self, "group_sizes", tuple(int(g) for g in self.group_sizes))
+
+    def validate(self, d: int | None = None) -> None:
+        BatchTopKConfig.validate(self, d)  # type: ignore[arg-type]
+        if self.group_sizes is not None:
+            if not self.group_sizes or any(g < 1 for g in self.group_sizes):
+                raise ValueError(f"group_sizes must be positive integers, got {self.group_sizes}")
+            if sum(self.group_sizes) != self.n_latents:
+                raise ValueError(
+                    f"group_sizes {self.group_sizes} sum to {sum(self.group_sizes)}, not n_latents={self.n_latents}; "
+                    "fix --group-sizes or --n-latents"
+                )
+
+    def group_ends(self) -> tuple[int, ...]:
+        """Exclusive end of each prefix."""
+        if self.group_sizes is not None:
+            return tuple(itertools.accumulate(self.group_sizes))
+        ends = sorted({self.n_latents >> s for s in (4, 3, 2, 1, 0)} - {0})
+        return tuple(ends)
+
+
+# --- feature_choice (sae/feature_choice.py)
+@dataclass(frozen=True)
+class FeatureChoiceConfig:
+    """Feature Choice SAE hyper-parameters."""
+
+    arch: ClassVar[str] = "feature_choice"
+
+    n_latents: int = 4096
+    """Number of latents n."""
+    k: int = 32
+    """Mean active latents per token: the batch budget is k·B (latent, token) pairs."""
+    capacity: Literal["uniform", "zipf"] = "uniform"
+    """Per-latent token capacities: "uniform" (k·B/n each) or "zipf" (by density rank)."""
+    zipf_alpha: float = 1.0
+    """Exponent α of the Zipf capacities m_r ∝ (r+1)^−α."""
+    aux_zipf_coef: float = 1.0 / 32.0
+    """Weight of aux_zipf_loss (AuxK over latents used less than the Zipf fit predicts); 0 turns it off."""
+    aux_zipf_c: float = 0.5
+    """A latent is under-used when its EMA density is below this multiple of the Zipf fit for its rank."""
+    k_aux: int | None = None
+    """Latents used by the auxiliary loss per token; None means d/2 (capped at n)."""
+    density_decay: float = 0.99
+    """EMA decay of the per-latent firing densities (per step)."""
+    threshold_decay: float = 0.99
+    """EMA decay of the per-latent inference thresholds (per step)."""
+
+    def validate(self, d: int | None = None) -> None:
+        if self.n_latents < 1:
+            raise ValueError(f"n_latents must be positive, got {self.n_latents}")
+        if not 1 <= self.k <= self.n_latents:
+            raise ValueError(f"k={self.k} must be between 1 and n_latents={self.n_latents}")
+        if self.capacity not in ("uniform", "zipf"):
+            raise ValueError(f"capacity must be 'uniform' or 'zipf', got {self.capacity!r}")
+        if self.zipf_alpha < 0:
+            raise ValueError(f"zipf_alpha must be >= 0, got {self.zipf_alpha}")
+        for name in ("density_decay", "threshold_decay"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.aux_zipf_coef < 0 or self.aux_zipf_c < 0:
+            raise ValueError("aux_zipf_coef and aux_zipf_c must be >= 0")
+        if self.k_aux is not None and not 1 <= self.k_aux <= self.n_latents:
+            raise ValueError(f"k_aux={self.k_aux} must be between 1 and n_latents={self.n_latents}")
+
+
+# --- masked (sae/masked.py)
+@dataclass(frozen=True)
+class MaskedConfig:
+    """Masked-objective dictionary learning hyper-parameters."""
+
+    arch: ClassVar[str] = "masked"
+
+    n_latents: int = 4096
+    """Number of atoms p'."""
+    k: int = 32
+    """Non-zero coefficients per token."""
+    encoder: Literal["omp", "topk"] = "topk"
+    """"omp" (the paper: OMP code on the visible coordinates, constant for the gradient) or "topk"
+    (a learned TopK encoder on the visible coordinates)."""
+    objective: Literal["masked", "plain"] = "masked"
+    """"masked" (fit on visible coordinates, loss on the hidden ones) or "plain" (all coordinates)."""
+    visible_frac: float = 0.9
+    """Share of coordinates visible to the code fit."""
+    train_b_dec: bool = True
+    """Let Adam move b_dec; False keeps it at its init."""
+    init_b_dec: Literal["geometric_median", "zero"] = "geometric_median"
+    """b_dec at init: "geometric_median" of the sample or "zero"."""
+
+    def validate(self, d: int | None = None) -> None:
+        if self.n_latents < 1:
+            raise ValueError(f"n_latents must be positive, got {self.n_latents}")
+        if not 1 <= self.k <= self.n_latents:
+            raise ValueError(f"k={self.k} must be between 1 and n_latents={self.n_latents}")
+        if self.encoder not in ("omp", "topk"):
+            raise ValueError(f"encoder must be 'omp' or 'topk', got {self.encoder!r}")
+        if self.objective not in ("masked", "plain"):
+            raise ValueError(f"objective must be 'masked' or 'plain', got {self.objective!r}")
+        if not 0 < self.visible_frac < 1:
+            raise ValueError(f"visible_frac must be in (0, 1), got {self.visible_frac}")
+        if self.init_b_dec not in ("geometric_median", "zero"):
+            raise ValueError(f"init_b_dec must be 'geometric_median' or 'zero', got {self.init_b_dec!r}")
+        if d is not None and self.objective == "masked":
+            n_vis = n_visible(self, d)
+            if not 1 <= n_vis < d:
+                raise ValueError(
+                    f"visible_frac={self.visible_frac} leaves {n_vis} of d={d} coordinates visible; "
+                    "at least one must be visible and one hidden"
+                )
+
+
+# --- itda (sae/itda.py)
+@dataclass(frozen=True)
+class ITDAConfig:
+    """ITDA hyper-parameters."""
+
+    arch: ClassVar[str] = "itda"
+
+    k: int = 32
+    """Matching-pursuit steps per token (L0 is at most k)."""
+    tau: float = 0.1
+    """Add a token to the dictionary when its relative MP loss ‖u − û‖²/‖u‖² exceeds this."""
+    max_atoms: int = 65536
+    """The dictionary stops growing at this size."""
+    center: bool = False
+    """Subtract the sample mean before normalising (the paper uses raw activations: False)."""
+
+    def validate(self, d: int | None = None) -> None:
+        if self.k < 1:
+            raise ValueError(f"k must be >= 1, got {self.k}")
+        if not 0 < self.tau < 1:
+            raise ValueError(f"tau must be in (0, 1), got {self.tau} (a relative squared error)")
+        if self.max_atoms < 1:
+            raise ValueError(f"max_atoms must be positive, got {self.max_atoms}")
+
+
+def n_visible(cfg: MaskedConfig, d: int) -> int:
+    """Coordinates visible to the masked code fit."""
+    return int(round(cfg.visible_frac * d))
+
+
+ARCH_CONFIGS: dict[str, type] = {
+    cls.arch: cls
+    for cls in (
+        TopKConfig,
+        ReluL1Config,
+        GBAConfig,
+        BatchTopKConfig,
+        JumpReLUConfig,
+        HierarchicalTopKConfig,
+        MatryoshkaConfig,
+        FeatureChoiceConfig,
+        MaskedConfig,
+        ITDAConfig,
+    )
+}
+"""The registry: architecture name (= its module, ``sae/<arch>.py``) → its config class, in the order
+the CLI and docs list them. ``sae.archs.ARCH_MODULES`` is these names."""
+
+
+@cache
+def field_docs(cls: type) -> dict[str, str]:
+    """Field name → the docstring under it, whitespace collapsed.
+
+    Python (before 3.14) keeps no field docstrings at run time, so they are read from the class's
+    own source; the fields, types and defaults themselves come from the dataclass.
+    """
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    out: dict[str, str] = {}
+    for item, nxt in zip(body, body[1:], strict=False):
+        if (
+            isinstance(item, ast.AnnAssign)
+            and isinstance(item.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            out[item.target.id] = " ".join(nxt.value.value.split())
+    return {f.name: out[f.name] for f in dataclasses.fields(cls) if f.name in out}
