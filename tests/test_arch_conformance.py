@@ -69,6 +69,19 @@ def _assert_same_arrays(a: Path, b: Path) -> None:
         np.testing.assert_array_equal(fa[key], fb[key], err_msg=f"{a.name}{key}")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _compile_once(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """Each fit builds its own jitted step, so the resume would compile the same program again; XLA's
+    persistent cache (a fresh folder, this module only) turns that second compile into a lookup."""
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    before = [getattr(jax.config, k) for k in keys]
+    jax.config.update(keys[0], str(tmp_path_factory.mktemp("xla-cache")))
+    jax.config.update(keys[1], 0.0)
+    yield
+    for key, value in zip(keys, before, strict=True):
+        jax.config.update(key, value)
+
+
 def test_every_architecture_has_a_small_config() -> None:
     assert sorted(SMALL) == sorted(registry())
     assert set(registry()) >= OWN_FIT
