@@ -2,7 +2,7 @@
 and Matryoshka (tuple config, threshold state) end to end through `saewb train` / `saewb eval`.
 
 Training, saving and loading of all four on the shared trainer: tests/test_sae_trainer.py
-(parametrised); bit-for-bit resume: tests/test_sae_checkpoint.py."""
+(parametrised); bit-for-bit resume: tests/test_arch_conformance.py."""
 
 from __future__ import annotations
 
