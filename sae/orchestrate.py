@@ -5,6 +5,10 @@ or underscores), ``open_sources`` checks the data sources (the first is the work
 the runs) and resolves their paths, ``fit_function`` picks how a single run trains (the trainer, or an architecture's own fit:
 ``sae.archs.OWN_FIT``) and ``check_lockstep`` refuses such an architecture in a sweep.
 
+One run (`saewb train`, ``saewb.train``): ``plan_from_values`` validates a run's options (the
+CLI's flags, a YAML config's keys or the Python API's arguments: one set of checks and messages)
+into a ``TrainPlan``; ``run_plan`` trains it.
+
 Running: ``train_runs`` registers the runs, logs their metric rows and checkpoints, records a
 failure or an interruption, and finalises each run (``sae.lifecycle.finalise_run``: held-out
 evaluation, run row and status).
@@ -12,10 +16,25 @@ evaluation, run row and status).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+RUN_KEYS = (
+    "workspace",
+    "hook",
+    "harvest",
+    "arch",
+    "name",
+    "d_in",
+    "eval_tokens",
+    "progress",
+    "wandb",
+    "wandb_project",
+)
+"""Keys that are about the run, not the SAE or the optimiser."""
 
 
 def normalise_keys(values: Any, where: str, error: type[Exception] = ValueError) -> dict[str, Any]:
@@ -163,3 +182,212 @@ def train_runs(
     if not lead:
         return {s.name: {f"train_{k}": v for k, v in results[s.name].final_metrics.items()} for s in specs}
     return {s.name: finalise_run(ws, s.name, s.run_dir, results[s.name], heldout(s)) for s in specs}
+
+
+# --------------------------------------------------------------------------- one run (`saewb train`)
+
+
+def _all_fields() -> dict[str, dataclasses.Field]:
+    from sae.base import registry
+    from sae.trainer import TrainConfig
+
+    out: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    for mod in registry().values():
+        for f in dataclasses.fields(mod.Config):
+            out.setdefault(f.name, f)
+    return out
+
+
+@dataclass
+class TrainPlan:
+    """Everything a training run needs, validated."""
+
+    workspace: Path
+    hook: str
+    harvest: str
+    name: str
+    d: int
+    sae_config: Any
+    train_config: Any
+    eval_tokens: int
+    progress: bool
+    sources: tuple[str, ...] = ()
+    """Every data source when training on a set (the workspace first); empty: the workspace alone."""
+    wandb: bool = False
+    """Mirror the metric rows to Weights & Biases (sae/wandb_log.py)."""
+    wandb_project: str | None = None
+
+    def data(self) -> Any:
+        """What `ActivationStream` reads: the workspace, or the list of sources."""
+        return list(self.sources) if self.sources else self.workspace
+
+    def record(self) -> dict[str, Any]:
+        """The run's stored config (the sources only for a set, so single runs keep their record)."""
+        from sae.trainer import config_record
+
+        out = {
+            **config_record(self.sae_config, self.train_config),
+            "hook": self.hook,
+            "harvest": self.harvest,
+        }
+        return {**out, "sources": list(self.sources)} if self.sources else out
+
+
+def plan_from_values(values: dict[str, Any]) -> TrainPlan:
+    """Validate merged options into a plan; raises ValueError naming the problem and the fix."""
+    from activations.store import harvest_info
+    from sae.base import arch_module, config_fields, make_config, validate_config
+    from sae.trainer import TrainConfig
+
+    values = {k: v for k, v in values.items() if v is not None}
+    train_fields = set(config_fields(TrainConfig))
+    known = set(RUN_KEYS) | train_fields | set(_all_fields())
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown}; valid options are {sorted(known)}")
+    for req in ("workspace", "hook", "arch", "name"):
+        if req not in values:
+            raise ValueError(f"missing --{req.replace('_', '-')} (or `{req}:` in the YAML config)")
+    arch = arch_module(str(values["arch"]))
+    arch_fields = set(config_fields(arch.Config))
+    wrong = sorted(set(values) - set(RUN_KEYS) - train_fields - arch_fields)
+    if wrong:
+        raise ValueError(
+            f"option(s) {wrong} do not apply to arch {values['arch']!r}; its options are {sorted(arch_fields)}"
+        )
+    sae_cfg = make_config(arch.Config, {k: values[k] for k in arch_fields if k in values})
+    tc = TrainConfig(**{k: values[k] for k in train_fields if k in values})
+    tc.validate()
+    from activations.store import open_parts
+    from sae.orchestrate import open_sources
+
+    ws, sources = open_sources(values["workspace"])
+    info = harvest_info(ws, values.get("harvest"))
+    hook = str(values["hook"])
+    if hook not in info.hooks:
+        raise ValueError(
+            f"hook {hook!r} is not in harvest {info.name!r} (it has {sorted(info.hooks)}); "
+            f"pick one of those with --hook or harvest it with `saewb harvest --hook {hook}`"
+        )
+    d = int(info.hooks[hook])
+    if "d_in" in values and int(values["d_in"]) != d:
+        raise ValueError(
+            f"d_in={values['d_in']} but hook {hook!r} of harvest {info.name!r} has width {d}; "
+            "fix d_in or drop it"
+        )
+    validate_config(sae_cfg, d)
+    if len(sources) > 1:
+        open_parts(sources, values.get("harvest"), hook)  # one model, the hook at one width, nothing twice
+    from activations.store import check_name
+
+    check_name(str(values["name"]), "run name")
+    if values.get("wandb"):
+        from sae.wandb_log import require_wandb
+
+        require_wandb()  # before any work: a clear error naming `pip install wandb`
+    return TrainPlan(
+        workspace=ws.path,
+        hook=hook,
+        harvest=info.name,
+        name=str(values["name"]),
+        d=d,
+        sae_config=sae_cfg,
+        train_config=tc,
+        eval_tokens=int(values.get("eval_tokens", 200_000)),
+        progress=bool(values.get("progress", True)),
+        wandb=bool(values.get("wandb", False)),
+        wandb_project=values.get("wandb_project"),
+        sources=tuple(sources) if len(sources) > 1 else (),
+    )
+
+
+def _check_existing(plan: TrainPlan) -> int:
+    """Refuse a different config under an existing name; return the step a resume starts from."""
+    from sae import checkpoint as ckpt
+    from sae import runs
+    from sae.lifecycle import refuse_different_config
+    from saewb.workspace import Workspace
+
+    ws = Workspace(plan.workspace)
+    row = runs.get_run(ws, plan.name)
+    if row is not None:
+        refuse_different_config(
+            row["config"], plan.record(), runs.is_diverged(row), f"a run named {plan.name!r} already exists"
+        )
+    latest = ckpt.latest_checkpoint(ws.runs_dir / plan.name)
+    return int(ckpt.read_manifest(latest)["step"]) if latest is not None else 0
+
+
+def run_plan(plan: TrainPlan) -> dict[str, Any]:
+    """Train (or resume) the planned run, log to the workspace, evaluate on the held-out split."""
+    import jax
+
+    from activations.stream import ActivationStream
+    from sae.lifecycle import heldout_metrics
+    from sae.orchestrate import RunSpec, fit_function, train_runs
+    from saewb.workspace import Workspace
+
+    lead = jax.process_index() == 0  # several processes: process 0 alone writes the workspace
+    ws = Workspace(plan.workspace)
+    resume_step = _check_existing(plan)
+    record = plan.record()
+    spec = RunSpec(plan.name, plan.hook, plan.sae_config.arch, record, ws.runs_dir / plan.name)
+    tc = plan.train_config
+    stream = ActivationStream(
+        plan.data(), plan.hook, harvest=plan.harvest, batch_size=tc.batch_size, seed=tc.seed
+    )
+    extra: dict[str, Any] = {}
+    if jax.process_count() > 1:  # each process reads only its rows of every global batch
+        extra["local_batches"] = lambda start, rows: stream.batches(start=start, rows=rows)
+
+    wb = None
+    if plan.wandb and lead:
+        from sae.wandb_log import WandbLogger
+
+        wb = WandbLogger(ws.path, plan.name, plan.wandb_project, record)
+    fit, with_index = fit_function(plan.sae_config.arch)
+
+    def train(on_log: Any, on_checkpoint: Any) -> dict[str, Any]:
+        result = fit(
+            plan.sae_config,
+            tc,
+            lambda start: stream.batches(start=start, with_index=with_index),
+            run_dir=spec.run_dir,
+            on_log=lambda row: on_log(plan.name, row),
+            on_checkpoint=lambda path, step: on_checkpoint(plan.name, path, step),
+            progress=plan.progress,
+            **extra,
+        )
+        return {plan.name: result}
+
+    def heldout(spec: RunSpec) -> Any:
+        def eval_stream() -> ActivationStream:
+            return ActivationStream(
+                plan.data(),
+                plan.hook,
+                harvest=plan.harvest,
+                batch_size=min(tc.batch_size, 4096),
+                seed=tc.seed,
+                split="eval",
+            )
+
+        return lambda: heldout_metrics(spec.run_dir, eval_stream, plan.eval_tokens)
+
+    try:
+        final = train_runs(
+            ws,
+            plan.harvest,
+            [spec],
+            resume_step,
+            train,
+            heldout,
+            lead=lead,
+            on_row=None if wb is None else lambda name, row: wb.log(row),
+        )[plan.name]
+    except BaseException:
+        if wb is not None:
+            wb.finish(None, ok=False)
+        raise
+    if wb is not None:
+        wb.finish(final, ok=True)
+    return final
