@@ -13,7 +13,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from saewb.workspace import Workspace
+from saewb.workspace import existing_workspace
 
 _INT_FLAGS = (
     "batch_size",
@@ -61,9 +61,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def cmd_analyze(args: argparse.Namespace) -> int:
     from analysis.features import AnalyzeConfig, analyze_run
 
-    ws = Workspace(args.workspace)
-    if not ws.exists():
-        raise FileNotFoundError(f"workspace {ws.path} does not exist; check --workspace")
+    ws = existing_workspace(args.workspace)
     overrides = {
         f.name: getattr(args, f.name)
         for f in fields(AnalyzeConfig)
@@ -84,9 +82,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 def cmd_mcs(args: argparse.Namespace) -> int:
     from analysis.consistency import compare_runs
 
-    ws = Workspace(args.workspace)
-    if not ws.exists():
-        raise FileNotFoundError(f"workspace {ws.path} does not exist; check --workspace")
+    ws = existing_workspace(args.workspace)
     out = compare_runs(ws, args.run_a, args.run_b)
     summary = {"run_a": out["run_a"], "run_b": out["run_b"], "a_to_b": out["a_to_b"], "b_to_a": out["b_to_a"]}
     if args.json:

@@ -588,6 +588,48 @@ def explain_run(
     }
 
 
+def explain_selected(
+    ws: Workspace | str,
+    run: str,
+    cfg: ExplainConfig | None = None,
+    *,
+    latents: str | None = None,
+    top_by: str | None = None,
+    limit: int | None = None,
+    sample: int | None = None,
+    explainer_url: str | None = None,
+    explainer_model: str | None = None,
+    timeout_s: float = 60.0,
+    batch_size: int = 16,
+    redo: bool = False,
+    progress: bool = False,
+    backend: Any = None,
+) -> dict[str, Any]:
+    """`saewb explain` and ``saewb.explain``: check the selection and the explainer before any work,
+    then explain and score the selected live latents (``select_latents``; ``cfg.seed`` seeds
+    ``sample``). ``backend``: an explainer already made (else ``make_backend`` of the URL/model)."""
+    from analysis.llm import make_backend
+    from saewb.workspace import existing_workspace
+
+    ws = existing_workspace(ws)
+    cfg = cfg or ExplainConfig()
+    if limit is not None and limit < 1 or sample is not None and sample < 1:
+        raise ValueError("--limit and --sample must be positive")
+    stats = tables.latent_summary(ws, run)  # a clear error when the run is not analysed
+    chosen = select_latents(stats, latents=latents, top_by=top_by, limit=limit, sample=sample, seed=cfg.seed)
+    if not chosen:
+        raise ValueError(
+            "no live latent selected; check --latents (dead latents have no contexts to explain)"
+        )
+    if backend is None:
+        backend = make_backend(explainer_url, explainer_model, timeout_s, batch_size)  # checked first
+    if redo:
+        from analysis.explanations import forget
+
+        forget(ws, run, chosen)
+    return explain_run(ws, run, backend, cfg, latents=chosen, progress=progress)
+
+
 def mean_ci(values: Sequence[float]) -> tuple[float, float, int]:
     """(mean, half-width of the 95% normal interval, n)."""
     v = np.asarray([x for x in values if x is not None and not math.isnan(x)], np.float64)

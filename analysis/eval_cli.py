@@ -112,8 +112,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _eval(args: argparse.Namespace) -> int:
     from analysis.evaluate import evaluate_run, format_table
 
-    if args.max_seqs < 2 or args.batch_size < 1:
-        raise ValueError("--max-seqs must be at least 2 and --batch-size at least 1")
     out = evaluate_run(
         args.workspace,
         args.run,
@@ -128,57 +126,44 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _intervene(args: argparse.Namespace) -> int:
-    from analysis.evaluate import is_causal_lm
-    from analysis.interventions import (
-        Intervention,
-        format_lm_result,
-        format_search,
-        intervene_lm,
-        semantic_search,
-    )
-    from analysis.runs import load_run, load_run_model
-    from analysis.splice import LatentEdit, Steering
+    from analysis.interventions import LMResult, format_lm_result, format_search, intervene_run
 
-    edits = [LatentEdit("ablate", ids) for ids in args.ablate]
-    edits += [LatentEdit("clamp", ids, v) for ids, v in args.clamp]
-    edits += [LatentEdit("scale", ids, v) for ids, v in args.scale]
-    steering = [Steering(i, v) for ids, v in args.steer for i in ids]
-    ctx = load_run(args.workspace, args.run)
-    iv = Intervention(edits=edits, steering=steering, error_term=not args.no_error_term)
-    iv.validate(ctx.sae)  # before the slow model load
-    model = load_run_model(ctx, args.model)
-    if is_causal_lm(model):
-        r = intervene_lm(
-            model,
-            ctx,
-            args.prompt,
-            iv,
-            hook=args.hook,
-            top_k=args.top_k,
-            max_new_tokens=args.generate,
-            do_sample=args.sample,
-            temperature=args.temperature,
-            seed=args.seed,
-        )
-        if args.json:
-            print(
-                json.dumps(
-                    {
-                        "tokens": r.tokens,
-                        "top_clean": r.top_clean,
-                        "top_edited": r.top_edited,
-                        "logit_diff": r.logit_diff,
-                        "max_abs_logit_diff": r.max_abs_logit_diff,
-                        "generated_clean": r.generated_clean,
-                        "generated_edited": r.generated_edited,
-                    }
-                )
+    r = intervene_run(
+        args.workspace,
+        args.run,
+        args.prompt,
+        ablate=args.ablate,
+        clamp=args.clamp,
+        scale=args.scale,
+        steer=args.steer,
+        error_term=not args.no_error_term,
+        model_name=args.model,
+        hook=args.hook,
+        top_k=args.top_k,
+        max_new_tokens=args.generate,
+        do_sample=args.sample,
+        temperature=args.temperature,
+        seed=args.seed,
+        candidates=args.candidate,
+    )
+    if not isinstance(r, LMResult):
+        print(json.dumps(r.rows) if args.json else format_search(r))
+    elif args.json:
+        print(
+            json.dumps(
+                {
+                    "tokens": r.tokens,
+                    "top_clean": r.top_clean,
+                    "top_edited": r.top_edited,
+                    "logit_diff": r.logit_diff,
+                    "max_abs_logit_diff": r.max_abs_logit_diff,
+                    "generated_clean": r.generated_clean,
+                    "generated_edited": r.generated_edited,
+                }
             )
-        else:
-            print(format_lm_result(r))
+        )
     else:
-        s = semantic_search(model, ctx, args.prompt, args.candidate, iv, hook=args.hook)
-        print(json.dumps(s.rows) if args.json else format_search(s))
+        print(format_lm_result(r))
     return 0
 
 

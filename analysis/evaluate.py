@@ -31,7 +31,7 @@ from activations.stream import EVAL_FRACTION, ActivationStream, doc_split_sql, s
 from analysis.runs import RunContext, load_run, load_run_model
 from analysis.splice import hooked, sae_hook_fn, zero_ablate_hook_fn
 from saewb.progress import progress_bar
-from saewb.workspace import Workspace
+from saewb.workspace import Workspace, existing_workspace
 
 EVALS_SCHEMA = """CREATE TABLE IF NOT EXISTS evals (
     run VARCHAR NOT NULL,
@@ -285,7 +285,9 @@ def evaluate_run(
     progress: bool = False,
 ) -> dict[str, Any]:
     """Every metric for one run; `model` (a loaded TransformerBridge) skips loading it again."""
-    ctx = load_run(workspace, run)
+    if max_seqs < 2 or batch_size < 1:
+        raise ValueError("--max-seqs must be at least 2 and --batch-size at least 1")
+    ctx = load_run(existing_workspace(workspace), run)
     out: dict[str, Any] = {"run": run, "hook": ctx.hook, "harvest": ctx.harvest}
     out.update(reconstruction_metrics(ctx, progress=progress))
     if downstream:

@@ -10,8 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 
-from saewb.workspace import Workspace
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -57,37 +55,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from analysis import tables
-    from analysis.autointerp import ExplainConfig, explain_run, format_summary, select_latents
-    from analysis.llm import make_backend
+    from analysis.autointerp import ExplainConfig, explain_selected, format_summary
 
-    ws = Workspace(args.workspace)
-    if not ws.exists():
-        raise FileNotFoundError(f"workspace {ws.path} does not exist; check --workspace")
     scorers = tuple(s.strip() for s in args.scorers.split(",") if s.strip())
-    if args.limit is not None and args.limit < 1 or args.sample is not None and args.sample < 1:
-        raise ValueError("--limit and --sample must be positive")
-    stats = tables.latent_summary(ws, args.run)  # a clear error when the run is not analysed
-    latents = select_latents(
-        stats, latents=args.latents, top_by=args.top_by, limit=args.limit, sample=args.sample, seed=args.seed
-    )
-    if not latents:
-        raise ValueError(
-            "no live latent selected; check --latents (dead latents have no contexts to explain)"
-        )
-    backend = make_backend(
-        args.explainer_url, args.explainer_model, args.timeout_s, args.batch_size
-    )  # checked first
-    if args.redo:
-        from analysis.explanations import forget
-
-        forget(ws, args.run, latents)
-    out = explain_run(
-        ws,
+    out = explain_selected(
+        args.workspace,
         args.run,
-        backend,
         ExplainConfig(scorers=scorers, seed=args.seed),
-        latents=latents,
+        latents=args.latents,
+        top_by=args.top_by,
+        limit=args.limit,
+        sample=args.sample,
+        explainer_url=args.explainer_url,
+        explainer_model=args.explainer_model,
+        timeout_s=args.timeout_s,
+        batch_size=args.batch_size,
+        redo=args.redo,
         progress=args.progress,
     )
     if args.json:

@@ -33,7 +33,7 @@ from analysis import tables
 from analysis.families import cooc_row_blocks, feature_families
 from analysis.runs import run_harvest
 from saewb.progress import progress_bar
-from saewb.workspace import Workspace
+from saewb.workspace import Workspace, existing_workspace
 
 DENSE_COOC_MAX = 4096
 """Up to this many latents the co-occurrence counts are a dense int64 matrix (128 MB at 4096)."""
@@ -399,7 +399,7 @@ def analyze_run(
     """
     import sae as sae_api
 
-    ws = ws if isinstance(ws, Workspace) else Workspace(ws)
+    ws = existing_workspace(ws)
     cfg = cfg or AnalyzeConfig()
     if cfg.batch_size < 1 or cfg.top_n < 1 or cfg.n_bins < 1 or cfg.n_bands < 1 or cfg.samples_per_band < 1:
         raise ValueError("batch_size, top_n, n_bins, n_bands and samples_per_band must all be positive")

@@ -243,6 +243,57 @@ def semantic_search(
     return SearchResult(rows=rows)
 
 
+def intervene_run(
+    workspace: Any,
+    run: str,
+    prompt: str,
+    *,
+    ablate: Sequence[Sequence[int]] = (),
+    clamp: Sequence[tuple[Sequence[int], float]] = (),
+    scale: Sequence[tuple[Sequence[int], float]] = (),
+    steer: Sequence[tuple[Sequence[int], float]] = (),
+    error_term: bool = True,
+    model: Any = None,
+    model_name: str | None = None,
+    hook: str | None = None,
+    top_k: int = 10,
+    max_new_tokens: int = 0,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    seed: int = 0,
+    candidates: Sequence[str] = (),
+) -> LMResult | SearchResult:
+    """`saewb intervene` and ``saewb.intervene``: the edits (as the flags give them: ``ablate`` a list
+    of latent-id groups, ``clamp`` / ``scale`` / ``steer`` a list of (ids, value)) checked against the
+    SAE before the model loads, then ``intervene_lm`` (causal LMs) or ``semantic_search`` (encoders).
+    ``model``: a TransformerBridge already loaded (else the run's model, or ``model_name``)."""
+    from analysis.runs import load_run, load_run_model
+
+    edits = [LatentEdit("ablate", tuple(ids)) for ids in ablate]
+    edits += [LatentEdit("clamp", tuple(ids), float(v)) for ids, v in clamp]
+    edits += [LatentEdit("scale", tuple(ids), float(v)) for ids, v in scale]
+    steering = [Steering(int(i), float(v)) for ids, v in steer for i in ids]
+    ctx = load_run(workspace, run)
+    iv = Intervention(edits=edits, steering=steering, error_term=error_term)
+    iv.validate(ctx.sae)  # before the slow model load
+    if model is None:
+        model = load_run_model(ctx, model_name)
+    if is_causal_lm(model):
+        return intervene_lm(
+            model,
+            ctx,
+            prompt,
+            iv,
+            hook=hook,
+            top_k=top_k,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            seed=seed,
+        )
+    return semantic_search(model, ctx, prompt, list(candidates), iv, hook=hook)
+
+
 def format_lm_result(r: LMResult, max_rows: int = 20) -> str:
     lines = ["next-token top-k:", f"  {'clean':<28} {'edited':<28}"]
     for (a, pa), (b, pb) in zip(r.top_clean, r.top_edited, strict=True):

@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 
 from analysis import tables
-from saewb.workspace import Workspace
+from saewb.workspace import Workspace, existing_workspace
 
 FORMAT = "saewb-neuronpedia/1"
 _LATENTS_PER_READ = 64
@@ -164,9 +164,7 @@ def export_neuronpedia(
     """Write ``run.json`` and ``features/<latent>.json`` for an analysed run; returns the run record."""
     from sae import runs
 
-    ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace)
-    if not ws.exists():
-        raise FileNotFoundError(f"workspace {ws.path} does not exist; check --workspace")
+    ws = existing_workspace(workspace)
     info = tables.analysis_info(ws, run)
     row = runs.get_run(ws, run) or {}
     model = None

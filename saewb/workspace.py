@@ -196,3 +196,12 @@ class Workspace:
                 "SELECT 1 FROM information_schema.tables WHERE table_name = ?", [name]
             ).fetchall()
         return bool(rows)
+
+
+def existing_workspace(path: str | Path | Workspace) -> Workspace:
+    """The workspace at ``path`` for a command that reads one; WorkspaceNotFoundError naming the fix when
+    there is none (a reader must not create an empty file at a mistyped path)."""
+    ws = path if isinstance(path, Workspace) else Workspace(path)
+    if not ws.exists():
+        raise WorkspaceNotFoundError(f"workspace {ws.path} does not exist; check --workspace")
+    return ws
