@@ -11,7 +11,10 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
+from analysis.render import highlight
 from app import data
+
+__all__ = ["highlight"]  # drawn by analysis.render, shared with the notebook API
 
 DASHBOARD = "views/dashboard.py"
 TABLE_CSS = (
@@ -72,22 +75,6 @@ def analysed_run(path: str) -> tuple[str, str]:
 def shown_token(token: str) -> str:
     """A token as a table cell: quoted and escaped, so whitespace tokens (`\\n   `, ` `) stay visible."""
     return repr(token)
-
-
-def highlight(tokens: list[str], acts: list[float], scale: float, center: int | None = None) -> str:
-    """Tokens as HTML spans shaded by activation, the value in a hover title."""
-    spans = []
-    scale = scale if scale > 0 else 1.0
-    for i, (tok, act) in enumerate(zip(tokens, acts, strict=True)):
-        alpha = max(0.0, min(1.0, act / scale))
-        border = "border-bottom:2px solid #c2410c;" if i == center else ""
-        spans.append(
-            f'<span class="tok" title="{act:.3f}" style="background:rgba(234,88,12,{alpha:.2f});{border}'
-            f'padding:1px 0;border-radius:2px">{html.escape(tok)}</span>'
-        )
-    return (
-        '<div style="font-family:monospace;line-height:1.9;white-space:pre-wrap">' + "".join(spans) + "</div>"
-    )
 
 
 def html_table(frame: pd.DataFrame, formats: dict[str, str] | None = None) -> str:

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
+from analysis.render import contexts_html
 from analysis.tables import hist_edges
 from app import data
 from app.ui import analysed_run, guarded, highlight, histogram, html_table, latent_links, shown_token
@@ -58,13 +59,7 @@ def render() -> None:
         if not board["top"]:
             st.caption("This latent never fired on the analysed tokens.")
         else:  # one element for all contexts: each element costs the browser a mount
-            st.html(
-                "".join(
-                    f'<div style="margin-bottom:0.5rem"><small>{ctx.value:.3f} · doc {ctx.doc_id}</small>'
-                    f"{highlight(ctx.tokens, ctx.acts, scale, ctx.center)}</div>"
-                    for ctx in board["top"]
-                )
-            )
+            st.html(contexts_html(board["top"], scale))
         if board["bands"]:
             st.subheader("Samples by activation quantile band")
             ranges = {b: (lo, hi) for b, lo, hi in board["band_ranges"]}
