@@ -58,6 +58,21 @@ def _where(err: BaseException) -> str:
     return f" ({name})" if name else ""
 
 
+class UsageError(ValueError):
+    """A bad argument to the Python API (``saewb.api``): its message is the line `saewb` prints for
+    the same input (``describe`` of the original error, which is its ``__cause__``)."""
+
+    @classmethod
+    def of(cls, err: BaseException) -> UsageError:
+        """The API's error for ``err``: a ``MissingInputError`` for a missing file, else a ``UsageError``."""
+        kind = MissingInputError if isinstance(err, FileNotFoundError) else cls
+        return kind(describe(err))
+
+
+class MissingInputError(UsageError, FileNotFoundError):
+    """A missing workspace, run folder or input file, as the Python API reports it."""
+
+
 def describe(err: BaseException) -> str:
     """The one line a user sees for `err`."""
     failure = os_failure(err)

@@ -1,0 +1,161 @@
+"""The notebook API (`import saewb`): the whole pipeline through it alone on a small tiny-lm cache,
+results as objects, and bad arguments raising the line the CLI prints for the same input."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import saewb
+from saewb.cli import main
+
+HOOK = "blocks.0.hook_out"
+RUN = "api"
+N_LATENTS, K = 64, 4
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """harvest → train → evaluate → analyze through the API, once for the module (tiny sizes)."""
+    ws = tmp_path_factory.mktemp("api") / "ws.duckdb"
+    harvest = saewb.harvest(
+        ws,
+        saewb.HarvestConfig(model="tiny-lm", corpus="stdlib-docs"),
+        hooks=HOOK,
+        ctx_len=32,
+        max_tokens=3000,
+    )
+    run = saewb.train(
+        ws,
+        saewb.TopKConfig(n_latents=N_LATENTS, k=K),
+        saewb.TrainConfig(train_tokens=4096, batch_size=256, log_every=2),
+        hook=HOOK,
+        name=RUN,
+        eval_tokens=512,
+        progress=False,
+    )
+    evaluation = saewb.evaluate(ws, RUN, max_seqs=4, batch_size=4, progress=False)
+    analysis = saewb.analyze(ws, RUN, top_n=5, batch_size=512, progress=False)
+    return {"ws": ws, "harvest": harvest, "run": run, "evaluation": evaluation, "analysis": analysis}
+
+
+def test_pipeline_through_the_api(pipeline: dict) -> None:
+    ws, harvest, run = pipeline["ws"], pipeline["harvest"], pipeline["run"]
+    assert harvest.n_tokens >= 3000 and harvest.hooks == {HOOK: harvest.hooks[HOOK]}
+    assert "tiny-lm" in repr(harvest)
+
+    assert run.status == "done" and run.arch == "topk" and run.hook == HOOK
+    assert run.sae_config == saewb.TopKConfig(n_latents=N_LATENTS, k=K)
+    assert run.train_config.train_tokens == 4096
+    assert np.isfinite(run.metrics["fvu"]) and run.metrics["l0"] <= K
+    assert {"step", "tokens", "fvu", "l0"} <= set(run.curves.columns) and len(run.curves) >= 2
+    assert repr(run).startswith(f"Run('{RUN}', topk on {HOOK}, done: fvu=")
+    assert run._repr_html_().count("<svg") == 3  # fvu, l0, dead_frac against tokens
+
+    evaluation = pipeline["evaluation"]
+    assert evaluation["model_kind"] == "causal_lm" and np.isfinite(evaluation["ce_score"])
+    assert "ce_score" in set(evaluation.frame.metric) and "ce_score" in repr(evaluation)
+    assert [e.metrics for e in run.evaluations()] == [evaluation.metrics]  # stored as `saewb eval` stores it
+
+    analysis = pipeline["analysis"]
+    assert len(analysis.latents) == N_LATENTS and analysis.summary["n_latents"] == N_LATENTS
+    busiest = int(analysis.latents.sort_values("n_fires").latent.iloc[-1])
+    latent = analysis.latent(busiest, window=3, limit=2)
+    assert latent.stats["n_fires"] > 0 and 1 <= len(latent.contexts) <= 2
+    from analysis.render import contexts_html
+
+    page = latent._repr_html_()  # the app's highlighting, not a copy
+    assert contexts_html(latent.contexts, float(latent.stats["max_act"])) in page and 'class="tok"' in page
+    assert f"latent {busiest} of {RUN!r}" in repr(latent)
+
+    loaded = saewb.load(ws)  # the newest finished run
+    assert loaded.name == RUN and loaded.metrics == run.metrics and loaded.analysis().run == RUN
+    x = harvest.activations(split="eval", max_rows=256)
+    assert x.shape == (256, harvest.hooks[HOOK])
+    f = loaded.encode(x)
+    assert f.shape == (256, N_LATENTS) and ((f > 0).sum(1) <= K).all()
+    x_hat = loaded.decode(f)
+    fvu = ((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+    assert fvu < 1.0  # the SAE explains some of the held-out variance
+
+
+def _cli_line(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    """What `saewb` prints for ``argv``: its one-line error, without the `saewb CMD: error: ` prefix."""
+    capsys.readouterr()
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    return re.sub(r"^saewb [\w-]+: error: ", "", err)
+
+
+def test_bad_arguments_raise_the_cli_line(pipeline: dict, tmp_path: Path, capsys) -> None:
+    ws = str(pipeline["ws"])
+    cases = [
+        (
+            lambda: saewb.train(ws, saewb.TopKConfig(n_latents=8, k=16), hook=HOOK, name="bad"),
+            [
+                "train",
+                "--workspace",
+                ws,
+                "--hook",
+                HOOK,
+                "--arch",
+                "topk",
+                "--n-latents",
+                "8",
+                "--k",
+                "16",
+                "--name",
+                "bad",
+            ],
+        ),
+        (
+            lambda: saewb.train(ws, arch="topk", hook="blocks.9.hook_out", name="bad", n_latents=8, k=2),
+            ["train", "--workspace", ws, "--hook", "blocks.9.hook_out", "--arch", "topk", "--name", "bad"],
+        ),
+        (
+            lambda: saewb.train(ws, saewb.TopKConfig(), hook=HOOK),
+            ["train", "--workspace", ws, "--hook", HOOK, "--arch", "topk"],
+        ),
+        (
+            lambda: saewb.evaluate(ws, RUN, max_seqs=1),
+            ["eval", RUN, "--workspace", ws, "--max-seqs", "1"],
+        ),
+        (lambda: saewb.analyze(ws, "nope"), ["analyze", "nope", "--workspace", ws]),
+        (lambda: saewb.explain(ws, RUN, limit=0), ["explain", RUN, "--workspace", ws, "--limit", "0"]),
+        (
+            lambda: saewb.intervene(ws, RUN, "def f(x):", ablate=[N_LATENTS + 5]),
+            ["intervene", RUN, "--workspace", ws, "--prompt", "def f(x):", "--ablate", str(N_LATENTS + 5)],
+        ),
+    ]
+    for call, argv in cases:
+        with pytest.raises(saewb.UsageError) as caught:
+            call()
+        assert str(caught.value) == _cli_line(capsys, argv), argv
+        assert isinstance(caught.value, ValueError) and caught.value.__cause__ is not None
+
+    sweep_file = tmp_path / "sweep.yaml"
+    sweep_file.write_text(
+        f"workspace: {ws}\nname: sw\nhook: {HOOK}\narch: topk\n"
+        "train: {train_tokens: 1024, batch_size: 256}\ndefaults: {n_latents: 8, k: 16}\n"
+    )
+    with pytest.raises(saewb.UsageError) as caught:
+        saewb.sweep(
+            ws,
+            name="sw",
+            hook=HOOK,
+            arch="topk",
+            train=saewb.TrainConfig(train_tokens=1024, batch_size=256),
+            defaults={"n_latents": 8, "k": 16},
+            dry_run=True,
+        )
+    assert str(caught.value) == _cli_line(capsys, ["sweep", str(sweep_file), "--dry-run"])
+
+    missing = str(tmp_path / "missing.duckdb")
+    with pytest.raises(saewb.UsageError) as caught:
+        saewb.load(missing, RUN)
+    assert isinstance(caught.value, FileNotFoundError) and "does not exist" in str(caught.value)
+    with pytest.raises(saewb.UsageError, match=r"unknown AnalyzeConfig option\(s\) \['top_m'\]"):
+        saewb.analyze(ws, RUN, top_m=3)
