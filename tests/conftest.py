@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -100,15 +101,15 @@ TINY_LM_HOOK = "blocks.0.hook_out"
 
 
 @pytest.fixture(scope="session")
-def tiny_lm_ws(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The built-in causal LM `tiny-lm` end to end, in-process and small: harvest, train run `lm`, analyze."""
-    from activations.harvest import HarvestConfig, run_harvest
-    from analysis.features import AnalyzeConfig, analyze_run
-    from sae.cli import plan_from_values, run_plan
+def tiny_lm_api(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The built-in causal LM `tiny-lm` end to end through the Python API (`import saewb`), in-process and
+    small: harvest, train run `lm`, analyze. The API's result of each stage by name, and the workspace."""
+    import saewb
 
     path = tmp_path_factory.mktemp("tiny-lm") / "tiny_lm.duckdb"
-    run_harvest(
-        HarvestConfig(
+    harvest = saewb.harvest(
+        path,
+        saewb.HarvestConfig(
             model="tiny-lm",
             corpus="stdlib-docs",
             hooks=(TINY_LM_HOOK,),
@@ -116,28 +117,25 @@ def tiny_lm_ws(tmp_path_factory: pytest.TempPathFactory) -> Path:
             max_tokens=12_000,
             commit_tokens=6000,
         ),
-        path,
         progress=False,
     )
-    run_plan(
-        plan_from_values(
-            {
-                "workspace": str(path),
-                "hook": TINY_LM_HOOK,
-                "arch": "topk",
-                "n_latents": 256,
-                "k": 16,
-                "train_tokens": 40_000,
-                "batch_size": 1024,
-                "seed": 0,
-                "name": "lm",
-                "progress": False,
-                "eval_tokens": 2048,
-            }
-        )
+    run = saewb.train(
+        path,
+        saewb.TopKConfig(n_latents=256, k=16),
+        saewb.TrainConfig(train_tokens=40_000, batch_size=1024, seed=0, log_every=10),
+        hook=TINY_LM_HOOK,
+        name="lm",
+        eval_tokens=2048,
+        progress=False,
     )
-    analyze_run(path, "lm", AnalyzeConfig(batch_size=1024))
-    return path
+    analysis = saewb.analyze(path, "lm", batch_size=1024, progress=False)
+    return {"workspace": path, "harvest": harvest, "run": run, "analysis": analysis}
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_ws(tiny_lm_api: dict[str, Any]) -> Path:
+    """The workspace of `tiny_lm_api`: a tiny-lm harvest, run `lm` trained and analysed."""
+    return tiny_lm_api["workspace"]
 
 
 @pytest.fixture(scope="session")

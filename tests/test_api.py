@@ -8,63 +8,44 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TINY_LM_HOOK as HOOK
 
 import saewb
 from saewb.cli import main
 
-HOOK = "blocks.0.hook_out"
-RUN = "api"
-N_LATENTS, K = 64, 4
+RUN = "lm"
+N_LATENTS, K = 256, 16
 
 
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """harvest → train → evaluate → analyze through the API, once for the module (tiny sizes)."""
-    ws = tmp_path_factory.mktemp("api") / "ws.duckdb"
-    harvest = saewb.harvest(
-        ws,
-        saewb.HarvestConfig(model="tiny-lm", corpus="stdlib-docs"),
-        hooks=HOOK,
-        ctx_len=32,
-        max_tokens=3000,
-    )
-    run = saewb.train(
-        ws,
-        saewb.TopKConfig(n_latents=N_LATENTS, k=K),
-        saewb.TrainConfig(train_tokens=4096, batch_size=256, log_every=2),
-        hook=HOOK,
-        name=RUN,
-        eval_tokens=512,
-        progress=False,
-    )
-    evaluation = saewb.evaluate(ws, RUN, max_seqs=4, batch_size=4, progress=False)
-    analysis = saewb.analyze(ws, RUN, top_n=5, batch_size=512, progress=False)
-    return {"ws": ws, "harvest": harvest, "run": run, "evaluation": evaluation, "analysis": analysis}
+def test_pipeline_through_the_api(tiny_lm_api: dict) -> None:
+    """harvest → train → analyze ran through the API in the shared `tiny_lm_api` fixture (conftest.py);
+    here their results, then evaluate → load → encode."""
+    import test_eval_support as support
 
-
-def test_pipeline_through_the_api(pipeline: dict) -> None:
-    ws, harvest, run = pipeline["ws"], pipeline["harvest"], pipeline["run"]
-    assert harvest.n_tokens >= 3000 and harvest.hooks == {HOOK: harvest.hooks[HOOK]}
+    ws, harvest, run = tiny_lm_api["workspace"], tiny_lm_api["harvest"], tiny_lm_api["run"]
+    assert harvest.n_tokens >= 12_000 and list(harvest.hooks) == [HOOK]
     assert "tiny-lm" in repr(harvest)
 
     assert run.status == "done" and run.arch == "topk" and run.hook == HOOK
     assert run.sae_config == saewb.TopKConfig(n_latents=N_LATENTS, k=K)
-    assert run.train_config.train_tokens == 4096
+    assert run.train_config.train_tokens == 40_000
     assert np.isfinite(run.metrics["fvu"]) and run.metrics["l0"] <= K
     assert {"step", "tokens", "fvu", "l0"} <= set(run.curves.columns) and len(run.curves) >= 2
     assert repr(run).startswith(f"Run('{RUN}', topk on {HOOK}, done: fvu=")
     assert run._repr_html_().count("<svg") == 3  # fvu, l0, dead_frac against tokens
 
-    evaluation = pipeline["evaluation"]
+    evaluation = saewb.evaluate(
+        ws, RUN, max_seqs=4, batch_size=4, model=support.model("tiny-lm"), progress=False
+    )
     assert evaluation["model_kind"] == "causal_lm" and np.isfinite(evaluation["ce_score"])
     assert "ce_score" in set(evaluation.frame.metric) and "ce_score" in repr(evaluation)
-    assert [e.metrics for e in run.evaluations()] == [evaluation.metrics]  # stored as `saewb eval` stores it
+    assert evaluation.metrics in [e.metrics for e in run.evaluations()]  # stored as `saewb eval` stores it
 
-    analysis = pipeline["analysis"]
+    analysis = tiny_lm_api["analysis"]
     assert len(analysis.latents) == N_LATENTS and analysis.summary["n_latents"] == N_LATENTS
     busiest = int(analysis.latents.sort_values("n_fires").latent.iloc[-1])
     latent = analysis.latent(busiest, window=3, limit=2)
-    assert latent.stats["n_fires"] > 0 and 1 <= len(latent.contexts) <= 2
+    assert latent.stats["n_fires"] > 0 and len(latent.contexts) == 2
     from analysis.render import contexts_html
 
     page = latent._repr_html_()  # the app's highlighting, not a copy
@@ -79,7 +60,7 @@ def test_pipeline_through_the_api(pipeline: dict) -> None:
     assert f.shape == (256, N_LATENTS) and ((f > 0).sum(1) <= K).all()
     x_hat = loaded.decode(f)
     fvu = ((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
-    assert fvu < 1.0  # the SAE explains some of the held-out variance
+    assert fvu < 0.5  # the trained SAE explains most of the held-out variance
 
 
 def _cli_line(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
@@ -90,8 +71,8 @@ def _cli_line(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
     return re.sub(r"^saewb [\w-]+: error: ", "", err)
 
 
-def test_bad_arguments_raise_the_cli_line(pipeline: dict, tmp_path: Path, capsys) -> None:
-    ws = str(pipeline["ws"])
+def test_bad_arguments_raise_the_cli_line(tiny_lm_ws: Path, tmp_path: Path, capsys) -> None:
+    ws = str(tiny_lm_ws)
     cases = [
         (
             lambda: saewb.train(ws, saewb.TopKConfig(n_latents=8, k=16), hook=HOOK, name="bad"),
