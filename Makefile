@@ -78,9 +78,10 @@ saelens-venv:
 test: $(STAMP) browser compiler saelens-venv
 	$(PY) -m pytest -q
 
-## docs: regenerate docs/config_reference.md from the config dataclasses (tests/test_docs.py checks it).
+## docs: regenerate docs/config_reference.md (config dataclasses) and docs/api.md (saewb.api docstrings); tests/test_docs.py checks both.
 docs: $(STAMP)
 	$(PY) scripts/gen_config_reference.py
+	$(PY) scripts/gen_api_reference.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -103,15 +103,18 @@ class Harvest:
 
     workspace: Path
     info: Any
+    """What the workspace records (``activations.store.HarvestInfo``: config, n_docs, tables, model, ...)."""
     nonfinite: dict[str, int] = dataclasses.field(default_factory=dict)
     """Hook -> activation rows that were NaN/inf and stored as zeros (``nonfinite="skip"``)."""
 
     @property
     def name(self) -> str:
+        """The harvest's name in the workspace."""
         return str(self.info.name)
 
     @property
     def n_tokens(self) -> int:
+        """Tokens stored (special tokens included)."""
         return int(self.info.n_tokens)
 
     @property
@@ -178,7 +181,10 @@ def harvest(
 class Run:
     """A training run of a workspace: its stored config, final metrics, logged curves and SAE.
 
-    ``sae`` (loaded on first use) has ``encode`` / ``decode``; ``encode`` and ``decode`` here are
+    Attributes: ``workspace``, ``name``, ``status`` (running, done, failed, stopped), ``reason`` (why
+    it failed), ``arch``, ``hook``, ``harvest``, ``config`` (the stored record: ``{"arch", "sae": {...},
+    "train": {...}, "hook", "harvest"}``) and ``metrics`` (final: held-out ``fvu``, ``l0``, ... and
+    ``train_*`` of the last training window). ``sae`` (loaded on first use) has ``encode`` / ``decode``; ``encode`` and ``decode`` here are
     shortcuts to it. ``analysis()`` and ``evaluations()`` read what `analyze` / `evaluate` stored.
     """
 
@@ -190,9 +196,7 @@ class Run:
         self.hook: str | None = row.get("hook")
         self.harvest: str | None = row.get("harvest")
         self.config: dict[str, Any] = row.get("config") or {}
-        """The stored record: ``{"arch", "sae": {...}, "train": {...}, "hook", "harvest"}``."""
         self.metrics: dict[str, Any] = row.get("final_metrics") or {}
-        """Final metrics: held-out (``fvu``, ``l0``, ...) and of the last training window (``train_*``)."""
         self.reason: str | None = row.get("reason")
         self._sae: Any = None
         self._curves: pd.DataFrame | None = None
@@ -372,6 +376,7 @@ class Sweep:
 
     name: str
     members: list[str]
+    """Member run names, in the sweep's order."""
     runs: dict[str, Run]
 
     @property
@@ -451,6 +456,7 @@ class Evaluation:
 
     run: str
     metrics: dict[str, Any]
+    """Metric name -> value, as stored in the ``evals`` table (also ``evaluation["fvu"]``)."""
 
     @property
     def frame(self) -> pd.DataFrame:
@@ -523,12 +529,15 @@ class Latent:
     run: str
     latent: int
     stats: dict[str, Any]
+    """Its row of ``Analysis.latents``: n_fires, freq, mean_act, max_act, hist, family, logit effect."""
     contexts: list[Any]
     """Top activating contexts (``analysis.tables.Context``: tokens, acts, value, doc_id, center)."""
     neighbors: list[tuple[int, float]]
     """Nearest latents by decoder cosine: (latent, cosine)."""
     cooccurring: list[Any]
+    """Top co-firing latents: (latent, count, count / min(fires))."""
     family: list[dict[str, Any]]
+    """Its feature family (``analysis.families``): latent, parent, depth, weight per member."""
 
     def __repr__(self) -> str:
         s = self.stats
@@ -644,7 +653,9 @@ class Explanations:
 
     run: str
     result: dict[str, Any]
+    """What `saewb explain --json` prints: selected, explained, skipped_done, failures, seconds, summary, ..."""
     texts: dict[int, str]
+    """Latent -> its stored LLM explanation (every explained latent of the run)."""
 
     @property
     def summary(self) -> pd.DataFrame:
@@ -726,6 +737,7 @@ class InterventionResult:
 
     run: str
     result: Any
+    """``LMResult`` or ``SearchResult`` (``analysis.interventions``)."""
 
     @property
     def frame(self) -> pd.DataFrame:

@@ -11,10 +11,8 @@ from conftest import REPO
 DOCS = REPO / "docs"
 
 
-def _generator():
-    spec = importlib.util.spec_from_file_location(
-        "gen_config_reference", REPO / "scripts" / "gen_config_reference.py"
-    )
+def _generator(name: str = "gen_config_reference"):
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -32,6 +30,17 @@ def test_config_reference_is_current() -> None:
         assert f"`--arch {arch}`" in text
         for name in mod.Config.__dataclass_fields__:
             assert f"`--{name.replace('_', '-')}`" in text, (arch, name)
+
+
+def test_api_reference_is_current() -> None:
+    import saewb
+
+    text = _generator("gen_api_reference").render()
+    assert (DOCS / "api.md").read_text() == text, (
+        "docs/api.md is stale: run `python scripts/gen_api_reference.py`"
+    )
+    for name in saewb.API:  # every function and result class of `import saewb`, with its docstring
+        assert f"### `saewb.{name}" in text and getattr(saewb, name).__doc__, name
 
 
 def test_every_cli_command_is_documented() -> None:
