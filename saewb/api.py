@@ -18,7 +18,7 @@ Every function calls the code its `saewb` command calls (``sae.orchestrate.plan_
 ``analysis.interventions.intervene_run``), so the checks, the resume and the messages are the CLI's.
 A bad argument raises ``UsageError`` (a ``ValueError``) whose message is the line `saewb` prints for
 the same input; the original exception is its ``__cause__``. Progress follows ``saewb.progress``:
-notebook bars (``tqdm.auto``) in Jupyter, plain lines in a log.
+notebook bars in Jupyter, plain lines in a log.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from analysis.autointerp import ExplainConfig
 from analysis.features import AnalyzeConfig
 from sae.configs import ARCH_CONFIGS, TrainConfig
 from saewb.errors import UsageError
+from saewb.progress import in_notebook, notebook_bars
 
 if TYPE_CHECKING:
     import numpy as np
@@ -60,6 +61,8 @@ __all__ = [
 ]
 
 PathLike = str | Path
+if in_notebook():
+    notebook_bars()  # the notebook bar class (saewb.progress), imported quietly before any library does
 CURVES = ("fvu", "l0", "dead_frac")
 """The metric rows a run's HTML view draws against training tokens."""
 

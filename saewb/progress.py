@@ -75,18 +75,25 @@ def progress_bar(
     if not enabled:
         return tqdm(total=total, initial=initial, disable=True)
     if in_notebook():
-        import warnings
-
-        from tqdm import TqdmWarning
-
-        with warnings.catch_warnings():  # without ipywidgets tqdm.auto falls back to text bars, which is fine
-            warnings.simplefilter("ignore", TqdmWarning)
-            from tqdm.auto import tqdm as auto_tqdm
-
-        return auto_tqdm(total=total, initial=initial, desc=desc, unit=unit, unit_scale=unit_scale)
+        return notebook_bars()(total=total, initial=initial, desc=desc, unit=unit, unit_scale=unit_scale)
     if is_terminal(sys.stderr):
         return tqdm(total=total, initial=initial, desc=desc, unit=unit, unit_scale=unit_scale, smoothing=0.1)
     return LogProgress(desc, total, initial=initial, unit=unit, unit_scale=unit_scale)
+
+
+def notebook_bars() -> Any:
+    """``tqdm.auto``'s bar class. Imported here first (the notebook API does so on import, before
+    transformers imports it) so that its warning about a missing ipywidgets stays silent: without
+    ipywidgets tqdm.auto falls back to text bars, which is fine."""
+    import warnings
+
+    from tqdm import TqdmWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TqdmWarning)
+        from tqdm.auto import tqdm as auto_tqdm
+
+    return auto_tqdm
 
 
 def quiet_library_bars() -> None:
