@@ -110,7 +110,8 @@ def test_train_runs_resume_and_load(ws: Path, tmp_path: Path, capsys: pytest.Cap
 
 
 def test_every_config_field_is_a_flag() -> None:
-    from sae.cli import FLAG_TYPES, _all_fields
+    from sae.cli import FLAG_TYPES
+    from sae.orchestrate import _all_fields
 
     assert set(FLAG_TYPES) == set(_all_fields())
 
