@@ -107,18 +107,12 @@ def render() -> str:
 
 
 def main() -> int:
+    from gen_config_reference import write_or_check  # scripts/ is on the path of a script run
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if docs/api.md is stale")
     args = parser.parse_args()
-    text = render()
-    if args.check:
-        if not OUT.exists() or OUT.read_text() != text:
-            print(f"{OUT} is stale: run `python scripts/gen_api_reference.py`", file=sys.stderr)
-            return 1
-        return 0
-    OUT.write_text(text)
-    print(f"wrote {OUT}")
-    return 0
+    return write_or_check(OUT, render(), args.check, "scripts/gen_api_reference.py")
 
 
 if __name__ == "__main__":

@@ -120,15 +120,19 @@ def main() -> int:
     )
     parser.add_argument("--check", action="store_true", help="exit 1 if docs/config_reference.md is stale")
     args = parser.parse_args()
-    text = render()
-    if args.check:
-        if not OUT.exists() or OUT.read_text() != text:
-            print(f"{OUT} is stale: run `python scripts/gen_config_reference.py`", file=sys.stderr)
+    return write_or_check(OUT, render(), args.check, "scripts/gen_config_reference.py")
+
+
+def write_or_check(out: Path, text: str, check: bool, script: str) -> int:
+    """Write a generated page, or with ``check`` exit 1 when the committed one differs (also for gen_api_reference)."""
+    if check:
+        if not out.exists() or out.read_text() != text:
+            print(f"{out} is stale: run `python {script}`", file=sys.stderr)
             return 1
-        print(f"{OUT} is up to date")
+        print(f"{out} is up to date")
         return 0
-    OUT.write_text(text)
-    print(f"wrote {OUT}")
+    out.write_text(text)
+    print(f"wrote {out}")
     return 0
 
 

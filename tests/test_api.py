@@ -52,6 +52,10 @@ def test_pipeline_through_the_api(tiny_lm_api: dict) -> None:
     assert contexts_html(latent.contexts, float(latent.stats["max_act"])) in page and 'class="tok"' in page
     assert f"latent {busiest} of {RUN!r}" in repr(latent)
 
+    steered = saewb.intervene(ws, RUN, "def f(x):", steer={busiest: 8.0}, model=support.model("tiny-lm"))
+    assert steered.result.max_abs_logit_diff > 0 and len(steered.frame) == len(steered.result.logit_diff)
+    assert repr(steered).startswith("next-token top-k:") and "max |Δlogit|" in repr(steered)
+
     loaded = saewb.load(ws)  # the newest finished run
     assert loaded.name == RUN and loaded.metrics == run.metrics and loaded.analysis().run == RUN
     x = harvest.activations(split="eval", max_rows=256)
@@ -134,9 +138,39 @@ def test_bad_arguments_raise_the_cli_line(tiny_lm_ws: Path, tmp_path: Path, caps
         )
     assert str(caught.value) == _cli_line(capsys, ["sweep", str(sweep_file), "--dry-run"])
 
+    planned = saewb.sweep(
+        ws,
+        name="sw",
+        hook=HOOK,
+        arch="topk",
+        train={"train_tokens": 1024, "batch_size": 256},
+        defaults={"n_latents": 8},
+        grid={"k": [2, 4]},
+        dry_run=True,
+    )
+    assert planned.members == ["sw-k2", "sw-k4"] and planned.runs == {}
+
     missing = str(tmp_path / "missing.duckdb")
     with pytest.raises(saewb.UsageError) as caught:
         saewb.load(missing, RUN)
     assert isinstance(caught.value, FileNotFoundError) and "does not exist" in str(caught.value)
     with pytest.raises(saewb.UsageError, match=r"unknown AnalyzeConfig option\(s\) \['top_m'\]"):
         saewb.analyze(ws, RUN, top_m=3)
+
+
+def test_explain_through_the_api(tiny_lm_ws: Path, smollm2_chat: object, tmp_path: Path) -> None:
+    """One latent explained and scored by the real SmolLM2 (the suite's shared explainer)."""
+    import shutil
+
+    from conftest import EXPLAIN_TEST_CONFIG
+
+    ws = tmp_path / "ws.duckdb"
+    shutil.copy(tiny_lm_ws, ws)  # explanations are written: leave the shared workspace as it was
+    analysis = saewb.load(ws, RUN).analysis()
+    busiest = int(analysis.latents.sort_values("n_fires").latent.iloc[-1])
+    config = saewb.ExplainConfig(**EXPLAIN_TEST_CONFIG)
+    out = saewb.explain(
+        ws, RUN, config, latents=[busiest], scorers="detection", backend=smollm2_chat, progress=False
+    )
+    assert out.result["explained"] == 1 and list(out.texts) == [busiest] and out.texts[busiest]
+    assert set(out.summary.scorer) == {"detection"} and "detection" in repr(out)
