@@ -88,12 +88,14 @@ def _with_overrides(config: Any, cls: type, overrides: dict[str, Any]) -> Any:
 
 
 def _frame(rows: Any) -> pd.DataFrame:
+    """Rows (a list of dicts, or a dict of columns) as a DataFrame; pandas is imported on first use."""
     import pandas as pd
 
     return pd.DataFrame(rows)
 
 
 def _pre(text: str) -> str:
+    """A text table as notebook HTML, spacing kept."""
     return f"<pre>{html.escape(text)}</pre>"
 
 
@@ -304,6 +306,7 @@ def svg_curve(
 
 
 def _find_run(workspace: PathLike, name: str | None) -> Run:
+    """Run ``name`` of an existing workspace (None: its newest finished run), as the CLI finds it."""
     from analysis.runs import find_run
     from sae import runs
     from saewb.workspace import existing_workspace
@@ -327,6 +330,7 @@ def load(workspace: PathLike, run: str | None = None) -> Run:
 
 
 def _config_values(config: Any) -> dict[str, Any]:
+    """A config dataclass as the option values `saewb train` / a sweep file would give."""
     return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
 
 
