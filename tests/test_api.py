@@ -158,19 +158,17 @@ def test_bad_arguments_raise_the_cli_line(tiny_lm_ws: Path, tmp_path: Path, caps
         saewb.analyze(ws, RUN, top_m=3)
 
 
-def test_explain_through_the_api(tiny_lm_ws: Path, smollm2_chat: object, tmp_path: Path) -> None:
-    """One latent explained and scored by the real SmolLM2 (the suite's shared explainer)."""
+def test_explain_through_the_api(explained_ws: Path, smollm2_chat: object, tmp_path: Path) -> None:
+    """`saewb.explain` on the suite's explained workspace (two latents explained by the real SmolLM2 with
+    these settings): the same selection resumes, nothing is asked again, and the stored results come back."""
     import shutil
 
     from conftest import EXPLAIN_TEST_CONFIG
 
     ws = tmp_path / "ws.duckdb"
-    shutil.copy(tiny_lm_ws, ws)  # explanations are written: leave the shared workspace as it was
-    analysis = saewb.load(ws, RUN).analysis()
-    busiest = int(analysis.latents.sort_values("n_fires").latent.iloc[-1])
+    shutil.copy(explained_ws, ws)
     config = saewb.ExplainConfig(**EXPLAIN_TEST_CONFIG)
-    out = saewb.explain(
-        ws, RUN, config, latents=[busiest], scorers="detection", backend=smollm2_chat, progress=False
-    )
-    assert out.result["explained"] == 1 and list(out.texts) == [busiest] and out.texts[busiest]
-    assert set(out.summary.scorer) == {"detection"} and "detection" in repr(out)
+    out = saewb.explain(ws, "demo", config, sample=2, backend=smollm2_chat, progress=False)
+    assert out.result["selected"] == 2 and out.result["skipped_done"] == 2 and out.result["prompts_sent"] == 0
+    assert len(out.texts) == 2 and all(out.texts.values())
+    assert {"detection", "fuzzing", "embedding"} == set(out.summary.scorer) and "llm - baseline" in repr(out)
