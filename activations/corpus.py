@@ -20,7 +20,8 @@ from typing import Any
 BUILTIN_CORPORA = ("stdlib-docs", "python-code")
 STDLIB_DOCS_MAX_CHARS = 1_000_000
 """The built-in corpus stops at about 1 MB of text."""
-_MIN_DOC_CHARS = 40
+MIN_DOC_CHARS = 40
+"""Shorter built-in documents (docstrings, paragraphs) are left out."""
 _KEEP_PERCENT = 66
 """Share of docstrings kept (by a hash of their qualified name) so the 1 MB spans the whole stdlib."""
 _SKIP_DIRS = {
@@ -143,7 +144,7 @@ def stdlib_docs(max_chars: int = STDLIB_DOCS_MAX_CHARS) -> Iterator[Document]:
             continue
         module = ".".join(path.relative_to(root).with_suffix("").parts)
         for qualname, doc in module_docstrings(tree, module):
-            if len(doc) < _MIN_DOC_CHARS or zlib.crc32(qualname.encode()) % 100 >= _KEEP_PERCENT:
+            if len(doc) < MIN_DOC_CHARS or zlib.crc32(qualname.encode()) % 100 >= _KEEP_PERCENT:
                 continue
             yield Document(text=doc, source=qualname)
             total += len(doc)
@@ -183,7 +184,7 @@ def python_code(
         except (OSError, UnicodeDecodeError):
             continue
         for lineno, piece in split_lines(text, max_doc_chars):
-            if len(piece.strip()) < _MIN_DOC_CHARS:
+            if len(piece.strip()) < MIN_DOC_CHARS:
                 continue
             digest = hashlib.blake2b(piece.encode("utf-8"), digest_size=16).digest()
             if digest in seen:  # a copied file, or a copied stretch of a long one

@@ -268,6 +268,55 @@ def token_rows(
         return own.sql(query, params=params).to_arrow_table()
 
 
+def window_tokens(
+    ws: Workspace, harvest: str, where: str, params: Sequence[Any], max_seqs: int | None
+) -> pa.Table:
+    """seq_id, seq_pos, token_id, is_special of every token of the first `max_seqs` windows (by
+    seq_id; all with None) that hold a token satisfying `where` (an SQL condition on `tokens t`, with
+    `params`), in (seq_id, seq_pos) order; no rows when none does."""
+    with ws.read() as con:
+        seqs = [
+            r[0]
+            for r in con.execute(
+                f"SELECT DISTINCT t.seq_id FROM tokens t WHERE t.harvest = ? AND {where} ORDER BY 1 LIMIT ?",
+                [harvest, *params, max_seqs if max_seqs else 2**62],
+            ).fetchall()
+        ]
+        return con.sql(
+            "SELECT seq_id, seq_pos, token_id, is_special FROM tokens WHERE harvest = ? AND seq_id IN "
+            "(SELECT unnest(?::BIGINT[])) ORDER BY seq_id, seq_pos",
+            params=[harvest, seqs],
+        ).to_arrow_table()
+
+
+WORD_MARKERS = ("Ġ", "▁", "##")
+"""Tokenizers' word-start markers (GPT-2/Llama BPE, SentencePiece, WordPiece)."""
+
+
+def normalise_token(s: str) -> str:
+    """A token string as searches match it: case, surrounding spaces and a word marker ignored."""
+    s = s.strip()
+    for p in WORD_MARKERS:
+        if s.startswith(p):
+            s = s[len(p) :]
+    return s.strip().lower()
+
+
+def tokens_matching(ws: Workspace, harvest: str, tok_idx: Sequence[int], text: str) -> dict[int, str]:
+    """tok_idx → token string of those of these tokens whose string matches `text` (both as
+    `normalise_token` makes them)."""
+    ids = [int(i) for i in tok_idx] or [-1]
+    markers = "|".join(WORD_MARKERS)
+    with ws.read() as con:
+        rows = con.execute(
+            "SELECT tok_idx, token_str FROM tokens WHERE harvest = ? AND tok_idx BETWEEN ? AND ? "
+            "AND tok_idx IN (SELECT unnest(?::BIGINT[])) "
+            f"AND lower(trim(regexp_replace(token_str, '^({markers})', ''))) = ?",
+            [harvest, min(ids), max(ids), ids, normalise_token(text)],
+        ).fetchall()
+    return dict(rows)
+
+
 def register_harvest(
     ws: Workspace, name: str, config: dict[str, Any], model: str, ctx_len: int, widths: dict[str, int]
 ) -> HarvestInfo:

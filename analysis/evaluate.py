@@ -1,11 +1,13 @@
 """`saewb eval`: an SAE run's reference-sheet metrics on held-out documents.
 
 * Reconstruction metrics (FVU, legacy EV, L0, dead/dense, cosine, L2 ratio, relative bias) stream
-  the stored activations of the harvest's eval split (`sae.metrics.evaluate`, streaming sums).
-* Downstream metrics re-run the model on held-out windows rebuilt from the `tokens` table (same
-  token ids, right padding and attention mask as the harvester). The SAE is spliced in on the
-  positions it was trained on: attended, non-special tokens; the others pass through, and the
-  zero-ablation baseline ablates the same positions so the CE score compares like with like.
+  the stored activations of the harvest's eval split through the one held-out evaluation,
+  `sae.lifecycle.heldout_metrics` (streaming sums), which also ends every training run.
+* Downstream metrics re-run the model on held-out windows rebuilt from the `tokens` table
+  (`activations.store.window_tokens`: same token ids, right padding and attention mask as the
+  harvester), `window_batches` at a time. The SAE is spliced in on the positions it was trained
+  on: attended, non-special tokens; the others pass through, and the zero-ablation baseline
+  ablates the same positions so the CE score compares like with like.
   Causal LMs: CE clean / spliced / zero-ablated, CE score, ΔCE, KL score. Encoders: cosine of the
   mean-pooled sentence embedding with and without the splice, top-10 neighbour overlap.
 
@@ -19,6 +21,7 @@ downstream metrics use the held-out windows of its own (first) workspace.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from activations.store import HarvestError
+from activations.store import HarvestError, window_tokens
 from activations.stream import EVAL_FRACTION, ActivationStream, doc_split_sql, split_threshold
 from analysis.runs import RunContext, load_run, load_run_model
 from analysis.splice import hooked, sae_hook_fn, zero_ablate_hook_fn
@@ -71,26 +74,13 @@ def eval_windows(
     ws: Workspace, harvest: str, pad_id: int, max_seqs: int | None = 64, eval_fraction: float = EVAL_FRACTION
 ) -> Windows:
     """The first `max_seqs` windows (by seq_id) of the harvest's held-out documents."""
-    threshold = split_threshold(eval_fraction)
-    with ws.read() as con:
-        seqs = [
-            r[0]
-            for r in con.execute(
-                f"SELECT DISTINCT t.seq_id FROM tokens t WHERE t.harvest = ? AND {doc_split_sql('eval')} "
-                "ORDER BY 1 LIMIT ?",
-                [harvest, threshold, max_seqs if max_seqs else 2**62],
-            ).fetchall()
-        ]
-        if not seqs:
-            raise HarvestError(f"harvest {harvest!r} has no held-out documents; harvest more tokens")
-        table = con.sql(
-            "SELECT seq_id, seq_pos, token_id, is_special FROM tokens WHERE harvest = ? AND seq_id IN "
-            "(SELECT unnest(?::BIGINT[])) ORDER BY seq_id, seq_pos",
-            params=[harvest, seqs],
-        ).to_arrow_table()
+    table = window_tokens(ws, harvest, doc_split_sql("eval"), [split_threshold(eval_fraction)], max_seqs)
+    if table.num_rows == 0:
+        raise HarvestError(f"harvest {harvest!r} has no held-out documents; harvest more tokens")
     seq_id = table.column("seq_id").to_numpy()
+    seqs = np.unique(seq_id)
     pos = table.column("seq_pos").to_numpy()
-    row = np.searchsorted(np.asarray(seqs), seq_id)
+    row = np.searchsorted(seqs, seq_id)
     width = int(pos.max()) + 1
     ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
     attention = np.zeros((len(seqs), width), dtype=np.int64)
@@ -99,6 +89,27 @@ def eval_windows(
     attention[row, pos] = 1
     special[row, pos] = table.column("is_special").to_numpy(zero_copy_only=False)
     return Windows(ids, attention, special)
+
+
+def window_batches(
+    windows: Windows, batch_size: int, label: str, progress: bool = False
+) -> Iterator[tuple[Any, Any, Any]]:
+    """(ids, attention, splice mask) torch tensors of `batch_size` windows at a time, in order; the
+    progress bar counts the windows a caller has finished with."""
+    import torch
+
+    bar = progress_bar(label, len(windows), unit="window", enabled=progress)
+    try:
+        for start in range(0, len(windows), batch_size):
+            sl = slice(start, start + batch_size)
+            yield (
+                torch.from_numpy(windows.ids[sl]),
+                torch.from_numpy(windows.attention[sl]),
+                torch.from_numpy(windows.splice_mask[sl]),
+            )
+            bar.update(len(windows.ids[sl]))
+    finally:
+        bar.close()
 
 
 def pad_id_of(model: Any) -> int:
@@ -117,17 +128,11 @@ def lm_metrics(
     model: Any, ctx: RunContext, windows: Windows, batch_size: int = 8, progress: bool = False
 ) -> dict[str, float]:
     """CE clean / SAE-spliced / zero-ablated, CE score, ΔCE and KL score, summed over next-token targets."""
-    import torch
 
     sums = {"ce_clean": 0.0, "ce_sae": 0.0, "ce_zero": 0.0, "kl_sae": 0.0, "kl_zero": 0.0}
     n_targets = 0
     n_kl = 0
-    bar = progress_bar(f"eval {ctx.name}: model", len(windows), unit="window", enabled=progress)
-    for start in range(0, len(windows), batch_size):
-        sl = slice(start, start + batch_size)
-        ids = torch.from_numpy(windows.ids[sl])
-        att = torch.from_numpy(windows.attention[sl])
-        mask = torch.from_numpy(windows.splice_mask[sl])
+    for ids, att, mask in window_batches(windows, batch_size, f"eval {ctx.name}: model", progress):
         clean = _log_softmax64(model(ids, attention_mask=att))
         with hooked(model, [(ctx.hook, sae_hook_fn(ctx.sae, error_term=False, mask=mask))]):
             spliced = _log_softmax64(model(ids, attention_mask=att))
@@ -146,8 +151,6 @@ def lm_metrics(
             kl = (p_clean * (clean - lp)).sum(-1)
             sums[key] += float(kl[real].sum())
         n_kl += int(real.sum())
-        bar.update(len(ids))
-    bar.close()
     if n_targets == 0:
         raise ValueError("no next-token targets in the held-out windows (windows of one token?)")
     ce_clean, ce_sae, ce_zero = (sums[k] / n_targets for k in ("ce_clean", "ce_sae", "ce_zero"))
@@ -215,20 +218,11 @@ def encoder_metrics(
 ) -> dict[str, float]:
     """Embedding cosine (original vs SAE-spliced) and top-k neighbour overlap over the held-out windows,
     which double as the fixed query set (each window queried against all the others)."""
-    import torch
-
     clean, spliced = [], []
-    bar = progress_bar(f"eval {ctx.name}: model", len(windows), unit="window", enabled=progress)
-    for start in range(0, len(windows), batch_size):
-        sl = slice(start, start + batch_size)
-        ids = torch.from_numpy(windows.ids[sl])
-        att = torch.from_numpy(windows.attention[sl])
-        mask = torch.from_numpy(windows.splice_mask[sl])
+    for ids, att, mask in window_batches(windows, batch_size, f"eval {ctx.name}: model", progress):
         clean.append(sentence_embeddings(model, ids, att))
         hook = (ctx.hook, sae_hook_fn(ctx.sae, error_term=False, mask=mask))
         spliced.append(sentence_embeddings(model, ids, att, [hook]))
-        bar.update(len(ids))
-    bar.close()
     a, b = np.concatenate(clean), np.concatenate(spliced)
     cos = np.sum(_unit(a) * _unit(b), axis=1)
     out: dict[str, Any] = {
@@ -248,28 +242,17 @@ def encoder_metrics(
 def reconstruction_metrics(
     ctx: RunContext, batch_size: int = 4096, max_tokens: int | None = None, progress: bool = False
 ) -> dict[str, float]:
-    """Streaming reconstruction metrics over the stored held-out activations of the run's hook."""
-    from sae.metrics import evaluate
+    """Streaming reconstruction metrics over the stored held-out activations of the run's hook
+    (``sae.lifecycle.heldout_metrics``, as at the end of a training run)."""
+    from sae.lifecycle import heldout_metrics
 
     data = list(ctx.sources) if ctx.sources else ctx.ws
-    stream = ActivationStream(
-        data, ctx.hook, harvest=ctx.harvest, batch_size=batch_size, split="eval", eval_fraction=EVAL_FRACTION
-    )
-
-    def batches() -> Any:
-        seen = 0
-        for x in stream.epoch():
-            if max_tokens is not None and seen >= max_tokens:
-                return
-            part = x if max_tokens is None else x[: max_tokens - seen]
-            yield part
-            seen += len(x)
-            bar.update(len(part))
-
+    stream = ActivationStream(data, ctx.hook, harvest=ctx.harvest, batch_size=batch_size, split="eval")
     bar = progress_bar(f"eval {ctx.name}: reconstruction", unit="tok", unit_scale=True, enabled=progress)
-    metrics = evaluate(ctx.sae, batches())
-    bar.close()
-    return metrics
+    try:
+        return heldout_metrics(ctx.sae, stream, max_tokens, on_batch=bar.update)
+    finally:
+        bar.close()
 
 
 def evaluate_run(

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from analysis.tables import accepts_path
-from saewb.workspace import Workspace
+from saewb.workspace import Workspace, dict_rows
 
 SCHEMA = [
     """CREATE TABLE IF NOT EXISTS explanations (
@@ -201,14 +201,13 @@ def _latest(con: Any, run: str, latent: int | None) -> list[dict[str, Any]]:
     """The newest explanation of each explainer kind ('llm', 'baseline') per latent, with its scores."""
     where = "run = ?" + (" AND latent = ?" if latent is not None else "")
     params: list[Any] = [run] + ([int(latent)] if latent is not None else [])
-    cur = con.execute(
+    rows = dict_rows(
+        con,
         "SELECT latent, explainer, model, prompt_version, status, text, error, context_ids FROM explanations "
         f"WHERE {where} QUALIFY row_number() OVER (PARTITION BY latent, explainer ORDER BY created_at DESC) = 1 "
         "ORDER BY latent, explainer",
         params,
     )
-    cols = [c[0] for c in cur.description]
-    rows = [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
     scores = con.execute(
         f"SELECT latent, explainer, model, prompt_version, scorer, status, score FROM explanation_scores WHERE {where}",
         params,
@@ -250,13 +249,12 @@ def score_table(ws: Workspace, run: str) -> list[dict[str, Any]]:
     if not ws.table_exists("explanation_scores"):
         return []
     with ws.read() as con:
-        cur = con.execute(
+        return dict_rows(
+            con,
             "SELECT latent, explainer, model, prompt_version, scorer, score FROM explanation_scores "
             "WHERE run = ? AND status = 'ok' ORDER BY explainer, scorer, latent",
             [run],
         )
-        cols = [c[0] for c in cur.description]
-        return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
 
 
 @accepts_path

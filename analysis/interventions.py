@@ -119,7 +119,7 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return z / z.sum(-1, keepdims=True)
 
 
-def _generate(
+def generate_ids(
     model: Any, ids: Any, n: int, hooks_for: Any, do_sample: bool, temperature: float, seed: int
 ) -> list[int]:
     """Greedy or seeded sampling, a full forward per step so the hooks see every position."""
@@ -194,8 +194,8 @@ def intervene_lm(
         logits_edited=edited,
     )
     if max_new_tokens > 0:
-        g_clean = _generate(model, ids, max_new_tokens, lambda cur: [], do_sample, temperature, seed)
-        g_edit = _generate(
+        g_clean = generate_ids(model, ids, max_new_tokens, lambda cur: [], do_sample, temperature, seed)
+        g_edit = generate_ids(
             model,
             ids,
             max_new_tokens,

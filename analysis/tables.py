@@ -35,8 +35,8 @@ from typing import Any, TypeVar
 import numpy as np
 import pyarrow as pa
 
-from activations.store import insert_arrow, token_rows
-from saewb.workspace import Workspace
+from activations.store import insert_arrow, normalise_token, token_rows, tokens_matching
+from saewb.workspace import Workspace, dict_rows
 
 SCHEMA = [
     """CREATE TABLE IF NOT EXISTS analysis_runs (
@@ -255,10 +255,7 @@ def latent_summary(
         query += " AND latent = ?"
         params.append(int(latent))
     with _reading(ws, con) as c:
-        cur = c.execute(query + " ORDER BY latent", params)
-        cols = [c[0] for c in cur.description]
-        rows = cur.fetchall()
-    return [dict(zip(cols, r, strict=True)) for r in rows]
+        return dict_rows(c, query + " ORDER BY latent", params)
 
 
 @dataclass
@@ -479,13 +476,12 @@ def family_of(ws: Workspace, run: str, latent: int, *, con: Any | None = None) -
     """Members (latent, parent, depth, weight) of the feature family containing `latent`; [] if none."""
     with _reading(ws, con) as c:
         _check_latent(require_analysis(ws, run, c), run, latent)
-        cur = c.execute(
+        return dict_rows(
+            c,
             "SELECT latent, parent, depth, weight, family FROM latent_families WHERE run = ? AND family IN "
             "(SELECT family FROM latent_families WHERE run = ? AND latent = ?) ORDER BY family, depth, latent",
             [run, run, int(latent)],
         )
-        cols = [c[0] for c in cur.description]
-        return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
 
 
 @accepts_path
@@ -522,27 +518,21 @@ def search_by_token(ws: Workspace, run: str, token_str: str, limit: int = 20) ->
     Ranked by how many of the latent's top contexts peak on it, then by the best activation there.
     """
     info = require_analysis(ws, run)
-    needle = _norm_token(token_str)
-    if not needle:
+    if not normalise_token(token_str):
         raise AnalysisError("token_str is empty; give the token text to search for, e.g. 'def'")
     with ws.read() as con:
-        cur = con.execute(
-            "SELECT c.latent, count(*) AS n_top, max(c.value) AS best, any_value(t.token_str) AS token "
-            "FROM latent_contexts c JOIN tokens t ON t.tok_idx = c.tok_idx AND t.harvest = ? "
-            "WHERE c.run = ? AND c.kind = 'top' AND lower(trim(regexp_replace(t.token_str, '^(Ġ|▁|##)', ''))) = ? "
-            "GROUP BY c.latent ORDER BY n_top DESC, best DESC LIMIT ?",
-            [info["harvest"], run, needle, int(limit)],
-        )
-        cols = [c[0] for c in cur.description]
-        return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
-
-
-def _norm_token(s: str) -> str:
-    s = s.strip()
-    for p in ("Ġ", "▁", "##"):
-        if s.startswith(p):
-            s = s[len(p) :]
-    return s.strip().lower()
+        top = con.execute(
+            "SELECT DISTINCT tok_idx FROM latent_contexts WHERE run = ? AND kind = 'top'", [run]
+        ).fetchall()
+    matched = tokens_matching(ws, info["harvest"], [r[0] for r in top], token_str)
+    with ws.read() as con:
+        rows = con.execute(
+            "SELECT latent, count(*) AS n_top, max(value) AS best, any_value(tok_idx) FROM latent_contexts "
+            "WHERE run = ? AND kind = 'top' AND tok_idx IN (SELECT unnest(?::BIGINT[])) "
+            "GROUP BY latent ORDER BY n_top DESC, best DESC LIMIT ?",
+            [run, list(matched), int(limit)],
+        ).fetchall()
+    return [{"latent": lat, "n_top": n, "best": best, "token": matched[t]} for lat, n, best, t in rows]
 
 
 @accepts_path
@@ -551,14 +541,13 @@ def run_consistency(ws: Workspace, run_a: str, run_b: str) -> dict[str, Any] | N
     if not ws.table_exists("run_consistency"):
         return None
     with ws.read() as con:
-        cur = con.execute(
+        rows = dict_rows(
+            con,
             "SELECT * FROM run_consistency WHERE (run_a = ? AND run_b = ?) OR (run_a = ? AND run_b = ?) "
             "ORDER BY updated_at DESC LIMIT 1",
             [run_a, run_b, run_b, run_a],
         )
-        cols = [c[0] for c in cur.description]
-        row = cur.fetchone()
-    return dict(zip(cols, row, strict=True)) if row else None
+    return rows[0] if rows else None
 
 
 def hist_edges(max_act: float, n_bins: int) -> np.ndarray:

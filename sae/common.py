@@ -153,6 +153,20 @@ def random_unit_rows(key: jax.Array, n: int, d: int, norm: float = 1.0) -> jax.A
     return norm * w / jnp.linalg.norm(w, axis=1, keepdims=True)
 
 
+def tied_weights(
+    key: jax.Array, n: int, d: int, sample: np.ndarray, norm: float = 1.0
+) -> dict[str, jax.Array]:
+    """The usual init: random decoder rows of norm ``norm``, the encoder their transpose, a zero
+    encoder bias and the decoder bias at the geometric median of ``sample``."""
+    w_dec = random_unit_rows(key, n, d, norm)
+    return {
+        "W_enc": w_dec.T,
+        "b_enc": jnp.zeros((n,), jnp.float32),
+        "W_dec": w_dec,
+        "b_dec": jnp.asarray(geometric_median(sample)),
+    }
+
+
 def normalize_rows(w: jax.Array, eps: float = 1e-8) -> jax.Array:
     return w / jnp.maximum(jnp.linalg.norm(w, axis=1, keepdims=True), eps)
 

@@ -234,7 +234,7 @@ class BatchTopKConfig:
     """Weight of the AuxK loss."""
     decoder: Literal["free", "unit"] = "free"
     """"free" (SAELens: no norm constraint, rows init at norm 0.1, top-k on pre·‖W_dec,i‖; the default,
-    by measurement, see the module doc) or "unit" (unit-norm rows + gradient projection)."""
+    by measurement, see sae/batchtopk.py) or "unit" (unit-norm rows + gradient projection)."""
     init_dec_norm: float | None = None
     """Norm of the initial decoder rows; None means 1.0 for "unit" and 0.1 for "free"."""
     rescale_by_decoder_norm: bool = True
@@ -334,43 +334,21 @@ class HierarchicalTopKConfig:
 
 # --- matryoshka (sae/matryoshka.py)
 @dataclass(frozen=True)
-class MatryoshkaConfig:
-    """Matryoshka BatchTopK hyper-parameters."""
+class MatryoshkaConfig(BatchTopKConfig):
+    """Matryoshka BatchTopK hyper-parameters: BatchTopK's, and the nested groups."""
 
     arch: ClassVar[str] = "matryoshka"
 
-    n_latents: int = 4096
-    """Number of latents n."""
-    k: int = 32
-    """Mean active latents per token: each batch keeps its top k·B pre-activations."""
     group_sizes: tuple[int, ...] | None = None
     """Sizes of the nested groups, in order, summing to n_latents (e.g. 256,256,512,1024,2048);
     None: prefixes ending at n/16, n/8, n/4, n/2, n."""
-    candidates: int = 4
-    """c: per-token candidates c·k for the batch selection (a token keeps at most c·k; c >= n/k is exact)."""
-    k_aux: int | None = None
-    """Latents used by AuxK; None means d/2 (capped at the number of dead latents)."""
-    aux_coef: float = 1.0 / 32.0
-    """Weight of the AuxK loss."""
-    decoder: Literal["free", "unit"] = "free"
-    """"free" (no norm constraint, choice on pre·‖W_dec,i‖) or "unit" (unit-norm rows)."""
-    init_dec_norm: float | None = None
-    """Norm of the initial decoder rows; None means 1.0 for "unit" and 0.1 for "free"."""
-    rescale_by_decoder_norm: bool = True
-    """Choose the top k on pre · ‖W_dec,i‖ (only matters for decoder="free")."""
-    threshold_decay: float = 0.999
-    """EMA decay of the inference threshold θ."""
-    threshold_start_step: int = 1000
-    """Track θ from this step on (or from threshold_start_frac of the run, whichever is first)."""
-    threshold_start_frac: float = 0.75
-    """Track θ from this fraction of the run on (short runs; see threshold_start_step)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.group_sizes, list):  # from JSON/YAML
             object.__setattr__(self, "group_sizes", tuple(int(g) for g in self.group_sizes))
 
     def validate(self, d: int | None = None) -> None:
-        BatchTopKConfig.validate(self, d)  # type: ignore[arg-type]
+        super().validate(d)
         if self.group_sizes is not None:
             if not self.group_sizes or any(g < 1 for g in self.group_sizes):
                 raise ValueError(f"group_sizes must be positive integers, got {self.group_sizes}")
@@ -530,19 +508,23 @@ the CLI and docs list them. ``sae.archs.ARCH_MODULES`` is these names."""
 def field_docs(cls: type) -> dict[str, str]:
     """Field name → the docstring under it, whitespace collapsed.
 
-    Python (before 3.14) keeps no field docstrings at run time, so they are read from the class's
-    own source; the fields, types and defaults themselves come from the dataclass.
+    Python (before 3.14) keeps no field docstrings at run time, so they are read from the source of
+    the class and of the config classes it extends; the fields, types and defaults themselves come
+    from the dataclass.
     """
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body  # type: ignore[attr-defined]
     out: dict[str, str] = {}
-    for item, nxt in zip(body, body[1:], strict=False):
-        if (
-            isinstance(item, ast.AnnAssign)
-            and isinstance(item.target, ast.Name)
-            and isinstance(nxt, ast.Expr)
-            and isinstance(nxt.value, ast.Constant)
-            and isinstance(nxt.value.value, str)
-        ):
-            out[item.target.id] = " ".join(nxt.value.value.split())
+    for owner in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(owner):
+            continue
+        tree = ast.parse(textwrap.dedent(inspect.getsource(owner)))
+        body = tree.body[0].body  # type: ignore[attr-defined]
+        for item, nxt in zip(body, body[1:], strict=False):
+            if (
+                isinstance(item, ast.AnnAssign)
+                and isinstance(item.target, ast.Name)
+                and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
+                out[item.target.id] = " ".join(nxt.value.value.split())
     return {f.name: out[f.name] for f in dataclasses.fields(cls) if f.name in out}

@@ -85,13 +85,7 @@ def density_ranks(density: jax.Array) -> jax.Array:
 
 def init(cfg: FeatureChoiceConfig, key: jax.Array, d: int, sample: np.ndarray) -> tuple[Params, State]:
     cfg.validate()
-    w_dec = common.random_unit_rows(key, cfg.n_latents, d)
-    params = Params(
-        W_enc=w_dec.T,
-        b_enc=jnp.zeros((cfg.n_latents,), jnp.float32),
-        W_dec=w_dec,
-        b_dec=jnp.asarray(common.geometric_median(sample)),
-    )
+    params = Params(**common.tied_weights(key, cfg.n_latents, d, sample))
     n = cfg.n_latents
     state = State(
         step=jnp.zeros((), jnp.int32),

@@ -70,12 +70,8 @@ def input_scale_target(cfg: JumpReLUConfig) -> str:
 
 def init(cfg: JumpReLUConfig, key: jax.Array, d: int, sample: np.ndarray) -> tuple[Params, State]:
     cfg.validate()
-    w_dec = common.random_unit_rows(key, cfg.n_latents, d)
     params = Params(
-        W_enc=w_dec.T,
-        b_enc=jnp.zeros((cfg.n_latents,), jnp.float32),
-        W_dec=w_dec,
-        b_dec=jnp.asarray(common.geometric_median(sample)),
+        **common.tied_weights(key, cfg.n_latents, d, sample),
         threshold=jnp.full((cfg.n_latents,), cfg.init_threshold, jnp.float32),
     )
     return params, State(step=jnp.zeros((), jnp.int32))

@@ -13,14 +13,14 @@ fit (``sae.itda.fit``); ``sae.load`` reads checkpoints with ``read_train_state``
 - Checkpoint: ``checkpoint_meta`` + ``write_checkpoint`` (which also clears ``DIVERGED_FILE``: the
   checkpoint now holds the config the run goes on with).
 - Finalise: ``finish_training`` folds the input scale and saves the SAE (``save_final``);
-  ``finalise_run`` evaluates it on held-out tokens (``heldout_metrics``) and writes its run row:
+  ``finalise_run`` evaluates it on held-out tokens (``end_of_run_metrics``, through the one held-out
+  evaluation ``heldout_metrics`` that `saewb eval` uses too) and writes its run row:
   done, or failed with the reason when its final FVU is not finite.
 - Divergence: ``stop_diverged`` records why the guard stopped a run and builds ``RunDivergedError``.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 from collections.abc import Callable
@@ -249,17 +249,41 @@ def finish_training(
     return result
 
 
-def heldout_metrics(run_dir: Path, eval_stream: Callable[[], Any], eval_tokens: int) -> dict[str, Any]:
-    """The saved SAE of ``run_dir`` evaluated on ``eval_tokens`` held-out tokens (at least one batch) of
-    ``eval_stream()`` (an eval-split ``ActivationStream``); ``eval_error`` when that cannot be done
-    (an empty split). The one end-of-run evaluation of `saewb train` and `saewb sweep`."""
-    from sae.api import load_dir
+def heldout_metrics(
+    sae: Any, stream: Any, max_tokens: int | None = None, on_batch: Callable[[int], Any] | None = None
+) -> dict[str, Any]:
+    """The one held-out evaluation: a loaded SAE's reconstruction metrics (``sae.metrics.evaluate``)
+    over the first ``max_tokens`` tokens (all with None) of ``stream``, an eval-split
+    ``ActivationStream``; ``on_batch(tokens)`` after each batch. `saewb eval` calls it directly, the
+    end of a training run through ``end_of_run_metrics``."""
     from sae.metrics import evaluate
+
+    def batches() -> Any:
+        seen = 0
+        if max_tokens is not None and max_tokens <= 0:
+            return
+        for x in stream.epoch():
+            part = x if max_tokens is None else x[: max_tokens - seen]
+            yield part
+            seen += len(part)
+            if on_batch is not None:
+                on_batch(len(part))
+            if max_tokens is not None and seen >= max_tokens:
+                return  # before the stream reads another buffer
+
+    return evaluate(sae, batches())
+
+
+def end_of_run_metrics(run_dir: Path, eval_stream: Callable[[], Any], eval_tokens: int) -> dict[str, Any]:
+    """The saved SAE of ``run_dir`` evaluated (``heldout_metrics``) on ``eval_tokens`` held-out tokens,
+    rounded down to whole batches of ``eval_stream()`` (at least one); ``eval_error`` when that cannot
+    be done (an empty split). The end-of-run evaluation of `saewb train` and `saewb sweep`."""
+    from sae.api import load_dir
 
     try:
         stream = eval_stream()
         n_batches = max(1, eval_tokens // stream.batch_size)
-        return evaluate(load_dir(run_dir), itertools.islice(stream.epoch(), n_batches))
+        return heldout_metrics(load_dir(run_dir), stream, n_batches * stream.batch_size)
     except ValueError as err:  # e.g. an empty eval split: keep the training metrics
         return {"eval_error": str(err)}
 

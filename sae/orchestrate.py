@@ -187,7 +187,8 @@ def train_runs(
 # --------------------------------------------------------------------------- one run (`saewb train`)
 
 
-def _all_fields() -> dict[str, dataclasses.Field]:
+def all_config_fields() -> dict[str, dataclasses.Field]:
+    """Every config field by name: the TrainConfig's, then each architecture's (first one wins)."""
     from sae.base import registry
     from sae.trainer import TrainConfig
 
@@ -241,7 +242,7 @@ def plan_from_values(values: dict[str, Any]) -> TrainPlan:
 
     values = {k: v for k, v in values.items() if v is not None}
     train_fields = set(config_fields(TrainConfig))
-    known = set(RUN_KEYS) | train_fields | set(_all_fields())
+    known = set(RUN_KEYS) | train_fields | set(all_config_fields())
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"unknown option(s) {unknown}; valid options are {sorted(known)}")
@@ -323,7 +324,7 @@ def run_plan(plan: TrainPlan) -> dict[str, Any]:
     import jax
 
     from activations.stream import ActivationStream
-    from sae.lifecycle import heldout_metrics
+    from sae.lifecycle import end_of_run_metrics
     from sae.orchestrate import RunSpec, fit_function, train_runs
     from saewb.workspace import Workspace
 
@@ -371,7 +372,7 @@ def run_plan(plan: TrainPlan) -> dict[str, Any]:
                 split="eval",
             )
 
-        return lambda: heldout_metrics(spec.run_dir, eval_stream, plan.eval_tokens)
+        return lambda: end_of_run_metrics(spec.run_dir, eval_stream, plan.eval_tokens)
 
     try:
         final = train_runs(

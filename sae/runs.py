@@ -11,7 +11,7 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
-from saewb.workspace import Workspace
+from saewb.workspace import Workspace, dict_rows
 
 METRIC_COLUMNS = ("step", "tokens", "loss", "fvu", "l0", "dead_frac", "dense_frac", "lr", "tokens_per_s")
 
@@ -73,12 +73,10 @@ def get_run(ws: Workspace, name: str) -> dict[str, Any] | None:
     if not ws.table_exists("runs"):
         return None
     with ws.read() as con:
-        cur = con.execute("SELECT * FROM runs WHERE name = ?", [name])
-        cols = [c[0] for c in cur.description]
-        row = cur.fetchone()
-    if row is None:
+        rows = dict_rows(con, "SELECT * FROM runs WHERE name = ?", [name])
+    if not rows:
         return None
-    out = dict(zip(cols, row, strict=True))
+    out = rows[0]
     out["config"] = json.loads(out["config"]) if out["config"] else None
     out["final_metrics"] = json.loads(out["final_metrics"]) if out["final_metrics"] else None
     return out
@@ -190,12 +188,9 @@ def list_runs(ws: Workspace) -> list[dict[str, Any]]:
     if not ws.table_exists("runs"):
         return []
     with ws.read() as con:
-        cur = con.execute("SELECT * FROM runs ORDER BY created_at")
-        cols = [c[0] for c in cur.description]
-        rows = cur.fetchall()
+        rows = dict_rows(con, "SELECT * FROM runs ORDER BY created_at")
     out = []
-    for r in rows:
-        d = dict(zip(cols, r, strict=True))
+    for d in rows:
         d.pop("config", None)
         d["final_metrics"] = json.loads(d["final_metrics"]) if d["final_metrics"] else {}
         d.setdefault("reason", None)  # workspaces from before the column
@@ -219,12 +214,11 @@ def latest_metrics(ws: Workspace) -> list[dict[str, Any]]:
     if not ws.table_exists("metrics"):
         return []
     with ws.read() as con:
-        cur = con.execute(
+        return dict_rows(
+            con,
             "SELECT m.run, r.arch, m.tokens, m.l0, m.fvu FROM metrics m JOIN runs r ON r.name = m.run "
-            "QUALIFY row_number() OVER (PARTITION BY m.run ORDER BY m.step DESC) = 1"
+            "QUALIFY row_number() OVER (PARTITION BY m.run ORDER BY m.step DESC) = 1",
         )
-        cols = [c[0] for c in cur.description]
-        return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
 
 
 def newest_done_run(ws: Workspace) -> str | None:

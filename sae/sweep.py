@@ -352,7 +352,7 @@ _STEP_CACHE: dict[str, Any] = {}
 
 
 @dataclass
-class _Group:
+class StepGroup:
     """Members advanced together: stacked and vmapped when `vmapped`, else one member."""
 
     members: list[int]
@@ -417,7 +417,8 @@ def _finite_members(params: Any, vmapped: bool) -> jax.Array:
     return jnp.stack([jnp.all(jnp.isfinite(a)) for a in leaves]).all(0, keepdims=True).reshape(1)
 
 
-def _groups(members: list[Member], widths: dict[str, int]) -> list[_Group]:
+def step_groups(members: list[Member], widths: dict[str, int]) -> list[StepGroup]:
+    """The members that advance together, each group with its one trainer."""
     by_key: dict[str, list[int]] = {}
     for i, m in enumerate(members):
         # Host-side resampling edits one member's params between steps: such members go alone.
@@ -431,7 +432,9 @@ def _groups(members: list[Member], widths: dict[str, int]) -> list[_Group]:
         if len(set(ks)) > 1:
             cfg = dataclasses.replace(cfg, k=max(ks))
             k_active = jnp.asarray(ks, jnp.int32)
-        out.append(_Group(idx, Trainer(cfg, m.train_config, widths[m.hook]), m.hook, len(idx) > 1, k_active))
+        out.append(
+            StepGroup(idx, Trainer(cfg, m.train_config, widths[m.hook]), m.hook, len(idx) > 1, k_active)
+        )
     return out
 
 
@@ -494,7 +497,7 @@ def train_lockstep(
                 states.append(trainer.init_state(sample * np.float32(scale)))
                 scales.append(scale)
 
-    groups = _groups(members, widths)
+    groups = step_groups(members, widths)
     g_states = [_stack([states[i] for i in g.members]) if g.vmapped else states[g.members[0]] for g in groups]
     g_scales = [
         jnp.asarray([scales[i] for i in g.members], jnp.float32)
@@ -685,7 +688,7 @@ def train_lockstep(
 def run_sweep(plan: SweepPlan) -> dict[str, dict[str, Any]]:
     """Train (or resume) every member of a planned sweep, log them as runs, evaluate them on held-out tokens."""
     from activations.stream import ActivationStream
-    from sae.lifecycle import heldout_metrics
+    from sae.lifecycle import end_of_run_metrics
     from sae.orchestrate import RunSpec, train_runs
     from saewb.workspace import Workspace
 
@@ -731,7 +734,7 @@ def run_sweep(plan: SweepPlan) -> dict[str, dict[str, Any]]:
             return evals[spec.hook]
 
         return (
-            (lambda: heldout_metrics(spec.run_dir, eval_stream, plan.eval_tokens))
+            (lambda: end_of_run_metrics(spec.run_dir, eval_stream, plan.eval_tokens))
             if plan.eval_tokens > 0
             else None
         )

@@ -56,13 +56,7 @@ def input_scale_target(cfg: TopKConfig) -> str:
 def init(cfg: TopKConfig, key: jax.Array, d: int, sample: np.ndarray) -> tuple[Params, State]:
     cfg.validate()
     norm = cfg.init_dec_norm if cfg.init_dec_norm is not None else (1.0 if cfg.decoder == "unit" else 0.1)
-    w_dec = common.random_unit_rows(key, cfg.n_latents, d, norm)
-    params = Params(
-        W_enc=w_dec.T,
-        b_enc=jnp.zeros((cfg.n_latents,), jnp.float32),
-        W_dec=w_dec,
-        b_dec=jnp.asarray(common.geometric_median(sample)),
-    )
+    params = Params(**common.tied_weights(key, cfg.n_latents, d, sample, norm))
     return params, State(step=jnp.zeros((), jnp.int32))
 
 

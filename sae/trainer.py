@@ -187,15 +187,15 @@ def collect_sample(batches: Callable[[int], Iterator[np.ndarray]], tokens: int) 
     return np.concatenate(out)[:tokens]
 
 
-def _reset_adam_moments(opt_state: Any, mask: Any) -> Any:
+def reset_adam_moments(opt_state: Any, mask: Any) -> Any:
     """Zero Adam's mu/nu where ``mask`` (a params-shaped bool tree) is True."""
     if isinstance(opt_state, optax.ScaleByAdamState):
         zero = lambda t: jax.tree_util.tree_map(lambda a, m: jnp.where(m, 0.0, a), t, mask)  # noqa: E731
         return opt_state._replace(mu=zero(opt_state.mu), nu=zero(opt_state.nu))
     if isinstance(opt_state, tuple) and not hasattr(opt_state, "_fields"):
-        return tuple(_reset_adam_moments(s, mask) for s in opt_state)
+        return tuple(reset_adam_moments(s, mask) for s in opt_state)
     if isinstance(opt_state, tuple):
-        return type(opt_state)(*(_reset_adam_moments(s, mask) for s in opt_state))
+        return type(opt_state)(*(reset_adam_moments(s, mask) for s in opt_state))
     return opt_state
 
 
@@ -521,12 +521,12 @@ def resample_dead(trainer: Trainer, ts: TrainState, batch: np.ndarray, scale: fl
     if trainer.mesh is None:
         dead = np.asarray(ts.since_fired) >= trainer.window
         params, mask = arch.resample(cfg, ts.params, ts.arch_state, batch * np.float32(scale), dead, seed)
-        return ts.replace(params=params, opt_state=_reset_adam_moments(ts.opt_state, mask))
+        return ts.replace(params=params, opt_state=reset_adam_moments(ts.opt_state, mask))
     full = sharding.to_host(sharding.put_batch(batch, trainer.mesh, trainer.tc.batch_size))
     host = jax.tree_util.tree_map(jnp.asarray, sharding.to_host(ts))
     dead = np.asarray(host.since_fired) >= trainer.window
     params, mask = arch.resample(cfg, host.params, host.arch_state, full * np.float32(scale), dead, seed)
-    return trainer.place(host.replace(params=params, opt_state=_reset_adam_moments(host.opt_state, mask)))
+    return trainer.place(host.replace(params=params, opt_state=reset_adam_moments(host.opt_state, mask)))
 
 
 def state_part(ts: TrainState) -> dict[str, Any]:

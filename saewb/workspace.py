@@ -24,6 +24,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import duckdb
 
@@ -95,6 +96,15 @@ class WorkspaceNotFoundError(FileNotFoundError):
 
 class NotAWorkspaceError(ValueError):
     """The path holds a file that is not a DuckDB database (it is left untouched)."""
+
+
+def dict_rows(
+    con: duckdb.DuckDBPyConnection, query: str, params: list[Any] | None = None
+) -> list[dict[str, Any]]:
+    """The rows of a query as dicts keyed by column name, in the query's order."""
+    cur = con.execute(query, params or [])
+    cols = [c[0] for c in cur.description]
+    return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
 
 
 def _is_lock_conflict(err: duckdb.Error) -> bool:

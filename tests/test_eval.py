@@ -110,6 +110,8 @@ def test_reconstruction_metrics_match_naive_full_batch(gpt2) -> None:
         if key != "legacy_ev":  # the legacy EV centres on each batch's mean, by definition
             assert small[key] == pytest.approx(want, rel=1e-5, abs=1e-7), key
     assert 0 < fvu < 1.5
+    # max_tokens stops inside a batch: the first 150 tokens of the stream, not two whole batches
+    assert reconstruction_metrics(ctx, batch_size=97, max_tokens=150)["eval_tokens"] == 150 < len(x)
 
 
 def test_lm_metrics_match_per_window_computation(gpt2) -> None:

@@ -622,6 +622,7 @@ def test_sigkill_during_a_sweep_then_resume_equals_uninterrupted(ws_template: Pa
 
 def test_sigkill_during_analyze_then_rerun_equals_uninterrupted(ws_template: Path, tmp_path: Path) -> None:
     from analysis.features import AnalyzeConfig, analyze_run
+    from analysis.tables import PER_LATENT_TABLES
 
     killed, clean = tmp_path / "killed.duckdb", tmp_path / "clean.duckdb"
     shutil.copy(ws_template, killed)
@@ -649,16 +650,7 @@ def test_sigkill_during_analyze_then_rerun_equals_uninterrupted(ws_template: Pat
     cfg = AnalyzeConfig(batch_size=64, logits=False)
     analyze_run(killed, "r", cfg)
     analyze_run(clean, "r", cfg)
-    tables = (
-        "latent_stats",
-        "latent_contexts",
-        "latent_bands",
-        "latent_neighbors",
-        "latent_cooccurrence",
-        "latent_families",
-        "analysis_runs",
-    )
-    for table in tables:
+    for table in (*PER_LATENT_TABLES, "analysis_runs"):
         query = (
             f"SELECT * EXCLUDE (updated_at) FROM {table} ORDER BY ALL"
             if table == "analysis_runs"

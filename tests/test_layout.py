@@ -7,7 +7,7 @@ import ast
 from conftest import REPO
 
 PACKAGES = ("activations", "analysis", "app", "sae", "saewb")
-CHECKED = (*PACKAGES, "benchmarks", "scripts")
+CHECKED = (*PACKAGES, "benchmarks", "scripts", "tests")
 
 
 def _ours(module: str) -> bool:
@@ -51,4 +51,37 @@ def test_no_private_name_is_used_across_modules() -> None:
                     and node.value.id in aliases
                 ):
                     found.append(f"{where}: {node.value.id}.{node.attr}")
+    assert not found, found
+
+
+def _private_names_of_packages() -> set[str]:
+    """Every private function, class, module constant and attribute our packages define."""
+    names: set[str] = set()
+    for pkg in PACKAGES:
+        for path in (REPO / pkg).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                    names.add(node.name)
+                elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+                    names.add(node.attr)
+                elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                    names.add(node.id)
+    return {n for n in names if _private(n)}
+
+
+def test_tests_use_public_names_only() -> None:
+    """Tests check public behaviour: no `obj._member` (nor `setattr(obj, "_member", ...)`) naming a private
+    member our packages define, on an object, an instance or a class alike."""
+    ours = _private_names_of_packages()
+    found = []
+    for path in sorted((REPO / "tests").rglob("*.py")):
+        where = path.relative_to(REPO).as_posix()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr in ours:
+                if not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
+                    found.append(f"{where}:{node.lineno}: {ast.unparse(node)}")
+            elif isinstance(node, ast.Call) and ast.unparse(node.func).endswith(("setattr", "getattr")):
+                named = [a.value for a in node.args[1:2] if isinstance(a, ast.Constant)]
+                if named and named[0] in ours:
+                    found.append(f"{where}:{node.lineno}: {ast.unparse(node.func)}(..., {named[0]!r})")
     assert not found, found

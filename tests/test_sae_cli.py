@@ -111,9 +111,9 @@ def test_train_runs_resume_and_load(ws: Path, tmp_path: Path, capsys: pytest.Cap
 
 def test_every_config_field_is_a_flag() -> None:
     from sae.cli import FLAG_TYPES
-    from sae.orchestrate import _all_fields
+    from sae.orchestrate import all_config_fields
 
-    assert set(FLAG_TYPES) == set(_all_fields())
+    assert set(FLAG_TYPES) == set(all_config_fields())
 
 
 def test_configs_and_train_help_import_no_jax() -> None:

@@ -179,6 +179,7 @@ def test_step_leaves_auxk_out_only_when_nothing_is_dead() -> None:
     tc = TrainConfig(batch_size=128, train_tokens=128 * 50, dead_window_tokens=1000)
     batch = next(sparse_batches()(0))
     trainer = Trainer(cfg, tc, D)
+    program = jax.jit(trainer.step_impl, static_argnums=(3,))  # maybe_dead chosen here, not by step
 
     def fresh(since: int):
         ts = trainer.init_state(batch)
@@ -188,7 +189,7 @@ def test_step_leaves_auxk_out_only_when_nothing_is_dead() -> None:
         out = (
             trainer.step(ts, batch, 1.0)
             if maybe_dead is None
-            else trainer._step(ts, jnp.asarray(batch), jnp.float32(1.0), maybe_dead)
+            else program(ts, jnp.asarray(batch), jnp.float32(1.0), maybe_dead)
         )
         return np.asarray(out.params.W_enc)
 
@@ -232,7 +233,7 @@ def test_partition_specs_shard_latent_axis() -> None:
 
 def test_classic_resampling_resets_dead_latents_and_their_adam_moments() -> None:
     from sae import relu_l1
-    from sae.trainer import Trainer, _reset_adam_moments
+    from sae.trainer import Trainer, reset_adam_moments
 
     cfg = ReluL1Config(n_latents=12, variant="classic")
     tc = TrainConfig(train_tokens=64 * 8, batch_size=64, init_sample_tokens=64)
@@ -249,7 +250,7 @@ def test_classic_resampling_resets_dead_latents_and_their_adam_moments() -> None
     assert not np.allclose(w_new[dead], w_old[dead])
     np.testing.assert_allclose(np.linalg.norm(w_new[dead], axis=1), 1.0, rtol=1e-5)
     assert np.all(np.asarray(params.b_enc)[dead] == 0)
-    opt = _reset_adam_moments(ts.opt_state, mask)
+    opt = reset_adam_moments(ts.opt_state, mask)
     adam = [
         s for s in jax.tree_util.tree_leaves(opt, is_leaf=lambda s: hasattr(s, "mu")) if hasattr(s, "mu")
     ][0]

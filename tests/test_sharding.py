@@ -1,7 +1,7 @@
 """Training on a ("data", "model") device mesh matches one device; checkpoints cross meshes; bf16.
 
 The mesh checks need 8 devices. XLA_FLAGS must be set before JAX starts, and this test process
-must keep its single device, so they run once in a subprocess (``_mesh_worker``) that writes its
+must keep its single device, so they run once in a subprocess (``mesh_worker``) that writes its
 measurements to JSON; the tests below assert on them.
 """
 
@@ -67,7 +67,7 @@ def _flat(params: Any) -> list[np.ndarray]:
     return [np.asarray(a) for a in jax.tree_util.tree_leaves(params)]
 
 
-def _mesh_worker(part: str, out: Path, work: Path) -> None:
+def mesh_worker(part: str, out: Path, work: Path) -> None:
     """Runs in a subprocess with 8 CPU devices; ``part`` is "topk" (top-k, topk curves, checkpoints)
     or "gba" (layouts, gba curves), so two workers can share the compile work on two cores."""
     import jax
@@ -184,7 +184,7 @@ def mesh_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     for part in ("topk", "gba"):
         code = (
             f"import sys; sys.path.insert(0, {str(HERE)!r}); import test_sharding as t; from pathlib import Path; "
-            f"t._mesh_worker({part!r}, Path({str(tmp / part)!r} + '.json'), Path({str(tmp / part)!r}))"
+            f"t.mesh_worker({part!r}, Path({str(tmp / part)!r} + '.json'), Path({str(tmp / part)!r}))"
         )
         procs[part] = subprocess.Popen(
             [sys.executable, "-c", code],

@@ -17,7 +17,7 @@ import duckdb
 import pytest
 
 from activations.corpus import (
-    _MIN_DOC_CHARS,
+    MIN_DOC_CHARS,
     CorpusSpec,
     iter_documents,
     python_code,
@@ -47,11 +47,11 @@ def smollm2() -> Any:
 def _greedy(model: Any, prompt_ids: list[int], n: int) -> str:
     import torch
 
-    from analysis.interventions import _generate
+    from analysis.interventions import generate_ids
 
     with torch.inference_mode():
         return model.tokenizer.decode(
-            _generate(model, torch.tensor([prompt_ids]), n, lambda _: [], False, 1.0, 0)
+            generate_ids(model, torch.tensor([prompt_ids]), n, lambda _: [], False, 1.0, 0)
         )
 
 
@@ -226,7 +226,7 @@ def test_python_code_is_deterministic_and_covers_stdlib_and_packages() -> None:
     again = list(itertools.islice(python_code(), 1500))
     assert first == again
     assert len({d.text for d in first}) == len(first)  # no exact duplicates
-    assert all(_MIN_DOC_CHARS <= len(d.text) <= 16_000 for d in first)
+    assert all(MIN_DOC_CHARS <= len(d.text) <= 16_000 for d in first)
     # A prefix spans the stdlib and the installed packages, in the fixed hash order of the file names.
     names = [name for name, _ in python_code_files(roots)]
     files = list(dict.fromkeys(d.source.rsplit(":", 1)[0] for d in first))

@@ -125,11 +125,11 @@ def swept(ws_template: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_sweep_equals_runs_trained_one_by_one(swept: Path, tmp_path: Path) -> None:
     import sae
     from sae import runs
-    from sae.sweep import _groups, load_sweep, plan_sweep
+    from sae.sweep import load_sweep, plan_sweep, step_groups
     from sae.trainer import train
 
     plan = plan_sweep(load_sweep(_sweep_file(tmp_path, swept)))
-    groups = _groups(plan.members, plan.widths)
+    groups = step_groups(plan.members, plan.widths)
     assert sorted(len(g.members) for g in groups) == [1, 3] and any(g.vmapped for g in groups)
     for m in plan.members:
         stream = ActivationStream(swept, m.hook, batch_size=64, seed=3)
@@ -248,14 +248,14 @@ def test_shared_geometric_medians_compute_once_per_sample(monkeypatch: pytest.Mo
 
 
 def test_topk_members_of_other_k_share_a_step_within_a_factor_of_two() -> None:
-    from sae.sweep import Member, _groups
+    from sae.sweep import Member, step_groups
     from sae.topk import TopKConfig
     from sae.trainer import TrainConfig
 
     tc = TrainConfig(train_tokens=4096, batch_size=64)
     ms = [Member(f"m{k}", "h", TopKConfig(n_latents=64, k=k), tc) for k in (8, 4, 16, 5, 40)]
     ms.append(Member("multi", "h", TopKConfig(n_latents=64, k=6, multi_topk=True), tc))  # 4k picks: alone
-    groups = _groups(ms, {"h": 12})
+    groups = step_groups(ms, {"h": 12})
     got = sorted(sorted(ms[i].sae_config.k for i in g.members) for g in groups)
     assert got == [[4, 5, 8], [6], [16], [40]]
     for g in groups:
