@@ -15,7 +15,8 @@ def _ours(module: str) -> bool:
 
 
 def _private(name: str) -> bool:
-    return name.startswith("_") and not name.startswith("__")
+    """``_x`` is private; ``__x__`` and IPython's display protocol ``_repr_html_`` are public."""
+    return name.startswith("_") and not name.startswith("__") and not name.endswith("_")
 
 
 def test_no_private_name_is_used_across_modules() -> None:
