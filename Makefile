@@ -75,8 +75,11 @@ saelens-venv:
 		|| PEERS=saelens PYTHON=$$(command -v python3.11 || command -v $(PYTHON)) \
 		bash benchmarks/peers_setup.sh
 
+# Two workers, one test file each at a time (module fixtures stay in one process): most tests wait on
+# subprocesses, servers and the browser, so two keep both cores busy. TEST_WORKERS=0 runs serially.
+TEST_WORKERS ?= 2
 test: $(STAMP) browser compiler saelens-venv
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 ## docs: regenerate docs/config_reference.md (config dataclasses) and docs/api.md (saewb.api docstrings); tests/test_docs.py checks both.
 docs: $(STAMP)
