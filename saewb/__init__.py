@@ -20,6 +20,7 @@ __version__ = "0.1.0"
 API = (
     "harvest",
     "train",
+    "fit",
     "sweep",
     "evaluate",
     "analyze",
@@ -28,6 +29,7 @@ API = (
     "load",
     "Harvest",
     "Run",
+    "Fitted",
     "Sweep",
     "Evaluation",
     "Analysis",

@@ -45,6 +45,7 @@ __all__ = [
     "Analysis",
     "Evaluation",
     "Explanations",
+    "Fitted",
     "Harvest",
     "InterventionResult",
     "Latent",
@@ -53,6 +54,7 @@ __all__ = [
     "analyze",
     "evaluate",
     "explain",
+    "fit",
     "harvest",
     "intervene",
     "load",
@@ -375,6 +377,108 @@ def train(
         plan = plan_from_values(values)
         run_plan(plan)
         return _find_run(plan.workspace, plan.name)
+
+
+@dataclasses.dataclass(repr=False)
+class Fitted:
+    """An SAE trained on in-memory data (``fit``): the trainer's result, with no workspace behind it."""
+
+    result: Any
+    """The trainer's ``TrainResult`` (params in inference form, config, history, final metrics)."""
+
+    @property
+    def sae(self) -> Any:
+        """The inference form (``encode`` / ``decode``), as ``load`` gives for a workspace run."""
+        from sae.api import SAE
+
+        r = self.result
+        return SAE(r.config, r.params, r.arch_state, r.d, r.final_metrics, r.run_dir, r.history)
+
+    @property
+    def params(self) -> Any:
+        return self.result.params
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """The final training-window metrics (fvu, l0, dead_frac, ...)."""
+        return dict(self.result.final_metrics)
+
+    @property
+    def curves(self) -> pd.DataFrame:
+        """The logged metric rows (step, tokens, loss, fvu, l0, ...) as a DataFrame."""
+        return _frame(self.result.history)
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in self.metrics.items() if k in ("fvu", "l0", "dead_frac"))
+        return (
+            f"Fitted({self.result.config.arch}, n {self.result.config.n_latents}, d {self.result.d}: {shown})"
+        )
+
+    def _repr_html_(self) -> str:
+        curves = self.curves
+        plots = "".join(
+            svg_curve(curves["tokens"], curves[c], c) for c in CURVES if len(curves) and c in curves
+        )
+        return f"<b>{html.escape(repr(self))}</b><div style='display:flex;gap:12px'>{plots}</div>"
+
+
+def array_batches(data: np.ndarray, batch_size: int, seed: int) -> Any:
+    """``batches(start)`` over an in-memory [rows, d] array: each epoch a fresh permutation of the rows,
+    a function of (seed, epoch) alone, so a resumed run reads the same batches."""
+    import numpy as np
+
+    rows = len(data)
+    per_epoch = max(1, rows // batch_size)
+
+    def batches(start: int) -> Iterator[np.ndarray]:
+        step = start
+        while True:
+            epoch, i = divmod(step, per_epoch)
+            order = np.random.default_rng([seed, epoch]).permutation(rows)
+            yield np.ascontiguousarray(data[order[i * batch_size : (i + 1) * batch_size]], dtype=np.float32)
+            step += 1
+
+    return batches
+
+
+def fit(
+    data: Any,
+    sae: Any,
+    config: TrainConfig | None = None,
+    *,
+    run_dir: PathLike | None = None,
+    progress: bool = True,
+    **options: Any,
+) -> Fitted:
+    """Train an SAE on in-memory data, without a workspace (as sparsify's ``Trainer(cfg, data).fit()``).
+
+    ``data``: a float [rows, d] array (shuffled into batches per epoch), or a function ``batches(start)``
+    returning an iterator of [batch_size, d] arrays from batch ``start`` on (deterministic, so a run
+    resumes). ``sae``: an architecture config; ``config``: a ``TrainConfig``; ``options``: TrainConfig
+    fields overriding it. With ``run_dir``, checkpoints go there and the same call resumes.
+    """
+    import numpy as np
+
+    from sae.trainer import train as train_sae
+
+    with _checked():
+        tc = _with_overrides(config or TrainConfig(), TrainConfig, options)
+        if callable(data):
+            batches = data
+        else:
+            data = np.asarray(data)
+            if data.ndim != 2 or not np.issubdtype(data.dtype, np.floating):
+                raise ValueError(
+                    f"fit's data must be a float array [rows, d] or a batches(start) function, got "
+                    f"{data.dtype} {data.shape}; pass activations as rows, e.g. x.reshape(-1, d)"
+                )
+            if len(data) < tc.batch_size:
+                raise ValueError(
+                    f"fit's data has {len(data)} rows, fewer than batch_size {tc.batch_size}; "
+                    "pass more rows or a smaller batch_size"
+                )
+            batches = array_batches(data, tc.batch_size, tc.seed)
+        return Fitted(train_sae(sae, tc, batches, run_dir=run_dir, progress=progress))
 
 
 @dataclasses.dataclass(repr=False)

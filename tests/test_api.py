@@ -11,6 +11,7 @@ import pytest
 from conftest import TINY_LM_HOOK as HOOK
 
 import saewb
+from saewb.api import array_batches
 from saewb.cli import main
 
 RUN = "lm"
@@ -172,3 +173,40 @@ def test_explain_through_the_api(explained_ws: Path, smollm2_chat: object, tmp_p
     assert out.result["selected"] == 2 and out.result["skipped_done"] == 2 and out.result["prompts_sent"] == 0
     assert len(out.texts) == 2 and all(out.texts.values())
     assert {"detection", "fuzzing", "embedding"} == set(out.summary.scorer) and "llm - baseline" in repr(out)
+
+
+def test_fit_on_an_in_memory_array_resumes_and_refuses_bad_data(tmp_path: Path) -> None:
+    """`saewb.fit`: no workspace; an array is shuffled into batches per epoch; the same call with
+    ``run_dir`` resumes from its checkpoint to the same parameters as an uninterrupted run."""
+    rng = np.random.default_rng(0)
+    atoms = rng.standard_normal((48, 32)).astype(np.float32)
+    x = ((rng.random((2048, 48)) < 0.06) * rng.random((2048, 48))) @ atoms
+    sae_cfg = saewb.TopKConfig(n_latents=64, k=4)
+    opts = {"batch_size": 128, "seed": 0, "log_every": 4, "init_sample_tokens": 512, "progress": False}
+
+    full = saewb.fit(x, sae_cfg, train_tokens=128 * 24, **opts)
+    assert {"tokens", "fvu"} <= set(full.curves.columns) and "<svg" in full._repr_html_()
+    assert full.curves.fvu.iloc[-1] < full.curves.fvu.iloc[0] and np.isfinite(full.metrics["fvu"])
+    assert full.sae.encode(x[:5]).shape == (5, 64)
+
+    run_dir = tmp_path / "run"
+    shuffled = array_batches(x, 128, 0)  # what fit makes of the array
+
+    def dies_after_14(start: int):
+        for i, batch in enumerate(shuffled(start)):
+            if start + i == 14:
+                raise RuntimeError("interrupted")
+            yield batch
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        saewb.fit(dies_after_14, sae_cfg, train_tokens=128 * 24, ckpt_every=12, run_dir=run_dir, **opts)
+    resumed = saewb.fit(x, sae_cfg, train_tokens=128 * 24, ckpt_every=12, run_dir=run_dir, **opts)
+    assert resumed.result.history[0]["step"] > 12  # it resumed from the step-12 checkpoint
+    np.testing.assert_allclose(np.asarray(resumed.params.W_dec), np.asarray(full.params.W_dec), atol=1e-6)
+
+    with pytest.raises(saewb.UsageError, match=r"must be a float array \[rows, d\]"):
+        saewb.fit(np.arange(10), sae_cfg, **opts)
+    with pytest.raises(saewb.UsageError, match="fewer than batch_size 128"):
+        saewb.fit(x[:100], sae_cfg, **opts)
+    with pytest.raises(saewb.UsageError, match="unknown TrainConfig option"):
+        saewb.fit(x, sae_cfg, n_latnets=3)
