@@ -13,23 +13,66 @@ naming the tokens, never silently dropped.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import duckdb
 import numpy as np
 
-from activations.store import HarvestPart, NonFiniteActivationsError, nonfinite_rows, quote_ident
+from activations.store import (
+    _RAW_DTYPE,
+    FILES_LAYOUT,
+    HarvestPart,
+    NonFiniteActivationsError,
+    ShardFiles,
+    decode,
+    harvest_info,
+    nonfinite_rows,
+    quote_ident,
+    row_bytes,
+    shard_files,
+)
 from saewb.workspace import Workspace
 
 ActsRef = tuple[str, str, list[Any]]
 """(FROM-clause text, the x column expression, its parameters) of a hook's activations."""
 
 
+def read_files(shards: ShardFiles, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+    """(tok_idx, x[rows, d] float32) of the rows lo <= tok_idx < hi of a hook's shard files: one
+    positioned read per file touched, straight into one array, then widened to float32."""
+    first = int(np.searchsorted(shards.stops, lo, side="right"))
+    last = int(np.searchsorted(shards.starts, hi, side="left"))
+    spans = [
+        (shards.files[i], max(lo, int(shards.starts[i])), min(hi, int(shards.stops[i])), int(shards.starts[i]))
+        for i in range(first, last)
+    ]
+    n = sum(b - a for _, a, b, _ in spans)
+    raw = np.empty((n, shards.d), dtype=_RAW_DTYPE[shards.dtype])
+    width = row_bytes(shards.d, shards.dtype)
+    view = memoryview(raw).cast("B")
+    at = 0
+    for file, a, b, start in spans:
+        fd = os.open(shards.folder / file, os.O_RDONLY)
+        try:
+            want = (b - a) * width
+            got = os.preadv(fd, [view[at : at + want]], (a - start) * width)
+        finally:
+            os.close(fd)
+        if got != want:
+            raise OSError(f"shard file {shards.folder / file} is shorter than its catalogue row says")
+        at += want
+    rows = np.concatenate([np.arange(a, b, dtype=np.int64) for _, a, b, _ in spans]) if spans else np.empty(0, np.int64)
+    return rows, decode(raw, shards.dtype)
+
+
 def read_range(
-    con: duckdb.DuckDBPyConnection, acts: ActsRef, lo: int, hi: int
+    con: duckdb.DuckDBPyConnection, acts: ActsRef | ShardFiles, lo: int, hi: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """(tok_idx, x[rows, d] float32) of every stored row with lo <= tok_idx < hi, in tok_idx order."""
+    if isinstance(acts, ShardFiles):
+        return read_files(acts, lo, hi)
     source, x_expr, params = acts
     result = con.sql(
         f"SELECT tok_idx, {x_expr} FROM {source} WHERE tok_idx >= ? AND tok_idx < ?", params=[*params, lo, hi]
@@ -45,12 +88,26 @@ def read_range(
 def read_activations(
     ws: Workspace, table: str, start: int, stop: int, con: duckdb.DuckDBPyConnection | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(tok_idx, x[rows, d]) of every stored row of an activation table, start <= tok_idx < stop."""
+    """(tok_idx, x[rows, d] float32) of every stored row of a hook, start <= tok_idx < stop; `table`
+    is the hook's `HarvestInfo.tables` entry (shard folder or DuckDB table)."""
+    files = _table_files(ws, table)
+    if files is not None:
+        return read_files(files, start, stop)
     acts: ActsRef = (quote_ident(table), "x", [])
     if con is not None:
         return read_range(con, acts, start, stop)
     with ws.read() as own:
         return read_range(own, acts, start, stop)
+
+
+def _table_files(ws: Workspace, table: str) -> ShardFiles | None:
+    """The shard files behind a `HarvestInfo.tables` entry, or None for a DuckDB table."""
+    with ws.read() as con:
+        row = con.execute("SELECT harvest, hook FROM harvest_hooks WHERE table_name = ?", [table]).fetchone()
+    if row is None:
+        return None
+    info = harvest_info(ws, row[0])
+    return shard_files(ws, info, row[1]) if info.layout == FILES_LAYOUT else None
 
 
 class HookReader:
