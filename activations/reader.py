@@ -23,6 +23,7 @@ import numpy as np
 from activations.store import (
     _RAW_DTYPE,
     FILES_LAYOUT,
+    HarvestError,
     HarvestPart,
     NonFiniteActivationsError,
     ShardFiles,
@@ -54,7 +55,13 @@ def read_files(shards: ShardFiles, lo: int, hi: int) -> tuple[np.ndarray, np.nda
     view = memoryview(raw).cast("B")
     at = 0
     for file, a, b, start in spans:
-        fd = os.open(shards.folder / file, os.O_RDONLY)
+        try:
+            fd = os.open(shards.folder / file, os.O_RDONLY)
+        except FileNotFoundError as err:
+            raise HarvestError(
+                f"activation shard {shards.folder / file} is missing; a workspace's activations live in the "
+                f"folder beside it ({shards.folder.name}): copy or move it together with the .duckdb file"
+            ) from err
         try:
             want = (b - a) * width
             got = os.preadv(fd, [view[at : at + want]], (a - start) * width)
@@ -137,6 +144,8 @@ class HookReader:
         skipped, s_params = self._skipped_clause() if leave_out_skipped else ("", [])
         self.where += skipped
         self.params += s_params
+        self.acts = part.acts_ref(hook)
+        """Where the rows are (a shard list is read here, outside any read connection)."""
 
     def _skipped_clause(self) -> tuple[str, list[Any]]:
         part = self.part
@@ -196,7 +205,7 @@ class HookReader:
         keep = np.zeros(hi - lo, dtype=bool)
         keep[kept.column("tok_idx").to_numpy() - lo] = True
         del kept
-        rows, values = read_range(con, self.part.acts_ref(self.hook), lo, hi)
+        rows, values = read_range(con, self.acts, lo, hi)
         mask = keep[rows - lo]
         bad = nonfinite_rows(values)
         bad = bad[mask[bad]]  # kept rows only (skipped and special tokens may be anything)

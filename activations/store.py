@@ -243,6 +243,15 @@ def acts_dir(ws: Workspace) -> Path:
     return ws.path.with_suffix(".acts")
 
 
+def shard_folder(ws: Workspace, info: HarvestInfo) -> Path:
+    """Where a harvest's shard files are read from: the folder beside the workspace (moved or copied
+    with it), else the one it was harvested into (the workspace file was copied alone: the copy
+    reads the original's files, which are never modified)."""
+    beside = acts_dir(ws)
+    recorded = Path(info.config.get("acts_dir", beside))
+    return beside if beside.is_dir() or not recorded.is_dir() else recorded
+
+
 def write_shard(ws: Workspace, table: str, start: int, raw: np.ndarray) -> str:
     """Write one shard file durably (temporary name, fsync, rename, fsync of the folder); returns its
     name relative to `acts_dir`. A file whose commit never happened is an orphan that no reader looks
@@ -406,6 +415,7 @@ def register_harvest(
                 identity["dtype"] = DEFAULT_STORE_DTYPE
             check_store_dtype(identity["dtype"])
             config["layout"] = FILES_LAYOUT
+            config["acts_dir"] = str(acts_dir(ws).resolve())
             con.execute(
                 "INSERT INTO harvests (name, config, model, ctx_len, status) VALUES (?, ?, ?, ?, 'running')",
                 [name, json.dumps(config), model, ctx_len],
@@ -416,6 +426,11 @@ def register_harvest(
                     [name, hook, int(d), activation_table(name, hook)],
                 )
     info = harvest_info(ws, name)
+    if info.layout == FILES_LAYOUT and info.n_tokens and shard_folder(ws, info) != acts_dir(ws):
+        raise HarvestError(
+            f"harvest {name!r} of {ws.path} keeps its activations in {shard_folder(ws, info)} (the workspace file "
+            f"was copied without them); copy that folder to {acts_dir(ws)} to resume it here"
+        )
     remove_orphan_shards(ws, info)
     return info
 
@@ -623,7 +638,7 @@ def shard_files(ws: Workspace, info: HarvestInfo, hook: str, con: duckdb.DuckDBP
     else:
         rows = con.execute(query, [info.name, hook]).fetchall()
     return ShardFiles(
-        folder=acts_dir(ws),
+        folder=shard_folder(ws, info),
         starts=np.array([r[0] for r in rows], dtype=np.int64),
         stops=np.array([r[1] for r in rows], dtype=np.int64),
         files=[r[2] for r in rows],
