@@ -40,9 +40,12 @@ ActsRef = tuple[str, str, list[Any]]
 """(FROM-clause text, the x column expression, its parameters) of a hook's activations."""
 
 
-def read_files(shards: ShardFiles, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
-    """(tok_idx, x[rows, d] float32) of the rows lo <= tok_idx < hi of a hook's shard files: one
-    positioned read per file touched, straight into one array, then widened to float32."""
+def read_files(
+    shards: ShardFiles, lo: int, hi: int, keep: np.ndarray | None = None, out: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(tok_idx, x[rows, d] float32) of the rows lo <= tok_idx < hi of a hook's shard files (only
+    those with `keep[tok_idx - lo]` when given): one positioned read per file touched into one array
+    in the store dtype, then widened to float32 in one pass (into `out` when given)."""
     first = int(np.searchsorted(shards.stops, lo, side="right"))
     last = int(np.searchsorted(shards.starts, hi, side="left"))
     spans = [
@@ -70,16 +73,31 @@ def read_files(shards: ShardFiles, lo: int, hi: int) -> tuple[np.ndarray, np.nda
         if got != want:
             raise OSError(f"shard file {shards.folder / file} is shorter than its catalogue row says")
         at += want
-    rows = np.concatenate([np.arange(a, b, dtype=np.int64) for _, a, b, _ in spans]) if spans else np.empty(0, np.int64)
-    return rows, decode(raw, shards.dtype)
+    rows = (
+        np.concatenate([np.arange(a, b, dtype=np.int64) for _, a, b, _ in spans])
+        if spans
+        else np.empty(0, np.int64)
+    )
+    if keep is not None:
+        mask = keep[rows - lo]
+        if not mask.all():
+            rows, raw = rows[mask], raw[mask]  # in the store dtype: half the bytes to move for float16
+    x = np.empty((len(rows), shards.d), dtype=np.float32) if out is None else out[: len(rows)]
+    return rows, decode(raw, shards.dtype, out=x)
 
 
 def read_range(
-    con: duckdb.DuckDBPyConnection, acts: ActsRef | ShardFiles, lo: int, hi: int
+    con: duckdb.DuckDBPyConnection,
+    acts: ActsRef | ShardFiles,
+    lo: int,
+    hi: int,
+    keep: np.ndarray | None = None,
+    out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(tok_idx, x[rows, d] float32) of every stored row with lo <= tok_idx < hi, in tok_idx order."""
+    """(tok_idx, x[rows, d] float32) of every stored row with lo <= tok_idx < hi (and
+    `keep[tok_idx - lo]` when given), in tok_idx order; written into `out` when given."""
     if isinstance(acts, ShardFiles):
-        return read_files(acts, lo, hi)
+        return read_files(acts, lo, hi, keep, out)
     source, x_expr, params = acts
     result = con.sql(
         f"SELECT tok_idx, {x_expr} FROM {source} WHERE tok_idx >= ? AND tok_idx < ?", params=[*params, lo, hi]
@@ -89,7 +107,13 @@ def read_range(
     values = col.values.to_numpy(zero_copy_only=False).reshape(-1, col.type.list_size)
     del result, col
     order = np.argsort(rows, kind="stable")  # scans are not ordered; sorting a chunk's ints is cheap
-    return rows[order], values[order].astype(np.float32, copy=False)
+    if keep is not None:
+        order = order[keep[rows[order] - lo]]
+    rows, values = rows[order], values[order].astype(np.float32, copy=False)
+    if out is not None:
+        out[: len(rows)] = values
+        values = out[: len(rows)]
+    return rows, values
 
 
 def read_activations(
@@ -195,8 +219,11 @@ class HookReader:
             ).fetchone()
         return int(found[0]) if found else 0
 
-    def read(self, con: duckdb.DuckDBPyConnection, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
-        """(tok_idx, x) of the kept rows with lo <= tok_idx < hi, in tok_idx order; NaN/inf refused."""
+    def read(
+        self, con: duckdb.DuckDBPyConnection, lo: int, hi: int, out: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(tok_idx, x) of the kept rows with lo <= tok_idx < hi, in tok_idx order (x written into
+        `out` when given); NaN/inf refused."""
         tokens, t_params = self.part.tokens_ref()
         kept = con.sql(
             f"SELECT t.tok_idx FROM {tokens} t WHERE {self.where} AND t.tok_idx >= ? AND t.tok_idx < ?",
@@ -205,10 +232,8 @@ class HookReader:
         keep = np.zeros(hi - lo, dtype=bool)
         keep[kept.column("tok_idx").to_numpy() - lo] = True
         del kept
-        rows, values = read_range(con, self.acts, lo, hi)
-        mask = keep[rows - lo]
-        bad = nonfinite_rows(values)
-        bad = bad[mask[bad]]  # kept rows only (skipped and special tokens may be anything)
+        rows, values = read_range(con, self.acts, lo, hi, keep, out)
+        bad = nonfinite_rows(values)  # kept rows only (skipped and special tokens may be anything)
         if len(bad):
             raise NonFiniteActivationsError(
                 f"hook {self.hook!r} of {self.part.location} holds {len(bad)} NaN/inf activation rows in tokens "
@@ -216,7 +241,7 @@ class HookReader:
                 f"{', ...' if len(bad) > 5 else ''}); {self.consequence}. `saewb harvest` checks every batch, so "
                 "these came from elsewhere: harvest again (with --nonfinite skip to leave such rows out)"
             )
-        return rows[mask], values[mask]
+        return rows, values
 
 
 def ordered_batches(

@@ -122,8 +122,10 @@ class NonFiniteActivationsError(HarvestError):
 
 
 def nonfinite_rows(x: np.ndarray) -> np.ndarray:
-    """Indices of the rows of a [rows, d] matrix holding a NaN or an infinity."""
-    return np.flatnonzero(~np.isfinite(x).all(axis=1))
+    """Indices of the rows of a [rows, d] matrix holding a NaN or an infinity. A row sum is NaN or
+    infinite whenever the row holds one (or overflows): one cheap pass, then an exact look at those."""
+    suspect = np.flatnonzero(~np.isfinite(x.sum(axis=1)))
+    return suspect[~np.isfinite(x[suspect]).all(axis=1)]
 
 
 def nonfinite_counts(ws: Workspace, harvest: str) -> dict[str, int]:

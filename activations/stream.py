@@ -160,12 +160,11 @@ class ActivationStream:
             with reader.part.read(memory_limit=READ_MEMORY_LIMIT) as con:
                 for chunk in mine.tolist():
                     lo = (chunk - base) * self.chunk_tokens
-                    rows, values = reader.read(con, lo, min(lo + self.chunk_tokens, n_part))
+                    rows, _ = reader.read(con, lo, min(lo + self.chunk_tokens, n_part), out=x[at:])
                     n = len(rows)
                     idx[at : at + n] = rows + offset
-                    x[at : at + n] = values
                     at += n
-                    del rows, values
+                    del rows
         if at != total:
             raise RuntimeError(f"workspace changed under the stream: expected {total} rows, read {at}")
         return idx, x
