@@ -269,6 +269,24 @@ def _pad(batch: list[Window], pad_id: int) -> tuple[np.ndarray, np.ndarray, np.n
     return ids, mask, lengths
 
 
+def forward_windows(model: Any, plan: HookPlan, pad_id: int, batch: list[Window]) -> dict[str, np.ndarray]:
+    """One forward pass over a batch of windows: hook -> [tokens, d] float32, padding removed, the
+    windows' tokens one after the other. The harvest and on-the-fly training (activations/live.py)
+    both compute activations here."""
+    import torch
+
+    ids, mask, _ = _pad(batch, pad_id)
+    with torch.inference_mode():
+        _, cache = model.run_with_cache(
+            torch.from_numpy(ids),
+            attention_mask=torch.from_numpy(mask),
+            names_filter=list(plan.hooks),
+            stop_at_layer=plan.stop_at_layer,
+        )
+    keep = torch.from_numpy(mask.astype(bool))
+    return {hook: cache[hook][keep].float().numpy() for hook in plan.hooks}
+
+
 def window_batches(windows: Iterator[Window], size: int) -> Iterator[list[Window]]:
     while batch := [w for _, w in zip(range(size), windows, strict=False)]:
         yield batch
@@ -313,18 +331,7 @@ class Harvester:
 
     def forward(self, batch: list[Window]) -> dict[str, np.ndarray]:
         """Activations of one batch at every hook, padding removed: hook -> [tokens, d]."""
-        import torch
-
-        ids, mask, _ = _pad(batch, self.splitter.pad_id)
-        with torch.inference_mode():
-            _, cache = self.model.run_with_cache(
-                torch.from_numpy(ids),
-                attention_mask=torch.from_numpy(mask),
-                names_filter=list(self.plan.hooks),
-                stop_at_layer=self.plan.stop_at_layer,
-            )
-        keep = torch.from_numpy(mask.astype(bool))
-        return {hook: cache[hook][keep].float().numpy() for hook in self.plan.hooks}
+        return forward_windows(self.model, self.plan, self.splitter.pad_id, batch)
 
     def run(self, progress: bool = True) -> HarvestStats:
         cfg, info = self.cfg, self.info

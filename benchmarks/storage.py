@@ -273,6 +273,10 @@ def main() -> None:
         for rows in args.rows:
             if dtype == "float32" and rows > args.max_float32_rows:
                 continue
+            need = rows * (row_bytes(args.d, dtype) + 40) + (4 << 30)  # activations, tokens, 4 GB to spare
+            if shutil.disk_usage(folder).free < need:
+                print(f"skipped {dtype} x {rows:,} rows: not enough free disk", flush=True)
+                continue
             results.append(measure(folder, rows, args.d, dtype, "files", not args.no_stream))
             print(json.dumps(results[-1]), flush=True)
     how = "page cache dropped" if disk["cache_dropped"] else "O_DIRECT"

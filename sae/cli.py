@@ -21,6 +21,8 @@ import typing
 from pathlib import Path
 from typing import Any
 
+LIVE_KEYS = ("from_model", "corpus", "ctx_len", "model_batch_size", "shuffle_tokens", "device")
+"""Keys of on-the-fly training (`--from-model`): where the activations come from instead of a harvest."""
 RUN_KEYS = (
     "workspace",
     "hook",
@@ -32,6 +34,7 @@ RUN_KEYS = (
     "progress",
     "wandb",
     "wandb_project",
+    *LIVE_KEYS,
 )
 """Keys that are about the run, not the SAE or the optimiser."""
 DISTRIBUTED_KEYS = ("coordinator", "num_processes", "process_id")
@@ -145,6 +148,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "the first must be a workspace file and holds the run",
     )
     p.add_argument("--hook", help="hook to train on (must be in the harvest)")
+    p.add_argument(
+        "--from-model",
+        dest="from_model",
+        metavar="MODEL",
+        help="train on activations computed by MODEL while training, with no harvest (the workspace holds only "
+        "the run): corpus windows as `saewb harvest` cuts them, the same shuffling buffer, resumable",
+    )
+    p.add_argument("--corpus", help="with --from-model: the corpus (as for `saewb harvest`; default stdlib-docs)")
+    p.add_argument("--ctx-len", dest="ctx_len", type=int, help="with --from-model: tokens per window (default 128)")
+    p.add_argument(
+        "--model-batch-size", dest="model_batch_size", type=int, help="with --from-model: windows per forward pass (default 32)"
+    )
+    p.add_argument(
+        "--shuffle-tokens",
+        dest="shuffle_tokens",
+        type=int,
+        help="with --from-model: tokens per shuffling buffer (default 131072, the cached stream's buffer)",
+    )
+    p.add_argument("--device", help="with --from-model: torch device of the model (default cpu)")
     p.add_argument("--harvest", help="harvest name (default: the workspace's only harvest)")
     p.add_argument("--arch", help="architecture: " + ", ".join(_arch_names()))
     p.add_argument("--name", help="run name; the same name + config resumes")
@@ -213,6 +235,8 @@ class TrainPlan:
     wandb: bool = False
     """Mirror the metric rows to Weights & Biases (sae/wandb_log.py)."""
     wandb_project: str | None = None
+    live: dict[str, Any] | None = None
+    """On-the-fly training (`--from-model`): model, corpus, ctx_len, model_batch_size, device."""
 
     def data(self) -> Any:
         """What `ActivationStream` reads: the workspace, or the list of sources."""
@@ -227,7 +251,45 @@ class TrainPlan:
             "hook": self.hook,
             "harvest": self.harvest,
         }
+        if self.live is not None:  # what decides its data, like a harvest's identity (not the device)
+            out["from_model"] = {k: v for k, v in self.live.items() if k != "device"}
         return {**out, "sources": list(self.sources)} if self.sources else out
+
+    def streams(self, seed: int, split: str = "train", batch_size: int | None = None) -> Any:
+        """The run's batches: the cached stream of its harvest, or the model on the fly."""
+        size = batch_size or self.train_config.batch_size
+        if self.live is None:
+            from activations.stream import ActivationStream
+
+            return ActivationStream(self.data(), self.hook, harvest=self.harvest, batch_size=size, seed=seed, split=split)
+        from activations.live import LiveStream
+
+        return LiveStream(
+            live_source(self),
+            self.hook,
+            batch_size=size,
+            seed=seed,
+            split=split,
+            buffer_tokens=self.live["shuffle_tokens"],
+        )
+
+
+_LIVE_SOURCES: dict[str, Any] = {}
+"""One model per on-the-fly config in a process: the training and the held-out streams share it."""
+
+
+def live_source(plan: TrainPlan) -> Any:
+    from activations.live import LiveSource, live_config
+
+    live = plan.live or {}
+    key = json.dumps(live, sort_keys=True)
+    if key not in _LIVE_SOURCES:
+        cfg = live_config(
+            live["model"], live["corpus"], [plan.hook], live["ctx_len"], batch_size=live["model_batch_size"], device=live["device"]
+        )
+        _LIVE_SOURCES.clear()
+        _LIVE_SOURCES[key] = LiveSource(cfg)
+    return _LIVE_SOURCES[key]
 
 
 def plan_from_values(values: dict[str, Any]) -> TrainPlan:
@@ -255,6 +317,11 @@ def plan_from_values(values: dict[str, Any]) -> TrainPlan:
     sae_cfg = make_config(arch.Config, {k: values[k] for k in arch_fields if k in values})
     tc = TrainConfig(**{k: values[k] for k in train_fields if k in values})
     tc.validate()
+    if values.get("from_model"):
+        return _live_plan(values, sae_cfg, tc)
+    stray = sorted(k for k in LIVE_KEYS if k in values)
+    if stray:
+        raise ValueError(f"option(s) {stray} only apply with --from-model MODEL (training on the fly)")
     from activations.store import open_parts
     from sae.orchestrate import open_sources
 
@@ -298,6 +365,55 @@ def plan_from_values(values: dict[str, Any]) -> TrainPlan:
     )
 
 
+def _live_plan(values: dict[str, Any], sae_cfg: Any, tc: Any) -> TrainPlan:
+    """A plan for `--from-model`: the model is loaded to check the hook and learn its width."""
+    from activations.harvest import HarvestConfig
+    from activations.live import BUFFER_TOKENS
+    from activations.store import check_name
+    from sae.base import validate_config
+    from saewb.workspace import Workspace
+
+    if len(as_list(values["workspace"])) > 1:
+        raise ValueError("--from-model trains without a harvest: give one --workspace (it holds the run)")
+    default = HarvestConfig()
+    live = {
+        "model": str(values["from_model"]),
+        "corpus": str(values.get("corpus", default.corpus)),
+        "ctx_len": int(values.get("ctx_len", default.ctx_len)),
+        "model_batch_size": int(values.get("model_batch_size", default.batch_size)),
+        "shuffle_tokens": int(values.get("shuffle_tokens", BUFFER_TOKENS)),
+        "device": str(values.get("device", default.device)),
+    }
+    if live["ctx_len"] < 2 or live["model_batch_size"] < 1 or live["shuffle_tokens"] < 1:
+        raise ValueError("--ctx-len must be at least 2, --model-batch-size and --shuffle-tokens positive")
+    check_name(str(values["name"]), "run name")
+    plan = TrainPlan(
+        workspace=Workspace(as_list(values["workspace"])[0]).path,
+        hook=str(values["hook"]),
+        harvest="",
+        name=str(values["name"]),
+        d=0,
+        sae_config=sae_cfg,
+        train_config=tc,
+        eval_tokens=int(values.get("eval_tokens", 200_000)),
+        progress=bool(values.get("progress", True)),
+        wandb=bool(values.get("wandb", False)),
+        wandb_project=values.get("wandb_project"),
+        live=live,
+    )
+    source = live_source(plan)
+    hook = source.hook(plan.hook)
+    d = int(source.widths[hook])
+    if "d_in" in values and int(values["d_in"]) != d:
+        raise ValueError(f"d_in={values['d_in']} but hook {hook!r} of model {live['model']!r} has width {d}")
+    validate_config(sae_cfg, d)
+    return dataclasses.replace(plan, hook=hook, d=d)
+
+
+def as_list(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, list | tuple) else [value]
+
+
 def _check_existing(plan: TrainPlan) -> int:
     """Refuse a different config under an existing name; return the step a resume starts from."""
     from sae import checkpoint as ckpt
@@ -319,7 +435,6 @@ def run_plan(plan: TrainPlan) -> dict[str, Any]:
     """Train (or resume) the planned run, log to the workspace, evaluate on the held-out split."""
     import jax
 
-    from activations.stream import ActivationStream
     from sae.lifecycle import heldout_metrics
     from sae.orchestrate import RunSpec, fit_function, train_runs
     from saewb.workspace import Workspace
@@ -330,9 +445,7 @@ def run_plan(plan: TrainPlan) -> dict[str, Any]:
     record = plan.record()
     spec = RunSpec(plan.name, plan.hook, plan.sae_config.arch, record, ws.runs_dir / plan.name)
     tc = plan.train_config
-    stream = ActivationStream(
-        plan.data(), plan.hook, harvest=plan.harvest, batch_size=tc.batch_size, seed=tc.seed
-    )
+    stream = plan.streams(tc.seed)
     extra: dict[str, Any] = {}
     if jax.process_count() > 1:  # each process reads only its rows of every global batch
         extra["local_batches"] = lambda start, rows: stream.batches(start=start, rows=rows)
@@ -358,22 +471,15 @@ def run_plan(plan: TrainPlan) -> dict[str, Any]:
         return {plan.name: result}
 
     def heldout(spec: RunSpec) -> Any:
-        def eval_stream() -> ActivationStream:
-            return ActivationStream(
-                plan.data(),
-                plan.hook,
-                harvest=plan.harvest,
-                batch_size=min(tc.batch_size, 4096),
-                seed=tc.seed,
-                split="eval",
-            )
+        def eval_stream() -> Any:
+            return plan.streams(tc.seed, "eval", min(tc.batch_size, 4096))
 
         return lambda: heldout_metrics(spec.run_dir, eval_stream, plan.eval_tokens)
 
     try:
         final = train_runs(
             ws,
-            plan.harvest,
+            plan.harvest or None,
             [spec],
             resume_step,
             train,
