@@ -16,6 +16,7 @@ so the streams of several hooks (a sweep) advancing together share one forward p
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
@@ -155,8 +156,57 @@ class LiveStream:
         return batched(self._rows(0, one_epoch=True), self.batch_size, with_index, keep_last=True)  # type: ignore[return-value]
 
 
-def live_config(model: str, corpus: str, hooks: list[str], ctx_len: int, **settings: Any) -> HarvestConfig:
-    """The harvest settings that decide the windows of on-the-fly training (nothing is stored)."""
-    return replace(
-        HarvestConfig(), model=model, corpus=corpus, hooks=tuple(hooks), ctx_len=ctx_len, **settings
+LIVE_SETTINGS = ("model", "corpus", "ctx_len", "model_batch_size", "shuffle_tokens", "device")
+"""What on-the-fly training is configured by (`saewb train --from-model`, a sweep's `from_model:`)."""
+
+
+def live_settings(values: dict[str, Any]) -> dict[str, Any]:
+    """The settings of on-the-fly training with their defaults (a harvest's), checked."""
+    unknown = sorted(set(values) - set(LIVE_SETTINGS))
+    if unknown:
+        raise ValueError(f"unknown from_model setting(s) {unknown}; valid ones are {list(LIVE_SETTINGS)}")
+    if not values.get("model"):
+        raise ValueError(
+            "on-the-fly training needs a model (--from-model MODEL, or `model:` under from_model:)"
+        )
+    default = HarvestConfig()
+    out = {
+        "model": str(values["model"]),
+        "corpus": str(values.get("corpus") or default.corpus),
+        "ctx_len": int(values.get("ctx_len") or default.ctx_len),
+        "model_batch_size": int(values.get("model_batch_size") or default.batch_size),
+        "shuffle_tokens": int(values.get("shuffle_tokens") or BUFFER_TOKENS),
+        "device": str(values.get("device") or default.device),
+    }
+    if out["ctx_len"] < 2 or out["model_batch_size"] < 1 or out["shuffle_tokens"] < 1:
+        raise ValueError("ctx_len must be at least 2, model_batch_size and shuffle_tokens positive")
+    return out
+
+
+_SOURCES: dict[str, LiveSource] = {}
+"""The last source opened: a run's training and held-out streams share its model."""
+
+
+def open_live(settings: dict[str, Any], hooks: list[str]) -> LiveSource:
+    """The model of these settings, ready to compute these hooks (kept for the next call)."""
+    key = json.dumps(settings, sort_keys=True)
+    held = _SOURCES.get(key)
+    if held is not None and all(h in held.plan.hooks or h in held.cfg.hooks for h in hooks):
+        return held  # a source computing more hooks serves these too
+    _SOURCES.clear()
+    cfg = replace(
+        HarvestConfig(),
+        model=settings["model"],
+        corpus=settings["corpus"],
+        hooks=tuple(hooks),
+        ctx_len=settings["ctx_len"],
+        batch_size=settings["model_batch_size"],
+        device=settings["device"],
     )
+    _SOURCES[key] = LiveSource(cfg)
+    return _SOURCES[key]
+
+
+def live_record(settings: dict[str, Any]) -> dict[str, Any]:
+    """What a run records of its on-the-fly data: everything that decides the batches (not the device)."""
+    return {k: v for k, v in settings.items() if k != "device"}

@@ -251,8 +251,10 @@ class TrainPlan:
             "hook": self.hook,
             "harvest": self.harvest,
         }
-        if self.live is not None:  # what decides its data, like a harvest's identity (not the device)
-            out["from_model"] = {k: v for k, v in self.live.items() if k != "device"}
+        if self.live is not None:  # what decides its data, like a harvest's identity
+            from activations.live import live_record
+
+            out["from_model"] = live_record(self.live)
         return {**out, "sources": list(self.sources)} if self.sources else out
 
     def streams(self, seed: int, split: str = "train", batch_size: int | None = None) -> Any:
@@ -274,22 +276,10 @@ class TrainPlan:
         )
 
 
-_LIVE_SOURCES: dict[str, Any] = {}
-"""One model per on-the-fly config in a process: the training and the held-out streams share it."""
-
-
 def live_source(plan: TrainPlan) -> Any:
-    from activations.live import LiveSource, live_config
+    from activations.live import open_live
 
-    live = plan.live or {}
-    key = json.dumps(live, sort_keys=True)
-    if key not in _LIVE_SOURCES:
-        cfg = live_config(
-            live["model"], live["corpus"], [plan.hook], live["ctx_len"], batch_size=live["model_batch_size"], device=live["device"]
-        )
-        _LIVE_SOURCES.clear()
-        _LIVE_SOURCES[key] = LiveSource(cfg)
-    return _LIVE_SOURCES[key]
+    return open_live(plan.live or {}, [plan.hook])
 
 
 def plan_from_values(values: dict[str, Any]) -> TrainPlan:
@@ -367,25 +357,14 @@ def plan_from_values(values: dict[str, Any]) -> TrainPlan:
 
 def _live_plan(values: dict[str, Any], sae_cfg: Any, tc: Any) -> TrainPlan:
     """A plan for `--from-model`: the model is loaded to check the hook and learn its width."""
-    from activations.harvest import HarvestConfig
-    from activations.live import BUFFER_TOKENS
+    from activations.live import live_settings
     from activations.store import check_name
     from sae.base import validate_config
     from saewb.workspace import Workspace
 
     if len(as_list(values["workspace"])) > 1:
         raise ValueError("--from-model trains without a harvest: give one --workspace (it holds the run)")
-    default = HarvestConfig()
-    live = {
-        "model": str(values["from_model"]),
-        "corpus": str(values.get("corpus", default.corpus)),
-        "ctx_len": int(values.get("ctx_len", default.ctx_len)),
-        "model_batch_size": int(values.get("model_batch_size", default.batch_size)),
-        "shuffle_tokens": int(values.get("shuffle_tokens", BUFFER_TOKENS)),
-        "device": str(values.get("device", default.device)),
-    }
-    if live["ctx_len"] < 2 or live["model_batch_size"] < 1 or live["shuffle_tokens"] < 1:
-        raise ValueError("--ctx-len must be at least 2, --model-batch-size and --shuffle-tokens positive")
+    live = live_settings({k: values.get(k) for k in LIVE_KEYS if k != "from_model"} | {"model": values["from_model"]})
     check_name(str(values["name"]), "run name")
     plan = TrainPlan(
         workspace=Workspace(as_list(values["workspace"])[0]).path,

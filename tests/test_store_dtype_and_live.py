@@ -142,7 +142,9 @@ def test_training_from_the_model_resumes_exactly_after_sigkill(tmp_path: Path) -
     resumed = run_plan(plan_from_values({**LIVE, "workspace": str(killed), "progress": False}))
     reference = run_plan(plan_from_values({**LIVE, "workspace": str(clean), "progress": False}))
     speed = "train_tokens_per_s"
-    assert {k: v for k, v in resumed.items() if k != speed} == {k: v for k, v in reference.items() if k != speed}
+    assert {k: v for k, v in resumed.items() if k != speed} == {
+        k: v for k, v in reference.items() if k != speed
+    }
     a, b = _params(killed), _params(clean)
     for key in b:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
