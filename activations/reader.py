@@ -201,20 +201,13 @@ class HookReader:
         once, a span of chunks per query, into a bitmap (1 bit per token: 6 MB for 50M tokens) that
         `read` then uses instead of a query per chunk."""
         n_tokens = self.part.info.n_tokens
-        tokens, params = self.part.tokens_ref()
         counts = np.zeros(-(-n_tokens // chunk_tokens), dtype=np.int64)
         bits = np.zeros(-(-n_tokens // 8), dtype=np.uint8)
         span = chunk_tokens * span_chunks
         with self.part.read() as con:
             for lo in range(0, n_tokens, span):
                 hi = min(lo + span, n_tokens)
-                kept = con.sql(
-                    f"SELECT t.tok_idx FROM {tokens} t WHERE {self.where} AND t.tok_idx >= ? AND t.tok_idx < ?",
-                    params=[*params, *self.params, lo, hi],
-                ).to_arrow_table()
-                mask = np.zeros(hi - lo, dtype=bool)
-                mask[kept.column("tok_idx").to_numpy() - lo] = True
-                del kept
+                mask = self._kept(con, lo, hi)
                 counts[lo // chunk_tokens : -(-hi // chunk_tokens)] = np.add.reduceat(
                     mask, np.arange(0, hi - lo, chunk_tokens), dtype=np.int64
                 )
@@ -222,6 +215,17 @@ class HookReader:
         if chunk_tokens % 8 == 0:  # chunk reads start on a byte of the bitmap
             self._kept_bits = bits
         return counts
+
+    def _kept(self, con: duckdb.DuckDBPyConnection, lo: int, hi: int) -> np.ndarray:
+        """Which tokens lo <= tok_idx < hi this reader keeps, as a mask over them."""
+        tokens, params = self.part.tokens_ref()
+        kept = con.sql(
+            f"SELECT t.tok_idx FROM {tokens} t WHERE {self.where} AND t.tok_idx >= ? AND t.tok_idx < ?",
+            params=[*params, *self.params, lo, hi],
+        ).to_arrow_table()
+        mask = np.zeros(hi - lo, dtype=bool)
+        mask[kept.column("tok_idx").to_numpy() - lo] = True
+        return mask
 
     def count(self, stop: int) -> int:
         """Kept tokens with tok_idx < stop."""
@@ -241,14 +245,7 @@ class HookReader:
         if self._kept_bits is not None and lo % 8 == 0:
             keep = np.unpackbits(self._kept_bits[lo // 8 : -(-hi // 8)], count=hi - lo).view(bool)
         else:
-            tokens, t_params = self.part.tokens_ref()
-            kept = con.sql(
-                f"SELECT t.tok_idx FROM {tokens} t WHERE {self.where} AND t.tok_idx >= ? AND t.tok_idx < ?",
-                params=[*t_params, *self.params, lo, hi],
-            ).to_arrow_table()
-            keep = np.zeros(hi - lo, dtype=bool)
-            keep[kept.column("tok_idx").to_numpy() - lo] = True
-            del kept
+            keep = self._kept(con, lo, hi)
         rows, values = read_range(con, self.acts, lo, hi, keep, out)
         bad = nonfinite_rows(values)  # kept rows only (skipped and special tokens may be anything)
         if len(bad):

@@ -339,10 +339,19 @@ def plan_from_values(values: dict[str, Any]) -> TrainPlan:
         from sae.wandb_log import require_wandb
 
         require_wandb()  # before any work: a clear error naming `pip install wandb`
+    return _plan(
+        values, ws.path, hook, info.name, d, sae_cfg, tc, sources=tuple(sources) if len(sources) > 1 else ()
+    )
+
+
+def _plan(
+    values: dict[str, Any], workspace: Path, hook: str, harvest: str, d: int, sae_cfg: Any, tc: Any, **data: Any
+) -> TrainPlan:
+    """The plan of checked options (`data`: the sources of a set, or the on-the-fly settings)."""
     return TrainPlan(
-        workspace=ws.path,
+        workspace=workspace,
         hook=hook,
-        harvest=info.name,
+        harvest=harvest,
         name=str(values["name"]),
         d=d,
         sae_config=sae_cfg,
@@ -351,7 +360,7 @@ def plan_from_values(values: dict[str, Any]) -> TrainPlan:
         progress=bool(values.get("progress", True)),
         wandb=bool(values.get("wandb", False)),
         wandb_project=values.get("wandb_project"),
-        sources=tuple(sources) if len(sources) > 1 else (),
+        **data,
     )
 
 
@@ -366,20 +375,8 @@ def _live_plan(values: dict[str, Any], sae_cfg: Any, tc: Any) -> TrainPlan:
         raise ValueError("--from-model trains without a harvest: give one --workspace (it holds the run)")
     live = live_settings({k: values.get(k) for k in LIVE_KEYS if k != "from_model"} | {"model": values["from_model"]})
     check_name(str(values["name"]), "run name")
-    plan = TrainPlan(
-        workspace=Workspace(as_list(values["workspace"])[0]).path,
-        hook=str(values["hook"]),
-        harvest="",
-        name=str(values["name"]),
-        d=0,
-        sae_config=sae_cfg,
-        train_config=tc,
-        eval_tokens=int(values.get("eval_tokens", 200_000)),
-        progress=bool(values.get("progress", True)),
-        wandb=bool(values.get("wandb", False)),
-        wandb_project=values.get("wandb_project"),
-        live=live,
-    )
+    ws = Workspace(as_list(values["workspace"])[0])
+    plan = _plan(values, ws.path, str(values["hook"]), "", 0, sae_cfg, tc, live=live)
     source = live_source(plan)
     hook = source.hook(plan.hook)
     d = int(source.widths[hook])
