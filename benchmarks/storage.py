@@ -152,6 +152,8 @@ def write_cache(ws_path: Path, rows: int, d: int, dtype: str, layout: str) -> di
             con.execute(f"CREATE TABLE {quote_ident(table)} (tok_idx BIGINT NOT NULL, x FLOAT[{d}])")
             con.execute("INSERT INTO harvest_hooks VALUES ('default', ?, ?, ?)", [HOOK, d, table])
         info = harvest_info(ws, "default")
+    import torch  # noqa: F401 - loaded before timing: a harvest has it loaded for its model (encode uses it)
+
     t0 = time.perf_counter()
     for start in range(0, rows, COMMIT):
         n = min(COMMIT, rows - start)
