@@ -13,7 +13,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="cache a model's hidden states over a corpus into a DuckDB workspace",
         description=(
             "Run a TransformerLens model over a corpus and store the activations at the chosen hooks, "
-            "with token ids, token strings and document positions, in a DuckDB workspace. "
+            "with token ids, token strings and document positions, in a workspace: the DuckDB file is the "
+            "catalogue, the activations go to shard files in <workspace>.acts/ beside it (float16 by default). "
             "Interrupted harvests resume where they stopped when the same command is run again."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

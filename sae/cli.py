@@ -138,7 +138,9 @@ def _all_fields() -> dict[str, dataclasses.Field]:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("train", help="train (or resume) an SAE on a harvested hook")
+    p = subparsers.add_parser(
+        "train", help="train (or resume) an SAE on a harvested hook, or on a model's activations on the fly"
+    )
     p.add_argument("--config", type=Path, help="YAML file; its keys are these flags' names")
     p.add_argument(
         "--workspace",
