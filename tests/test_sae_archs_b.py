@@ -289,10 +289,11 @@ def test_itda_cli_train_eval_and_labels(
     from activations.store import harvest_info
     from saewb.workspace import Workspace
 
+    from activations.reader import read_activations
+
     table = harvest_info(Workspace(ws)).tables[hook]
-    with Workspace(ws).read() as con:
-        row = con.execute(f'SELECT x FROM "{table}" WHERE tok_idx = ?', [int(toks["tok_idx"][0])]).fetchone()
-    xa = np.asarray(row[0], np.float32)
+    tok = int(toks["tok_idx"][0])
+    xa = read_activations(Workspace(ws), table, tok, tok + 1)[1][0]
     np.testing.assert_allclose(np.asarray(model.params.W_dec)[0], xa / np.linalg.norm(xa), atol=1e-5)
     # the same command resumes (already complete: nothing changes), then `saewb eval`
     before = (Workspace(ws).runs_dir / "it" / "sae" / "params.safetensors").read_bytes()
