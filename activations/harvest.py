@@ -169,7 +169,7 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _iter_windows(cfg: HarvestConfig, splitter: WindowTokenizer) -> Iterator[Window]:
+def iter_windows(cfg: HarvestConfig, splitter: WindowTokenizer) -> Iterator[Window]:
     """All windows in storage order: corpus order, cut at max_tokens, sorted by length per block."""
     total = 0
     block: list[Window] = []
@@ -211,7 +211,7 @@ def _register(ws: Workspace, cfg: HarvestConfig, plan: HookPlan, widths: dict[st
     return register_harvest(ws, cfg.name, config, cfg.model, cfg.ctx_len, {h: widths[h] for h in plan.hooks})
 
 
-def _hook_widths(model: Any, plan: HookPlan, pad_id: int) -> dict[str, int]:
+def hook_widths(model: Any, plan: HookPlan, pad_id: int) -> dict[str, int]:
     import torch
 
     ids = torch.full((1, 2), pad_id, dtype=torch.long)
@@ -322,12 +322,12 @@ class Harvester:
         self.plan = plan_hooks(self.model, list(cfg.hooks))
         self.splitter = WindowTokenizer(self.model.tokenizer, cfg.ctx_len)
         self.info = _register(
-            self.ws, cfg, self.plan, _hook_widths(self.model, self.plan, self.splitter.pad_id)
+            self.ws, cfg, self.plan, hook_widths(self.model, self.plan, self.splitter.pad_id)
         )
 
     def windows(self) -> Iterator[Window]:
         """Every window of the harvest in storage order, the committed ones included."""
-        return _iter_windows(self.cfg, self.splitter)
+        return iter_windows(self.cfg, self.splitter)
 
     def forward(self, batch: list[Window]) -> dict[str, np.ndarray]:
         """Activations of one batch at every hook, padding removed: hook -> [tokens, d]."""

@@ -1,6 +1,6 @@
 """Activations computed by the model while training, with no cache: `saewb train --from-model`.
 
-The corpus is cut into windows exactly as a harvest cuts it (`activations.harvest._iter_windows`:
+The corpus is cut into windows exactly as a harvest cuts it (`activations.harvest.iter_windows`:
 corpus order, length-sorted blocks), and the windows are grouped, in that order, into shuffling
 buffers: consecutive windows until a buffer holds at least `buffer_tokens` kept tokens (the split's
 documents, special tokens left out). A buffer is one run of forward passes over its own windows in
@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from activations.harvest import HarvestConfig, _hook_widths, _iter_windows, forward_windows
+from activations.harvest import HarvestConfig, forward_windows, hook_widths, iter_windows
 from activations.models import load_model, plan_hooks
 from activations.store import HarvestError
 from activations.stream import EVAL_FRACTION, Buffers, Split, batched, doc_in_split, split_threshold
@@ -41,7 +41,7 @@ class LiveSource:
         self.model = model if model is not None else load_model(cfg.model, cfg.device)
         self.plan = plan_hooks(self.model, list(cfg.hooks))
         self.splitter = WindowTokenizer(self.model.tokenizer, cfg.ctx_len)
-        self.widths = _hook_widths(self.model, self.plan, self.splitter.pad_id)
+        self.widths = hook_widths(self.model, self.plan, self.splitter.pad_id)
         self._last: tuple[tuple[int, int, int], dict[str, np.ndarray]] | None = None
         """(epoch, first tok_idx, windows) and its activations: the last buffer computed, for every hook."""
 
@@ -60,7 +60,7 @@ class LiveSource:
         group: list[Window] = []
         masks: list[np.ndarray] = []
         kept, tok, first = 0, 0, 0
-        for window in _iter_windows(self.cfg, self.splitter):
+        for window in iter_windows(self.cfg, self.splitter):
             mask = keep(window)
             group.append(window)
             masks.append(mask)

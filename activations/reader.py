@@ -21,8 +21,8 @@ import duckdb
 import numpy as np
 
 from activations.store import (
-    _RAW_DTYPE,
     FILES_LAYOUT,
+    RAW_DTYPE,
     HarvestError,
     HarvestPart,
     NonFiniteActivationsError,
@@ -53,7 +53,7 @@ def read_files(
         for i in range(first, last)
     ]
     n = sum(b - a for _, a, b, _ in spans)
-    raw = np.empty((n, shards.d), dtype=_RAW_DTYPE[shards.dtype])
+    raw = np.empty((n, shards.d), dtype=RAW_DTYPE[shards.dtype])
     width = row_bytes(shards.d, shards.dtype)
     view = memoryview(raw).cast("B")
     at = 0

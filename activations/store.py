@@ -194,7 +194,7 @@ STORE_DTYPES = ("float16", "bfloat16", "float32")
 """How a harvest may store activations on disk (`saewb harvest --store-dtype`)."""
 DEFAULT_STORE_DTYPE = "float16"
 """Half the bytes of float32; training on it costs under 0.001 held-out FVU (docs/storage.md)."""
-_RAW_DTYPE = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32}
+RAW_DTYPE = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32}
 """The numpy dtype of a shard file's values (bfloat16 as its 16 bits: numpy has no bfloat16)."""
 FILES_LAYOUT = "files"
 
@@ -214,7 +214,7 @@ def check_store_dtype(dtype: str) -> str:
 
 
 def row_bytes(d: int, dtype: str) -> int:
-    return d * np.dtype(_RAW_DTYPE[dtype]).itemsize
+    return d * np.dtype(RAW_DTYPE[dtype]).itemsize
 
 
 def encode(x: np.ndarray, dtype: str) -> np.ndarray:
@@ -225,7 +225,7 @@ def encode(x: np.ndarray, dtype: str) -> np.ndarray:
         return np.ascontiguousarray(x, dtype=np.float32)
     import torch
 
-    out = np.empty(x.shape, dtype=_RAW_DTYPE[dtype])
+    out = np.empty(x.shape, dtype=RAW_DTYPE[dtype])
     target = torch.from_numpy(out.view(np.int16) if dtype == "bfloat16" else out)
     if dtype == "bfloat16":
         target = target.view(torch.bfloat16)

@@ -286,10 +286,9 @@ def test_itda_cli_train_eval_and_labels(
     toks = itda.atom_tokens(model, ws)
     assert len(toks["doc_id"]) == model.n_latents and (toks["pos"] >= 0).all()
     # each atom is the normalised activation of the token it is labelled with
+    from activations.reader import read_activations
     from activations.store import harvest_info
     from saewb.workspace import Workspace
-
-    from activations.reader import read_activations
 
     table = harvest_info(Workspace(ws)).tables[hook]
     tok = int(toks["tok_idx"][0])
