@@ -45,12 +45,15 @@ from activations.store import (
     HarvestInfo,
     NonFiniteActivationsError,
     check_name,
+    check_store_dtype,
     commit_rows,
-    fixed_size_list,
+    decode,
+    encode,
     harvest_info,
     mark_complete,
     nonfinite_rows,
     register_harvest,
+    row_bytes,
 )
 from activations.tokenize import TokenStrings, Window, WindowTokenizer
 from saewb.progress import progress_bar
@@ -94,6 +97,9 @@ class HarvestConfig:
     """Activation rows with a NaN or an infinity: "refuse" stops the harvest naming the documents;
     "skip" stores them as zeros and lists them in `nonfinite_tokens` (the training stream leaves
     them out). Not part of the identity: rerunning a refused harvest with "skip" resumes it."""
+    store_dtype: str | None = None
+    """How activations are stored: "float16", "bfloat16" or "float32" (read back as float32). None:
+    the stored harvest's when resuming, else `DEFAULT_STORE_DTYPE` (float16). Part of the identity."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form notes stored with the config."""
 
@@ -112,7 +118,7 @@ class HarvestConfig:
             "ctx_len": self.ctx_len,
             "max_tokens": self.max_tokens,
             **{**self.corpus_spec().describe(), "corpus": corpus},
-            "dtype": "float32",
+            "dtype": self.store_dtype,
         }
         if self.shard is not None:  # absent when unsharded: older harvests keep resuming
             out["shard"] = list(self.shard)
@@ -163,7 +169,7 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _iter_windows(cfg: HarvestConfig, splitter: WindowTokenizer) -> Iterator[Window]:
+def iter_windows(cfg: HarvestConfig, splitter: WindowTokenizer) -> Iterator[Window]:
     """All windows in storage order: corpus order, cut at max_tokens, sorted by length per block."""
     total = 0
     block: list[Window] = []
@@ -205,7 +211,7 @@ def _register(ws: Workspace, cfg: HarvestConfig, plan: HookPlan, widths: dict[st
     return register_harvest(ws, cfg.name, config, cfg.model, cfg.ctx_len, {h: widths[h] for h in plan.hooks})
 
 
-def _hook_widths(model: Any, plan: HookPlan, pad_id: int) -> dict[str, int]:
+def hook_widths(model: Any, plan: HookPlan, pad_id: int) -> dict[str, int]:
     import torch
 
     ids = torch.full((1, 2), pad_id, dtype=torch.long)
@@ -214,9 +220,8 @@ def _hook_widths(model: Any, plan: HookPlan, pad_id: int) -> dict[str, int]:
     return {hook: int(cache[hook].shape[-1]) for hook in plan.hooks}
 
 
-def _commit(
-    ws: Workspace, name: str, tables: dict[str, str], chunk: _Chunk, totals: tuple[int, int, int]
-) -> None:
+def _commit(ws: Workspace, info: HarvestInfo, chunk: _Chunk, totals: tuple[int, int, int]) -> None:
+    name = info.name
     tokens = pa.table(
         {k: np.concatenate(v) if k != "role" else pa.array(sum(v, [])) for k, v in chunk.columns.items()}
     )
@@ -236,11 +241,8 @@ def _commit(
         pa.table({"harvest": [name] * len(idx), "hook": [hook] * len(idx), "tok_idx": idx, "doc_id": doc_ids})
         for hook, idx, doc_ids in chunk.nonfinite
     ]
-    acts = {
-        tables[hook]: pa.table({"tok_idx": tok_idx, "x": fixed_size_list(np.concatenate(parts))})
-        for hook, parts in chunk.acts.items()
-    }
-    commit_rows(ws, name, docs, tokens, nonfinite, acts, totals)
+    acts = {hook: np.concatenate(parts) for hook, parts in chunk.acts.items()}
+    commit_rows(ws, info, docs, tokens, nonfinite, acts, int(tok_idx[0].as_py()), totals)
 
 
 @dataclass(frozen=True)
@@ -254,7 +256,7 @@ class HarvestStats:
     write_s: float
     """Time the writer thread spent committing (overlaps the forward passes)."""
     bytes_written: int
-    """Activation bytes stored (float32)."""
+    """Activation bytes stored (in the store dtype)."""
 
 
 def _pad(batch: list[Window], pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -265,6 +267,24 @@ def _pad(batch: list[Window], pad_id: int) -> tuple[np.ndarray, np.ndarray, np.n
         ids[row, : lengths[row]] = w.token_ids
         mask[row, : lengths[row]] = 1
     return ids, mask, lengths
+
+
+def forward_windows(model: Any, plan: HookPlan, pad_id: int, batch: list[Window]) -> dict[str, np.ndarray]:
+    """One forward pass over a batch of windows: hook -> [tokens, d] float32, padding removed, the
+    windows' tokens one after the other. The harvest and on-the-fly training (activations/live.py)
+    both compute activations here."""
+    import torch
+
+    ids, mask, _ = _pad(batch, pad_id)
+    with torch.inference_mode():
+        _, cache = model.run_with_cache(
+            torch.from_numpy(ids),
+            attention_mask=torch.from_numpy(mask),
+            names_filter=list(plan.hooks),
+            stop_at_layer=plan.stop_at_layer,
+        )
+    keep = torch.from_numpy(mask.astype(bool))
+    return {hook: cache[hook][keep].float().numpy() for hook in plan.hooks}
 
 
 def window_batches(windows: Iterator[Window], size: int) -> Iterator[list[Window]]:
@@ -287,6 +307,8 @@ class Harvester:
             raise HarvestError(f"--nonfinite must be 'refuse' or 'skip', got {cfg.nonfinite!r}")
         if cfg.shard is not None:
             check_shard(cfg.shard)
+        if cfg.store_dtype is not None:
+            check_store_dtype(cfg.store_dtype)
         check_corpus_has_text(cfg)  # before the model loads and before the workspace is touched
         self.cfg = cfg
         self.ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace)
@@ -300,27 +322,16 @@ class Harvester:
         self.plan = plan_hooks(self.model, list(cfg.hooks))
         self.splitter = WindowTokenizer(self.model.tokenizer, cfg.ctx_len)
         self.info = _register(
-            self.ws, cfg, self.plan, _hook_widths(self.model, self.plan, self.splitter.pad_id)
+            self.ws, cfg, self.plan, hook_widths(self.model, self.plan, self.splitter.pad_id)
         )
 
     def windows(self) -> Iterator[Window]:
         """Every window of the harvest in storage order, the committed ones included."""
-        return _iter_windows(self.cfg, self.splitter)
+        return iter_windows(self.cfg, self.splitter)
 
     def forward(self, batch: list[Window]) -> dict[str, np.ndarray]:
         """Activations of one batch at every hook, padding removed: hook -> [tokens, d]."""
-        import torch
-
-        ids, mask, _ = _pad(batch, self.splitter.pad_id)
-        with torch.inference_mode():
-            _, cache = self.model.run_with_cache(
-                torch.from_numpy(ids),
-                attention_mask=torch.from_numpy(mask),
-                names_filter=list(self.plan.hooks),
-                stop_at_layer=self.plan.stop_at_layer,
-            )
-        keep = torch.from_numpy(mask.astype(bool))
-        return {hook: cache[hook][keep].float().numpy() for hook in self.plan.hooks}
+        return forward_windows(self.model, self.plan, self.splitter.pad_id, batch)
 
     def run(self, progress: bool = True) -> HarvestStats:
         cfg, info = self.cfg, self.info
@@ -355,7 +366,7 @@ class Harvester:
                 )
                 t0 = time.perf_counter()
                 try:
-                    _commit(self.ws, cfg.name, info.tables, chunk, totals)
+                    _commit(self.ws, info, chunk, totals)
                 except BaseException as err:  # surfaced in the main thread
                     failure.append(err)
                 write_s[0] += time.perf_counter() - t0
@@ -394,13 +405,16 @@ class Harvester:
                     "is_special": np.concatenate([w.special for w in batch]),
                 }
                 for hook, x in acts.items():
-                    bad = nonfinite_rows(x)
+                    raw = encode(x, info.store_dtype)  # a value past float16's range is infinite here
+                    bad = nonfinite_rows(decode(raw, info.store_dtype))
                     if len(bad) and cfg.nonfinite == "refuse":
-                        raise NonFiniteActivationsError(_nonfinite_message(hook, bad, batch, cols))
+                        raise NonFiniteActivationsError(
+                            _nonfinite_message(hook, bad, batch, cols, x, info.store_dtype)
+                        )
                     if len(bad):
-                        x[bad] = 0.0
+                        raw[bad] = 0
                         chunk.nonfinite.append((hook, cols["tok_idx"][bad], cols["doc_id"][bad]))
-                    chunk.acts.setdefault(hook, []).append(x)
+                    chunk.acts.setdefault(hook, []).append(raw)
                 for key, value in cols.items():
                     chunk.columns.setdefault(key, []).append(value)
                 chunk.columns.setdefault("role", []).append(
@@ -435,8 +449,8 @@ class Harvester:
             raise failure[0]
         mark_complete(self.ws, cfg.name)
         self.info = harvest_info(self.ws, cfg.name)
-        width = sum(info.hooks.values())
-        return HarvestStats(done, time.perf_counter() - t_start, forward_s, write_s[0], done * width * 4)
+        width = sum(row_bytes(d, info.store_dtype) for d in info.hooks.values())
+        return HarvestStats(done, time.perf_counter() - t_start, forward_s, write_s[0], done * width)
 
 
 def check_corpus_has_text(cfg: HarvestConfig) -> None:
@@ -450,7 +464,15 @@ def check_corpus_has_text(cfg: HarvestConfig) -> None:
     )
 
 
-def _nonfinite_message(hook: str, bad: np.ndarray, batch: list[Window], cols: dict[str, np.ndarray]) -> str:
+def _nonfinite_message(
+    hook: str, bad: np.ndarray, batch: list[Window], cols: dict[str, np.ndarray], x: np.ndarray, dtype: str
+) -> str:
+    if np.isfinite(x[bad]).all():  # finite in float32, out of range in the store dtype
+        return (
+            f"hook {hook!r}: {len(bad)} activation rows hold values beyond {dtype}'s range (largest "
+            f"|x| = {float(np.abs(x[bad]).max()):.4g}); nothing of this batch was stored and the tokens committed "
+            "before it are intact. Harvest this model with --store-dtype bfloat16 or float32 under a new --name"
+        )
     docs = sorted({int(d) for d in cols["doc_id"][bad]})
     sources = {w.doc_id: w.doc.source for w in batch}
     named = ", ".join(f"{d} ({sources.get(d, '?')})" for d in docs[:5]) + (

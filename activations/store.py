@@ -7,7 +7,13 @@ Layout (chosen by measurement, see docs/storage.md):
 * `harvest_hooks`: the hooks of each harvest, their width and activation table;
 * `documents`: (harvest, doc_id, source, text);
 * `tokens`: (harvest, tok_idx, doc_id, pos, seq_id, seq_pos, token_id, token_str, is_special, role);
-* one table per harvest and hook, `(tok_idx BIGINT, x FLOAT[d])`, rows in tok_idx order;
+* activations, per harvest and hook, as raw array shard files beside the workspace
+  (`<workspace>.acts/<table>/<start>.bin`, rows start..stop-1 in tok_idx order, in the harvest's
+  store dtype: float16, bfloat16 or float32), listed in `act_shards` (harvest, hook, start, stop,
+  file) in the transaction that commits their tokens. DuckDB stays the catalogue; the arrays go to
+  the disk at its own speed (docs/storage.md). Harvests made before this layout keep their
+  activations in one DuckDB table per hook, `(tok_idx BIGINT, x FLOAT[d])`, and are still read and
+  resumed as they are (`HarvestInfo.layout == "table"`);
 * `nonfinite_tokens`: (harvest, hook, tok_idx, doc_id) of the activation rows a harvest run with
   `--nonfinite skip` found NaN/inf and stored as zeros; the training stream leaves these tokens out.
 
@@ -21,10 +27,11 @@ a *set* of harvests (shards in several workspaces, exports) through `open_parts`
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +83,13 @@ CREATE TABLE IF NOT EXISTS tokens (
     is_special BOOLEAN NOT NULL,
     role VARCHAR
 );
+CREATE TABLE IF NOT EXISTS act_shards (
+    harvest VARCHAR NOT NULL,
+    hook VARCHAR NOT NULL,
+    start BIGINT NOT NULL,
+    stop BIGINT NOT NULL,
+    file VARCHAR NOT NULL
+);
 CREATE TABLE IF NOT EXISTS nonfinite_tokens (
     harvest VARCHAR NOT NULL,
     hook VARCHAR NOT NULL,
@@ -108,8 +122,10 @@ class NonFiniteActivationsError(HarvestError):
 
 
 def nonfinite_rows(x: np.ndarray) -> np.ndarray:
-    """Indices of the rows of a [rows, d] matrix holding a NaN or an infinity."""
-    return np.flatnonzero(~np.isfinite(x).all(axis=1))
+    """Indices of the rows of a [rows, d] matrix holding a NaN or an infinity. A row sum is NaN or
+    infinite whenever the row holds one (or overflows): one cheap pass, then an exact look at those."""
+    suspect = np.flatnonzero(~np.isfinite(x.sum(axis=1)))
+    return suspect[~np.isfinite(x[suspect]).all(axis=1)]
 
 
 def nonfinite_counts(ws: Workspace, harvest: str) -> dict[str, int]:
@@ -140,6 +156,11 @@ class HarvestInfo:
     """Hook name -> activation table."""
     model: str | None = None
     """The model it was harvested from, as given to `saewb harvest`."""
+    layout: str = "table"
+    """Where its activations live: "files" (raw shards beside the workspace) or "table" (DuckDB
+    `FLOAT[d]` tables, the layout of harvests made before the shard files)."""
+    store_dtype: str = "float32"
+    """How its activations are stored on disk; they are always read back as float32."""
 
 
 def check_name(name: str, what: str = "harvest name") -> str:
@@ -167,6 +188,142 @@ def fixed_size_list(x: np.ndarray) -> pa.FixedSizeListArray:
     """A [rows, d] float32 matrix as an Arrow FixedSizeList column without copying row by row."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     return pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1), type=pa.float32()), x.shape[1])
+
+
+STORE_DTYPES = ("float16", "bfloat16", "float32")
+"""How a harvest may store activations on disk (`saewb harvest --store-dtype`)."""
+DEFAULT_STORE_DTYPE = "float16"
+"""Half the bytes of float32; training on it costs under 0.001 held-out FVU (docs/storage.md)."""
+RAW_DTYPE = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32}
+"""The numpy dtype of a shard file's values (bfloat16 as its 16 bits: numpy has no bfloat16)."""
+FILES_LAYOUT = "files"
+
+
+def _layout_fields(config: dict[str, Any]) -> dict[str, str]:
+    """A harvest's layout and store dtype from its config (older harvests: DuckDB tables, float32)."""
+    return {
+        "layout": config.get("layout", "table"),
+        "store_dtype": config.get("identity", {}).get("dtype", "float32"),
+    }
+
+
+def check_store_dtype(dtype: str) -> str:
+    if dtype not in STORE_DTYPES:
+        raise HarvestError(f"--store-dtype {dtype!r} is not supported; use one of {', '.join(STORE_DTYPES)}")
+    return dtype
+
+
+def row_bytes(d: int, dtype: str) -> int:
+    return d * np.dtype(RAW_DTYPE[dtype]).itemsize
+
+
+def encode(x: np.ndarray, dtype: str) -> np.ndarray:
+    """Float32 [rows, d] -> the stored values, rounded to nearest even (bfloat16 as its 16 bits).
+    torch converts with the CPU's vector instructions (F16C), about 6x numpy's float16 cast here, and
+    a harvest has it loaded for the model anyway."""
+    if dtype == "float32":
+        return np.ascontiguousarray(x, dtype=np.float32)
+    import torch
+
+    out = np.empty(x.shape, dtype=RAW_DTYPE[dtype])
+    target = torch.from_numpy(out.view(np.int16) if dtype == "bfloat16" else out)
+    if dtype == "bfloat16":
+        target = target.view(torch.bfloat16)
+    target.copy_(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))  # past float16's range: inf
+    return out
+
+
+_DECODE_ROWS = 4096
+"""Rows per piece when widening in parallel (numpy releases the GIL while it converts)."""
+
+
+def decode(raw: np.ndarray, dtype: str, out: np.ndarray | None = None) -> np.ndarray:
+    """Stored values -> float32 (into `out` when given); large arrays in pieces on every core."""
+    if out is not None and len(raw) >= 2 * _DECODE_ROWS and (os.cpu_count() or 1) > 1:
+        pieces = range(0, len(raw), _DECODE_ROWS)
+        list(
+            _pool().map(
+                lambda a: _decode(raw[a : a + _DECODE_ROWS], dtype, out[a : a + _DECODE_ROWS]), pieces
+            )
+        )
+        return out
+    return _decode(raw, dtype, out)
+
+
+_POOL: list[Any] = []
+
+
+def _pool() -> Any:
+    if not _POOL:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL.append(ThreadPoolExecutor(max_workers=os.cpu_count(), thread_name_prefix="saewb-decode"))
+    return _POOL[0]
+
+
+def _decode(raw: np.ndarray, dtype: str, out: np.ndarray | None = None) -> np.ndarray:
+    if dtype == "bfloat16":
+        wide = raw.astype(np.uint32) << 16
+        values = wide.view(np.float32)
+        if out is None:
+            return values
+        out[...] = values
+        return out
+    if out is None:
+        return raw.astype(np.float32, copy=False)
+    out[...] = raw
+    return out
+
+
+def acts_dir(ws: Workspace) -> Path:
+    """The folder beside a workspace that holds its activation shard files."""
+    return ws.path.with_suffix(".acts")
+
+
+def shard_folder(ws: Workspace, info: HarvestInfo) -> Path:
+    """Where a harvest's shard files are read from: the folder beside the workspace (moved or copied
+    with it), else the one it was harvested into (the workspace file was copied alone: the copy
+    reads the original's files, which are never modified)."""
+    beside = acts_dir(ws)
+    recorded = Path(info.config.get("acts_dir", beside))
+    return beside if beside.is_dir() or not recorded.is_dir() else recorded
+
+
+def write_shard(ws: Workspace, table: str, start: int, raw: np.ndarray) -> str:
+    """Write one shard file durably (temporary name, fsync, rename, fsync of the folder); returns its
+    name relative to `acts_dir`. A file whose commit never happened is an orphan that no reader looks
+    at, replaced when the resumed harvest writes the same rows again."""
+    folder = acts_dir(ws) / table
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"{start:012d}.bin"
+    tmp = folder / (name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(memoryview(np.ascontiguousarray(raw)).cast("B"))
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(folder / name)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return f"{table}/{name}"
+
+
+def remove_orphan_shards(ws: Workspace, info: HarvestInfo) -> None:
+    """Delete shard files of a harvest that no commit lists (left by a killed harvest)."""
+    if info.layout != FILES_LAYOUT or not ws.table_exists("act_shards"):
+        return
+    with ws.read() as con:
+        listed = {
+            r[0] for r in con.execute("SELECT file FROM act_shards WHERE harvest = ?", [info.name]).fetchall()
+        }
+    for table in info.tables.values():
+        folder = acts_dir(ws) / table
+        if folder.is_dir():
+            for path in folder.iterdir():
+                if f"{table}/{path.name}" not in listed:
+                    path.unlink()
 
 
 def insert_arrow(con: duckdb.DuckDBPyConnection, table: str, data: pa.Table) -> None:
@@ -226,9 +383,10 @@ def harvest_info(ws: Workspace | str, harvest: str | None = None) -> HarvestInfo
         hooks = con.execute(
             "SELECT hook, d, table_name FROM harvest_hooks WHERE harvest = ? ORDER BY hook", [name]
         ).fetchall()
+    config = json.loads(row[0])
     return HarvestInfo(
         name=name,
-        config=json.loads(row[0]),
+        config=config,
         status=row[1],
         n_windows=row[2],
         n_tokens=row[3],
@@ -236,6 +394,7 @@ def harvest_info(ws: Workspace | str, harvest: str | None = None) -> HarvestInfo
         hooks={h: d for h, d, _ in hooks},
         tables={h: t for h, _, t in hooks},
         model=row[5],
+        **_layout_fields(config),
     )
 
 
@@ -320,14 +479,18 @@ def tokens_matching(ws: Workspace, harvest: str, tok_idx: Sequence[int], text: s
 def register_harvest(
     ws: Workspace, name: str, config: dict[str, Any], model: str, ctx_len: int, widths: dict[str, int]
 ) -> HarvestInfo:
-    """Create harvest `name` (its row, hooks and activation tables), or check that the stored one has
-    the same identity (`config["identity"]`): a harvest resumes only with the config it was made with."""
+    """Create harvest `name` (its row and hooks), or check that the stored one has the same identity
+    (`config["identity"]`): a harvest resumes only with the config it was made with. An identity
+    `dtype` of None means the stored one when resuming, else `DEFAULT_STORE_DTYPE`. New harvests
+    store their activations as shard files; a harvest made before them resumes in its DuckDB tables."""
     identity = config["identity"]
     with ws.write() as con:
         ensure_schema(con)
         row = con.execute("SELECT config FROM harvests WHERE name = ?", [name]).fetchone()
         if row is not None:
             stored = json.loads(row[0])["identity"]
+            if identity.get("dtype") is None:
+                identity["dtype"] = stored.get("dtype", "float32")
             diffs = {k: (stored.get(k), v) for k, v in identity.items() if stored.get(k) != v}
             if diffs:
                 detail = "; ".join(f"{k}: stored {a!r}, now {b!r}" for k, (a, b) in diffs.items())
@@ -336,42 +499,64 @@ def register_harvest(
                     "Run the original command to resume it, or pick a new --name for this config."
                 )
         else:
+            if identity.get("dtype") is None:
+                identity["dtype"] = DEFAULT_STORE_DTYPE
+            check_store_dtype(identity["dtype"])
+            config["layout"] = FILES_LAYOUT
+            config["acts_dir"] = str(acts_dir(ws).resolve())
             con.execute(
                 "INSERT INTO harvests (name, config, model, ctx_len, status) VALUES (?, ?, ?, ?, 'running')",
                 [name, json.dumps(config), model, ctx_len],
             )
             for hook, d in widths.items():
-                table = activation_table(name, hook)
-                con.execute(f"CREATE TABLE {quote_ident(table)} (tok_idx BIGINT NOT NULL, x FLOAT[{int(d)}])")
                 con.execute(
                     "INSERT INTO harvest_hooks (harvest, hook, d, table_name) VALUES (?, ?, ?, ?)",
-                    [name, hook, int(d), table],
+                    [name, hook, int(d), activation_table(name, hook)],
                 )
-    return harvest_info(ws, name)
+    info = harvest_info(ws, name)
+    if info.layout == FILES_LAYOUT and info.n_tokens and shard_folder(ws, info) != acts_dir(ws):
+        raise HarvestError(
+            f"harvest {name!r} of {ws.path} keeps its activations in {shard_folder(ws, info)} (the workspace file "
+            f"was copied without them); copy that folder to {acts_dir(ws)} to resume it here"
+        )
+    remove_orphan_shards(ws, info)
+    return info
 
 
 def commit_rows(
     ws: Workspace,
-    name: str,
+    info: HarvestInfo,
     documents: pa.Table | None,
     tokens: pa.Table,
     nonfinite: list[pa.Table],
-    acts: dict[str, pa.Table],
+    acts: dict[str, np.ndarray],
+    start: int,
     totals: tuple[int, int, int],
 ) -> None:
-    """One harvest commit, in one transaction: new documents, tokens, skipped non-finite tokens, the
-    activation rows of each table, and the harvest's totals (n_windows, n_tokens, n_docs)."""
+    """One harvest commit: the activation rows of each hook (`encode`d in the store dtype, tok_idx
+    `start`.. in order) as shard files first, then in one transaction the new documents, tokens,
+    skipped non-finite tokens, the shards' catalogue rows and the harvest's totals (n_windows,
+    n_tokens, n_docs). A kill between the two leaves only an orphan file, never a listed gap."""
+    shards = []
+    if info.layout == FILES_LAYOUT:
+        for hook, raw in acts.items():
+            file = write_shard(ws, info.tables[hook], start, raw)
+            shards.append([info.name, hook, start, start + len(raw), file])
     with ws.write() as con:
         if documents is not None:
             insert_arrow(con, "documents", documents)
         insert_arrow(con, "tokens", tokens)
         for bad in nonfinite:
             insert_arrow(con, "nonfinite_tokens", bad)
-        for table, rows in acts.items():
-            insert_arrow(con, table, rows)
+        if shards:
+            con.executemany("INSERT INTO act_shards VALUES (?, ?, ?, ?, ?)", shards)
+        elif info.layout != FILES_LAYOUT:  # a harvest made before the shard files resumes in its tables
+            for hook, x in acts.items():
+                rows = pa.table({"tok_idx": np.arange(start, start + len(x)), "x": fixed_size_list(x)})
+                insert_arrow(con, info.tables[hook], rows)
         con.execute(
             "UPDATE harvests SET n_windows = ?, n_tokens = ?, n_docs = ?, updated_at = current_timestamp WHERE name = ?",
-            [*totals, name],
+            [*totals, info.name],
         )
 
 
@@ -428,11 +613,14 @@ def export_parquet(
         for hook, table in info.tables.items():
             d = int(info.hooks[hook])  # an int from our own schema, safe to format into the option
             fname = f"act__{re.sub(r'[^A-Za-z0-9_]', '_', hook)}.parquet"
-            con.execute(
-                f"COPY (SELECT tok_idx, x FROM {quote_ident(table)} WHERE tok_idx < ? ORDER BY tok_idx) TO ? "
-                f"(FORMAT parquet, ROW_GROUP_SIZE {PARQUET_ACT_ROW_GROUP}, KV_METADATA {{'saewb.d': '{d}'}})",
-                [n, str(out / fname)],
-            )
+            if info.layout == FILES_LAYOUT:
+                _export_shards(shard_files(ws, info, hook, con), n, out / fname)
+            else:
+                con.execute(
+                    f"COPY (SELECT tok_idx, x FROM {quote_ident(table)} WHERE tok_idx < ? ORDER BY tok_idx) TO ? "
+                    f"(FORMAT parquet, ROW_GROUP_SIZE {PARQUET_ACT_ROW_GROUP}, KV_METADATA {{'saewb.d': '{d}'}})",
+                    [n, str(out / fname)],
+                )
             hooks[hook] = {"d": d, "file": fname}
         skipped = (
             con.execute(
@@ -467,6 +655,24 @@ def export_parquet(
     return manifest
 
 
+def _export_shards(shards: ShardFiles, n_tokens: int, path: Path) -> None:
+    """A hook's shard files as one Parquet file shaped like the COPY of a `FLOAT[d]` table."""
+    import pyarrow.parquet as pq
+
+    from activations.reader import read_files
+
+    schema = pa.schema(
+        [("tok_idx", pa.int64()), ("x", pa.list_(pa.float32()))], metadata={"saewb.d": str(shards.d)}
+    )
+    with pq.ParquetWriter(path, schema) as writer:
+        for lo in range(0, n_tokens, PARQUET_ACT_ROW_GROUP):
+            idx, x = read_files(shards, lo, min(lo + PARQUET_ACT_ROW_GROUP, n_tokens))
+            col = pa.ListArray.from_arrays(
+                pa.array(np.arange(0, x.size + 1, shards.d, dtype=np.int32)), pa.array(x.reshape(-1))
+            )
+            writer.write_table(pa.table({"tok_idx": idx, "x": col}, schema=schema))
+
+
 def is_parquet_source(source: str | Path | Workspace) -> bool:
     """A Parquet export: a local directory, or a URL (s3://, gs://, https://...) DuckDB reads remotely."""
     if isinstance(source, Workspace):
@@ -499,6 +705,39 @@ def _read_manifest(location: str) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
+class ShardFiles:
+    """The committed shard files of one hook: file i holds rows starts[i]..stops[i]-1, in order."""
+
+    folder: Path
+    """`acts_dir` of the workspace; `files` are relative to it."""
+    starts: np.ndarray
+    stops: np.ndarray
+    files: list[str]
+    d: int
+    dtype: str
+
+
+def shard_files(
+    ws: Workspace, info: HarvestInfo, hook: str, con: duckdb.DuckDBPyConnection | None = None
+) -> ShardFiles:
+    """The shard files a hook's committed rows live in (over the caller's connection when given)."""
+    query = "SELECT start, stop, file FROM act_shards WHERE harvest = ? AND hook = ? ORDER BY start"
+    if con is None:
+        with ws.read() as own:
+            rows = own.execute(query, [info.name, hook]).fetchall()
+    else:
+        rows = con.execute(query, [info.name, hook]).fetchall()
+    return ShardFiles(
+        folder=shard_folder(ws, info),
+        starts=np.array([r[0] for r in rows], dtype=np.int64),
+        stops=np.array([r[1] for r in rows], dtype=np.int64),
+        files=[r[2] for r in rows],
+        d=int(info.hooks[hook]),
+        dtype=info.store_dtype,
+    )
+
+
+@dataclass(frozen=True)
 class HarvestPart:
     """One harvest as the readers see it: in a workspace, or in a Parquet export."""
 
@@ -510,6 +749,8 @@ class HarvestPart:
     tokens_file: str | None = None
     nonfinite_file: str | None = None
     """An export's `nonfinite_tokens` rows (None: the harvest skipped none)."""
+    shards: dict[str, ShardFiles] = field(default_factory=dict, compare=False, repr=False)
+    """Hook -> its shard files, read on first use (a snapshot, like `info`)."""
 
     @property
     def parquet(self) -> bool:
@@ -537,8 +778,13 @@ class HarvestPart:
         """(FROM-clause text, its parameters) for the tokens table."""
         return ("read_parquet(?)", [self.tokens_file]) if self.ws is None else ("tokens", [])
 
-    def acts_ref(self, hook: str) -> tuple[str, str, list[Any]]:
-        """(FROM-clause text, the x column expression, parameters) for a hook's activations."""
+    def acts_ref(self, hook: str) -> tuple[str, str, list[Any]] | ShardFiles:
+        """Where a hook's activations are: its shard files, or (FROM-clause text, the x column
+        expression, parameters) of a DuckDB table or Parquet file. Shard lists are read once."""
+        if self.ws is not None and self.info.layout == FILES_LAYOUT:
+            if hook not in self.shards:
+                self.shards[hook] = shard_files(self.ws, self.info, hook)
+            return self.shards[hook]
         if self.ws is None:
             return "read_parquet(?)", f"x::FLOAT[{int(self.info.hooks[hook])}] AS x", [self.info.tables[hook]]
         return quote_ident(self.info.tables[hook]), "x", []

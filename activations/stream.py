@@ -61,6 +61,55 @@ def doc_split_sql(split: Split) -> str:
     raise ValueError(f"split must be 'train', 'eval' or 'all', not {split!r}")
 
 
+def doc_in_split(doc_ids: np.ndarray, split: Split, threshold: int) -> np.ndarray:
+    """`doc_split_sql` in numpy: which of these documents belong to the split."""
+    bucket = ((np.asarray(doc_ids, dtype=np.int64) * _HASH_MUL) % _HASH_MOD) % _BUCKETS
+    if split == "eval":
+        return bucket < threshold
+    if split == "train":
+        return bucket >= threshold
+    if split == "all":
+        return np.ones(bucket.shape, dtype=bool)
+    raise ValueError(f"split must be 'train', 'eval' or 'all', not {split!r}")
+
+
+Buffers = Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]
+"""Shuffling buffers (tok_idx, x, visiting order), as `ActivationStream._rows` yields them."""
+
+
+def batched(
+    buffers: Buffers, batch_size: int, with_index: bool, keep_last: bool
+) -> Iterator[np.ndarray | tuple[np.ndarray, np.ndarray]]:
+    """Batches of exactly `batch_size` rows gathered from the buffers through their visiting orders
+    (the last one short with `keep_last`): the one batching of the cache and of on-the-fly training."""
+    parts: list[tuple[np.ndarray, np.ndarray]] = []  # (tok_idx, x) gathered for the batch being built
+    have = 0
+    for idx, x, order in buffers:
+        at = 0
+        while at < len(order):
+            take = order[at : at + batch_size - have]
+            parts.append((idx[take], x[take]))
+            have += len(take)
+            at += len(take)
+            if have == batch_size:
+                yield _emit(parts, with_index)
+                parts, have = [], 0
+        del idx, x, order
+    if keep_last and have:
+        yield _emit(parts, with_index)
+
+
+def _emit(
+    parts: list[tuple[np.ndarray, np.ndarray]], with_index: bool
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    if len(parts) == 1:
+        batch_idx, batch_x = parts[0]
+    else:
+        batch_idx = np.concatenate([p[0] for p in parts])
+        batch_x = np.concatenate([p[1] for p in parts])
+    return (batch_idx, batch_x) if with_index else batch_x
+
+
 class ActivationStream:
     """Float32 batches of one hook's activations from a harvest in a workspace."""
 
@@ -160,12 +209,11 @@ class ActivationStream:
             with reader.part.read(memory_limit=READ_MEMORY_LIMIT) as con:
                 for chunk in mine.tolist():
                     lo = (chunk - base) * self.chunk_tokens
-                    rows, values = reader.read(con, lo, min(lo + self.chunk_tokens, n_part))
+                    rows, _ = reader.read(con, lo, min(lo + self.chunk_tokens, n_part), out=x[at:])
                     n = len(rows)
                     idx[at : at + n] = rows + offset
-                    x[at : at + n] = values
                     at += n
-                    del rows, values
+                    del rows
         if at != total:
             raise RuntimeError(f"workspace changed under the stream: expected {total} rows, read {at}")
         return idx, x
@@ -212,36 +260,6 @@ class ActivationStream:
                 return
             epoch, offset = epoch + 1, 0
 
-    def _batched(
-        self, buffers: Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]], with_index: bool, keep_last: bool
-    ) -> Iterator[np.ndarray | tuple[np.ndarray, np.ndarray]]:
-        parts: list[tuple[np.ndarray, np.ndarray]] = []  # (tok_idx, x) gathered for the batch being built
-        have = 0
-        for idx, x, order in buffers:
-            at = 0
-            while at < len(order):
-                take = order[at : at + self.batch_size - have]
-                parts.append((idx[take], x[take]))
-                have += len(take)
-                at += len(take)
-                if have == self.batch_size:
-                    yield self._emit(parts, with_index)
-                    parts, have = [], 0
-            del idx, x, order
-        if keep_last and have:
-            yield self._emit(parts, with_index)
-
-    @staticmethod
-    def _emit(
-        parts: list[tuple[np.ndarray, np.ndarray]], with_index: bool
-    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
-        if len(parts) == 1:
-            batch_idx, batch_x = parts[0]
-        else:
-            batch_idx = np.concatenate([p[0] for p in parts])
-            batch_x = np.concatenate([p[1] for p in parts])
-        return (batch_idx, batch_x) if with_index else batch_x
-
     def batches(
         self, start: int = 0, with_index: bool = False, rows: slice | None = None
     ) -> Iterator[np.ndarray]:
@@ -250,11 +268,11 @@ class ActivationStream:
         `rows`: only these rows of each batch (one process's share of a global batch in
         multi-process training; the processes together see exactly the single-process batches).
         """
-        out = self._batched(self._rows(start * self.batch_size), with_index, keep_last=False)
+        out = batched(self._rows(start * self.batch_size), self.batch_size, with_index, keep_last=False)
         if rows is None:
             return out  # type: ignore[return-value]
         return ((b[0][rows], b[1][rows]) if with_index else b[rows] for b in out)  # type: ignore[return-value,index]
 
     def epoch(self, epoch: int = 0, with_index: bool = False) -> Iterator[np.ndarray]:
         """One pass over every token of the split exactly once; the last batch may be short."""
-        return self._batched(self._rows(epoch * self.n_tokens, one_epoch=True), with_index, keep_last=True)  # type: ignore[return-value]
+        return batched(self._rows(epoch * self.n_tokens, one_epoch=True), self.batch_size, with_index, keep_last=True)  # type: ignore[return-value]

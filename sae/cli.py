@@ -115,7 +115,9 @@ def _arch_names() -> list[str]:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("train", help="train (or resume) an SAE on a harvested hook")
+    p = subparsers.add_parser(
+        "train", help="train (or resume) an SAE on a harvested hook, or on a model's activations on the fly"
+    )
     p.add_argument("--config", type=Path, help="YAML file; its keys are these flags' names")
     p.add_argument(
         "--workspace",
@@ -125,6 +127,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "the first must be a workspace file and holds the run",
     )
     p.add_argument("--hook", help="hook to train on (must be in the harvest)")
+    p.add_argument(
+        "--from-model",
+        dest="from_model",
+        metavar="MODEL",
+        help="train on activations computed by MODEL while training, with no harvest (the workspace holds only "
+        "the run): corpus windows as `saewb harvest` cuts them, the same shuffling buffer, resumable",
+    )
+    p.add_argument("--corpus", help="with --from-model: the corpus (as for `saewb harvest`; default stdlib-docs)")
+    p.add_argument("--ctx-len", dest="ctx_len", type=int, help="with --from-model: tokens per window (default 128)")
+    p.add_argument(
+        "--model-batch-size", dest="model_batch_size", type=int, help="with --from-model: windows per forward pass (default 32)"
+    )
+    p.add_argument(
+        "--shuffle-tokens",
+        dest="shuffle_tokens",
+        type=int,
+        help="with --from-model: tokens per shuffling buffer (default 131072, the cached stream's buffer)",
+    )
+    p.add_argument("--device", help="with --from-model: torch device of the model (default cpu)")
     p.add_argument("--harvest", help="harvest name (default: the workspace's only harvest)")
     p.add_argument("--arch", help="architecture: " + ", ".join(_arch_names()))
     p.add_argument("--name", help="run name; the same name + config resumes")

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+LIVE_KEYS = ("from_model", "corpus", "ctx_len", "model_batch_size", "shuffle_tokens", "device")
+"""Keys of on-the-fly training (`--from-model`): where the activations come from instead of a harvest."""
 RUN_KEYS = (
     "workspace",
     "hook",
@@ -33,6 +35,7 @@ RUN_KEYS = (
     "progress",
     "wandb",
     "wandb_project",
+    *LIVE_KEYS,
 )
 """Keys that are about the run, not the SAE or the optimiser."""
 
@@ -217,6 +220,8 @@ class TrainPlan:
     wandb: bool = False
     """Mirror the metric rows to Weights & Biases (sae/wandb_log.py)."""
     wandb_project: str | None = None
+    live: dict[str, Any] | None = None
+    """On-the-fly training (`--from-model`): model, corpus, ctx_len, model_batch_size, device."""
 
     def data(self) -> Any:
         """What `ActivationStream` reads: the workspace, or the list of sources."""
@@ -231,7 +236,35 @@ class TrainPlan:
             "hook": self.hook,
             "harvest": self.harvest,
         }
+        if self.live is not None:  # what decides its data, like a harvest's identity
+            from activations.live import live_record
+
+            out["from_model"] = live_record(self.live)
         return {**out, "sources": list(self.sources)} if self.sources else out
+
+    def streams(self, seed: int, split: str = "train", batch_size: int | None = None) -> Any:
+        """The run's batches: the cached stream of its harvest, or the model on the fly."""
+        size = batch_size or self.train_config.batch_size
+        if self.live is None:
+            from activations.stream import ActivationStream
+
+            return ActivationStream(self.data(), self.hook, harvest=self.harvest, batch_size=size, seed=seed, split=split)
+        from activations.live import LiveStream
+
+        return LiveStream(
+            live_source(self),
+            self.hook,
+            batch_size=size,
+            seed=seed,
+            split=split,
+            buffer_tokens=self.live["shuffle_tokens"],
+        )
+
+
+def live_source(plan: TrainPlan) -> Any:
+    from activations.live import open_live
+
+    return open_live(plan.live or {}, [plan.hook])
 
 
 def plan_from_values(values: dict[str, Any]) -> TrainPlan:
@@ -259,6 +292,11 @@ def plan_from_values(values: dict[str, Any]) -> TrainPlan:
     sae_cfg = make_config(arch.Config, {k: values[k] for k in arch_fields if k in values})
     tc = TrainConfig(**{k: values[k] for k in train_fields if k in values})
     tc.validate()
+    if values.get("from_model"):
+        return _live_plan(values, sae_cfg, tc)
+    stray = sorted(k for k in LIVE_KEYS if k in values)
+    if stray:
+        raise ValueError(f"option(s) {stray} only apply with --from-model MODEL (training on the fly)")
     from activations.store import open_parts
     from sae.orchestrate import open_sources
 
@@ -286,10 +324,19 @@ def plan_from_values(values: dict[str, Any]) -> TrainPlan:
         from sae.wandb_log import require_wandb
 
         require_wandb()  # before any work: a clear error naming `pip install wandb`
+    return _plan(
+        values, ws.path, hook, info.name, d, sae_cfg, tc, sources=tuple(sources) if len(sources) > 1 else ()
+    )
+
+
+def _plan(
+    values: dict[str, Any], workspace: Path, hook: str, harvest: str, d: int, sae_cfg: Any, tc: Any, **data: Any
+) -> TrainPlan:
+    """The plan of checked options (`data`: the sources of a set, or the on-the-fly settings)."""
     return TrainPlan(
-        workspace=ws.path,
+        workspace=workspace,
         hook=hook,
-        harvest=info.name,
+        harvest=harvest,
         name=str(values["name"]),
         d=d,
         sae_config=sae_cfg,
@@ -298,8 +345,34 @@ def plan_from_values(values: dict[str, Any]) -> TrainPlan:
         progress=bool(values.get("progress", True)),
         wandb=bool(values.get("wandb", False)),
         wandb_project=values.get("wandb_project"),
-        sources=tuple(sources) if len(sources) > 1 else (),
+        **data,
     )
+
+
+def _live_plan(values: dict[str, Any], sae_cfg: Any, tc: Any) -> TrainPlan:
+    """A plan for `--from-model`: the model is loaded to check the hook and learn its width."""
+    from activations.live import live_settings
+    from activations.store import check_name
+    from sae.base import validate_config
+    from saewb.workspace import Workspace
+
+    if len(as_list(values["workspace"])) > 1:
+        raise ValueError("--from-model trains without a harvest: give one --workspace (it holds the run)")
+    live = live_settings({k: values.get(k) for k in LIVE_KEYS if k != "from_model"} | {"model": values["from_model"]})
+    check_name(str(values["name"]), "run name")
+    ws = Workspace(as_list(values["workspace"])[0])
+    plan = _plan(values, ws.path, str(values["hook"]), "", 0, sae_cfg, tc, live=live)
+    source = live_source(plan)
+    hook = source.hook(plan.hook)
+    d = int(source.widths[hook])
+    if "d_in" in values and int(values["d_in"]) != d:
+        raise ValueError(f"d_in={values['d_in']} but hook {hook!r} of model {live['model']!r} has width {d}")
+    validate_config(sae_cfg, d)
+    return dataclasses.replace(plan, hook=hook, d=d)
+
+
+def as_list(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, list | tuple) else [value]
 
 
 def _check_existing(plan: TrainPlan) -> int:
@@ -323,7 +396,6 @@ def run_plan(plan: TrainPlan) -> dict[str, Any]:
     """Train (or resume) the planned run, log to the workspace, evaluate on the held-out split."""
     import jax
 
-    from activations.stream import ActivationStream
     from sae.lifecycle import end_of_run_metrics
     from sae.orchestrate import RunSpec, fit_function, train_runs
     from saewb.workspace import Workspace
@@ -334,9 +406,7 @@ def run_plan(plan: TrainPlan) -> dict[str, Any]:
     record = plan.record()
     spec = RunSpec(plan.name, plan.hook, plan.sae_config.arch, record, ws.runs_dir / plan.name)
     tc = plan.train_config
-    stream = ActivationStream(
-        plan.data(), plan.hook, harvest=plan.harvest, batch_size=tc.batch_size, seed=tc.seed
-    )
+    stream = plan.streams(tc.seed)
     extra: dict[str, Any] = {}
     if jax.process_count() > 1:  # each process reads only its rows of every global batch
         extra["local_batches"] = lambda start, rows: stream.batches(start=start, rows=rows)
@@ -362,22 +432,15 @@ def run_plan(plan: TrainPlan) -> dict[str, Any]:
         return {plan.name: result}
 
     def heldout(spec: RunSpec) -> Any:
-        def eval_stream() -> ActivationStream:
-            return ActivationStream(
-                plan.data(),
-                plan.hook,
-                harvest=plan.harvest,
-                batch_size=min(tc.batch_size, 4096),
-                seed=tc.seed,
-                split="eval",
-            )
+        def eval_stream() -> Any:
+            return plan.streams(tc.seed, "eval", min(tc.batch_size, 4096))
 
         return lambda: end_of_run_metrics(spec.run_dir, eval_stream, plan.eval_tokens)
 
     try:
         final = train_runs(
             ws,
-            plan.harvest,
+            plan.harvest or None,
             [spec],
             resume_step,
             train,

@@ -26,6 +26,9 @@ YAML format (keys with dashes or underscores)::
     hook: blocks.3.hook_out       # default hook of the members
     arch: topk                    # default architecture of the members
     eval_tokens: 200000           # held-out tokens evaluated per member at the end (0: none)
+    from_model:                   # optional: no harvest, activations computed on the fly (one forward
+      model: tiny-lm              #   pass per buffer for every hook; see `saewb train --from-model`):
+      corpus: stdlib-docs         #   model, corpus, ctx_len, model_batch_size, shuffle_tokens, device
     train:                        # shared by every member (one stream: same batch size, steps, order)
       train_tokens: 2000000
       batch_size: 4096
@@ -117,6 +120,7 @@ TOP_KEYS = (
     "defaults",
     "grid",
     "members",
+    "from_model",
 )
 MEMBER_TRAIN_KEYS = (
     "seed",
@@ -166,6 +170,9 @@ class SweepPlan:
     progress: bool = True
     record: dict[str, Any] = field(default_factory=dict)
     """The sweep's identity, compared on resume."""
+    live: dict[str, Any] | None = None
+    """`from_model:` settings: every member trains on activations computed on the fly, all hooks of a
+    buffer from one forward pass (activations/live.py); None: the harvest's cache."""
 
     def run_record(self, m: Member) -> dict[str, Any]:
         """A member's stored run config: the `saewb train` record plus the sweep and the data seed."""
@@ -176,6 +183,10 @@ class SweepPlan:
             "sweep": self.name,
             "data_seed": self.data_seed,
         }
+        if self.live is not None:
+            from activations.live import live_record
+
+            out["from_model"] = live_record(self.live)
         return {**out, "sources": self.sources} if len(self.sources) > 1 else out
 
     @property
@@ -238,7 +249,18 @@ def plan_sweep(values: dict[str, Any]) -> SweepPlan:
     if not grid and values.get("members") is None:
         raise SweepError("the sweep has no members: give `members:` and/or `grid:`")
 
-    ws, resolved = open_sources(values["workspace"], SweepError)
+    live = None
+    if values.get("from_model") is not None:
+        from activations.live import live_settings, open_live
+        from saewb.workspace import Workspace
+
+        try:
+            live = live_settings(_norm(values["from_model"], "from_model"))
+        except ValueError as err:
+            raise SweepError(str(err)) from err
+        ws, resolved = Workspace(values["workspace"]), []
+    else:
+        ws, resolved = open_sources(values["workspace"], SweepError)
 
     specs: list[tuple[str, dict[str, Any]]] = []
     for i, raw in enumerate(raw_members):
@@ -273,7 +295,13 @@ def plan_sweep(values: dict[str, Any]) -> SweepPlan:
         sae_cfg = make_config(arch.Config, {k: v for k, v in vals.items() if k in arch_fields})
         tc = dataclasses.replace(base_tc, **{k: v for k, v in vals.items() if k in MEMBER_TRAIN_KEYS})
         tc.validate()
-        if hook not in parts_by_hook:
+        if live is not None:  # the model itself says which hooks it has and how wide
+            every = [str(v.get("hook", values.get("hook", ""))) for _, v in specs]
+            source = open_live(live, list(dict.fromkeys(h for h in every if h)))  # loaded once
+            hook = source.hook(hook)
+            parts_by_hook[hook] = int(source.widths[hook])
+            harvest_name = ""
+        elif hook not in parts_by_hook:
             parts = open_parts(resolved, values.get("harvest"), hook)
             parts_by_hook[hook] = int(parts[0].info.hooks[hook])
             harvest_name = parts[0].info.name
@@ -293,6 +321,7 @@ def plan_sweep(values: dict[str, Any]) -> SweepPlan:
         data_seed=base_tc.seed,
         eval_tokens=int(values.get("eval_tokens", 200_000)),
         progress=bool(values.get("progress", True)),
+        live=live,
     )
     plan.record = json.loads(
         json.dumps(
@@ -696,10 +725,15 @@ def run_sweep(plan: SweepPlan) -> dict[str, dict[str, Any]]:
     tc0 = plan.members[0].train_config
     data: Any = plan.sources if len(plan.sources) > 1 else ws
     hooks = list(dict.fromkeys(m.hook for m in plan.members))
-    streams = {
-        h: ActivationStream(data, h, harvest=plan.harvest, batch_size=tc0.batch_size, seed=plan.data_seed)
-        for h in hooks
-    }
+    def stream(hook: str, **kw: Any) -> Any:
+        if plan.live is None:
+            return ActivationStream(data, hook, harvest=plan.harvest, seed=plan.data_seed, **kw)
+        from activations.live import LiveStream, open_live
+
+        source = open_live(plan.live, hooks)  # one model, one forward pass per buffer for every hook
+        return LiveStream(source, hook, seed=plan.data_seed, buffer_tokens=plan.live["shuffle_tokens"], **kw)
+
+    streams = {h: stream(h, batch_size=tc0.batch_size) for h in hooks}
     start = int(json.loads(plan.state_path.read_text())["step"]) if plan.state_path.exists() else 0
     specs = [
         RunSpec(m.name, m.hook, m.sae_config.arch, plan.run_record(m), ws.runs_dir / m.name)
@@ -721,16 +755,9 @@ def run_sweep(plan: SweepPlan) -> dict[str, dict[str, Any]]:
     evals: dict[str, Any] = {}  # one eval stream per hook
 
     def heldout(spec: RunSpec) -> Any:
-        def eval_stream() -> ActivationStream:
+        def eval_stream() -> Any:
             if spec.hook not in evals:
-                evals[spec.hook] = ActivationStream(
-                    data,
-                    spec.hook,
-                    harvest=plan.harvest,
-                    seed=plan.data_seed,
-                    batch_size=min(tc0.batch_size, 4096),
-                    split="eval",
-                )
+                evals[spec.hook] = stream(spec.hook, batch_size=min(tc0.batch_size, 4096), split="eval")
             return evals[spec.hook]
 
         return (
@@ -739,4 +766,4 @@ def run_sweep(plan: SweepPlan) -> dict[str, dict[str, Any]]:
             else None
         )
 
-    return train_runs(ws, plan.harvest, specs, start, train, heldout)
+    return train_runs(ws, plan.harvest or None, specs, start, train, heldout)

@@ -70,16 +70,18 @@ def test_zero_ablation_matches_hand_written_hook(gpt2) -> None:
 def _eval_activations(ctx) -> np.ndarray:
     """Every held-out, non-special activation of the run's hook, read in one naive query."""
     threshold = round(EVAL_FRACTION * 10_000)
-    table = {
-        h: t for h, t in __import__("activations.store", fromlist=["x"]).harvest_info(ctx.ws).tables.items()
-    }
+    from activations.reader import read_activations
+    from activations.store import harvest_info
+
+    info = harvest_info(ctx.ws)
     with ctx.ws.read() as con:
         rows = con.execute(
-            f'SELECT a.x FROM "{table[ctx.hook]}" a JOIN tokens t USING (tok_idx) WHERE t.harvest = ? '
+            "SELECT tok_idx FROM tokens t WHERE t.harvest = ? "
             "AND (((t.doc_id * 2654435761) % 4294967296) % 10000) < ? AND NOT t.is_special",
             [ctx.harvest, threshold],
         ).fetchall()
-    return np.array([r[0] for r in rows], dtype=np.float64)
+    _, x = read_activations(ctx.ws, info.tables[ctx.hook], 0, info.n_tokens)  # every row, tok_idx order
+    return x[[r[0] for r in rows]].astype(np.float64)
 
 
 def test_reconstruction_metrics_match_naive_full_batch(gpt2) -> None:

@@ -42,9 +42,10 @@ def test_tokens_are_contiguous_and_flag_cls_sep(minilm_ws: Path) -> None:
     ).fetchone() == (0,)
     # (doc_id, pos) is unique, and each activation table has one row per token
     assert con.execute("SELECT count(*) FROM (SELECT DISTINCT doc_id, pos FROM tokens)").fetchone() == (n,)
-    for table in info.tables.values():
-        assert con.execute(f'SELECT count(*), count(DISTINCT tok_idx) FROM "{table}"').fetchone() == (n, n)
     con.close()
+    for table in info.tables.values():
+        idx, x = read_activations(Workspace(minilm_ws), table, 0, n + 100)
+        assert x.shape == (n, info.hooks[next(iter(info.hooks))]) and np.array_equal(idx, np.arange(n))
 
 
 def test_stored_activations_match_a_direct_forward(minilm_ws: Path) -> None:
@@ -64,7 +65,7 @@ def test_stored_activations_match_a_direct_forward(minilm_ws: Path) -> None:
     _, stored = read_activations(
         Workspace(minilm_ws), info.tables["blocks.2.hook_out"], rows[0][0], rows[-1][0] + 1
     )
-    np.testing.assert_allclose(stored, expected, atol=2e-4, rtol=1e-4)
+    np.testing.assert_allclose(stored, expected, atol=2e-4, rtol=1e-3)  # stored as float16: 2^-11 relative
 
 
 def test_long_documents_are_split_into_windows_not_truncated(tmp_path: Path) -> None:

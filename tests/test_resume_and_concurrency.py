@@ -56,14 +56,31 @@ def _committed(ws: Path) -> int:
 
 
 def _dump(ws: Path) -> tuple[list[tuple], np.ndarray]:
+    from activations.reader import read_activations
+
     con = duckdb.connect(str(ws), read_only=True)
     toks = con.execute(
         "SELECT tok_idx, doc_id, pos, seq_id, token_id, is_special FROM tokens ORDER BY tok_idx"
     ).fetchall()
-    x = con.sql('SELECT x FROM "act__default__blocks_1_hook_out" ORDER BY tok_idx').to_arrow_table()
     con.close()
-    col = x.column("x").combine_chunks()
-    return toks, col.values.to_numpy().reshape(len(col), -1)
+    info = harvest_info(ws)
+    idx, x = read_activations(Workspace(ws), info.tables["blocks.1.hook_out"], 0, info.n_tokens + 1)
+    assert np.array_equal(idx, np.arange(info.n_tokens))
+    return toks, x
+
+
+def _shard_files_on_disk_are_the_listed_ones(ws: Path) -> None:
+    """No orphan left by the kill: every shard file is listed, the listed ranges tile 0..n_tokens."""
+    from activations.store import acts_dir
+
+    with Workspace(ws).read() as con:
+        rows = con.execute("SELECT start, stop, file FROM act_shards ORDER BY start").fetchall()
+    assert sorted(
+        str(p.relative_to(acts_dir(Workspace(ws)))) for p in acts_dir(Workspace(ws)).rglob("*") if p.is_file()
+    ) == sorted(r[2] for r in rows)
+    assert [r[0] for r in rows] == [0] + [r[1] for r in rows[:-1]] and rows[-1][1] == harvest_info(
+        ws
+    ).n_tokens
 
 
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path: Path) -> None:
@@ -100,6 +117,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path: Path) -> None:
     np.testing.assert_array_equal(x_a, x_b)
     assert harvest_info(killed).status == "complete"
     assert harvest_info(killed).n_docs == harvest_info(clean).n_docs
+    _shard_files_on_disk_are_the_listed_ones(killed)
 
 
 READER = r"""

@@ -286,13 +286,13 @@ def test_itda_cli_train_eval_and_labels(
     toks = itda.atom_tokens(model, ws)
     assert len(toks["doc_id"]) == model.n_latents and (toks["pos"] >= 0).all()
     # each atom is the normalised activation of the token it is labelled with
+    from activations.reader import read_activations
     from activations.store import harvest_info
     from saewb.workspace import Workspace
 
     table = harvest_info(Workspace(ws)).tables[hook]
-    with Workspace(ws).read() as con:
-        row = con.execute(f'SELECT x FROM "{table}" WHERE tok_idx = ?', [int(toks["tok_idx"][0])]).fetchone()
-    xa = np.asarray(row[0], np.float32)
+    tok = int(toks["tok_idx"][0])
+    xa = read_activations(Workspace(ws), table, tok, tok + 1)[1][0]
     np.testing.assert_allclose(np.asarray(model.params.W_dec)[0], xa / np.linalg.norm(xa), atol=1e-5)
     # the same command resumes (already complete: nothing changes), then `saewb eval`
     before = (Workspace(ws).runs_dir / "it" / "sae" / "params.safetensors").read_bytes()

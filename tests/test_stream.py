@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from activations.reader import HookReader
-from activations.store import HarvestError
+from activations.store import HarvestError, acts_dir
 from activations.stream import ActivationStream
+from saewb.workspace import Workspace
 
 
 def _stream(ws: Path, **kw: object) -> ActivationStream:
@@ -37,12 +38,15 @@ def test_batches_carry_the_right_rows(minilm_ws: Path) -> None:
     s = _stream(minilm_ws, split="all")
     idx, x = next(s.batches(with_index=True))
     assert x.dtype == np.float32 and x.shape == (256, s.d)
+    # The row as the shard file holds it (float16, the default store dtype), read without the reader.
     con = duckdb.connect(str(minilm_ws), read_only=True)
-    row = con.execute(
-        "SELECT x FROM act__default__blocks_2_hook_out WHERE tok_idx = ?", [int(idx[7])]
+    start, file = con.execute(
+        "SELECT start, file FROM act_shards WHERE hook = 'blocks.2.hook_out' AND start <= ? AND ? < stop",
+        [int(idx[7]), int(idx[7])],
     ).fetchone()
     con.close()
-    np.testing.assert_array_equal(np.asarray(row[0], dtype=np.float32), x[7])
+    stored = np.fromfile(acts_dir(Workspace(minilm_ws)) / file, dtype="<f2").reshape(-1, s.d)
+    np.testing.assert_array_equal(stored[int(idx[7]) - start].astype(np.float32), x[7])
 
 
 def test_shuffle_reaches_the_whole_cache(minilm_ws: Path) -> None:
