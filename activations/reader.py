@@ -49,7 +49,12 @@ def read_files(
     first = int(np.searchsorted(shards.stops, lo, side="right"))
     last = int(np.searchsorted(shards.starts, hi, side="left"))
     spans = [
-        (shards.files[i], max(lo, int(shards.starts[i])), min(hi, int(shards.stops[i])), int(shards.starts[i]))
+        (
+            shards.files[i],
+            max(lo, int(shards.starts[i])),
+            min(hi, int(shards.stops[i])),
+            int(shards.starts[i]),
+        )
         for i in range(first, last)
     ]
     n = sum(b - a for _, a, b, _ in spans)

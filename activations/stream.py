@@ -275,4 +275,6 @@ class ActivationStream:
 
     def epoch(self, epoch: int = 0, with_index: bool = False) -> Iterator[np.ndarray]:
         """One pass over every token of the split exactly once; the last batch may be short."""
-        return batched(self._rows(epoch * self.n_tokens, one_epoch=True), self.batch_size, with_index, keep_last=True)  # type: ignore[return-value]
+        return batched(
+            self._rows(epoch * self.n_tokens, one_epoch=True), self.batch_size, with_index, keep_last=True
+        )  # type: ignore[return-value]

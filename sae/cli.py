@@ -134,10 +134,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="train on activations computed by MODEL while training, with no harvest (the workspace holds only "
         "the run): corpus windows as `saewb harvest` cuts them, the same shuffling buffer, resumable",
     )
-    p.add_argument("--corpus", help="with --from-model: the corpus (as for `saewb harvest`; default stdlib-docs)")
-    p.add_argument("--ctx-len", dest="ctx_len", type=int, help="with --from-model: tokens per window (default 128)")
     p.add_argument(
-        "--model-batch-size", dest="model_batch_size", type=int, help="with --from-model: windows per forward pass (default 32)"
+        "--corpus", help="with --from-model: the corpus (as for `saewb harvest`; default stdlib-docs)"
+    )
+    p.add_argument(
+        "--ctx-len", dest="ctx_len", type=int, help="with --from-model: tokens per window (default 128)"
+    )
+    p.add_argument(
+        "--model-batch-size",
+        dest="model_batch_size",
+        type=int,
+        help="with --from-model: windows per forward pass (default 32)",
     )
     p.add_argument(
         "--shuffle-tokens",

@@ -248,7 +248,9 @@ class TrainPlan:
         if self.live is None:
             from activations.stream import ActivationStream
 
-            return ActivationStream(self.data(), self.hook, harvest=self.harvest, batch_size=size, seed=seed, split=split)
+            return ActivationStream(
+                self.data(), self.hook, harvest=self.harvest, batch_size=size, seed=seed, split=split
+            )
         from activations.live import LiveStream
 
         return LiveStream(
@@ -330,7 +332,14 @@ def plan_from_values(values: dict[str, Any]) -> TrainPlan:
 
 
 def _plan(
-    values: dict[str, Any], workspace: Path, hook: str, harvest: str, d: int, sae_cfg: Any, tc: Any, **data: Any
+    values: dict[str, Any],
+    workspace: Path,
+    hook: str,
+    harvest: str,
+    d: int,
+    sae_cfg: Any,
+    tc: Any,
+    **data: Any,
 ) -> TrainPlan:
     """The plan of checked options (`data`: the sources of a set, or the on-the-fly settings)."""
     return TrainPlan(
@@ -358,7 +367,9 @@ def _live_plan(values: dict[str, Any], sae_cfg: Any, tc: Any) -> TrainPlan:
 
     if len(as_list(values["workspace"])) > 1:
         raise ValueError("--from-model trains without a harvest: give one --workspace (it holds the run)")
-    live = live_settings({k: values.get(k) for k in LIVE_KEYS if k != "from_model"} | {"model": values["from_model"]})
+    live = live_settings(
+        {k: values.get(k) for k in LIVE_KEYS if k != "from_model"} | {"model": values["from_model"]}
+    )
     check_name(str(values["name"]), "run name")
     ws = Workspace(as_list(values["workspace"])[0])
     plan = _plan(values, ws.path, str(values["hook"]), "", 0, sae_cfg, tc, live=live)

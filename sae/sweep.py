@@ -725,6 +725,7 @@ def run_sweep(plan: SweepPlan) -> dict[str, dict[str, Any]]:
     tc0 = plan.members[0].train_config
     data: Any = plan.sources if len(plan.sources) > 1 else ws
     hooks = list(dict.fromkeys(m.hook for m in plan.members))
+
     def stream(hook: str, **kw: Any) -> Any:
         if plan.live is None:
             return ActivationStream(data, hook, harvest=plan.harvest, seed=plan.data_seed, **kw)

@@ -121,7 +121,9 @@ def test_shard_resumes_and_refuses_another_shard(
 ) -> None:
     ws = tmp_path / "s0.duckdb"
     ws.write_bytes(harvests["s0"].read_bytes())
-    shutil.copytree(acts_dir(Workspace(harvests["s0"])), acts_dir(Workspace(ws)))  # the workspace's shard files
+    shutil.copytree(
+        acts_dir(Workspace(harvests["s0"])), acts_dir(Workspace(ws))
+    )  # the workspace's shard files
     # Leave the state a kill leaves: the committed prefix up to a window boundary, status running.
     con = duckdb.connect(str(ws))
     info = harvest_info(harvests["s0"])
@@ -242,7 +244,9 @@ def test_parquet_export_round_trips(
             ).fetchone() == (0,)
     for hook in HOOKS:
         d, file = manifest["hooks"][hook]["d"], str(out / manifest["hooks"][hook]["file"])
-        typ = con.execute(f"SELECT typeof(x::FLOAT[{d}]) FROM read_parquet(?) LIMIT 1", [file]).fetchall()[0][0]
+        typ = con.execute(f"SELECT typeof(x::FLOAT[{d}]) FROM read_parquet(?) LIMIT 1", [file]).fetchall()[0][
+            0
+        ]
         assert typ == f"FLOAT[{d}]"
         query = f"SELECT tok_idx, x::FLOAT[{d}] AS x FROM read_parquet(?) ORDER BY tok_idx"
         exported = con.sql(query, params=[file]).to_arrow_table()
