@@ -163,17 +163,16 @@ def checkpoints_dir(run_dir: Path) -> Path:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint, None for a fresh run; raises if the pointer is broken."""
+    """The newest complete checkpoint, None for a fresh run; raises if the pointer is broken.
+
+    Without a LATEST pointer the newest ``step_*`` directory is it: a directory gets its final name
+    only once fsynced whole, so this is a writer killed between the rename and the pointer.
+    """
     cdir = checkpoints_dir(run_dir)
     pointer = cdir / "LATEST"
     if not pointer.exists():
-        existing = sorted(p for p in cdir.glob("step_*")) if cdir.exists() else []
-        if existing:
-            raise CheckpointError(
-                f"{cdir} holds checkpoints {[p.name for p in existing]} but no LATEST pointer; "
-                "restore it (echo step_... > LATEST) or remove the directory to start over"
-            )
-        return None
+        existing = sorted(p for p in cdir.glob("step_*") if p.is_dir()) if cdir.exists() else []
+        return existing[-1] if existing else None
     target = cdir / pointer.read_text().strip()
     if not target.is_dir():
         raise CheckpointError(f"{pointer} points at {target.name}, which does not exist")

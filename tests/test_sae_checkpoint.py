@@ -111,7 +111,7 @@ def _tiny_run(run_dir: Path, steps: int = 10) -> None:
 
 def test_damaged_checkpoint_is_refused(tmp_path: Path) -> None:
     _tiny_run(tmp_path / "good")
-    for damage in ("truncate", "flip", "delete", "manifest", "pointer"):
+    for damage in ("truncate", "flip", "delete", "manifest"):
         run_dir = tmp_path / damage
         shutil.copytree(tmp_path / "good", run_dir)
         latest = ckpt.latest_checkpoint(run_dir)
@@ -126,13 +126,30 @@ def test_damaged_checkpoint_is_refused(tmp_path: Path) -> None:
             target.write_bytes(bytes(data))
         elif damage == "delete":
             target.unlink()
-        elif damage == "manifest":
-            (latest / "manifest.json").write_text("{not json")
         else:
-            (ckpt.checkpoints_dir(run_dir) / "LATEST").unlink()
+            (latest / "manifest.json").write_text("{not json")
         with pytest.raises(ckpt.CheckpointError) as err:
             _tiny_run(run_dir)  # resuming must fail loudly, never start over
-        assert str(latest if damage != "pointer" else ckpt.checkpoints_dir(run_dir)) in str(err.value), damage
+        assert str(latest) in str(err.value), damage
+
+
+def test_a_kill_between_the_checkpoint_and_its_pointer_resumes_from_it(tmp_path: Path) -> None:
+    """A writer killed after renaming step_N into place but before writing LATEST (the first checkpoint
+    has no older pointer): the newest step directory is the checkpoint, and the run resumes from it."""
+    _tiny_run(tmp_path / "reference")
+    run_dir = tmp_path / "killed"
+    _tiny_run(run_dir)
+    cdir = ckpt.checkpoints_dir(run_dir)
+    shutil.rmtree(cdir / "step_000000010")  # as if killed before writing it
+    (cdir / "LATEST").unlink()  # and then killed after step 5's rename, before its pointer
+    assert ckpt.latest_checkpoint(run_dir) == cdir / "step_000000005"
+    _tiny_run(run_dir)
+    assert ckpt.read_bundle(ckpt.latest_checkpoint(run_dir))[1]["step"] == 10
+    fa, fb = (
+        ckpt.read_bundle(ckpt.latest_checkpoint(d))[0]["params"] for d in (run_dir, tmp_path / "reference")
+    )
+    for k in fa:
+        np.testing.assert_array_equal(np.asarray(fa[k]), np.asarray(fb[k]), err_msg=k)
 
 
 def test_killed_writer_leaves_previous_checkpoint(tmp_path: Path) -> None:
