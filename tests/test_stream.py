@@ -131,9 +131,9 @@ def test_a_restarted_stream_rereads_nothing_it_holds(
     reads: list[int] = []  # the first tok_idx of every chunk the stream reads, in order
     read = HookReader.read
 
-    def counted(self: HookReader, con: Any, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+    def counted(self: HookReader, con: Any, lo: int, hi: int, **kw: Any) -> tuple[np.ndarray, np.ndarray]:
         reads.append(lo)
-        return read(self, con, lo, hi)
+        return read(self, con, lo, hi, **kw)
 
     monkeypatch.setattr(HookReader, "read", counted)
     first = next(s.batches(with_index=True))[0]
