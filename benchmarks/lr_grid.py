@@ -60,12 +60,18 @@ def load_rows(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def train_fields() -> set[str]:
+    from sae.configs import TrainConfig
+
+    return {f.name for f in dataclasses.fields(TrainConfig)}
+
+
 def make_cfg(arch: str, n: int, k: int, extra: dict[str, Any]) -> Any:
     from sae.configs import ARCH_CONFIGS
 
     cls = ARCH_CONFIGS[arch]
     fields = {f.name for f in dataclasses.fields(cls)}
-    kw: dict[str, Any] = {"n_latents": n, **extra}
+    kw: dict[str, Any] = {"n_latents": n, **{k: v for k, v in extra.items() if k not in train_fields()}}
     if "k" in fields:
         kw["k"] = k
     return cls(**kw)
@@ -81,7 +87,7 @@ def main() -> None:
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--batch", type=int, default=4096)
     p.add_argument("--arch", default="topk")
-    p.add_argument("--extra", default="{}", help="JSON: more arch config fields")
+    p.add_argument("--extra", default="{}", help="JSON: more arch (or TrainConfig) config fields")
     p.add_argument("--start", type=float, default=None, help="first lr of a cell (default: the default lr)")
     p.add_argument("--lrs", type=float, nargs="*", default=None, help="fixed lrs instead of the ladder walk")
     p.add_argument("--no-default", action="store_true", help="do not train the default-lr run")
@@ -173,7 +179,8 @@ def run_one(
     if kk in done:
         return done[kk]
     t0 = time.perf_counter()
-    res = train_ours(cfg, data.train, data.order, data.ev, a.batch, a.seed, lr)
+    train_kw = {k: v for k, v in extra.items() if k in train_fields()}
+    res = train_ours(cfg, data.train, data.order, data.ev, a.batch, a.seed, lr, **train_kw)
     row.update(res, d=data.d, steps=data.steps, wall_s=time.perf_counter() - t0)
     done[kk] = row
     with a.out.open("a") as f:

@@ -141,6 +141,7 @@ def train_ours(
     batch: int,
     seed: int,
     lr: float | None = None,
+    **train_kw: Any,
 ) -> dict[str, Any]:
     import jax
 
@@ -150,7 +151,7 @@ def train_ours(
 
     steps = len(order) // batch
     tc = TrainConfig(
-        train_tokens=steps * batch, batch_size=batch, seed=seed, lr=lr, log_every=max(1, steps // 10)
+        train_tokens=steps * batch, batch_size=batch, seed=seed, lr=lr, log_every=max(1, steps // 10), **train_kw
     )
 
     t0 = time.perf_counter()

@@ -153,6 +153,15 @@ def random_unit_rows(key: jax.Array, n: int, d: int, norm: float = 1.0) -> jax.A
     return norm * w / jnp.linalg.norm(w, axis=1, keepdims=True)
 
 
+def data_rows(key: jax.Array, centred: np.ndarray, n: int, jitter: float = 0.1) -> jax.Array:
+    """n unit rows from the directions of ``centred`` samples (drawn without replacement while they
+    last), each nudged by ``jitter`` x a random unit vector so repeated draws differ."""
+    k_pick, k_noise = jax.random.split(key)
+    pick = np.asarray(jax.random.choice(k_pick, len(centred), (n,), replace=len(centred) < n))
+    rows = normalize_rows(jnp.asarray(centred[pick], jnp.float32))
+    return normalize_rows(rows + random_unit_rows(k_noise, n, centred.shape[1], jitter))
+
+
 def normalize_rows(w: jax.Array, eps: float = 1e-8) -> jax.Array:
     return w / jnp.maximum(jnp.linalg.norm(w, axis=1, keepdims=True), eps)
 

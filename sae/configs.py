@@ -154,6 +154,9 @@ class TopKConfig:
     """Norm of the initial decoder rows; None means 1.0 for "unit" and 0.1 for "free"."""
     rescale_by_decoder_norm: bool = True
     """Choose the top k on pre · ‖W_dec,i‖ (only matters for decoder="free")."""
+    init_w: Literal["random", "data"] = "random"
+    """Decoder rows (and encoder columns) at init: "random" directions or "data" (normalised centred
+    samples of the init sample, so every latent starts where the data is)."""
 
     def validate(self, d: int | None = None) -> None:
         if self.n_latents < 1:

@@ -56,12 +56,16 @@ def input_scale_target(cfg: TopKConfig) -> str:
 def init(cfg: TopKConfig, key: jax.Array, d: int, sample: np.ndarray) -> tuple[Params, State]:
     cfg.validate()
     norm = cfg.init_dec_norm if cfg.init_dec_norm is not None else (1.0 if cfg.decoder == "unit" else 0.1)
-    w_dec = common.random_unit_rows(key, cfg.n_latents, d, norm)
+    b_dec = common.geometric_median(sample)
+    if getattr(cfg, "init_w", "random") == "data":
+        w_dec = norm * common.data_rows(key, np.asarray(sample) - b_dec, cfg.n_latents)
+    else:
+        w_dec = common.random_unit_rows(key, cfg.n_latents, d, norm)
     params = Params(
         W_enc=w_dec.T,
         b_enc=jnp.zeros((cfg.n_latents,), jnp.float32),
         W_dec=w_dec,
-        b_dec=jnp.asarray(common.geometric_median(sample)),
+        b_dec=jnp.asarray(b_dec),
     )
     return params, State(step=jnp.zeros((), jnp.int32))
 
