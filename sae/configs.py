@@ -103,30 +103,36 @@ class TrainConfig:
 
 LONG_RUN_LR = 2e-4
 """Peak lr at n = 2^14 for long runs (Gao et al.; the reference sheet), scaled by 1/sqrt(n / 2^14)."""
-SHORT_RUN_LR = 1.6e-2
-"""The default rule's peak lr at n = 4096 and SHORT_RUN_STEPS steps (fitted to the grid)."""
-SHORT_RUN_STEPS = 250
-SHORT_RUN_EXPONENT = 0.5
-"""How fast the short-run lr falls with the number of steps: lr ∝ steps^-SHORT_RUN_EXPONENT."""
-MAX_DEFAULT_LR = 3e-2
-"""No default peak lr above this, however short the run or small the SAE."""
+SHORT_RUN_LR = 1e-2
+"""The measured best peak lr at n = 2048 and SHORT_RUN_STEPS steps, on all three caches of the grid."""
+SHORT_RUN_STEPS = 61
+"""250k tokens in batches of 4096."""
+SHORT_RUN_EXPONENT = 0.25
+"""lr ∝ steps^-α up to KNEE_STEPS (fitted: the best lr at n = 4096 and 244 steps is ~5e-3)."""
+KNEE_STEPS = 1000
+LONG_RUN_EXPONENT = 0.5
+"""lr ∝ steps^-0.5 past KNEE_STEPS (not measured: it meets the long-run rule at ~300M tokens)."""
+MAX_DEFAULT_LR = 1e-2
+"""No default peak lr above this, however short the run or small the SAE (2e-2 already lost 0.015 to
+0.1 FVU at n = 2048 in the grid)."""
 
 
 def default_lr(n_latents: int, total_steps: int) -> float:
     """The default peak learning rate of a run with ``n_latents`` latents and ``total_steps`` steps.
 
-    Two regimes, the larger wins: the long-run rule 2e-4 / sqrt(n / 2^14) (tuned on runs of hundreds
-    of millions of tokens), and a short-run rule fitted to the grid of ``benchmarks/lr_grid.py``
-    (docs/learning_rate.md): SHORT_RUN_LR · sqrt(4096 / n) · (SHORT_RUN_STEPS / steps)^α. A short run
-    needs a larger step to move its weights far enough from the init in the steps it has, so the
-    short-run rule falls with the number of steps and meets the long-run one after ~10⁵ steps. The
-    batch size enters through the steps (a fixed token budget in larger batches is fewer steps).
-    Capped at MAX_DEFAULT_LR.
+    The larger of two rules, capped at MAX_DEFAULT_LR: the long-run rule 2e-4 / sqrt(n / 2^14) (tuned
+    on runs of hundreds of millions of tokens), and a short-run rule fitted to the grid of
+    ``benchmarks/lr_grid.py`` (docs/learning_rate.md): SHORT_RUN_LR · sqrt(2048 / n) ·
+    (SHORT_RUN_STEPS / steps)^0.25, falling as steps^-0.5 past KNEE_STEPS. A short run needs a larger
+    step to move its weights far from the init in the steps it has. The batch size enters through
+    the steps (a fixed token budget in larger batches is fewer steps).
     """
     n = max(int(n_latents), 1)
     steps = max(int(total_steps), 1)
     long_run = LONG_RUN_LR / math.sqrt(n / 2**14)
-    short_run = SHORT_RUN_LR * math.sqrt(4096 / n) * (SHORT_RUN_STEPS / steps) ** SHORT_RUN_EXPONENT
+    early = min(steps, KNEE_STEPS)
+    short_run = SHORT_RUN_LR * math.sqrt(2048 / n) * (SHORT_RUN_STEPS / early) ** SHORT_RUN_EXPONENT
+    short_run *= (KNEE_STEPS / max(steps, KNEE_STEPS)) ** LONG_RUN_EXPONENT
     return min(MAX_DEFAULT_LR, max(long_run, short_run))
 
 
