@@ -233,6 +233,14 @@ def walk(run: Any, start: float, max_runs: int) -> None:
             break
 
 
+def current_default(arch: str, n: int, budget: int, batch: int, extra: dict[str, Any]) -> float:
+    """The default peak lr the trainer would use for this cell today."""
+    from sae.configs import TrainConfig
+
+    tc_kw = {k: v for k, v in extra.items() if k in train_fields()}
+    return TrainConfig(train_tokens=(budget // batch) * batch, batch_size=batch, **tc_kw).peak_lr(n)
+
+
 def print_table(rows: list[dict[str, Any]]) -> None:
     cells: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
@@ -245,6 +253,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     )
     print("|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for (cache, arch, extra, n, budget, _batch, _k), rs in sorted(cells.items()):
+        rs = [r for r in rs if "fvu" in r]
         grid = sorted((r for r in rs if isinstance(r["lr"], float)), key=lambda r: r["lr"])
         defaults = [r for r in rs if not isinstance(r["lr"], float)]
         name = arch + ("" if extra == "{}" else f" {extra}")
@@ -257,6 +266,10 @@ def print_table(rows: list[dict[str, Any]]) -> None:
             if best
             else "– | – | – | "
         )
+        today = current_default(arch, n, budget, _batch, rs[0]["extra"])
+        same = [r for r in grid if abs(r["lr"] / today - 1) < 0.01]
+        if same:  # the rule picks a grid point: that run is the default run
+            defaults.append({**same[0], "default_lr": today})
         if defaults:
             dft = defaults[-1]
             gap = dft["fvu"] - best["fvu"] if best else math.nan
