@@ -13,7 +13,7 @@ Sparsity per target L0 t (``--l0``, default 16/32/64):
   TopK trained separately at each k (the paper claims within 0.01 FVU of them);
 * jumprelu: ``target_l0 = t`` with ``l0_coef`` = ``--jumprelu-coef`` (the quadratic L0-target penalty);
 * relu_l1: λ from ``--l1-coefs`` (one per target; rough values, the measured L0 is what the table shows);
-* gba: target frequencies whose expected L0 (n · mean p_k) is t (``quality.gba_htf_for_l0``).
+* gba: target frequencies whose expected L0 (n · mean p_k) is t (``target_l0``).
 
 Eval: the whole held-out split (documents hashed into the 5% eval bucket, special tokens excluded),
 with each saved SAE's inference form (BatchTopK/Matryoshka: the tracked threshold θ, so its L0 is
@@ -54,7 +54,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
-from quality import export_split, fvu_l0_dead, gba_htf_for_l0, ordered_batches, token_order  # noqa: E402
+from quality import export_split, fvu_l0_dead, ordered_batches, token_order  # noqa: E402
 
 SKIP_ARCHS = {"itda"}  # not gradient-trained (matching pursuit on stored activations): its own section
 
@@ -80,8 +80,8 @@ def config_for(arch: str, n: int, target: int, args: argparse.Namespace) -> Any:
         coefs = dict(zip(args.l0, args.l1_coefs, strict=False))
         return cls(n_latents=n, l1_coef=coefs.get(target, args.l1_coefs[-1]))
     if arch == "gba":
-        base = cls(n_latents=n, update_every=args.gba_update_every or cls.update_every)
-        return dataclasses.replace(base, htf=gba_htf_for_l0(n, float(target), base.n_groups, base.ltf))
+        period = args.gba_update_tokens or cls.update_tokens
+        return cls(n_latents=n, target_l0=float(target), update_tokens=period)
     if "k" in fields:
         return cls(n_latents=n, k=target)
     return None
@@ -177,7 +177,7 @@ def section_l0fvu(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def _detail(cfg: Any) -> str:
-    keys = ("k", "l1_coef", "htf", "update_every", "target_l0", "l0_coef")
+    keys = ("k", "l1_coef", "htf", "update_tokens", "target_l0", "l0_coef")
     return ", ".join(
         f"{k}={getattr(cfg, k):.4g}" if isinstance(getattr(cfg, k), float) else f"{k}={getattr(cfg, k)}"
         for k in keys
@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--jumprelu-coef", type=float, default=1.0, help="jumprelu l0_coef with target_l0")
     p.add_argument(
-        "--gba-update-every", type=int, default=0, help="gba bias-update period T (0: its default)"
+        "--gba-update-tokens", type=int, default=0, help="gba tokens between bias updates (0: its default)"
     )
     p.add_argument("--from-logs", type=Path, nargs="+", help="only re-print the tables from these logs")
     args, rest = p.parse_known_args(argv)

@@ -9,7 +9,7 @@ shared: our trainer and SAELens see the same batches in the same order.
 
 Seed policy: ``--seed`` seeds the shared data order and each library's own parameter init.
 Token budget: ``--train-tokens`` for every run (whole batches). Each library keeps its own defaults
-otherwise (ours: Adam, lr 2e-4/√(n/2^14) with warmup and final decay, unit-norm decoder, input
+otherwise (ours: Adam, the default lr rule of ``sae.configs.default_lr`` with warmup and final decay, unit-norm decoder, input
 scaling, AuxK; SAELens: Adam lr 3e-4 constant, ``TopKTrainingSAE`` defaults), except that the
 SAELens dead-latent window, which it counts in steps, is set to our window in tokens so AuxK starts
 at the same point for both.
@@ -141,6 +141,7 @@ def train_ours(
     batch: int,
     seed: int,
     lr: float | None = None,
+    **train_kw: Any,
 ) -> dict[str, Any]:
     import jax
 
@@ -150,7 +151,7 @@ def train_ours(
 
     steps = len(order) // batch
     tc = TrainConfig(
-        train_tokens=steps * batch, batch_size=batch, seed=seed, lr=lr, log_every=max(1, steps // 10)
+        train_tokens=steps * batch, batch_size=batch, seed=seed, lr=lr, log_every=max(1, steps // 10), **train_kw
     )
 
     t0 = time.perf_counter()
@@ -215,18 +216,6 @@ def run_saelens(
     return {"error": f"rc={proc.returncode}: {proc.stderr.strip()[-400:]}"}
 
 
-def gba_htf_for_l0(n: int, target_l0: float, n_groups: int, ltf: float) -> float:
-    """The highest target frequency whose geometric ladder down to ``ltf`` has n·mean(p) = target_l0."""
-    from sae.gba import GBAConfig, group_targets
-
-    lo, hi = ltf, 1.0
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        l0 = float(group_targets(GBAConfig(n_latents=n, n_groups=n_groups, htf=mid, ltf=ltf)).sum())
-        lo, hi = (mid, hi) if l0 < target_l0 else (lo, mid)
-    return (lo + hi) / 2
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smoke run: n=512, batch 512, ~30k tokens per run")
@@ -253,7 +242,7 @@ def main() -> None:
         type=float,
         nargs="+",
         default=[None],
-        help="our TopK peak learning rate(s); default: the trainer's 2e-4/sqrt(n/2^14)",
+        help="our TopK peak learning rate(s); default: the trainer's rule (sae.configs.default_lr)",
     )
     p.add_argument(
         "--saelens-normalize",
@@ -263,10 +252,7 @@ def main() -> None:
     p.add_argument("--l1-coefs", type=float, nargs="*", default=None, help="relu_l1 λ values (default 5)")
     p.add_argument("--l0-target", type=float, default=None, help="GBA expected L0 (default k)")
     p.add_argument(
-        "--gba-update-every",
-        type=int,
-        default=10,
-        help="GBA steps between bias updates (paper: 50; fewer so short runs get enough updates)",
+        "--gba-update-tokens", type=int, default=None, help="GBA tokens between bias updates (default: its default)"
     )
     p.add_argument("--skip", nargs="*", default=[], choices=["saelens", "topk", "relu_l1", "gba"])
     p.add_argument(
@@ -306,7 +292,7 @@ def main() -> None:
     from sae.gba import GBAConfig
     from sae.relu_l1 import ReluL1Config
     from sae.topk import TopKConfig
-    from sae.trainer import TrainConfig, dead_window, default_lr
+    from sae.trainer import TrainConfig, dead_window
 
     window = dead_window(TrainConfig(train_tokens=steps * batch, batch_size=batch))
     rows: list[dict[str, Any]] = []
@@ -319,7 +305,8 @@ def main() -> None:
 
     if "topk" not in a.skip:
         for lr in a.ours_lr:
-            shown = f"lr={lr:g}" if lr is not None else f"lr={default_lr(n):g} (default)"
+            default = TrainConfig(train_tokens=steps * batch, batch_size=batch).peak_lr(n)
+            shown = f"lr={lr:g}" if lr is not None else f"lr={default:g} (default)"
             record(
                 "ours TopK",
                 f"k={a.k}, {shown}",
@@ -340,12 +327,12 @@ def main() -> None:
                 train_ours(ReluL1Config(n_latents=n, l1_coef=lam), train, order, ev, batch, a.seed),
             )
     if "gba" not in a.skip:
-        base = GBAConfig(n_latents=n, update_every=a.gba_update_every)
-        htf = gba_htf_for_l0(n, l0_target, base.n_groups, base.ltf)
-        cfg = dataclasses.replace(base, htf=htf)
+        cfg = GBAConfig(n_latents=n, target_l0=l0_target)
+        if a.gba_update_tokens:
+            cfg = dataclasses.replace(cfg, update_tokens=a.gba_update_tokens)
         record(
             "ours gba",
-            f"K={cfg.n_groups}, htf={htf:.4f}, ltf={cfg.ltf:g}, T={cfg.update_every}",
+            f"K={cfg.n_groups}, htf={cfg.resolved_htf():.4f}, ltf={cfg.ltf:g}, T={cfg.update_tokens} tokens",
             train_ours(cfg, train, order, ev, batch, a.seed),
         )
 

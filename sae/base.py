@@ -213,7 +213,7 @@ RANGES: dict[str, str] = {
     "htf": "(0,1]",
     "ltf": "(0,1]",
     "gamma": ">=0",
-    "update_every": ">=1",
+    "update_tokens": ">=1",
     "freq_eps": ">0",
     "init_a": ">0",
     "candidates": ">=1",

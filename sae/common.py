@@ -154,17 +154,31 @@ def random_unit_rows(key: jax.Array, n: int, d: int, norm: float = 1.0) -> jax.A
 
 
 def tied_weights(
-    key: jax.Array, n: int, d: int, sample: np.ndarray, norm: float = 1.0
+    key: jax.Array, n: int, d: int, sample: np.ndarray, norm: float = 1.0, rows: str = "random"
 ) -> dict[str, jax.Array]:
-    """The usual init: random decoder rows of norm ``norm``, the encoder their transpose, a zero
-    encoder bias and the decoder bias at the geometric median of ``sample``."""
-    w_dec = random_unit_rows(key, n, d, norm)
+    """The usual init: decoder rows of norm ``norm`` (``rows``: "random" directions, or "data": the
+    directions of centred ``sample`` rows, ``data_rows``), the encoder their transpose, a zero encoder
+    bias and the decoder bias at the geometric median of ``sample``."""
+    b_dec = geometric_median(sample)
+    if rows == "data":
+        w_dec = norm * data_rows(key, np.asarray(sample) - b_dec, n)
+    else:
+        w_dec = random_unit_rows(key, n, d, norm)
     return {
         "W_enc": w_dec.T,
         "b_enc": jnp.zeros((n,), jnp.float32),
         "W_dec": w_dec,
-        "b_dec": jnp.asarray(geometric_median(sample)),
+        "b_dec": jnp.asarray(b_dec),
     }
+
+
+def data_rows(key: jax.Array, centred: np.ndarray, n: int, jitter: float = 0.1) -> jax.Array:
+    """n unit rows from the directions of ``centred`` samples (drawn without replacement while they
+    last), each nudged by ``jitter`` x a random unit vector so repeated draws differ."""
+    k_pick, k_noise = jax.random.split(key)
+    pick = np.asarray(jax.random.choice(k_pick, len(centred), (n,), replace=len(centred) < n))
+    rows = normalize_rows(jnp.asarray(centred[pick], jnp.float32))
+    return normalize_rows(rows + random_unit_rows(k_noise, n, centred.shape[1], jitter))
 
 
 def normalize_rows(w: jax.Array, eps: float = 1e-8) -> jax.Array:

@@ -13,6 +13,7 @@ import ast
 import dataclasses
 import inspect
 import itertools
+import math
 import textwrap
 from dataclasses import dataclass
 from functools import cache
@@ -34,7 +35,8 @@ class TrainConfig:
     seed: int = 0
     """Seeds the init and the data order."""
     lr: float | None = None
-    """Peak learning rate; None means 2e-4 / sqrt(n_latents / 2^14)."""
+    """Peak learning rate; None means the default rule (``default_lr``): 2e-4 / sqrt(n_latents / 2^14)
+    for long runs, raised for short runs (measured grid: docs/learning_rate.md)."""
     warmup_steps: int = 1000
     """Linear warmup length, capped at a tenth of the run."""
     decay_frac: float = 0.2
@@ -94,6 +96,42 @@ class TrainConfig:
     def total_steps(self) -> int:
         return self.train_tokens // self.batch_size
 
+    def peak_lr(self, n_latents: int) -> float:
+        """``lr``, or the default rule's value for this run."""
+        return self.lr if self.lr is not None else default_lr(n_latents, self.total_steps)
+
+
+LONG_RUN_LR = 2e-4
+"""Peak lr at n = 2^14 for long runs (Gao et al.; the reference sheet), scaled by 1/sqrt(n / 2^14)."""
+SHORT_RUN_LR = 1e-2
+"""The measured best peak lr at SHORT_RUN_STEPS steps: at n = 2048 on all three caches of the grid,
+and at n = 8192 on MiniLM (where 5e-3 was worse)."""
+SHORT_RUN_STEPS = 61
+"""250k tokens in batches of 4096."""
+SHORT_RUN_EXPONENT = 0.5
+"""lr ∝ steps^-0.5 (fitted: 5e-3 at 244 steps is the demo cell's default, held-out FVU 0.1086)."""
+MAX_DEFAULT_LR = 1e-2
+"""No default peak lr above this, however short the run (2e-2 already lost 0.015 to 0.1 FVU and a
+third to two thirds of the latents at n = 2048 in the grid)."""
+
+
+def default_lr(n_latents: int, total_steps: int) -> float:
+    """The default peak learning rate of a run with ``n_latents`` latents and ``total_steps`` steps.
+
+    The larger of two rules, capped at MAX_DEFAULT_LR: the long-run rule 2e-4 / sqrt(n / 2^14) (tuned
+    on runs of hundreds of millions of tokens), and a short-run rule fitted to the grid of
+    ``benchmarks/lr_grid.py`` (docs/learning_rate.md): SHORT_RUN_LR · sqrt(SHORT_RUN_STEPS / steps).
+    A short run needs a larger step to move its weights far from the init in the steps it has; in
+    the grid its best lr did not fall with n (1e-2 at n = 2048 and 8192), so n enters only through
+    the long-run rule, which takes over after ~20k (n = 2048) to ~150k (n = 16384) steps. The batch
+    size enters through the steps (a fixed token budget in larger batches is fewer steps).
+    """
+    n = max(int(n_latents), 1)
+    steps = max(int(total_steps), 1)
+    long_run = LONG_RUN_LR / math.sqrt(n / 2**14)
+    short_run = SHORT_RUN_LR * (SHORT_RUN_STEPS / steps) ** SHORT_RUN_EXPONENT
+    return min(MAX_DEFAULT_LR, max(long_run, short_run))
+
 
 # --- topk (sae/topk.py)
 @dataclass(frozen=True)
@@ -119,6 +157,9 @@ class TopKConfig:
     """Norm of the initial decoder rows; None means 1.0 for "unit" and 0.1 for "free"."""
     rescale_by_decoder_norm: bool = True
     """Choose the top k on pre · ‖W_dec,i‖ (only matters for decoder="free")."""
+    init_w: Literal["random", "data"] = "random"
+    """Decoder rows (and encoder columns) at init: "random" directions or "data" (normalised centred
+    samples of the init sample, so every latent starts where the data is)."""
 
     def validate(self, d: int | None = None) -> None:
         if self.n_latents < 1:
@@ -169,7 +210,8 @@ class ReluL1Config:
 # --- gba (sae/gba.py)
 @dataclass(frozen=True)
 class GBAConfig:
-    """GBA / BA hyper-parameters (paper defaults)."""
+    """GBA / BA hyper-parameters (paper defaults, except the update period and the target frequencies:
+    see sae/gba.py)."""
 
     arch: ClassVar[str] = "gba"
 
@@ -177,14 +219,17 @@ class GBAConfig:
     """Number of neurons."""
     n_groups: int = 10
     """K; 1 gives plain bias adaptation (BA)."""
-    htf: float = 0.5
-    """Highest target frequency (group 0)."""
+    target_l0: float = 32.0
+    """Expected L0 n·mean(p_k): sets the highest target frequency when htf is None."""
+    htf: float | None = None
+    """Highest target frequency (group 0); None: the one whose ladder down to ltf has expected L0
+    target_l0."""
     ltf: float = 1e-3
     """Lowest target frequency (group K−1)."""
     gamma: float = 0.01
     """Bias step size γ."""
-    update_every: int = 50
-    """T: steps between bias updates."""
+    update_tokens: int = 8192
+    """Tokens between bias updates (the paper's T in steps times its batch; at least one step)."""
     freq_eps: float = 1e-6
     """A neuron whose frequency is below this counts as never fired."""
     activation: Literal["relu", "jumprelu"] = "relu"
@@ -203,16 +248,58 @@ class GBAConfig:
             raise ValueError(f"n_latents must be positive, got {self.n_latents}")
         if not 1 <= self.n_groups <= self.n_latents:
             raise ValueError(f"n_groups={self.n_groups} must be between 1 and n_latents={self.n_latents}")
-        if not 0 < self.ltf <= self.htf <= 1:
+        if self.htf is not None and not 0 < self.ltf <= self.htf <= 1:
             raise ValueError(f"need 0 < ltf <= htf <= 1, got ltf={self.ltf}, htf={self.htf}")
+        if self.htf is None:
+            lo, hi = gba_l0_range(self)
+            if not lo <= self.target_l0 <= hi:
+                raise ValueError(
+                    f"target_l0={self.target_l0:g} is out of reach of n_latents={self.n_latents}, "
+                    f"n_groups={self.n_groups}, ltf={self.ltf:g} (expected L0 between {lo:.3g} and {hi:.3g}); "
+                    "change --target-l0 or --ltf, or give --htf"
+                )
         if self.init_w not in ("random", "data"):
             raise ValueError(f"init_w must be 'random' or 'data', got {self.init_w!r}")
         if self.init_b_pre not in ("geometric_median", "zero"):
             raise ValueError(f"init_b_pre must be 'geometric_median' or 'zero', got {self.init_b_pre!r}")
         if self.activation not in ("relu", "jumprelu"):
             raise ValueError(f"activation must be 'relu' or 'jumprelu', got {self.activation!r}")
-        if self.update_every < 1:
-            raise ValueError(f"update_every must be >= 1, got {self.update_every}")
+        if self.update_tokens < 1:
+            raise ValueError(f"update_tokens must be >= 1, got {self.update_tokens}")
+
+    def resolved_htf(self) -> float:
+        """``htf``, or the one whose geometric ladder down to ``ltf`` has expected L0 ``target_l0``."""
+        if self.htf is not None:
+            return self.htf
+        lo, hi = self.ltf, 1.0
+        for _ in range(60):  # the expected L0 grows with htf: bisect
+            mid = (lo + hi) / 2
+            if gba_expected_l0(self, mid) < self.target_l0:
+                lo = mid
+            else:
+                hi = mid
+        return (lo + hi) / 2
+
+
+def gba_group_frequencies(cfg: GBAConfig, htf: float) -> list[float]:
+    """p_k, geometric from htf down to ltf over the K groups (K = 1: htf)."""
+    k = cfg.n_groups
+    if k == 1:
+        return [htf]
+    return [htf * (cfg.ltf / htf) ** (g / (k - 1)) for g in range(k)]
+
+
+def gba_expected_l0(cfg: GBAConfig, htf: float) -> float:
+    """n·mean(p) over the neurons (group g holds the neurons m with m·K // n = g)."""
+    p = gba_group_frequencies(cfg, htf)
+    k, n = cfg.n_groups, cfg.n_latents
+    # group g holds the m with g·n/K <= m < (g+1)·n/K: ceil((g+1)·n/K) − ceil(g·n/K) of them
+    return sum(p[g] * (-(-(g + 1) * n // k) + (-g * n // k)) for g in range(k))
+
+
+def gba_l0_range(cfg: GBAConfig) -> tuple[float, float]:
+    """The expected L0s ``target_l0`` can reach (htf from ltf to 1)."""
+    return gba_expected_l0(cfg, cfg.ltf), gba_expected_l0(cfg, 1.0)
 
 
 # --- batchtopk (sae/batchtopk.py)

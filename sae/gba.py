@@ -2,7 +2,7 @@
 
 f(x) = Σ_m a_m w_m φ(s_in · w_mᵀ(x − b_pre) + b_m) + b_pre with unit rows w_m (tied encoder and
 decoder), a_m ≥ 0. Loss: reconstruction only (no sparsity penalty); Adam updates w, a, b_pre; the
-biases b_m live in the state and get no gradient. Every ``update_every`` steps, from counters
+biases b_m live in the state and get no gradient. Every ``update_tokens`` tokens, from counters
 accumulated since the last update (fires and max pre-activation per neuron; no activation buffer):
 
     freq_m = fires_m / tokens;  r_m = max pre-activation;  r̄_k = mean of positive r_m in group k
@@ -44,7 +44,7 @@ from flax import struct
 
 from sae import common
 from sae.base import StepCtx
-from sae.configs import GBAConfig
+from sae.configs import GBAConfig, gba_group_frequencies
 
 Config = GBAConfig
 
@@ -77,10 +77,10 @@ def input_scale_target(cfg: GBAConfig) -> str:
 
 
 def group_targets(cfg: GBAConfig) -> np.ndarray:
-    """Target frequency per neuron: group g = m·K // n, p_g geometric from htf to ltf."""
-    k = cfg.n_groups
-    p = np.array([cfg.htf]) if k == 1 else cfg.htf * (cfg.ltf / cfg.htf) ** (np.arange(k) / (k - 1))
-    groups = np.arange(cfg.n_latents) * k // cfg.n_latents
+    """Target frequency per neuron: group g = m·K // n, p_g geometric from htf (resolved from
+    ``target_l0`` when None) to ltf."""
+    p = np.asarray(gba_group_frequencies(cfg, cfg.resolved_htf()))
+    groups = np.arange(cfg.n_latents) * cfg.n_groups // cfg.n_latents
     return p[groups].astype(np.float32)
 
 
@@ -167,7 +167,7 @@ def update_state(cfg: GBAConfig, state: State, aux: dict[str, jax.Array], step: 
     b = state.b
     b = jnp.where(freq > p, jnp.maximum(b - cfg.gamma * jnp.maximum(rmax, 0.0), -1.0), b)
     b = jnp.where(freq < cfg.freq_eps, jnp.minimum(b + cfg.gamma * r_bar, 0.0), b)
-    due = (state.step + 1) % cfg.update_every == 0
+    due = tokens >= cfg.update_tokens
     zero = jnp.zeros_like(fires)
     return State(
         b=jnp.where(due, b, state.b),

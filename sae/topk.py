@@ -56,7 +56,8 @@ def input_scale_target(cfg: TopKConfig) -> str:
 def init(cfg: TopKConfig, key: jax.Array, d: int, sample: np.ndarray) -> tuple[Params, State]:
     cfg.validate()
     norm = cfg.init_dec_norm if cfg.init_dec_norm is not None else (1.0 if cfg.decoder == "unit" else 0.1)
-    params = Params(**common.tied_weights(key, cfg.n_latents, d, sample, norm))
+    rows = getattr(cfg, "init_w", "random")  # HierarchicalTopK shares this init without the option
+    params = Params(**common.tied_weights(key, cfg.n_latents, d, sample, norm, rows))
     return params, State(step=jnp.zeros((), jnp.int32))
 
 

@@ -5,7 +5,8 @@ Per step (one jitted function, the train state donated):
   norm → Adam with warmup/decay schedule → apply → renormalise rows (``arch.constrain``) →
   non-gradient state updates (``arch.update_state``) → dead-latent counters (in tokens).
 
-Schedule: lr = 2e-4 / sqrt(n / 2^14) unless given; linear warmup over min(1000, steps/10) steps
+Schedule: peak lr = ``TrainConfig.peak_lr`` (``sae.configs.default_lr`` unless given: it depends on
+n and the number of steps, docs/learning_rate.md); linear warmup over min(1000, steps/10) steps
 (scaled down for short runs); linear decay to 0 over the last 20% of steps.
 Dead window: min(10M, max(5% of training tokens, one batch)) tokens unless given.
 Input scaling: one scalar estimated on ``init_sample_tokens`` tokens before training (the arch picks
@@ -50,7 +51,7 @@ from flax import struct
 
 from sae import common, runs, sharding
 from sae.base import StepCtx, arch_module, optional, validate_config
-from sae.configs import TrainConfig
+from sae.configs import TrainConfig, default_lr  # noqa: F401  (default_lr re-exported)
 from sae.lifecycle import (  # noqa: F401  (re-exported: the trainer's public names)
     DIVERGED_FILE,
     EXECUTION_FIELDS,
@@ -109,10 +110,6 @@ _all_finite = jax.jit(
 )
 
 
-def default_lr(n_latents: int) -> float:
-    return 2e-4 / math.sqrt(n_latents / 2**14)
-
-
 def dead_window(tc: TrainConfig) -> int:
     if tc.dead_window_tokens is not None:
         return int(tc.dead_window_tokens)
@@ -121,7 +118,7 @@ def dead_window(tc: TrainConfig) -> int:
 
 def make_schedule(tc: TrainConfig, n_latents: int) -> Callable[[jax.Array], jax.Array]:
     total = tc.total_steps
-    peak = tc.lr if tc.lr is not None else default_lr(n_latents)
+    peak = tc.peak_lr(n_latents)
     warm = max(1, min(tc.warmup_steps, total // 10))
     decay_start = total * (1.0 - tc.decay_frac)
 

@@ -34,7 +34,7 @@ D = 6
 SMALL: dict[str, dict[str, Any]] = {
     "topk": {"n_latents": 16, "k": 3},
     "relu_l1": {"n_latents": 16, "variant": "classic"},
-    "gba": {"n_latents": 16, "n_groups": 2, "update_every": 2},
+    "gba": {"n_latents": 16, "n_groups": 2, "htf": 0.5, "update_tokens": 64},
     "batchtopk": {"n_latents": 16, "k": 3, "threshold_start_step": 2},
     "jumprelu": {"n_latents": 16},
     "hierarchical_topk": {"n_latents": 16, "k": 3},

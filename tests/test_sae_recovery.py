@@ -14,7 +14,7 @@ from sae.gba import GBAConfig  # noqa: E402
 
 def test_gba_recovers_features_small() -> None:
     setting = recovery.Setting("small", n_features=32, d=24, sparsities=(2, 4))
-    cfg = GBAConfig(n_latents=128, update_every=10)
+    cfg = GBAConfig(n_latents=128, htf=0.5, update_tokens=2560)
     frr8, frr9 = recovery.run_one(cfg, setting, seed=0, steps=600, batch=256)
     assert frr9 >= 0.9, (frr8, frr9)
 

@@ -13,6 +13,7 @@ import sae
 from sae import common, gba
 from sae.base import StepCtx, make_config
 from sae.batchtopk import BatchTopKConfig
+from sae.configs import MAX_DEFAULT_LR, default_lr
 from sae.gba import GBAConfig
 from sae.hierarchical_topk import HierarchicalTopKConfig
 from sae.jumprelu import JumpReLUConfig
@@ -60,6 +61,42 @@ def test_schedule_warmup_and_decay() -> None:
     assert float(default(jnp.asarray(5000))) == pytest.approx(2e-4 / 2.0)
 
 
+def test_default_lr_meets_the_long_run_rule_on_huge_budgets() -> None:
+    for n in (2**10, 2**14, 2**20):
+        long_run = 2e-4 / np.sqrt(n / 2**14)
+        assert default_lr(n, 10**8) == pytest.approx(long_run)  # never below it, and no short-run boost
+        assert TrainConfig(train_tokens=10**12, batch_size=4096).peak_lr(n) == pytest.approx(long_run)
+
+
+def test_default_lr_is_bounded_on_tiny_budgets_and_small_saes() -> None:
+    for n in (1, 16, 2**12, 2**24):
+        for steps in (0, 1, 10, 100):
+            lr = default_lr(n, steps)
+            assert np.isfinite(lr) and 0 < lr <= MAX_DEFAULT_LR
+            assert lr > default_lr(n, 10**8) or lr == MAX_DEFAULT_LR
+    assert default_lr(1, 1) == MAX_DEFAULT_LR
+
+
+def test_default_lr_falls_with_steps_and_latents() -> None:
+    steps = [1, 10, 61, 244, 1000, 10**4, 10**5, 10**6, 10**7]
+    for n in (2048, 8192, 32768):
+        lrs = [default_lr(n, s) for s in steps]
+        assert all(b <= a for a, b in zip(lrs, lrs[1:], strict=False))
+        assert lrs[2] > 5 * lrs[-1]  # short runs get a much larger step than long ones
+    for s in steps:
+        by_n = [default_lr(n, s) for n in (2**8, 2**11, 2**13, 2**15, 2**20)]
+        assert all(b <= a for a, b in zip(by_n, by_n[1:], strict=False))
+
+
+def test_default_lr_sees_the_batch_through_the_steps() -> None:
+    # the same tokens in larger batches are fewer steps: never a lower default lr
+    lrs = [TrainConfig(train_tokens=2**20, batch_size=b).peak_lr(4096) for b in (256, 1024, 4096, 2**20)]
+    assert all(b >= a for a, b in zip(lrs, lrs[1:], strict=False)) and lrs[-1] > lrs[0]
+    assert TrainConfig(train_tokens=2**20, batch_size=4096, lr=1e-5).peak_lr(4096) == 1e-5  # given: kept
+    s = make_schedule(TrainConfig(train_tokens=2**20, batch_size=4096), 4096)
+    assert float(s(jnp.asarray(200))) == pytest.approx(default_lr(4096, 256), rel=1e-6)
+
+
 def test_dead_window_counts_tokens() -> None:
     assert dead_window(TrainConfig(train_tokens=1_000_000, batch_size=100)) == 50_000
     assert dead_window(TrainConfig(train_tokens=10**10, batch_size=4096)) == 10_000_000
@@ -72,7 +109,7 @@ def test_dead_window_counts_tokens() -> None:
         TopKConfig(n_latents=96, k=4, decoder="free", multi_topk=True),
         ReluL1Config(n_latents=96, l1_coef=1.0),
         ReluL1Config(n_latents=96, l1_coef=0.3, variant="classic"),
-        GBAConfig(n_latents=96, n_groups=4, htf=0.2, ltf=0.01, update_every=10),
+        GBAConfig(n_latents=96, n_groups=4, htf=0.2, ltf=0.01, update_tokens=1280),
         BatchTopKConfig(n_latents=96, k=4),
         JumpReLUConfig(n_latents=96, l0_coef=3e-3),
         HierarchicalTopKConfig(n_latents=96, k=6),
@@ -137,7 +174,7 @@ def test_checkpoint_load_folds_scale_like_final(tmp_path: Path) -> None:
 
 
 def test_gba_bias_adaptation_rules() -> None:
-    cfg = GBAConfig(n_latents=4, n_groups=2, htf=0.5, ltf=0.1, gamma=0.1, update_every=2)
+    cfg = GBAConfig(n_latents=4, n_groups=2, htf=0.5, ltf=0.1, gamma=0.1, update_tokens=20)
     state = gba.State(
         b=jnp.array([0.0, -0.5, -0.95, -0.2]),
         fires=jnp.zeros(4),
@@ -158,6 +195,31 @@ def test_gba_bias_adaptation_rules() -> None:
     np.testing.assert_allclose(s2.b, [-0.1, -0.5, -0.75, -0.4], atol=1e-6)
     assert float(s2.tokens) == 0 and float(s2.fires.sum()) == 0
     np.testing.assert_allclose(gba.group_targets(cfg), [0.5, 0.5, 0.1, 0.1], rtol=1e-6)
+
+
+def test_gba_updates_by_tokens_not_steps() -> None:
+    cfg = GBAConfig(n_latents=4, n_groups=2, htf=0.5, ltf=0.1, gamma=0.1, update_tokens=14)
+    state = gba.init(cfg, jax.random.PRNGKey(0), 3, np.ones((8, 3), np.float32))[1]
+    aux = {"fires": jnp.array([9.0, 0.0, 0.0, 0.0]), "rmax": jnp.array([1.0, 0.5, 0.5, 0.5])}
+    s = state
+    for step, b in enumerate([5, 5, 5]):  # due once 14 tokens have been seen, whatever the batch
+        s = gba.update_state(cfg, s, {**aux, "tokens": jnp.asarray(float(b))}, jnp.asarray(step))
+        assert (float(s.tokens) == 0) == (step == 2)
+    big = gba.update_state(cfg, state, {**aux, "tokens": jnp.asarray(12.0)}, jnp.asarray(0))
+    assert float(big.tokens) == 12  # not due yet
+    big = gba.update_state(cfg, state, {**aux, "tokens": jnp.asarray(15.0)}, jnp.asarray(0))
+    assert float(big.tokens) == 0 and float(big.b[0]) < 0  # a batch over the period updates every step
+
+
+def test_gba_default_targets_reach_the_target_l0() -> None:
+    for n, target in ((512, 8.0), (4096, 32.0), (32768, 64.0)):
+        cfg = GBAConfig(n_latents=n, target_l0=target)
+        cfg.validate()
+        assert float(gba.group_targets(cfg).sum()) == pytest.approx(target, rel=1e-4)
+        assert cfg.ltf < cfg.resolved_htf() <= 1
+    assert GBAConfig(htf=0.5).resolved_htf() == 0.5  # a given htf wins
+    with pytest.raises(ValueError, match="--target-l0"):
+        GBAConfig(n_latents=64, target_l0=60.0).validate()  # beyond n·mean(p) with htf = 1
 
 
 def test_auxk_zero_without_dead_and_positive_with() -> None:
