@@ -151,7 +151,12 @@ def train_ours(
 
     steps = len(order) // batch
     tc = TrainConfig(
-        train_tokens=steps * batch, batch_size=batch, seed=seed, lr=lr, log_every=max(1, steps // 10), **train_kw
+        train_tokens=steps * batch,
+        batch_size=batch,
+        seed=seed,
+        lr=lr,
+        log_every=max(1, steps // 10),
+        **train_kw,
     )
 
     t0 = time.perf_counter()
@@ -252,7 +257,10 @@ def main() -> None:
     p.add_argument("--l1-coefs", type=float, nargs="*", default=None, help="relu_l1 λ values (default 5)")
     p.add_argument("--l0-target", type=float, default=None, help="GBA expected L0 (default k)")
     p.add_argument(
-        "--gba-update-tokens", type=int, default=None, help="GBA tokens between bias updates (default: its default)"
+        "--gba-update-tokens",
+        type=int,
+        default=None,
+        help="GBA tokens between bias updates (default: its default)",
     )
     p.add_argument("--skip", nargs="*", default=[], choices=["saelens", "topk", "relu_l1", "gba"])
     p.add_argument(

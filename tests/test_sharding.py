@@ -41,7 +41,10 @@ def _configs() -> dict[str, Any]:
     from sae.gba import GBAConfig
     from sae.topk import TopKConfig
 
-    return {"topk": TopKConfig(n_latents=N, k=4), "gba": GBAConfig(n_latents=N, n_groups=4, htf=0.5, update_tokens=5 * BATCH)}
+    return {
+        "topk": TopKConfig(n_latents=N, k=4),
+        "gba": GBAConfig(n_latents=N, n_groups=4, htf=0.5, update_tokens=5 * BATCH),
+    }
 
 
 def _tc(mesh: tuple[int, int], **kw: Any) -> Any:
