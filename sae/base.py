@@ -149,8 +149,10 @@ def config_fields(cls: type) -> list[str]:
 
 
 def make_config(cls: type, values: dict[str, Any]) -> Any:
-    """Build a frozen config from a dict, refusing unknown keys with the list of valid ones."""
+    """Build a frozen config from a dict, refusing unknown keys with the list of valid ones (a saved
+    config's ``cls.retired`` fields, from earlier versions, are dropped so old runs still load)."""
     names = config_fields(cls)
+    values = {k: v for k, v in values.items() if k not in getattr(cls, "retired", ())}
     unknown = sorted(set(values) - set(names))
     if unknown:
         raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; valid fields are {names}")

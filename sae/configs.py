@@ -214,6 +214,9 @@ class GBAConfig:
     see sae/gba.py)."""
 
     arch: ClassVar[str] = "gba"
+    retired: ClassVar[tuple[str, ...]] = ("update_every",)
+    """Fields of earlier versions, dropped when a saved config is read (``sae.base.make_config``):
+    ``update_every`` (steps) became ``update_tokens``; the SAE's inference form never used it."""
 
     n_latents: int = 4096
     """Number of neurons."""

@@ -211,6 +211,14 @@ def test_gba_updates_by_tokens_not_steps() -> None:
     assert float(big.tokens) == 0 and float(big.b[0]) < 0  # a batch over the period updates every step
 
 
+def test_a_gba_config_saved_before_update_tokens_still_loads() -> None:
+    old = {"n_latents": 64, "n_groups": 4, "htf": 0.2, "ltf": 0.01, "gamma": 0.01, "update_every": 5}
+    cfg = make_config(GBAConfig, old)  # as stored in sae.json by runs trained before the rename
+    assert cfg.htf == 0.2 and cfg.update_tokens == GBAConfig().update_tokens
+    with pytest.raises(ValueError, match="unknown GBAConfig field"):
+        make_config(GBAConfig, {**old, "update_evry": 5})
+
+
 def test_gba_default_targets_reach_the_target_l0() -> None:
     for n, target in ((512, 8.0), (4096, 32.0), (32768, 64.0)):
         cfg = GBAConfig(n_latents=n, target_l0=target)
