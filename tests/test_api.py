@@ -161,7 +161,7 @@ def test_bad_arguments_raise_the_cli_line(tiny_lm_ws: Path, tmp_path: Path, caps
 
 def test_explain_through_the_api(explained_ws: Path, smollm2_chat: object, tmp_path: Path) -> None:
     """`saewb.explain` on the suite's explained workspace (two latents explained by the real SmolLM2 with
-    these settings): the same selection resumes, nothing is asked again, and the stored results come back."""
+    these settings): the same selection resumes, a second call asks nothing, and the stored results come back."""
     import shutil
 
     from conftest import EXPLAIN_TEST_CONFIG
@@ -169,8 +169,13 @@ def test_explain_through_the_api(explained_ws: Path, smollm2_chat: object, tmp_p
     ws = tmp_path / "ws.duckdb"
     shutil.copy(explained_ws, ws)
     config = saewb.ExplainConfig(**EXPLAIN_TEST_CONFIG)
+    first = saewb.explain(ws, "demo", config, sample=2, backend=smollm2_chat, progress=False)
+    # a latent the fixture left with a recorded failure (a malformed answer) is asked again; the rest resume
+    assert first.result["selected"] == 2 and first.result["skipped_done"] + first.result["explained"] == 2
     out = saewb.explain(ws, "demo", config, sample=2, backend=smollm2_chat, progress=False)
-    assert out.result["selected"] == 2 and out.result["skipped_done"] == 2 and out.result["prompts_sent"] == 0
+    assert (
+        out.result["selected"] == 2 and out.result["prompts_sent"] == 0
+    )  # stored or answered from the cache
     assert len(out.texts) == 2 and all(out.texts.values())
     assert {"detection", "fuzzing", "embedding"} == set(out.summary.scorer) and "llm - baseline" in repr(out)
 

@@ -3,6 +3,7 @@ documented, and every relative link in README.md and docs/ points at a file that
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import re
 
@@ -28,7 +29,7 @@ def test_config_reference_is_current() -> None:
     )
     for arch, mod in registry().items():  # generic over the registry: every arch and every field
         assert f"`--arch {arch}`" in text
-        for name in mod.Config.__dataclass_fields__:
+        for name in (f.name for f in dataclasses.fields(mod.Config)):
             assert f"`--{name.replace('_', '-')}`" in text, (arch, name)
 
 
