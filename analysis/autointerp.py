@@ -291,6 +291,11 @@ def parse_ranges(spec: str) -> list[int]:
     return sorted(out)
 
 
+MIN_FIRES = 10
+"""Firings a latent needs to be picked by ``--sample``, ``--top-by`` or "all": with fewer, the explainer sees
+the same one or two contexts again and the scorers have too few activating examples to score."""
+
+
 def select_latents(
     stats: list[dict[str, Any]],
     *,
@@ -299,29 +304,29 @@ def select_latents(
     limit: int | None = None,
     sample: int | None = None,
     seed: int = 0,
+    min_fires: int = MIN_FIRES,
 ) -> list[int]:
-    """The latents to explain: an id list, the top by a statistic, a uniform sample of live latents, or all live."""
+    """The latents to explain: an id list (any live latent), the top by a statistic, a uniform sample of
+    the explainable latents (at least ``min_fires`` firings), or all explainable ones."""
     n = len(stats)
-    live = [int(s["latent"]) for s in stats if (s["n_fires"] or 0) > 0]
+    explainable = [s for s in stats if (s["n_fires"] or 0) >= min_fires]
     if latents:
         chosen = parse_ranges(latents)
         if chosen and chosen[-1] >= n:
             raise ValueError(f"--latents {latents}: the run has latents 0..{n - 1}")
-        alive = set(live)
+        alive = {int(s["latent"]) for s in stats if (s["n_fires"] or 0) > 0}
         return [i for i in chosen if i in alive]
     if top_by:
         keys = {"freq": "freq", "max-act": "max_act", "mean-act": "mean_act"}
         if top_by not in keys:
             raise ValueError(f"--top-by {top_by!r}: choose one of {', '.join(keys)}")
-        ranked = sorted(
-            (s for s in stats if (s["n_fires"] or 0) > 0),
-            key=lambda s: (-(s[keys[top_by]] or 0), s["latent"]),
-        )
+        ranked = sorted(explainable, key=lambda s: (-(s[keys[top_by]] or 0), s["latent"]))
         return sorted(int(s["latent"]) for s in ranked[: limit or len(ranked)])
+    pool = [int(s["latent"]) for s in explainable]
     if sample:
         rng = np.random.default_rng(seed)
-        return sorted(int(i) for i in rng.choice(live, size=min(sample, len(live)), replace=False))
-    return live[:limit] if limit else live
+        return sorted(int(i) for i in rng.choice(pool, size=min(sample, len(pool)), replace=False))
+    return pool[:limit] if limit else pool
 
 
 def _as_shown(c: Any, acts: list[float] | None = None) -> Shown:
@@ -619,7 +624,8 @@ def explain_selected(
     chosen = select_latents(stats, latents=latents, top_by=top_by, limit=limit, sample=sample, seed=cfg.seed)
     if not chosen:
         raise ValueError(
-            "no live latent selected; check --latents (dead latents have no contexts to explain)"
+            f"no latent to explain selected; check --latents (dead latents have no contexts to explain; "
+            f"--sample, --top-by and the default take latents with at least {MIN_FIRES} firings)"
         )
     if backend is None:
         backend = make_backend(explainer_url, explainer_model, timeout_s, batch_size)  # checked first

@@ -87,8 +87,6 @@ def demo_ws(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "40000",
         "--batch-size",
         "1024",
-        "--lr",  # the default for 39 steps is 1e-2: at n 512 that leaves latents with one or two
-        "1e-3",  # firings: such a latent shows one context twice and has no embedding score
         "--seed",
         "0",
         "--name",

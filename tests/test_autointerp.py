@@ -169,13 +169,17 @@ def test_selection_parsing_and_scores() -> None:
     assert parse_ranges("0-3,7") == [0, 1, 2, 3, 7]
     with pytest.raises(ValueError, match="like 0-99"):
         parse_ranges("a-b")
-    assert select_latents(stats, latents="0-4") == [1, 2, 4]  # dead latents skipped
-    assert select_latents(stats, top_by="freq", limit=2) == [7, 8]
-    sample = select_latents(stats, sample=3, seed=0)
-    assert (
-        len(sample) == 3 and all(i % 3 for i in sample) and sample == select_latents(stats, sample=3, seed=0)
-    )
-    assert select_latents(stats) == [1, 2, 4, 5, 7, 8]
+    assert select_latents(stats, latents="0-4") == [1, 2, 4]  # dead latents skipped, any live one kept
+    assert select_latents(stats, top_by="freq", limit=2, min_fires=1) == [7, 8]
+    sample = select_latents(stats, sample=3, seed=0, min_fires=1)
+    assert len(sample) == 3 and all(i % 3 for i in sample)
+    assert sample == select_latents(stats, sample=3, seed=0, min_fires=1)
+    assert select_latents(stats, min_fires=1) == [1, 2, 4, 5, 7, 8]
+    # too few firings to explain or score: left out of --sample, --top-by and "all", not of --latents
+    assert select_latents(stats, min_fires=5) == [5, 7, 8]
+    assert set(select_latents(stats, sample=5, seed=0, min_fires=5)) == {5, 7, 8}
+    assert select_latents(stats, top_by="freq", min_fires=8) == [8]
+    assert select_latents(stats) == []  # the default MIN_FIRES (10) is above every count here
     assert auroc(np.array([0.9, 0.8]), np.array([0.1, 0.8])) == pytest.approx(0.875)
     assert balanced_accuracy([True, True, False, False], [True, None, False, True]) == pytest.approx(0.5)
     assert parse_explanation("The marked tokens have in common: numbers in code.\nmore") == "numbers in code"
