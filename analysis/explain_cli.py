@@ -24,10 +24,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     which = p.add_mutually_exclusive_group()
     which.add_argument("--latents", help="ids and ranges, e.g. 0-99 or 3,7,10-12 (dead latents are skipped)")
     which.add_argument(
-        "--top-by", choices=("freq", "max-act", "mean-act"), help="the live latents highest in this"
+        "--top-by",
+        choices=("freq", "max-act", "mean-act"),
+        help="the latents (with at least 10 firings) highest in this",
     )
-    which.add_argument("--sample", type=int, help="a uniform random sample of this many live latents")
-    p.add_argument("--limit", type=int, help="how many latents with --top-by (or the first N live latents)")
+    which.add_argument(
+        "--sample", type=int, help="a uniform random sample of this many latents with at least 10 firings"
+    )
+    p.add_argument(
+        "--limit", type=int, help="how many latents with --top-by (or the first N with at least 10 firings)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of --sample and of the context draws")
     p.add_argument(
         "--explainer-url",
