@@ -361,17 +361,18 @@ def _plan(
 def _live_plan(values: dict[str, Any], sae_cfg: Any, tc: Any) -> TrainPlan:
     """A plan for `--from-model`: the model is loaded to check the hook and learn its width."""
     from activations.live import live_settings
-    from activations.store import check_name
+    from activations.store import as_sources, check_name
     from sae.base import validate_config
     from saewb.workspace import Workspace
 
-    if len(as_list(values["workspace"])) > 1:
+    workspaces = as_sources(values["workspace"])
+    if len(workspaces) > 1:
         raise ValueError("--from-model trains without a harvest: give one --workspace (it holds the run)")
     live = live_settings(
         {k: values.get(k) for k in LIVE_KEYS if k != "from_model"} | {"model": values["from_model"]}
     )
     check_name(str(values["name"]), "run name")
-    ws = Workspace(as_list(values["workspace"])[0])
+    ws = Workspace(workspaces[0])
     plan = _plan(values, ws.path, str(values["hook"]), "", 0, sae_cfg, tc, live=live)
     source = live_source(plan)
     hook = source.hook(plan.hook)
@@ -380,10 +381,6 @@ def _live_plan(values: dict[str, Any], sae_cfg: Any, tc: Any) -> TrainPlan:
         raise ValueError(f"d_in={values['d_in']} but hook {hook!r} of model {live['model']!r} has width {d}")
     validate_config(sae_cfg, d)
     return dataclasses.replace(plan, hook=hook, d=d)
-
-
-def as_list(value: Any) -> list[Any]:
-    return list(value) if isinstance(value, list | tuple) else [value]
 
 
 def _check_existing(plan: TrainPlan) -> int:
