@@ -29,10 +29,11 @@ from activations.store import (
     ShardFiles,
     decode,
     harvest_info,
-    nonfinite_rows,
+    nonfinite_any,
     quote_ident,
     row_bytes,
     shard_files,
+    value_dtype,
 )
 from saewb.workspace import Workspace
 
@@ -41,11 +42,17 @@ ActsRef = tuple[str, str, list[Any]]
 
 
 def read_files(
-    shards: ShardFiles, lo: int, hi: int, keep: np.ndarray | None = None, out: np.ndarray | None = None
+    shards: ShardFiles,
+    lo: int,
+    hi: int,
+    keep: np.ndarray | None = None,
+    out: np.ndarray | None = None,
+    widen: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(tok_idx, x[rows, d] float32) of the rows lo <= tok_idx < hi of a hook's shard files (only
-    those with `keep[tok_idx - lo]` when given): one positioned read per file touched into one array
-    in the store dtype, then widened to float32 in one pass (into `out` when given)."""
+    """(tok_idx, x[rows, d]) of the rows lo <= tok_idx < hi of a hook's shard files (only those with
+    `keep[tok_idx - lo]` when given): one positioned read per file touched, into `out` when given.
+    `widen`: float32 (widened in one pass); else the store dtype's values as they are on disk
+    (`value_dtype`), half the bytes to move for float16."""
     first = int(np.searchsorted(shards.stops, lo, side="right"))
     last = int(np.searchsorted(shards.starts, hi, side="left"))
     spans = [
@@ -58,9 +65,18 @@ def read_files(
         for i in range(first, last)
     ]
     n = sum(b - a for _, a, b, _ in spans)
-    raw = np.empty((n, shards.d), dtype=RAW_DTYPE[shards.dtype])
+    rows = (
+        np.concatenate([np.arange(a, b, dtype=np.int64) for _, a, b, _ in spans])
+        if spans
+        else np.empty(0, np.int64)
+    )
+    mask = None if keep is None else keep[rows - lo]
+    if mask is not None and mask.all():
+        mask = None
+    direct = not widen and out is not None and mask is None  # straight from the file into `out`
+    raw = out[:n] if direct else np.empty((n, shards.d), dtype=value_dtype(shards.dtype))
     width = row_bytes(shards.d, shards.dtype)
-    view = memoryview(raw).cast("B")
+    view = memoryview(raw.view(np.uint8)).cast("B")
     at = 0
     for file, a, b, start in spans:
         try:
@@ -78,31 +94,35 @@ def read_files(
         if got != want:
             raise OSError(f"shard file {shards.folder / file} is shorter than its catalogue row says")
         at += want
-    rows = (
-        np.concatenate([np.arange(a, b, dtype=np.int64) for _, a, b, _ in spans])
-        if spans
-        else np.empty(0, np.int64)
-    )
-    if keep is not None:
-        mask = keep[rows - lo]
-        if not mask.all():
-            rows, raw = rows[mask], raw[mask]  # in the store dtype: half the bytes to move for float16
+    if direct:
+        return rows, raw
+    if mask is not None:
+        rows, raw = rows[mask], raw[mask]  # in the store dtype: half the bytes to move for float16
+    if not widen:
+        if out is None:
+            return rows, raw
+        out[: len(rows)] = raw
+        return rows, out[: len(rows)]
     x = np.empty((len(rows), shards.d), dtype=np.float32) if out is None else out[: len(rows)]
-    return rows, decode(raw, shards.dtype, out=x)
+    return rows, decode(raw.view(RAW_DTYPE[shards.dtype]), shards.dtype, out=x)
 
 
 def read_range(
-    con: duckdb.DuckDBPyConnection,
+    con: duckdb.DuckDBPyConnection | None,
     acts: ActsRef | ShardFiles,
     lo: int,
     hi: int,
     keep: np.ndarray | None = None,
     out: np.ndarray | None = None,
+    widen: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(tok_idx, x[rows, d] float32) of every stored row with lo <= tok_idx < hi (and
-    `keep[tok_idx - lo]` when given), in tok_idx order; written into `out` when given."""
+    `keep[tok_idx - lo]` when given), in tok_idx order; written into `out` when given. Shard files
+    need no connection; `widen=False` leaves their values in the store dtype (tables are float32)."""
     if isinstance(acts, ShardFiles):
-        return read_files(acts, lo, hi, keep, out)
+        return read_files(acts, lo, hi, keep, out, widen)
+    if con is None:
+        raise ValueError("reading a DuckDB table or Parquet file needs a connection")
     source, x_expr, params = acts
     result = con.sql(
         f"SELECT tok_idx, {x_expr} FROM {source} WHERE tok_idx >= ? AND tok_idx < ?", params=[*params, lo, hi]
@@ -242,25 +262,52 @@ class HookReader:
             ).fetchone()
         return int(found[0]) if found else 0
 
+    @property
+    def value_dtype(self) -> np.dtype:
+        """What `read(widen=False)` hands out: the store dtype of shard files, float32 otherwise."""
+        return value_dtype(self.acts.dtype) if isinstance(self.acts, ShardFiles) else np.dtype(np.float32)
+
+    def needs_connection(self, chunk_tokens: int) -> bool:
+        """Whether reading aligned chunks of this size queries DuckDB (shard files whose kept tokens
+        are in the bitmap do not: no connection is opened for them)."""
+        return not (
+            isinstance(self.acts, ShardFiles) and self._kept_bits is not None and chunk_tokens % 8 == 0
+        )
+
     def read(
-        self, con: duckdb.DuckDBPyConnection, lo: int, hi: int, out: np.ndarray | None = None
+        self,
+        con: duckdb.DuckDBPyConnection | None,
+        lo: int,
+        hi: int,
+        out: np.ndarray | None = None,
+        widen: bool = True,
+        check: bool = True,
     ) -> tuple[np.ndarray, np.ndarray]:
         """(tok_idx, x) of the kept rows with lo <= tok_idx < hi, in tok_idx order (x written into
-        `out` when given); NaN/inf refused."""
+        `out` when given; float32, or with `widen=False` in `value_dtype`); NaN/inf refused (unless
+        `check=False`: the caller runs `refuse_nonfinite` itself, e.g. on another thread)."""
         if self._kept_bits is not None and lo % 8 == 0:
             keep = np.unpackbits(self._kept_bits[lo // 8 : -(-hi // 8)], count=hi - lo).view(bool)
+        elif con is None:
+            raise ValueError("this read needs a connection (see needs_connection)")
         else:
             keep = self._kept(con, lo, hi)
-        rows, values = read_range(con, self.acts, lo, hi, keep, out)
-        bad = nonfinite_rows(values)  # kept rows only (skipped and special tokens may be anything)
+        rows, values = read_range(con, self.acts, lo, hi, keep, out, widen)
+        if check:
+            self.refuse_nonfinite(rows, values)
+        return rows, values
+
+    def refuse_nonfinite(self, rows: np.ndarray, values: np.ndarray) -> None:
+        """Raise `NonFiniteActivationsError` naming the tokens if a row read (kept rows only: skipped
+        and special tokens may hold anything) holds a NaN or an infinity."""
+        bad = nonfinite_any(values)
         if len(bad):
             raise NonFiniteActivationsError(
-                f"hook {self.hook!r} of {self.part.location} holds {len(bad)} NaN/inf activation rows in tokens "
-                f"{lo}..{hi - 1} (tok_idx {', '.join(map(str, rows[bad][:5].tolist()))}"
-                f"{', ...' if len(bad) > 5 else ''}); {self.consequence}. `saewb harvest` checks every batch, so "
-                "these came from elsewhere: harvest again (with --nonfinite skip to leave such rows out)"
+                f"hook {self.hook!r} of {self.part.location} holds {len(bad)} NaN/inf activation rows (tok_idx "
+                f"{', '.join(map(str, rows[bad][:5].tolist()))}{', ...' if len(bad) > 5 else ''}); "
+                f"{self.consequence}. `saewb harvest` checks every batch, so these came from elsewhere: harvest "
+                "again (with --nonfinite skip to leave such rows out)"
             )
-        return rows, values
 
 
 def ordered_batches(

@@ -6,10 +6,13 @@ In one run, on the file system of `--dir`:
   `dd conv=fsync` measures) and a sequential read of that file with the page cache dropped
   (`echo 3 > /proc/sys/vm/drop_caches`, needs root; otherwise the file is read with O_DIRECT);
 * the harvest's write path with a synthetic producer (a model that costs nothing): the same
-  `commit_rows` a harvest's writer thread calls, tokens included, in commits of 65,536 rows;
+  `commit_rows` a harvest's writer thread calls, tokens included, in commits of the harvest's
+  default size (`--commit-tokens`, one DuckDB row group);
   activation GB/s counts the activation bytes stored;
-* the training stream (`ActivationStream`, shuffled, default buffer) over one whole epoch with the
-  page cache dropped first, GB/s of activation bytes read, and its peak RSS;
+* the training stream (`ActivationStream`, shuffled, default buffer, the next buffer read ahead)
+  over one whole epoch with the page cache dropped first, its batches as the trainer takes them
+  (`--values stored`: a half-precision cache stays half, widened on the trainer's device; `float32`:
+  widened here, as the analysis reads), GB/s of activation bytes read, and its peak RSS;
 * for each store dtype and each `--rows` size, so growth from 1M to 50M rows shows (time linear,
   memory flat); float32 only up to `--max-float32-rows` (it is twice the bytes).
 
@@ -36,11 +39,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import duckdb  # noqa: E402
 import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
 
+from activations.harvest import Chunk, ChunkWriter, HarvestConfig  # noqa: E402
 from activations.store import (  # noqa: E402
     activation_table,
-    commit_rows,
     encode,
     ensure_schema,
     harvest_info,
@@ -50,9 +52,11 @@ from activations.store import (  # noqa: E402
 )
 from saewb.workspace import Workspace  # noqa: E402
 
-COMMIT = 65_536
+COMMIT = HarvestConfig.commit_tokens
 HOOK = "blocks.5.hook_out"
 DOC_TOKENS = 512
+BATCH = 8192
+"""Rows of one synthetic forward pass (16 documents of DOC_TOKENS tokens)."""
 
 
 def drop_caches() -> bool:
@@ -94,48 +98,34 @@ def disk_baseline(folder: Path, gb: float) -> dict[str, float]:
 
 
 def _activations(d: int) -> np.ndarray:
-    """One commit's worth of rows shaped like activations (low rank plus noise), made once."""
+    """One batch of rows shaped like activations (low rank plus noise), made once."""
     rng = np.random.default_rng(0)
     basis = rng.standard_normal((32, d)).astype(np.float32)
-    return rng.standard_normal((COMMIT, 32)).astype(np.float32) @ basis + 0.1 * rng.standard_normal(
-        (COMMIT, d), dtype=np.float32
+    return rng.standard_normal((BATCH, 32)).astype(np.float32) @ basis + 0.1 * rng.standard_normal(
+        (BATCH, d), dtype=np.float32
     )
 
 
-def _tokens(start: int, n: int) -> pa.Table:
+def _columns(start: int, n: int) -> dict[str, np.ndarray]:
+    """The token columns of one batch, as the harvest computes them (in the same order)."""
     tok = np.arange(start, start + n, dtype=np.int64)
     seq_pos = (tok % DOC_TOKENS).astype(np.int32)
-    return pa.table(
-        {
-            "harvest": pa.array(["default"] * n),
-            "tok_idx": tok,
-            "doc_id": tok // DOC_TOKENS,
-            "pos": seq_pos,
-            "seq_id": tok // DOC_TOKENS,
-            "seq_pos": seq_pos,
-            "token_id": (tok * 7919 % 50_000).astype(np.int32),
-            "token_str": pa.array(["tok"] * n),
-            "is_special": seq_pos == 0,
-            "role": pa.nulls(n, pa.string()),
-        }
-    )
-
-
-def _documents(start: int, n: int) -> pa.Table:
-    first = -(-start // DOC_TOKENS)
-    ids = np.arange(first, -(-(start + n) // DOC_TOKENS))
-    return pa.table(
-        {
-            "harvest": pa.array(["default"] * len(ids)),
-            "doc_id": ids,
-            "source": pa.array([f"synthetic:{i}" for i in ids]),
-            "text": pa.array(["synthetic document"] * len(ids)),
-        }
-    )
+    return {
+        "tok_idx": tok,
+        "doc_id": tok // DOC_TOKENS,
+        "pos": seq_pos,
+        "seq_id": tok // DOC_TOKENS,
+        "seq_pos": seq_pos,
+        "token_id": (tok * 7919 % 50_000).astype(np.int32),
+        "token_str": np.full(n, "tok", dtype=object),
+        "is_special": seq_pos == 0,
+    }
 
 
 def write_cache(ws_path: Path, rows: int, d: int, dtype: str, layout: str) -> dict[str, float]:
-    """A harvest of `rows` synthetic tokens through the harvest's commit path; returns its timing."""
+    """A harvest of `rows` synthetic tokens through the harvest's own write path: this thread is the
+    model (a batch of BATCH rows encoded to the store dtype, its token columns), the harvest's
+    `ChunkWriter` commits every `COMMIT` rows beside it. Returns its timing."""
     ws = Workspace(ws_path)
     x = _activations(d)
     identity = {"model": "synthetic", "hooks": [HOOK], "ctx_len": DOC_TOKENS, "dtype": dtype}
@@ -155,12 +145,25 @@ def write_cache(ws_path: Path, rows: int, d: int, dtype: str, layout: str) -> di
     import torch  # noqa: F401 - loaded before timing: a harvest has it loaded for its model (encode uses it)
 
     t0 = time.perf_counter()
-    for start in range(0, rows, COMMIT):
-        n = min(COMMIT, rows - start)
-        raw = encode(x[:n], info.store_dtype)  # what the harvest does to each batch before queueing it
-        docs = _documents(start, n)
-        totals = (-(-(start + n) // DOC_TOKENS), start + n, -(-(start + n) // DOC_TOKENS))
-        commit_rows(ws, info, docs, _tokens(start, n), [], {HOOK: raw}, start, totals)
+    writer = ChunkWriter(ws, info, (0, 0, 0))
+    chunk = Chunk()
+    for start in range(0, rows, BATCH):
+        n = min(BATCH, rows - start)
+        chunk.acts.setdefault(HOOK, []).append(encode(x[:n], info.store_dtype))
+        for key, value in _columns(start, n).items():
+            chunk.columns.setdefault(key, []).append(value)
+        chunk.columns.setdefault("role", []).append([None] * n)
+        docs = range(-(-start // DOC_TOKENS), -(-(start + n) // DOC_TOKENS))
+        chunk.docs += [(i, f"synthetic:{i}", "synthetic document") for i in docs]
+        chunk.n_windows += len(docs)
+        chunk.n_tokens += n
+        if chunk.n_tokens >= COMMIT:
+            writer.put(chunk)
+            chunk = Chunk()
+    if chunk.n_tokens:
+        writer.put(chunk)
+    writer.close()
+    writer.check()
     with ws.write() as con:
         con.execute("UPDATE harvests SET status = 'complete'")
     if layout == "table":  # its rows are on disk only after a checkpoint (the files were fsynced)
@@ -169,13 +172,16 @@ def write_cache(ws_path: Path, rows: int, d: int, dtype: str, layout: str) -> di
     return {"write_s": time.perf_counter() - t0}
 
 
-def stream_epoch(ws_path: Path) -> dict[str, float]:
-    """One shuffled epoch of the training stream over every token (special ones included)."""
+def stream_epoch(ws_path: Path, values: str) -> dict[str, float]:
+    """One shuffled epoch of the training stream over every token (special ones included), its
+    batches as the trainer takes them (`values="stored"`) or widened to float32."""
     from activations.stream import ActivationStream
 
     dropped = drop_caches()
     t0 = time.perf_counter()
-    stream = ActivationStream(ws_path, HOOK, batch_size=4096, split="all", exclude_special=False)
+    stream = ActivationStream(
+        ws_path, HOOK, batch_size=4096, split="all", exclude_special=False, values=values
+    )
     open_s = time.perf_counter() - t0
     rows = 0
     for batch in stream.epoch():
@@ -192,7 +198,7 @@ def child(args: argparse.Namespace) -> None:
     if args.child == "write":
         out = write_cache(ws, args.n, args.d, args.dtype, args.layout)
     else:
-        out = stream_epoch(ws)
+        out = stream_epoch(ws, args.values)
     print(json.dumps({**out, "rss_mb": _rss_mb()}))
 
 
@@ -207,7 +213,9 @@ def _du(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def measure(folder: Path, rows: int, d: int, dtype: str, layout: str, stream: bool) -> dict[str, float]:
+def measure(
+    folder: Path, rows: int, d: int, dtype: str, layout: str, stream: bool, values: str = "stored"
+) -> dict[str, float]:
     case = folder / f"{layout}-{dtype}-{rows}"
     case.mkdir(parents=True)
     ws = case / "ws.duckdb"
@@ -226,7 +234,7 @@ def measure(folder: Path, rows: int, d: int, dtype: str, layout: str, stream: bo
             "write_rss_mb": w["rss_mb"],
         }
         if stream:
-            r = _run("--child", "stream", *common)
+            r = _run("--child", "stream", *common, "--values", values)
             assert r["rows"] == rows, r
             out |= {
                 "epoch_s": r["epoch_s"],
@@ -255,6 +263,12 @@ def main() -> None:
     )
     parser.add_argument("--disk-gb", type=float, default=4.0)
     parser.add_argument("--no-stream", action="store_true", help="only the write side")
+    parser.add_argument(
+        "--values",
+        choices=("stored", "float32"),
+        default="stored",
+        help="stream batches as the trainer takes them (stored: a half-precision cache stays half) or widened",
+    )
     parser.add_argument("--child", choices=("write", "stream"), help=argparse.SUPPRESS)
     parser.add_argument("--ws", help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
@@ -279,7 +293,7 @@ def main() -> None:
             if shutil.disk_usage(folder).free < need:
                 print(f"skipped {dtype} x {rows:,} rows: not enough free disk", flush=True)
                 continue
-            results.append(measure(folder, rows, args.d, dtype, "files", not args.no_stream))
+            results.append(measure(folder, rows, args.d, dtype, "files", not args.no_stream, args.values))
             print(json.dumps(results[-1]), flush=True)
     how = "page cache dropped" if disk["cache_dropped"] else "O_DIRECT"
     print(

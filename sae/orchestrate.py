@@ -247,9 +247,17 @@ class TrainPlan:
         size = batch_size or self.train_config.batch_size
         if self.live is None:
             from activations.stream import ActivationStream
+            from sae.archs import OWN_FIT
 
+            values = "stored" if split == "train" and self.sae_config.arch not in OWN_FIT else "float32"
             return ActivationStream(
-                self.data(), self.hook, harvest=self.harvest, batch_size=size, seed=seed, split=split
+                self.data(),
+                self.hook,
+                harvest=self.harvest,
+                batch_size=size,
+                seed=seed,
+                split=split,
+                values=values,  # the trainer widens a half-precision batch on its device
             )
         from activations.live import LiveStream
 

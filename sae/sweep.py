@@ -728,7 +728,10 @@ def run_sweep(plan: SweepPlan) -> dict[str, dict[str, Any]]:
 
     def stream(hook: str, **kw: Any) -> Any:
         if plan.live is None:
-            return ActivationStream(data, hook, harvest=plan.harvest, seed=plan.data_seed, **kw)
+            values = "stored" if kw.get("split", "train") == "train" else "float32"  # widened by the step
+            return ActivationStream(
+                data, hook, harvest=plan.harvest, seed=plan.data_seed, values=values, **kw
+            )
         from activations.live import LiveStream, open_live
 
         source = open_live(plan.live, hooks)  # one model, one forward pass per buffer for every hook

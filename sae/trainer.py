@@ -288,7 +288,7 @@ class Trainer:
         n = 16384, CPU): the cond's gradient materialises dense zero cotangents and residuals.
         ``k_active``: see ``StepCtx`` (sweeps only).
         """
-        x = batch * scale
+        x = batch.astype(jnp.float32) * scale  # a half-precision batch is widened here, on the device
         dead = ts.since_fired >= self.window if maybe_dead else None
         ctx = StepCtx(
             dead=dead, progress=ts.step.astype(jnp.float32) / max(1, self.tc.total_steps), k_active=k_active
@@ -345,7 +345,7 @@ class Trainer:
                 donate_argnums=(0,),
                 static_argnums=(3,),
             )
-        x = sharding.put_batch(np.asarray(batch, np.float32), self.mesh, self.tc.batch_size)
+        x = sharding.put_batch(np.asarray(batch), self.mesh, self.tc.batch_size)
         with jax.set_mesh(self.mesh):  # the arch's top-k reads the mesh while tracing
             return self._sharded_step(ts, x, np.float32(scale), maybe_dead)
 
@@ -369,9 +369,12 @@ class Trainer:
 
 
 def check_batch(batch: np.ndarray, tc: TrainConfig, d: int, rows: slice | None = None) -> np.ndarray:
-    """A float32 [batch_size, d] batch; with ``rows`` (several processes) this process's rows of it,
-    cut here from a full batch or taken as given when the iterator already yields only them."""
-    arr = np.asarray(batch, np.float32)
+    """A [batch_size, d] batch, float32 or a half-precision cache's values as stored (the step
+    widens them on the device); with ``rows`` (several processes) this process's rows of it, cut
+    here from a full batch or taken as given when the iterator already yields only them."""
+    arr = np.asarray(batch)
+    if arr.dtype.name not in ("float32", "float16", "bfloat16"):
+        arr = arr.astype(np.float32)
     if rows is not None:
         if arr.shape == (tc.batch_size, d):
             return arr[rows]

@@ -179,14 +179,15 @@ class Workspace:
             con.close()
 
     @contextmanager
-    def write(self) -> Iterator[duckdb.DuckDBPyConnection]:
+    def write(self, threads: int | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
         """A short-lived read-write connection inside one transaction.
 
         Commits on success and rolls back on any exception, so a killed or failing writer leaves
-        the data exactly as the last committed transaction left it.
+        the data exactly as the last committed transaction left it. `threads` caps DuckDB's own
+        threads (a writer that runs beside other busy threads of its process).
         """
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        con = self._open(read_only=False)
+        con = self._open(read_only=False, config={"threads": str(threads)} if threads else None)
         try:
             con.begin()
             try:

@@ -16,6 +16,7 @@ import pytest
 from activations.harvest import HarvestConfig, run_harvest
 from activations.reader import read_activations
 from activations.store import HarvestError, decode, encode, harvest_info
+from activations.stream import ActivationStream
 from sae.cli import plan_from_values, run_plan
 from saewb.workspace import Workspace
 
@@ -48,6 +49,13 @@ def test_half_precision_cache_round_trips_and_trains_within_0_002_fvu_of_float32
         width = 2 if dtype == "float16" else 4
         assert sum(f.stat().st_size for f in files) == info.n_tokens * info.hooks[HOOK] * width
         _, stored[dtype] = read_activations(Workspace(ws), info.tables[HOOK], 0, info.n_tokens)
+        # The trainer's batches stay in the store dtype (widened on its device); others are float32.
+        as_stored, as_float = (
+            next(ActivationStream(ws, HOOK, batch_size=256, seed=1, values=v).batches())
+            for v in ("stored", "float32")
+        )
+        assert as_stored.dtype == dtype and as_float.dtype == np.float32
+        np.testing.assert_array_equal(as_stored.astype(np.float32), as_float)
         final = run_plan(
             plan_from_values(
                 {
