@@ -101,14 +101,36 @@ def init(cfg: GBAConfig, key: jax.Array, d: int, sample: np.ndarray) -> tuple[Pa
         b_pre=jnp.asarray(b_pre),
         s_in=jnp.ones((), jnp.float32),
     )
+    b = (
+        initial_biases(cfg, np.asarray(w), b_pre, sample)
+        if cfg.init_b == "quantile"
+        else np.zeros(n, np.float32)
+    )
     state = State(
-        b=jnp.zeros((n,), jnp.float32),
+        b=jnp.asarray(b),
         fires=jnp.zeros((n,), jnp.float32),
         rmax=jnp.full((n,), -jnp.inf, jnp.float32),
         tokens=jnp.zeros((), jnp.float32),
         step=jnp.zeros((), jnp.int32),
     )
     return params, state
+
+
+def initial_biases(
+    cfg: GBAConfig, w: np.ndarray, b_pre: np.ndarray, sample: np.ndarray, chunk: int = 1024
+) -> np.ndarray:
+    """b_m = −(the 1 − p_m quantile of neuron m's pre-activations on the init sample), in [−1, 0]:
+    each neuron starts firing at its group's target frequency p_m (neurons in chunks, so memory is
+    sample × chunk)."""
+    p = group_targets(cfg)
+    centred = jnp.asarray(sample - b_pre)
+    rows = len(sample)
+    out = np.empty(len(w), np.float32)
+    for lo in range(0, len(w), chunk):
+        u = jnp.sort(centred @ jnp.asarray(w[lo : lo + chunk]).T, axis=0)  # [rows, chunk] ascending
+        at = np.clip(np.floor((1.0 - p[lo : lo + chunk]) * rows).astype(np.int64), 0, rows - 1)
+        out[lo : lo + chunk] = np.asarray(jnp.take_along_axis(u, jnp.asarray(at)[None], axis=0))[0]
+    return np.clip(-out, -1.0, 0.0).astype(np.float32)
 
 
 def _b_pre(cfg: GBAConfig, params: Params) -> jax.Array:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import jax
@@ -326,3 +327,22 @@ def test_classic_resampling_resets_dead_latents_and_their_adam_moments() -> None
     ][0]
     mu = np.asarray(adam.mu.W_dec)
     assert np.all(mu[dead] == 0) and np.any(mu[~dead] != 0)
+
+
+def test_gba_biases_start_at_the_group_target_frequencies() -> None:
+    """init_b="quantile": on the init sample each neuron fires at its group's target frequency (so
+    L0 starts at target_l0); "zero" is the paper's start, where about half of them fire."""
+    sample = np.random.default_rng(0).standard_normal((8192, 16)).astype(np.float32) / 4.0
+    cfg = GBAConfig(n_latents=64, n_groups=4, target_l0=8.0, ltf=0.01)
+    key = jax.random.PRNGKey(0)
+    for init_b in ("quantile", "zero"):
+        c = dataclasses.replace(cfg, init_b=init_b)
+        params, state = gba.init(c, key, 16, sample)
+        on = np.asarray(gba.encode(c, params, state, jnp.asarray(sample)) > 0)
+        freq = on.mean(axis=0)
+        if init_b == "quantile":
+            np.testing.assert_allclose(freq, gba.group_targets(c), atol=2e-3)
+            assert abs(on.sum(axis=1).mean() - cfg.target_l0) < 0.2
+            assert (np.asarray(state.b) <= 0).all() and (np.asarray(state.b) >= -1).all()
+        else:
+            assert on.sum(axis=1).mean() > 20  # far above the target
