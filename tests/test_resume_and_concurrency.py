@@ -37,13 +37,25 @@ HARVEST_ARGS = [
 ]
 
 
-def _start(ws: Path) -> subprocess.Popen[str]:
+def _start(ws: Path, args: list[str] = HARVEST_ARGS) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "saewb.cli", *HARVEST_ARGS, "--workspace", str(ws)],
+        [sys.executable, "-m", "saewb.cli", *args, "--workspace", str(ws)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+def _kill_once_committed(proc: subprocess.Popen[str], ws: Path, tokens: int, poll_s: float) -> int:
+    """SIGKILL the harvest as soon as `ws` holds at least `tokens` committed ones; what it holds then."""
+    deadline = time.monotonic() + 300
+    while _committed(ws) < tokens:
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        assert time.monotonic() < deadline
+        time.sleep(poll_s)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return _committed(ws)
 
 
 def _committed(ws: Path) -> int:
@@ -87,15 +99,8 @@ def _shard_files_on_disk_are_the_listed_ones(ws: Path) -> None:
 
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path: Path) -> None:
     killed = tmp_path / "killed.duckdb"
-    proc = _start(killed)
-    deadline = time.monotonic() + 300
-    while _committed(killed) < 1500:  # a commit is in; kill mid-flight, five commits before the end
-        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    partial = _committed(killed)
+    # a commit is in; kill mid-flight, five commits before the end
+    partial = _kill_once_committed(_start(killed), killed, 1500, poll_s=0.2)
     assert 0 < partial < 8000
     resumed = subprocess.run(
         [sys.executable, "-m", "saewb.cli", *HARVEST_ARGS, "--workspace", str(killed)],
@@ -158,20 +163,8 @@ def test_old_layout_harvest_resumes_in_its_table_after_sigkill(tmp_path: Path) -
 
     killed = tmp_path / "old.duckdb"
     _old_layout_harvest(killed)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "saewb.cli", "harvest", *OLD_ARGS, "--workspace", str(killed)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 120
-    while _committed(killed) == 0:  # a commit is in: kill mid-flight, many commits before the end
-        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    partial = _committed(killed)
+    # the first commit is in: kill mid-flight, several commits before the end
+    partial = _kill_once_committed(_start(killed, ["harvest", *OLD_ARGS]), killed, 1, poll_s=0.01)
     cfg = HarvestConfig(model="tiny-lm", hooks=(OLD_HOOK,), ctx_len=64, max_tokens=1500, batch_size=4)
     info = run_harvest(cfg, killed, progress=False)  # the rest in one commit
     assert 0 < partial < info.n_tokens, partial
