@@ -118,6 +118,24 @@ def _params(ws: Path, run: str = "live") -> dict[str, np.ndarray]:
     return flatten(sae.load(run, workspace=ws).params)
 
 
+def _kill_once_written(argv: list[str], path: Path) -> None:
+    """Run `saewb argv` and SIGKILL it as soon as `path` exists (a checkpoint: mid-run)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "saewb.cli", *argv],
+        env={**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 240
+    while not path.exists():
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 @pytest.fixture(scope="module")
 def live_reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     """An uninterrupted `saewb train --from-model` run of LIVE: its workspace and final metrics."""
@@ -132,21 +150,10 @@ def test_training_from_the_model_resumes_exactly_after_sigkill(
     from sae import runs
 
     (clean, reference), killed = live_reference, tmp_path / "killed.duckdb"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "saewb.cli", "train", *_argv({**LIVE, "workspace": killed}), "--no-progress"],
-        env={**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
     run_dir = Workspace(killed).runs_dir / "live"
-    deadline = time.monotonic() + 240
-    while not (run_dir / "checkpoints" / "LATEST").exists():
-        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    _kill_once_written(
+        ["train", *_argv({**LIVE, "workspace": killed}), "--no-progress"], run_dir / "checkpoints" / "LATEST"
+    )
     step = int(ckpt.read_manifest(ckpt.latest_checkpoint(run_dir))["step"])
     assert 0 < step < 40, f"killed at step {step}: not mid-run"
     assert runs.get_run(Workspace(killed), "live")["status"] == "running"
@@ -197,21 +204,8 @@ def test_a_from_model_sweep_trains_every_member_on_the_train_runs_tokens_and_res
     ws = tmp_path / "sweep.duckdb"
     config = tmp_path / "sweep.yaml"
     config.write_text(yaml.safe_dump({**SWEEP, "workspace": str(ws)}))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "saewb.cli", "sweep", str(config), "--no-progress"],
-        env={**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    state = Workspace(ws).runs_dir / ".sweeps" / "sw.json"
-    deadline = time.monotonic() + 240
-    while not state.exists():  # the first checkpoint of both members is in
-        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    state = Workspace(ws).runs_dir / ".sweeps" / "sw.json"  # the first checkpoint of both members is in
+    _kill_once_written(["sweep", str(config), "--no-progress"], state)
     step = json.loads(state.read_text())["step"]
     assert 0 < step < 40, f"killed at step {step}: not mid-run"
     assert main(["sweep", str(config), "--no-progress"]) == 0
