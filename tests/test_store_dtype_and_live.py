@@ -193,9 +193,14 @@ SWEEP = {
 def test_a_from_model_sweep_trains_every_member_on_the_train_runs_tokens_and_resumes(
     tmp_path: Path, live_reference: tuple[Path, dict]
 ) -> None:
-    """Two SAEs from one on-the-fly forward pass (`saewb sweep` with `from_model:`), killed mid-run
-    and run again: member `a` (LIVE's config) ends with the parameters of the uninterrupted `saewb
-    train --from-model` run, so it saw the same tokens in the same order, and so did `b` (one stream)."""
+    """Two SAEs from one on-the-fly forward pass (`saewb sweep` with `from_model:`), interrupted
+    (Ctrl-C) mid-run and run again: member `a` (LIVE's config) ends with the parameters of the
+    uninterrupted `saewb train --from-model` run, so it saw the same tokens in the same order, and so
+    did `b` (one stream). In this process: a SIGKILLed sweep resumes from the same state file
+    (tests/test_sweep.py), and a SIGKILLed run from the model is the test above."""
+    import _thread
+    import threading
+
     import yaml
 
     from sae import runs
@@ -205,9 +210,17 @@ def test_a_from_model_sweep_trains_every_member_on_the_train_runs_tokens_and_res
     config = tmp_path / "sweep.yaml"
     config.write_text(yaml.safe_dump({**SWEEP, "workspace": str(ws)}))
     state = Workspace(ws).runs_dir / ".sweeps" / "sw.json"  # the first checkpoint of both members is in
-    _kill_once_written(["sweep", str(config), "--no-progress"], state)
+
+    def interrupt_once_written() -> None:
+        deadline = time.monotonic() + 240
+        while not state.exists() and time.monotonic() < deadline:
+            time.sleep(0.002)
+        _thread.interrupt_main()  # Ctrl-C
+
+    threading.Thread(target=interrupt_once_written, daemon=True).start()
+    assert main(["sweep", str(config), "--no-progress"]) == 130  # "interrupted; run the same command again"
     step = json.loads(state.read_text())["step"]
-    assert 0 < step < 40, f"killed at step {step}: not mid-run"
+    assert 0 < step < 40, f"interrupted at step {step}: not mid-run"
     assert main(["sweep", str(config), "--no-progress"]) == 0
 
     clean, reference = live_reference
