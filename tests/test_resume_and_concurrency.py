@@ -102,27 +102,19 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path: Path) -> None:
     # a commit is in; kill mid-flight, five commits before the end
     partial = _kill_once_committed(_start(killed), killed, 1500, poll_s=0.2)
     assert 0 < partial < 8000
-    resumed = subprocess.run(
-        [sys.executable, "-m", "saewb.cli", *HARVEST_ARGS, "--workspace", str(killed)],
-        capture_output=True,
-        text=True,
+    # The same harvest (HARVEST_ARGS) in this process: resumed after the kill, and uninterrupted.
+    cfg = HarvestConfig(
+        model="minilm",
+        corpus="stdlib-docs",
+        hooks=("blocks.1.hook_out",),
+        ctx_len=64,
+        max_tokens=8000,
+        commit_tokens=1500,
+        batch_size=8,
     )
-    assert resumed.returncode == 0, resumed.stderr
-
-    clean = tmp_path / "clean.duckdb"  # the same harvest uninterrupted, in this process
-    run_harvest(
-        HarvestConfig(
-            model="minilm",
-            corpus="stdlib-docs",
-            hooks=("blocks.1.hook_out",),
-            ctx_len=64,
-            max_tokens=8000,
-            commit_tokens=1500,
-            batch_size=8,
-        ),
-        clean,
-        progress=False,
-    )
+    run_harvest(cfg, killed, progress=False)
+    clean = tmp_path / "clean.duckdb"
+    run_harvest(cfg, clean, progress=False)
 
     toks_a, x_a = _dump(killed)
     toks_b, x_b = _dump(clean)
