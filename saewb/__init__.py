@@ -27,6 +27,7 @@ API = (
     "explain",
     "intervene",
     "load",
+    "sql",
     "Harvest",
     "Run",
     "Fitted",

@@ -58,6 +58,7 @@ __all__ = [
     "harvest",
     "intervene",
     "load",
+    "sql",
     "sweep",
     "train",
 ]
@@ -180,6 +181,29 @@ def harvest(
             check_shard(tuple(cfg.shard))
         info = run_harvest(cfg, workspace, progress=progress)
     return Harvest(Path(workspace), info, nonfinite_counts(Workspace(workspace), info.name))
+
+
+def sql(workspace: PathLike, query: str, params: Sequence[Any] | None = None) -> pd.DataFrame:
+    """Run one read-only SQL query on a workspace; its rows as a DataFrame.
+
+    Every table is there (``tokens``, ``documents``, ``runs``, ``metrics``, ...), and every hook's
+    activations as ``act__<harvest>__<hook>`` (``tok_idx BIGINT, x FLOAT[d]``, float32) whatever the
+    layout: a view over the shard files (``activations.sql``, read on demand) or an old harvest's
+    table. ``params`` fill the query's ``?`` placeholders. For Arrow or numpy results, or several
+    queries on one connection, use ``activations.sql.activation_sql(workspace)`` (a short-lived
+    read-only connection with the same views).
+    """
+    import duckdb
+
+    from activations.sql import activation_sql
+    from saewb.workspace import existing_workspace
+
+    with _checked(), activation_sql(existing_workspace(workspace)) as con:
+        try:
+            return con.execute(query, list(params or [])).df()
+        except (duckdb.ParserException, duckdb.BinderException, duckdb.CatalogException) as err:
+            first = str(err).splitlines()[0]
+            raise UsageError(f"{first} (the workspace's tables: `saewb.sql(ws, 'SHOW TABLES')`)") from err
 
 
 # ------------------------------------------------------------------------------------------ runs

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 import duckdb
 import numpy as np
 
+from activations.harvest import HarvestConfig, run_harvest
 from activations.store import harvest_info
 from saewb.workspace import Workspace
 
@@ -35,13 +37,25 @@ HARVEST_ARGS = [
 ]
 
 
-def _start(ws: Path) -> subprocess.Popen[str]:
+def _start(ws: Path, args: list[str] = HARVEST_ARGS) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "saewb.cli", *HARVEST_ARGS, "--workspace", str(ws)],
+        [sys.executable, "-m", "saewb.cli", *args, "--workspace", str(ws)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+def _kill_once_committed(proc: subprocess.Popen[str], ws: Path, tokens: int, poll_s: float) -> int:
+    """SIGKILL the harvest as soon as `ws` holds at least `tokens` committed ones; what it holds then."""
+    deadline = time.monotonic() + 300
+    while _committed(ws) < tokens:
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        assert time.monotonic() < deadline
+        time.sleep(poll_s)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return _committed(ws)
 
 
 def _committed(ws: Path) -> int:
@@ -85,30 +99,22 @@ def _shard_files_on_disk_are_the_listed_ones(ws: Path) -> None:
 
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path: Path) -> None:
     killed = tmp_path / "killed.duckdb"
-    proc = _start(killed)
-    deadline = time.monotonic() + 300
-    while _committed(killed) < 1500:  # a commit is in; kill mid-flight, five commits before the end
-        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    partial = _committed(killed)
+    # a commit is in; kill mid-flight, five commits before the end
+    partial = _kill_once_committed(_start(killed), killed, 1500, poll_s=0.2)
     assert 0 < partial < 8000
-    resumed = subprocess.run(
-        [sys.executable, "-m", "saewb.cli", *HARVEST_ARGS, "--workspace", str(killed)],
-        capture_output=True,
-        text=True,
+    # The same harvest (HARVEST_ARGS) in this process: resumed after the kill, and uninterrupted.
+    cfg = HarvestConfig(
+        model="minilm",
+        corpus="stdlib-docs",
+        hooks=("blocks.1.hook_out",),
+        ctx_len=64,
+        max_tokens=8000,
+        commit_tokens=1500,
+        batch_size=8,
     )
-    assert resumed.returncode == 0, resumed.stderr
-
+    run_harvest(cfg, killed, progress=False)
     clean = tmp_path / "clean.duckdb"
-    done = subprocess.run(
-        [sys.executable, "-m", "saewb.cli", *HARVEST_ARGS, "--workspace", str(clean)],
-        capture_output=True,
-        text=True,
-    )
-    assert done.returncode == 0, done.stderr
+    run_harvest(cfg, clean, progress=False)
 
     toks_a, x_a = _dump(killed)
     toks_b, x_b = _dump(clean)
@@ -118,6 +124,60 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path: Path) -> None:
     assert harvest_info(killed).status == "complete"
     assert harvest_info(killed).n_docs == harvest_info(clean).n_docs
     _shard_files_on_disk_are_the_listed_ones(killed)
+
+
+OLD_HOOK = "blocks.0.hook_out"
+OLD_ARGS = ["--model", "tiny-lm", "--corpus", "stdlib-docs", "--hook", OLD_HOOK, "--ctx-len", "64"]
+OLD_ARGS += ["--max-tokens", "1500", "--commit-tokens", "200", "--batch-size", "4", "--quiet"]
+
+
+def _old_layout_harvest(ws: Path) -> None:
+    """Register the harvest as the code before the shard files did (one `(tok_idx BIGINT, x FLOAT[d])`
+    DuckDB table per hook, a float32 identity, no `layout` in the config), nothing committed yet: the
+    real harvester then resumes it in its tables, as it resumes a harvest of an old workspace."""
+    import json
+
+    from activations.harvest import Harvester
+    from activations.store import quote_ident
+
+    Harvester(HarvestConfig(model="tiny-lm", hooks=(OLD_HOOK,), ctx_len=64, max_tokens=1500), ws)
+    with Workspace(ws).write() as con:
+        config = json.loads(con.execute("SELECT config FROM harvests").fetchone()[0])
+        del config["layout"], config["acts_dir"]
+        config["identity"]["dtype"] = "float32"
+        con.execute("UPDATE harvests SET config = ?", [json.dumps(config)])
+        for table, d in con.execute("SELECT table_name, d FROM harvest_hooks").fetchall():
+            con.execute(f"CREATE TABLE {quote_ident(table)} (tok_idx BIGINT NOT NULL, x FLOAT[{int(d)}])")
+
+
+def test_old_layout_harvest_resumes_in_its_table_after_sigkill(tmp_path: Path) -> None:
+    from activations.reader import read_activations
+
+    killed = tmp_path / "old.duckdb"
+    _old_layout_harvest(killed)
+    # the first commit is in: kill mid-flight, several commits before the end
+    partial = _kill_once_committed(_start(killed, ["harvest", *OLD_ARGS]), killed, 1, poll_s=0.01)
+    cfg = HarvestConfig(model="tiny-lm", hooks=(OLD_HOOK,), ctx_len=64, max_tokens=1500, batch_size=4)
+    info = run_harvest(cfg, killed, progress=False)  # the rest in one commit
+    assert 0 < partial < info.n_tokens, partial
+    assert info.layout == "table" and info.status == "complete" and info.store_dtype == "float32"
+    table = info.tables[OLD_HOOK]
+    with Workspace(killed).read() as con:
+        n, distinct, top = con.execute(
+            f"SELECT count(*), count(DISTINCT tok_idx), max(tok_idx) FROM {table}"
+        ).fetchone()
+        assert con.execute("SELECT count(*) FROM act_shards").fetchone() == (0,)
+    assert n == distinct == info.n_tokens and top == n - 1  # every token once: none lost, none twice
+    assert not (killed.with_suffix(".acts")).exists()  # its activations never left the table
+
+    clean = tmp_path / "clean.duckdb"  # uninterrupted, in the new layout: the same rows bit for bit
+    run_harvest(dataclasses.replace(cfg, store_dtype="float32"), clean, progress=False)
+    query = "SELECT tok_idx, doc_id, pos, token_id FROM tokens ORDER BY tok_idx"
+    with Workspace(killed).read() as a, Workspace(clean).read() as b:
+        assert a.execute(query).fetchall() == b.execute(query).fetchall()
+    _, x_killed = read_activations(Workspace(killed), table, 0, n)
+    _, x_clean = read_activations(Workspace(clean), harvest_info(clean).tables[OLD_HOOK], 0, n)
+    np.testing.assert_array_equal(x_killed, x_clean)
 
 
 READER = r"""
@@ -163,9 +223,9 @@ def test_reader_and_writer_processes_never_block_each_other(tmp_path: Path) -> N
             "--workspace",
             str(ws),
             "--max-tokens",
-            "40000",
+            "16000",
             "--commit-tokens",
-            "1000",
+            "500",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -118,39 +119,54 @@ def _argv(values: dict) -> list[str]:
     return [x for k, v in values.items() for x in (f"--{k.replace('_', '-')}", str(v))]
 
 
-def _params(ws: Path) -> dict[str, np.ndarray]:
+def _params(ws: Path, run: str = "live") -> dict[str, np.ndarray]:
     import sae
     from sae.checkpoint import flatten
 
-    return flatten(sae.load("live", workspace=ws).params)
+    return flatten(sae.load(run, workspace=ws).params)
 
 
-def test_training_from_the_model_resumes_exactly_after_sigkill(tmp_path: Path) -> None:
-    from sae import checkpoint as ckpt
-    from sae import runs
-
-    clean, killed = tmp_path / "clean.duckdb", tmp_path / "killed.duckdb"
+def _kill_once_written(argv: list[str], path: Path) -> None:
+    """Run `saewb argv` and SIGKILL it as soon as `path` exists (a checkpoint: mid-run)."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "saewb.cli", "train", *_argv({**LIVE, "workspace": killed}), "--no-progress"],
+        [sys.executable, "-m", "saewb.cli", *argv],
         env={**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
     )
-    run_dir = Workspace(killed).runs_dir / "live"
     deadline = time.monotonic() + 240
-    while not (run_dir / "checkpoints" / "LATEST").exists():
+    while not path.exists():
         assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
         assert time.monotonic() < deadline
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+@pytest.fixture(scope="module")
+def live_reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """An uninterrupted `saewb train --from-model` run of LIVE: its workspace and final metrics."""
+    clean = tmp_path_factory.mktemp("live") / "clean.duckdb"
+    return clean, run_plan(plan_from_values({**LIVE, "workspace": str(clean), "progress": False}))
+
+
+def test_training_from_the_model_resumes_exactly_after_sigkill(
+    tmp_path: Path, live_reference: tuple[Path, dict]
+) -> None:
+    from sae import checkpoint as ckpt
+    from sae import runs
+
+    (clean, reference), killed = live_reference, tmp_path / "killed.duckdb"
+    run_dir = Workspace(killed).runs_dir / "live"
+    _kill_once_written(
+        ["train", *_argv({**LIVE, "workspace": killed}), "--no-progress"], run_dir / "checkpoints" / "LATEST"
+    )
     step = int(ckpt.read_manifest(ckpt.latest_checkpoint(run_dir))["step"])
     assert 0 < step < 40, f"killed at step {step}: not mid-run"
     assert runs.get_run(Workspace(killed), "live")["status"] == "running"
 
     resumed = run_plan(plan_from_values({**LIVE, "workspace": str(killed), "progress": False}))
-    reference = run_plan(plan_from_values({**LIVE, "workspace": str(clean), "progress": False}))
     speed = "train_tokens_per_s"
     assert {k: v for k, v in resumed.items() if k != speed} == {
         k: v for k, v in reference.items() if k != speed
@@ -163,6 +179,71 @@ def test_training_from_the_model_resumes_exactly_after_sigkill(tmp_path: Path) -
     row = runs.get_run(Workspace(killed), "live")
     assert row["status"] == "done" and row["config"]["from_model"]["model"] == "tiny-lm"
     assert harvest_names_empty(killed)
+
+
+SWEEP = {
+    "name": "sw",
+    "hook": HOOK,
+    "arch": "topk",
+    "eval_tokens": LIVE["eval_tokens"],
+    "from_model": {
+        "model": LIVE["from_model"],
+        **{k: LIVE[k] for k in ("corpus", "ctx_len", "shuffle_tokens")},
+    },
+    "train": {k: LIVE[k] for k in ("train_tokens", "batch_size", "log_every", "ckpt_every")},
+    "members": [
+        {"name": "a", "n_latents": LIVE["n_latents"], "k": LIVE["k"]},
+        {"name": "b", "n_latents": 32, "k": 2},
+    ],
+}
+
+
+def test_a_from_model_sweep_trains_every_member_on_the_train_runs_tokens_and_resumes(
+    tmp_path: Path, live_reference: tuple[Path, dict]
+) -> None:
+    """Two SAEs from one on-the-fly forward pass (`saewb sweep` with `from_model:`), interrupted
+    (Ctrl-C) mid-run and run again: member `a` (LIVE's config) ends with the parameters of the
+    uninterrupted `saewb train --from-model` run, so it saw the same tokens in the same order, and so
+    did `b` (one stream). In this process: a SIGKILLed sweep resumes from the same state file
+    (tests/test_sweep.py), and a SIGKILLed run from the model is the test above."""
+    import _thread
+    import threading
+
+    import yaml
+
+    from sae import runs
+    from saewb.cli import main
+
+    ws = tmp_path / "sweep.duckdb"
+    config = tmp_path / "sweep.yaml"
+    config.write_text(yaml.safe_dump({**SWEEP, "workspace": str(ws)}))
+    state = Workspace(ws).runs_dir / ".sweeps" / "sw.json"  # the first checkpoint of both members is in
+
+    def interrupt_once_written() -> None:
+        deadline = time.monotonic() + 240
+        while not state.exists() and time.monotonic() < deadline:
+            time.sleep(0.002)
+        _thread.interrupt_main()  # Ctrl-C
+
+    threading.Thread(target=interrupt_once_written, daemon=True).start()
+    assert main(["sweep", str(config), "--no-progress"]) == 130  # "interrupted; run the same command again"
+    step = json.loads(state.read_text())["step"]
+    assert 0 < step < 40, f"interrupted at step {step}: not mid-run"
+    assert main(["sweep", str(config), "--no-progress"]) == 0
+
+    clean, reference = live_reference
+    solo = _params(clean)
+    for key, value in _params(ws, "sw-a").items():
+        np.testing.assert_allclose(value, solo[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    for member in ("sw-a", "sw-b"):
+        row = runs.get_run(Workspace(ws), member)
+        assert row["status"] == "done" and row["config"]["from_model"]["model"] == "tiny-lm"
+        metrics = runs.run_metrics(Workspace(ws), member)
+        assert [r["step"] for r in metrics] == list(range(8, 41, 8))  # none logged twice, none missing
+        assert metrics[-1]["tokens"] == LIVE["train_tokens"]
+    a = runs.get_run(Workspace(ws), "sw-a")["final_metrics"]
+    assert a["fvu"] == pytest.approx(reference["fvu"], rel=1e-4)
+    assert harvest_names_empty(ws)
 
 
 def harvest_names_empty(ws: Path) -> bool:
