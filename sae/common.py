@@ -181,6 +181,58 @@ def data_rows(key: jax.Array, centred: np.ndarray, n: int, jitter: float = 0.1) 
     return normalize_rows(rows + random_unit_rows(k_noise, n, centred.shape[1], jitter))
 
 
+def resample_due_every(frac: float, step: int, total_steps: int) -> bool:
+    """Whether ``step`` (1-based, after the update) is a multiple of ``frac`` of the run, before its end."""
+    if frac <= 0:
+        return False
+    every = max(1, int(round(frac * total_steps)))
+    return step % every == 0 and step < total_steps
+
+
+def resample_dead_rows(
+    params: LinearParams,
+    x_in: np.ndarray,
+    sq_err: np.ndarray,
+    dead: np.ndarray,
+    seed: int,
+    enc_gain: float,
+    dec_norm: float | None,
+) -> tuple[LinearParams, LinearParams]:
+    """Anthropic's resampling (Towards Monosemanticity): dead latents get the directions of inputs
+    ``x_in`` (the encoder's input) drawn with probability ∝ the square of their loss ``sq_err``:
+    decoder rows at norm ``dec_norm`` (None: the mean norm of the alive rows), encoder columns at
+    ``enc_gain`` × the mean alive encoder norm, b_enc = 0. Returns (params, mask of the reset
+    entries), the mask for ``sae.trainer.reset_adam_moments``."""
+    dead = np.asarray(dead, bool)
+    n_dead = int(dead.sum())
+    w_enc = np.array(params.W_enc)
+    b_enc = np.array(params.b_enc)
+    w_dec = np.array(params.W_dec)
+    if n_dead:
+        err = np.asarray(sq_err, np.float64)
+        prob = err**2 / np.sum(err**2) if np.sum(err**2) > 0 else None
+        pick = np.random.default_rng(seed).choice(len(x_in), size=n_dead, p=prob)
+        new = np.asarray(x_in, np.float32)[pick]
+        new = new / np.maximum(np.linalg.norm(new, axis=1, keepdims=True), 1e-8)
+        alive = ~dead
+        enc_norm = float(np.linalg.norm(w_enc[:, alive], axis=0).mean()) if alive.any() else 1.0
+        if dec_norm is None:
+            dec_norm = float(np.linalg.norm(w_dec[alive], axis=1).mean()) if alive.any() else 1.0
+        w_dec[dead] = new * dec_norm
+        w_enc[:, dead] = new.T * enc_gain * enc_norm
+        b_enc[dead] = 0.0
+    mask = LinearParams(
+        W_enc=np.broadcast_to(dead[None, :], w_enc.shape),
+        b_enc=dead,
+        W_dec=np.broadcast_to(dead[:, None], w_dec.shape),
+        b_dec=np.zeros(params.b_dec.shape, bool),
+    )
+    new_params = LinearParams(
+        W_enc=jnp.asarray(w_enc), b_enc=jnp.asarray(b_enc), W_dec=jnp.asarray(w_dec), b_dec=params.b_dec
+    )
+    return new_params, mask
+
+
 def normalize_rows(w: jax.Array, eps: float = 1e-8) -> jax.Array:
     return w / jnp.maximum(jnp.linalg.norm(w, axis=1, keepdims=True), eps)
 

@@ -160,6 +160,9 @@ class TopKConfig:
     init_w: Literal["random", "data"] = "random"
     """Decoder rows (and encoder columns) at init: "random" directions or "data" (normalised centred
     samples of the init sample, so every latent starts where the data is)."""
+    resample_every_frac: float = 0.0
+    """Resample dead latents (Anthropic's recipe, ``common.resample_dead_rows``) at each multiple of
+    this fraction of training; 0 disables."""
 
     def validate(self, d: int | None = None) -> None:
         if self.n_latents < 1:
@@ -174,6 +177,8 @@ class TopKConfig:
             raise ValueError(f"decoder must be 'unit' or 'free', got {self.decoder!r}")
         if self.k_aux is not None and not 1 <= self.k_aux <= self.n_latents:
             raise ValueError(f"k_aux={self.k_aux} must be between 1 and n_latents={self.n_latents}")
+        if not 0 <= getattr(self, "resample_every_frac", 0.0) < 1:
+            raise ValueError(f"resample_every_frac must be in [0, 1), got {self.resample_every_frac}")
 
 
 # --- relu_l1 (sae/relu_l1.py)

@@ -164,6 +164,28 @@ def constrain(cfg: TopKConfig, params: Params) -> Params:
     return params.replace(W_dec=common.normalize_rows(params.W_dec))
 
 
+RESAMPLE_ENC_GAIN = 0.2
+"""Resampled encoder columns at this multiple of the mean alive encoder norm (Anthropic's 0.2)."""
+
+
+def resample_due(cfg: TopKConfig, step: int, total_steps: int) -> bool:
+    """True when step (1-based, after the update) is at a resampling point."""
+    return common.resample_due_every(getattr(cfg, "resample_every_frac", 0.0), step, total_steps)
+
+
+def resample(
+    cfg: TopKConfig, params: Params, state: State, x: np.ndarray, dead: np.ndarray, seed: int
+) -> tuple[Params, Params]:
+    """Dead latents re-initialised towards the batch's worst-reconstructed inputs (decoder rows at the
+    alive rows' mean norm for a free decoder); returns (params, mask of reset entries)."""
+    sq_err = jnp.sum(jnp.square(x - decode(cfg, params, encode(cfg, params, state, jnp.asarray(x)))), axis=1)
+    x_in = np.asarray(x) - np.asarray(params.b_dec)
+    dec_norm = 1.0 if cfg.decoder == "unit" else None
+    return common.resample_dead_rows(
+        params, x_in, np.asarray(sq_err), dead, seed, RESAMPLE_ENC_GAIN, dec_norm
+    )
+
+
 def fold_scale(cfg: TopKConfig, params: Params, state: State, s: float) -> tuple[Params, State]:
     """Inference form on raw activations: fold the input scale s and the decoder norms.
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -301,11 +302,16 @@ def test_partition_specs_shard_latent_axis() -> None:
     assert w_spec == jax.sharding.PartitionSpec("model", None)
 
 
-def test_classic_resampling_resets_dead_latents_and_their_adam_moments() -> None:
-    from sae import relu_l1
+@pytest.mark.parametrize(
+    "cfg",
+    [ReluL1Config(n_latents=12, variant="classic"), TopKConfig(n_latents=12, k=2, resample_every_frac=0.25)],
+    ids=["relu_l1-classic", "topk"],
+)
+def test_resampling_resets_exactly_the_dead_latents_and_their_adam_moments(cfg: Any) -> None:
+    from sae.base import arch_module
     from sae.trainer import Trainer, reset_adam_moments
 
-    cfg = ReluL1Config(n_latents=12, variant="classic")
+    arch = arch_module(cfg.arch)
     tc = TrainConfig(train_tokens=64 * 8, batch_size=64, init_sample_tokens=64)
     x = next(sparse_batches(64)(0))
     trainer = Trainer(cfg, tc, D)
@@ -314,15 +320,29 @@ def test_classic_resampling_resets_dead_latents_and_their_adam_moments() -> None
         ts = trainer.step(ts, next(sparse_batches(64)(i)), 1.0)
     dead = np.zeros(12, bool)
     dead[[2, 7]] = True
-    params, mask = relu_l1.resample(cfg, ts.params, ts.arch_state, x, dead, seed=0)
+    params, mask = arch.resample(cfg, ts.params, ts.arch_state, x, dead, seed=0)
+    for name in ("W_dec", "b_enc"):
+        old, new = np.asarray(getattr(ts.params, name)), np.asarray(getattr(params, name))
+        np.testing.assert_array_equal(new[~dead], old[~dead])
+    np.testing.assert_array_equal(np.asarray(params.W_enc)[:, ~dead], np.asarray(ts.params.W_enc)[:, ~dead])
+    np.testing.assert_array_equal(np.asarray(params.b_dec), np.asarray(ts.params.b_dec))
     w_old, w_new = np.asarray(ts.params.W_dec), np.asarray(params.W_dec)
-    np.testing.assert_array_equal(w_new[~dead], w_old[~dead])
     assert not np.allclose(w_new[dead], w_old[dead])
-    np.testing.assert_allclose(np.linalg.norm(w_new[dead], axis=1), 1.0, rtol=1e-5)
+    # unit rows for the classic variant; a free decoder's new rows at the alive rows' mean norm
+    want = 1.0 if cfg.arch == "relu_l1" else np.linalg.norm(w_old[~dead], axis=1).mean()
+    np.testing.assert_allclose(np.linalg.norm(w_new[dead], axis=1), want, rtol=1e-5)
+    # the new encoder columns point along the new decoder rows
+    cos = np.sum(np.asarray(params.W_enc)[:, dead].T * w_new[dead], axis=1)
+    cos /= np.linalg.norm(np.asarray(params.W_enc)[:, dead], axis=0) * np.linalg.norm(w_new[dead], axis=1)
+    np.testing.assert_allclose(cos, 1.0, rtol=1e-5)
     assert np.all(np.asarray(params.b_enc)[dead] == 0)
     opt = reset_adam_moments(ts.opt_state, mask)
     adam = [
         s for s in jax.tree_util.tree_leaves(opt, is_leaf=lambda s: hasattr(s, "mu")) if hasattr(s, "mu")
     ][0]
-    mu = np.asarray(adam.mu.W_dec)
-    assert np.all(mu[dead] == 0) and np.any(mu[~dead] != 0)
+    for moments in (adam.mu, adam.nu):
+        mu = np.asarray(moments.W_dec)
+        assert np.all(mu[dead] == 0) and np.any(mu[~dead] != 0)
+        assert np.all(np.asarray(moments.W_enc)[:, dead] == 0)
+    due = [s for s in range(1, 9) if arch.resample_due(cfg, s, 8)]
+    assert due == [2, 4, 6]  # every quarter of the run, never at its end
