@@ -197,29 +197,36 @@ def resample_dead_rows(
     seed: int,
     enc_gain: float,
     dec_norm: float | None,
+    err_power: float = 2.0,
+    distinct: bool = False,
+    enc_norm: float | None = None,
 ) -> tuple[LinearParams, LinearParams]:
     """Anthropic's resampling (Towards Monosemanticity): dead latents get the directions of inputs
-    ``x_in`` (the encoder's input) drawn with probability ∝ the square of their loss ``sq_err``:
-    decoder rows at norm ``dec_norm`` (None: the mean norm of the alive rows), encoder columns at
-    ``enc_gain`` × the mean alive encoder norm, b_enc = 0. Returns (params, mask of the reset
-    entries), the mask for ``sae.trainer.reset_adam_moments``."""
+    ``x_in`` (the encoder's input) drawn with probability ∝ their loss ``sq_err`` to the power
+    ``err_power`` (Anthropic: 2), each a different input when ``distinct``: decoder rows at norm
+    ``dec_norm`` (None: the mean norm of the alive rows), encoder columns at norm ``enc_norm`` (None:
+    ``enc_gain`` × the mean alive encoder norm), b_enc = 0. Returns (params, mask of the reset entries), the mask for
+    ``sae.trainer.reset_adam_moments``."""
     dead = np.asarray(dead, bool)
     n_dead = int(dead.sum())
     w_enc = np.array(params.W_enc)
     b_enc = np.array(params.b_enc)
     w_dec = np.array(params.W_dec)
     if n_dead:
-        err = np.asarray(sq_err, np.float64)
-        prob = err**2 / np.sum(err**2) if np.sum(err**2) > 0 else None
-        pick = np.random.default_rng(seed).choice(len(x_in), size=n_dead, p=prob)
+        weight = np.asarray(sq_err, np.float64) ** err_power
+        prob = weight / weight.sum() if weight.sum() > 0 else None
+        unique = distinct and n_dead <= (np.count_nonzero(weight) if prob is not None else len(x_in))
+        pick = np.random.default_rng(seed).choice(len(x_in), size=n_dead, p=prob, replace=not unique)
         new = np.asarray(x_in, np.float32)[pick]
         new = new / np.maximum(np.linalg.norm(new, axis=1, keepdims=True), 1e-8)
         alive = ~dead
-        enc_norm = float(np.linalg.norm(w_enc[:, alive], axis=0).mean()) if alive.any() else 1.0
+        if enc_norm is None:
+            alive_enc = float(np.linalg.norm(w_enc[:, alive], axis=0).mean()) if alive.any() else 1.0
+            enc_norm = enc_gain * alive_enc
         if dec_norm is None:
             dec_norm = float(np.linalg.norm(w_dec[alive], axis=1).mean()) if alive.any() else 1.0
         w_dec[dead] = new * dec_norm
-        w_enc[:, dead] = new.T * enc_gain * enc_norm
+        w_enc[:, dead] = new.T * enc_norm
         b_enc[dead] = 0.0
     mask = LinearParams(
         W_enc=np.broadcast_to(dead[None, :], w_enc.shape),
