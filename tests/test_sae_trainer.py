@@ -346,3 +346,5 @@ def test_resampling_resets_exactly_the_dead_latents_and_their_adam_moments(cfg: 
         assert np.all(np.asarray(moments.W_enc)[:, dead] == 0)
     due = [s for s in range(1, 9) if arch.resample_due(cfg, s, 8)]
     assert due == [2, 4, 6]  # every quarter of the run, never at its end
+    # a whole period left to train after the last one (round(0.25 · 61) = 15: not at step 60)
+    assert [s for s in range(1, 62) if arch.resample_due(cfg, s, 61)] == [15, 30, 45]
