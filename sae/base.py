@@ -211,7 +211,6 @@ RANGES: dict[str, str] = {
     "l1_coef": ">=0",
     "l1_warmup_frac": "[0,1]",
     "resample_every_frac": "[0,1)",
-    "rescale_from_frac": "[0,1)",
     "n_groups": ">=1",
     "htf": "(0,1]",
     "ltf": "(0,1]",

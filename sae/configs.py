@@ -157,9 +157,6 @@ class TopKConfig:
     """Norm of the initial decoder rows; None means 1.0 for "unit" and 0.1 for "free"."""
     rescale_by_decoder_norm: bool = True
     """Choose the top k on pre · ‖W_dec,i‖ (only matters for decoder="free")."""
-    rescale_from_frac: float = 0.0
-    """With rescale_by_decoder_norm: choose on the raw pre-activations until this fraction of training,
-    on pre · ‖W_dec,i‖ after (and in the saved SAE); 0: always on pre · ‖W_dec,i‖."""
     init_w: Literal["random", "data"] = "random"
     """Decoder rows (and encoder columns) at init: "random" directions or "data" (normalised centred
     samples of the init sample, so every latent starts where the data is)."""
@@ -182,8 +179,6 @@ class TopKConfig:
             raise ValueError(f"k_aux={self.k_aux} must be between 1 and n_latents={self.n_latents}")
         if not 0 <= getattr(self, "resample_every_frac", 0.0) < 1:
             raise ValueError(f"resample_every_frac must be in [0, 1), got {self.resample_every_frac}")
-        if not 0 <= getattr(self, "rescale_from_frac", 0.0) < 1:
-            raise ValueError(f"rescale_from_frac must be in [0, 1), got {self.rescale_from_frac}")
 
 
 # --- relu_l1 (sae/relu_l1.py)

@@ -61,30 +61,19 @@ def init(cfg: TopKConfig, key: jax.Array, d: int, sample: np.ndarray) -> tuple[P
     return params, State(step=jnp.zeros((), jnp.int32))
 
 
-def _score_scale(cfg: TopKConfig, params: Params, progress: jax.Array | None = None) -> jax.Array | None:
+def _score_scale(cfg: TopKConfig, params: Params) -> jax.Array | None:
     if cfg.decoder == "free" and cfg.rescale_by_decoder_norm:
-        norms = jax.lax.stop_gradient(jnp.linalg.norm(params.W_dec, axis=1))[None, :]
-        start = getattr(cfg, "rescale_from_frac", 0.0)  # HierarchicalTopK has no such field
-        if progress is not None and start > 0:  # training, before the switch: choose on raw pre
-            norms = jnp.where(progress >= start, norms, jnp.ones_like(norms))
-        return norms
+        return jax.lax.stop_gradient(jnp.linalg.norm(params.W_dec, axis=1))[None, :]
     return None
 
 
 def select_top_k(
-    cfg: TopKConfig,
-    params: Params,
-    x_c: jax.Array,
-    k: int,
-    dead: jax.Array | None = None,
-    k_aux: int = 0,
-    progress: jax.Array | None = None,
+    cfg: TopKConfig, params: Params, x_c: jax.Array, k: int, dead: jax.Array | None = None, k_aux: int = 0
 ):
     """(picks [B, k], their pre-activations [B, k], score scale, the dead picks for AuxK or None).
 
-    ``progress`` (training only) applies ``rescale_from_frac``. The dense scores are never returned:
-    ``common.encode_top_k`` searches them chunk by chunk."""
-    scale = _score_scale(cfg, params, progress)
+    The dense scores are never returned: ``common.encode_top_k`` searches them chunk by chunk."""
+    scale = _score_scale(cfg, params)
     top, idx, dead_picks = common.encode_top_k(x_c, params.W_enc, params.b_enc, k, scale, dead, k_aux)
     return idx, common.unscaled(top, idx, scale), scale, dead_picks
 
@@ -112,7 +101,7 @@ def loss(
     x_c = x - params.b_dec
     kk = 4 * cfg.k if cfg.multi_topk else cfg.k
     k_aux = common.aux_width(cfg.k_aux, x.shape[1], cfg.n_latents)
-    idx_all, chosen, scale, dead_picks = select_top_k(cfg, params, x_c, kk, ctx.dead, k_aux, ctx.progress)
+    idx_all, chosen, scale, dead_picks = select_top_k(cfg, params, x_c, kk, ctx.dead, k_aux)
     # forward values are top-k's own (O(B·k)); the backward is the sparse kernel's
     vals_all = jax.nn.relu(
         gather_encode(x_c, params.W_enc, params.b_enc, idx_all, chosen=chosen, b_dec=params.b_dec)

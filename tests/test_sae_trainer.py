@@ -348,23 +348,3 @@ def test_resampling_resets_exactly_the_dead_latents_and_their_adam_moments(cfg: 
     assert due == [2, 4, 6]  # every quarter of the run, never at its end
     # a whole period left to train after the last one (round(0.25 · 61) = 15: not at step 60)
     assert [s for s in range(1, 62) if arch.resample_due(cfg, s, 61)] == [15, 30, 45]
-
-
-def test_rescale_from_frac_chooses_on_raw_pre_before_the_switch_and_on_scaled_pre_after() -> None:
-    from sae import topk
-
-    d, n = 4, 3
-    w_enc = np.zeros((d, n), np.float32)
-    w_enc[0] = [3.0, 2.0, 1.0]  # raw pre: latent 0 largest
-    w_dec = np.eye(n, d, dtype=np.float32) * np.array([[0.1], [1.0], [5.0]], np.float32)  # scaled: latent 2
-    params = common.LinearParams(
-        W_enc=jnp.asarray(w_enc), b_enc=jnp.zeros(n), W_dec=jnp.asarray(w_dec), b_dec=jnp.zeros(d)
-    )
-    x = jnp.asarray([[1.0, 0.0, 0.0, 0.0]])
-    cfg = TopKConfig(n_latents=n, k=1, rescale_from_frac=0.5)
-    pick = lambda progress: int(topk.select_top_k(cfg, params, x, 1, progress=progress)[0][0, 0])  # noqa: E731
-    assert pick(jnp.float32(0.2)) == 0
-    assert pick(jnp.float32(0.5)) == 2
-    assert pick(None) == 2  # inference (the saved SAE) chooses as at the end of training
-    always = TopKConfig(n_latents=n, k=1)  # rescale_from_frac 0: scaled from the start
-    assert int(topk.select_top_k(always, params, x, 1, progress=jnp.float32(0.2))[0][0, 0]) == 2
