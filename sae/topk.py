@@ -165,22 +165,17 @@ def constrain(cfg: TopKConfig, params: Params) -> Params:
 
 
 RESAMPLE_ENC_GAIN = 0.2
-"""Resampled encoder columns at this multiple of the mean alive encoder norm (Anthropic's 0.2)."""
+"""A resampled latent reconstructs this share of its input's projection at first (Anthropic's 0.2)."""
 RESAMPLE_ERR_POWER = 1.0
-"""Inputs drawn ∝ their squared error to this power. Anthropic's 2 sent most dead latents of a SmolLM2
-run to the same few outlier tokens (norms 4x the median): held-out FVU 0.234 vs 0.173 without."""
+"""Inputs drawn ∝ their squared error to this power (Anthropic: 2, which on SmolLM2 activations, with
+outlier tokens at 4x the median norm, sends most dead latents to the same few tokens) [adapt]."""
 RESAMPLE_DISTINCT = True
-"""Each dead latent gets a different input of the batch."""
-RESAMPLE_FROM_RESIDUAL = False
-"""New directions from the inputs' residuals x − x̂ (what the SAE misses) instead of x − b_dec."""
-RESAMPLE_SPARSE_BIAS = False
-"""b_enc of a resampled latent at minus the (1 − k/n) quantile of its pre-activations on the batch, so
-it fires on about k/n of the tokens (a TopK slot it takes is a slot an alive latent loses); False:
-b_enc = 0 (Anthropic's, for ReLU SAEs where a new latent displaces nobody)."""
+"""Each dead latent gets a different input of the batch [adapt]."""
 RESAMPLE_ENC_PER_DECODER = True
-"""Encoder columns at norm RESAMPLE_ENC_GAIN / the decoder-row norm, so a resampled latent reconstructs
-RESAMPLE_ENC_GAIN of its input's projection whatever the scale of the alive rows (False: Anthropic's
-RESAMPLE_ENC_GAIN × the mean alive encoder norm)."""
+"""Encoder columns at norm RESAMPLE_ENC_GAIN / the decoder-row norm, so the first point holds whatever
+the scale of the free decoder's rows (False: Anthropic's RESAMPLE_ENC_GAIN × the mean alive encoder
+norm, for unit rows) [adapt]. These three were not separated by measurement: see
+docs/learning_rate.md (resampling did not lower the dead fraction of 250k-token runs)."""
 
 
 def resample_due(cfg: TopKConfig, step: int, total_steps: int) -> bool:
@@ -195,21 +190,16 @@ def resample(
     alive rows' mean norm for a free decoder); returns (params, mask of reset entries)."""
     x_hat = decode(cfg, params, encode(cfg, params, state, jnp.asarray(x)))
     sq_err = np.asarray(jnp.sum(jnp.square(x - x_hat), axis=1))
-    x_in = np.asarray(x) - (np.asarray(x_hat) if RESAMPLE_FROM_RESIDUAL else np.asarray(params.b_dec))
+    x_in = np.asarray(x) - np.asarray(params.b_dec)
     alive = ~np.asarray(dead, bool)
     dec_norm = 1.0
     if cfg.decoder != "unit" and alive.any():
         dec_norm = float(np.linalg.norm(np.asarray(params.W_dec)[alive], axis=1).mean())
     gain, power, distinct = RESAMPLE_ENC_GAIN, RESAMPLE_ERR_POWER, RESAMPLE_DISTINCT
     enc_norm = gain / dec_norm if RESAMPLE_ENC_PER_DECODER else None
-    new, mask = common.resample_dead_rows(
+    return common.resample_dead_rows(
         params, x_in, sq_err, dead, seed, gain, dec_norm, power, distinct, enc_norm=enc_norm
     )
-    if RESAMPLE_SPARSE_BIAS and not alive.all():
-        pre = (np.asarray(x) - np.asarray(params.b_dec)) @ np.asarray(new.W_enc)[:, ~alive]
-        tau = np.quantile(pre, 1.0 - cfg.k / cfg.n_latents, axis=0)
-        new = new.replace(b_enc=new.b_enc.at[np.flatnonzero(~alive)].set(-tau.astype(np.float32)))
-    return new, mask
 
 
 def fold_scale(cfg: TopKConfig, params: Params, state: State, s: float) -> tuple[Params, State]:
