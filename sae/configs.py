@@ -162,7 +162,8 @@ class TopKConfig:
     samples of the init sample, so every latent starts where the data is)."""
     resample_every_frac: float = 0.0
     """Resample dead latents (Anthropic's recipe, ``common.resample_dead_rows``) at each multiple of
-    this fraction of training; 0 disables."""
+    this fraction of training that leaves a whole period to train; 0 disables. Off by default: at 250k
+    tokens it did not lower the dead fraction (docs/learning_rate.md)."""
 
     def validate(self, d: int | None = None) -> None:
         if self.n_latents < 1:
