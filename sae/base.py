@@ -162,6 +162,19 @@ def make_config(cls: type, values: dict[str, Any]) -> Any:
     return cfg
 
 
+def saved_config(cls: type, values: dict[str, Any]) -> Any:
+    """A config read back from a saved run's record: a field added after the run was saved
+    (``cls.introduced``) takes the value the run trained with, not today's default."""
+    return make_config(cls, {**getattr(cls, "introduced", {}), **values})
+
+
+def recorded_fields(cfg: Any) -> dict[str, Any]:
+    """A config's fields for a run's record, less those at the value runs saved before the field
+    existed trained with (``cfg.introduced``): such runs keep their identity and still resume."""
+    introduced = getattr(cfg, "introduced", {})
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in introduced or v != introduced[k]}
+
+
 # --------------------------------------------------------------------------- hyper-parameter ranges
 
 _RANGE_TEXT = {

@@ -434,10 +434,16 @@ class MatryoshkaConfig(BatchTopKConfig):
     """Matryoshka BatchTopK hyper-parameters: BatchTopK's, and the nested groups."""
 
     arch: ClassVar[str] = "matryoshka"
+    introduced: ClassVar[dict[str, object]] = {"group_layout": "doubling"}
+    """Fields added after runs were saved, with the value those runs trained with (read back by
+    ``sae.base.saved_config``; left out of a run's record at that value: ``sae.base.recorded_fields``)."""
 
     group_sizes: tuple[int, ...] | None = None
     """Sizes of the nested groups, in order, summing to n_latents (e.g. 256,256,512,1024,2048);
-    None: prefixes ending at n/16, n/8, n/4, n/2, n."""
+    None: group_layout's."""
+    group_layout: Literal["equal", "doubling"] = "equal"
+    """Groups when group_sizes is None: "equal" (4 groups of n/4) or "doubling" (prefixes ending at
+    n/16, n/8, n/4, n/2, n; the default before, whose late groups starved: docs/learning_rate.md)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.group_sizes, list):  # from JSON/YAML
@@ -445,6 +451,8 @@ class MatryoshkaConfig(BatchTopKConfig):
 
     def validate(self, d: int | None = None) -> None:
         super().validate(d)
+        if self.group_layout not in ("equal", "doubling"):
+            raise ValueError(f"group_layout must be 'equal' or 'doubling', got {self.group_layout!r}")
         if self.group_sizes is not None:
             if not self.group_sizes or any(g < 1 for g in self.group_sizes):
                 raise ValueError(f"group_sizes must be positive integers, got {self.group_sizes}")
@@ -458,8 +466,15 @@ class MatryoshkaConfig(BatchTopKConfig):
         """Exclusive end of each prefix."""
         if self.group_sizes is not None:
             return tuple(itertools.accumulate(self.group_sizes))
+        if self.group_layout == "equal":
+            n, m = self.n_latents, EQUAL_GROUPS
+            return tuple(sorted({n * (g + 1) // m for g in range(m)} - {0}))
         ends = sorted({self.n_latents >> s for s in (4, 3, 2, 1, 0)} - {0})
         return tuple(ends)
+
+
+EQUAL_GROUPS = 4
+"""Groups of Matryoshka's "equal" layout (the one count measured: docs/learning_rate.md)."""
 
 
 # --- feature_choice (sae/feature_choice.py)

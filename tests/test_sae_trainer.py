@@ -348,3 +348,24 @@ def test_resampling_resets_exactly_the_dead_latents_and_their_adam_moments(cfg: 
     assert due == [2, 4, 6]  # every quarter of the run, never at its end
     # a whole period left to train after the last one (round(0.25 · 61) = 15: not at step 60)
     assert [s for s in range(1, 62) if arch.resample_due(cfg, s, 61)] == [15, 30, 45]
+
+
+def test_matryoshka_default_groups_are_equal_and_old_runs_keep_their_doubling_groups() -> None:
+    from sae.base import saved_config
+    from sae.lifecycle import config_record
+    from sae.runs import may_resume
+
+    assert MatryoshkaConfig(n_latents=2048).group_ends() == (512, 1024, 1536, 2048)
+    doubling = MatryoshkaConfig(n_latents=2048, group_layout="doubling")
+    assert doubling.group_ends() == (128, 256, 512, 1024, 2048)
+    assert MatryoshkaConfig(n_latents=2048, group_sizes=(1000, 1048)).group_ends() == (1000, 2048)
+    tc = TrainConfig(train_tokens=4096, batch_size=1024)
+    # a run saved before group_layout existed: its record has no such field and meant doubling
+    old = config_record(doubling, tc)
+    assert "group_layout" not in old["sae"]
+    assert saved_config(MatryoshkaConfig, old["sae"]).group_layout == "doubling"
+    assert may_resume(old, config_record(doubling, tc), diverged=False)
+    new = config_record(MatryoshkaConfig(n_latents=2048), tc)
+    assert new["sae"]["group_layout"] == "equal"
+    assert not may_resume(old, new, diverged=False)  # today's default would change its groups
+    assert saved_config(MatryoshkaConfig, new["sae"]) == MatryoshkaConfig(n_latents=2048)
