@@ -380,6 +380,9 @@ class JumpReLUConfig:
     """ε: width of the rectangle kernel of the straight-through pseudo-derivatives."""
     init_threshold: float = 0.001
     """Initial θ of every latent (inputs scaled to E‖x‖² = 1)."""
+    threshold_lr_scale: float = 1.0
+    """θ's Adam step is the lr times this: Adam moves θ by ~lr per step whatever its gradient, and a
+    step much wider than the bandwidth ε leaves θ above every pre-activation, where no gradient reaches it."""
 
     def validate(self, d: int | None = None) -> None:
         if self.n_latents < 1:
@@ -394,6 +397,8 @@ class JumpReLUConfig:
             raise ValueError(f"bandwidth must be positive, got {self.bandwidth}")
         if self.init_threshold < 0:
             raise ValueError(f"init_threshold must be >= 0, got {self.init_threshold}")
+        if self.threshold_lr_scale <= 0:
+            raise ValueError(f"threshold_lr_scale must be positive, got {self.threshold_lr_scale}")
 
 
 # --- hierarchical_topk (sae/hierarchical_topk.py)

@@ -77,6 +77,13 @@ def init(cfg: JumpReLUConfig, key: jax.Array, d: int, sample: np.ndarray) -> tup
     return params, State(step=jnp.zeros((), jnp.int32))
 
 
+def lr_scales(cfg: JumpReLUConfig) -> Params | None:
+    """θ's step factor (``threshold_lr_scale``); None at 1 (no optimiser stage: older checkpoints load)."""
+    if cfg.threshold_lr_scale == 1.0:
+        return None
+    return Params(W_enc=1.0, b_enc=1.0, W_dec=1.0, b_dec=1.0, threshold=cfg.threshold_lr_scale)
+
+
 def _rectangle(u: jax.Array) -> jax.Array:
     return ((u > -0.5) & (u < 0.5)).astype(u.dtype)
 

@@ -369,3 +369,21 @@ def test_matryoshka_default_groups_are_equal_and_old_runs_keep_their_doubling_gr
     assert new["sae"]["group_layout"] == "equal"
     assert not may_resume(old, new, diverged=False)  # today's default would change its groups
     assert saved_config(MatryoshkaConfig, new["sae"]) == MatryoshkaConfig(n_latents=2048)
+
+
+def test_jumprelu_threshold_lr_scale_multiplies_only_the_threshold_step() -> None:
+    from sae import jumprelu
+    from sae.trainer import make_optimizer
+
+    tc = TrainConfig(train_tokens=4096, batch_size=1024, lr=1e-2)
+    z = np.zeros
+    params = jumprelu.Params(W_enc=z((D, 8)), b_enc=z(8), W_dec=z((8, D)), b_dec=z(D), threshold=z(8))
+    grads = jax.tree_util.tree_map(lambda p: np.full_like(p, 0.5), params)
+    steps = {}
+    for scale in (1.0, 0.1):
+        cfg = JumpReLUConfig(n_latents=8, threshold_lr_scale=scale)
+        tx = make_optimizer(jumprelu, cfg, tc)
+        steps[scale], _ = jax.jit(tx.update)(grads, tx.init(params), params)
+    np.testing.assert_allclose(steps[0.1].threshold, 0.1 * np.asarray(steps[1.0].threshold), rtol=1e-6)
+    np.testing.assert_allclose(steps[0.1].W_enc, steps[1.0].W_enc, rtol=1e-6)
+    assert np.any(np.asarray(steps[1.0].threshold) != 0)
