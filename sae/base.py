@@ -85,7 +85,7 @@ OPTIONAL: dict[str, str] = {
     "resample_due": "``(cfg, step, total_steps) -> bool``: whether to resample dead latents after this step "
     "(host code, with ``resample``). Left out: never.",
     "resample": "``(cfg, params, state, batch, dead, seed) -> (params, reset mask)``: dead-latent resampling.",
-    "lr_scales": "``(cfg) -> params-shaped tree of floats, or None``: factors on each parameter's Adam step. "
+    "lr_scales": "``(cfg, peak_lr) -> params-shaped tree of floats, or None``: factors on each parameter's Adam step. "
     "Left out (or None): 1 everywhere, and no extra optimiser stage.",
     "vmaps_k": "``(cfg) -> bool``: sweep members differing only in k may share one vmapped step "
     "(``StepCtx.k_active``). Left out: False.",

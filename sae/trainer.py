@@ -152,7 +152,7 @@ def make_optimizer(arch: Any, cfg: Any, tc: TrainConfig) -> optax.GradientTransf
         optax.adam(make_schedule(tc, cfg.n_latents), b1=tc.adam_b1, b2=tc.adam_b2, eps=tc.adam_eps),
     ]
     lr_scales = optional(arch, "lr_scales")
-    scales = lr_scales(cfg) if lr_scales is not None else None
+    scales = lr_scales(cfg, tc.peak_lr(cfg.n_latents)) if lr_scales is not None else None
     if scales is not None:  # only then: the optimiser state of other runs keeps its layout
         stages.append(scale_updates_transform(scales))
     return optax.chain(*stages)

@@ -371,7 +371,7 @@ def test_matryoshka_default_groups_are_equal_and_old_runs_keep_their_doubling_gr
     assert saved_config(MatryoshkaConfig, new["sae"]) == MatryoshkaConfig(n_latents=2048)
 
 
-def test_jumprelu_threshold_lr_scale_multiplies_only_the_threshold_step() -> None:
+def test_jumprelu_threshold_lr_scale_multiplies_only_the_threshold_step_and_old_runs_keep_1() -> None:
     from sae import jumprelu
     from sae.trainer import make_optimizer
 
@@ -380,10 +380,20 @@ def test_jumprelu_threshold_lr_scale_multiplies_only_the_threshold_step() -> Non
     params = jumprelu.Params(W_enc=z((D, 8)), b_enc=z(8), W_dec=z((8, D)), b_dec=z(D), threshold=z(8))
     grads = jax.tree_util.tree_map(lambda p: np.full_like(p, 0.5), params)
     steps = {}
-    for scale in (1.0, 0.1):
+    for scale in (1.0, None):  # None at lr 1e-2 and ε 1e-3: 0.1
         cfg = JumpReLUConfig(n_latents=8, threshold_lr_scale=scale)
         tx = make_optimizer(jumprelu, cfg, tc)
         steps[scale], _ = jax.jit(tx.update)(grads, tx.init(params), params)
-    np.testing.assert_allclose(steps[0.1].threshold, 0.1 * np.asarray(steps[1.0].threshold), rtol=1e-6)
-    np.testing.assert_allclose(steps[0.1].W_enc, steps[1.0].W_enc, rtol=1e-6)
+    np.testing.assert_allclose(steps[None].threshold, 0.1 * np.asarray(steps[1.0].threshold), rtol=1e-6)
+    np.testing.assert_allclose(steps[None].W_enc, steps[1.0].W_enc, rtol=1e-6)
     assert np.any(np.asarray(steps[1.0].threshold) != 0)
+    # at a long run's lr the default leaves θ's step alone, with no extra optimiser stage
+    assert jumprelu.lr_scales(JumpReLUConfig(), 1e-3) is None
+    assert jumprelu.lr_scales(JumpReLUConfig(threshold_lr_scale=1.0), 1e-2) is None
+    # a run saved before the factor existed trained at 1 and reads back at 1
+    from sae.base import saved_config
+    from sae.lifecycle import config_record
+
+    old = config_record(JumpReLUConfig(threshold_lr_scale=1.0), tc)["sae"]
+    assert "threshold_lr_scale" not in old
+    assert saved_config(JumpReLUConfig, old).threshold_lr_scale == 1.0
