@@ -242,6 +242,7 @@ RANGES: dict[str, str] = {
     "target_l0": ">0",
     "bandwidth": ">0",
     "init_threshold": ">=0",
+    "threshold_lr_scale": ">0",
     "chunk_size": ">=1",
     "group_sizes": ">=1",
     "zipf_alpha": ">=0",
