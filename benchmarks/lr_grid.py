@@ -45,9 +45,24 @@ MAX_RUNS = 5
 
 
 def key_of(row: dict[str, Any]) -> str:
-    return json.dumps(
-        [row["cache"], row["arch"], row["n"], row["budget"], row["batch"], row["k"], row["lr"], row["extra"]]
-    )
+    cell = [row[f] for f in ("cache", "arch", "n", "budget", "batch", "k", "lr", "extra")]
+    return json.dumps(cell + ([row["patch"]] if row.get("patch") else []))
+
+
+def apply_patches(patches: list[str]) -> dict[str, float]:
+    """Set module constants (``sae.topk.RESAMPLE_ENC_GAIN=1.0``) for trying a value without a config field."""
+    import importlib
+
+    out: dict[str, float] = {}
+    for spec in patches:
+        target, value = spec.split("=", 1)
+        module, name = target.rsplit(".", 1)
+        mod = importlib.import_module(module)
+        if not hasattr(mod, name):
+            raise SystemExit(f"--patch {spec}: {module} has no {name}")
+        setattr(mod, name, type(getattr(mod, name))(float(value)))
+        out[target] = float(value)
+    return out
 
 
 def load_rows(path: Path) -> list[dict[str, Any]]:
@@ -93,6 +108,9 @@ def main() -> None:
     p.add_argument("--no-default", action="store_true", help="do not train the default-lr run")
     p.add_argument("--only-default", action="store_true", help="train only the default-lr run of each cell")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--patch", nargs="*", default=[], help="module.CONST=value, e.g. sae.topk.RESAMPLE_ENC_GAIN=1"
+    )
     p.add_argument("--out", type=Path, default=Path("/tmp/lr_grid.jsonl"))
     p.add_argument("--table", action="store_true", help="print the table of --out and exit")
     a = p.parse_args()
@@ -102,6 +120,7 @@ def main() -> None:
         return
 
     extra = json.loads(a.extra)
+    a.patched = apply_patches(a.patch)
     done = {key_of(r): r for r in load_rows(a.out)}
     skip = {tuple(int(v) for v in s.split(":")) for s in a.skip_cell}
 
@@ -171,6 +190,8 @@ def run_one(
         "lr": lr,
         "extra": extra,
     }
+    if a.patched:
+        row["patch"] = a.patched
     if lr is None:  # the default is whatever the trainer's rule says today
         tc = TrainConfig(train_tokens=data.steps * a.batch, batch_size=a.batch)
         row["default_lr"] = default_lr_of(tc, cfg, data.d)
@@ -244,9 +265,8 @@ def current_default(arch: str, n: int, budget: int, batch: int, extra: dict[str,
 def print_table(rows: list[dict[str, Any]]) -> None:
     cells: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
-        cells.setdefault(
-            (r["cache"], r["arch"], json.dumps(r["extra"]), r["n"], r["budget"], r["batch"], r["k"]), []
-        ).append(r)
+        name = json.dumps({**r["extra"], **r.get("patch", {})})
+        cells.setdefault((r["cache"], r["arch"], name, r["n"], r["budget"], r["batch"], r["k"]), []).append(r)
     print(
         "| cache | arch | n | budget | steps | lrs tried (FVU) | best lr | best FVU | dead (held-out / train) "
         "at best | default lr | default FVU | gap | default dead (held-out / train) |"

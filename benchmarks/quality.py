@@ -172,6 +172,7 @@ def train_ours(
         tokens=steps * batch,
         dead_train=res.final_metrics.get("dead_frac", float("nan")),
         dead_window=dead_window(tc),
+        history=[{k: r[k] for k in ("step", "fvu", "l0", "dead_frac") if k in r} for r in res.history],
     )
     return out
 

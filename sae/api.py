@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sae import checkpoint as ckpt
-from sae.base import arch_module, make_config, optional
+from sae.base import arch_module, optional, saved_config
 
 MIN_BUCKET = 16
 LARGE_BUCKET = 4096
@@ -126,7 +126,7 @@ class SAE:
 
 def _from_record(record: dict[str, Any]) -> Any:
     arch = arch_module(record["arch"])
-    return make_config(arch.Config, record["sae"])
+    return saved_config(arch.Config, record["sae"])
 
 
 def _templates(cfg: Any, d: int) -> tuple[Any, Any]:

@@ -85,6 +85,8 @@ OPTIONAL: dict[str, str] = {
     "resample_due": "``(cfg, step, total_steps) -> bool``: whether to resample dead latents after this step "
     "(host code, with ``resample``). Left out: never.",
     "resample": "``(cfg, params, state, batch, dead, seed) -> (params, reset mask)``: dead-latent resampling.",
+    "lr_scales": "``(cfg, peak_lr) -> params-shaped tree of floats, or None``: factors on each parameter's Adam step. "
+    "Left out (or None): 1 everywhere, and no extra optimiser stage.",
     "vmaps_k": "``(cfg) -> bool``: sweep members differing only in k may share one vmapped step "
     "(``StepCtx.k_active``). Left out: False.",
     "latent_count": "``(cfg, params) -> int``: latents not fixed by the config (ITDA). Left out: ``cfg.n_latents``.",
@@ -162,6 +164,19 @@ def make_config(cls: type, values: dict[str, Any]) -> Any:
     return cfg
 
 
+def saved_config(cls: type, values: dict[str, Any]) -> Any:
+    """A config read back from a saved run's record: a field added after the run was saved
+    (``cls.introduced``) takes the value the run trained with, not today's default."""
+    return make_config(cls, {**getattr(cls, "introduced", {}), **values})
+
+
+def recorded_fields(cfg: Any) -> dict[str, Any]:
+    """A config's fields for a run's record, less those at the value runs saved before the field
+    existed trained with (``cfg.introduced``): such runs keep their identity and still resume."""
+    introduced = getattr(cfg, "introduced", {})
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in introduced or v != introduced[k]}
+
+
 # --------------------------------------------------------------------------- hyper-parameter ranges
 
 _RANGE_TEXT = {
@@ -227,6 +242,7 @@ RANGES: dict[str, str] = {
     "target_l0": ">0",
     "bandwidth": ">0",
     "init_threshold": ">=0",
+    "threshold_lr_scale": ">0",
     "chunk_size": ">=1",
     "group_sizes": ">=1",
     "zipf_alpha": ">=0",

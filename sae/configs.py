@@ -160,6 +160,10 @@ class TopKConfig:
     init_w: Literal["random", "data"] = "random"
     """Decoder rows (and encoder columns) at init: "random" directions or "data" (normalised centred
     samples of the init sample, so every latent starts where the data is)."""
+    resample_every_frac: float = 0.0
+    """Resample dead latents (Anthropic's recipe, ``common.resample_dead_rows``) at each multiple of
+    this fraction of training that leaves a whole period to train; 0 disables. Off by default: at 250k
+    tokens it did not lower the dead fraction (docs/learning_rate.md)."""
 
     def validate(self, d: int | None = None) -> None:
         if self.n_latents < 1:
@@ -174,6 +178,8 @@ class TopKConfig:
             raise ValueError(f"decoder must be 'unit' or 'free', got {self.decoder!r}")
         if self.k_aux is not None and not 1 <= self.k_aux <= self.n_latents:
             raise ValueError(f"k_aux={self.k_aux} must be between 1 and n_latents={self.n_latents}")
+        if not 0 <= getattr(self, "resample_every_frac", 0.0) < 1:
+            raise ValueError(f"resample_every_frac must be in [0, 1), got {self.resample_every_frac}")
 
 
 # --- relu_l1 (sae/relu_l1.py)
@@ -217,6 +223,8 @@ class GBAConfig:
     retired: ClassVar[tuple[str, ...]] = ("update_every",)
     """Fields of earlier versions, dropped when a saved config is read (``sae.base.make_config``):
     ``update_every`` (steps) became ``update_tokens``; the SAE's inference form never used it."""
+    introduced: ClassVar[dict[str, object]] = {"init_b": "zero"}
+    """The value runs saved before ``init_b`` existed trained with (``sae.base.saved_config``)."""
 
     n_latents: int = 4096
     """Number of neurons."""
@@ -365,6 +373,8 @@ class JumpReLUConfig:
     """JumpReLU hyper-parameters (defaults from the reference sheet unless noted)."""
 
     arch: ClassVar[str] = "jumprelu"
+    introduced: ClassVar[dict[str, object]] = {"threshold_lr_scale": 1.0}
+    """Fields added after runs were saved, with the value those runs trained with (see MatryoshkaConfig)."""
 
     n_latents: int = 4096
     """Number of latents n."""
@@ -378,6 +388,10 @@ class JumpReLUConfig:
     """ε: width of the rectangle kernel of the straight-through pseudo-derivatives."""
     init_threshold: float = 0.001
     """Initial θ of every latent (inputs scaled to E‖x‖² = 1)."""
+    threshold_lr_scale: float | None = None
+    """θ's Adam step is the lr times this; None: min(1, bandwidth / peak lr), so θ never steps further
+    than ε. Adam moves θ by ~lr per step whatever its gradient, and a step much wider than ε leaves θ
+    above every pre-activation, where no gradient reaches it (at lr 1e-2, 69% of the latents died)."""
 
     def validate(self, d: int | None = None) -> None:
         if self.n_latents < 1:
@@ -392,6 +406,8 @@ class JumpReLUConfig:
             raise ValueError(f"bandwidth must be positive, got {self.bandwidth}")
         if self.init_threshold < 0:
             raise ValueError(f"init_threshold must be >= 0, got {self.init_threshold}")
+        if self.threshold_lr_scale is not None and self.threshold_lr_scale <= 0:
+            raise ValueError(f"threshold_lr_scale must be positive, got {self.threshold_lr_scale}")
 
 
 # --- hierarchical_topk (sae/hierarchical_topk.py)
@@ -432,10 +448,16 @@ class MatryoshkaConfig(BatchTopKConfig):
     """Matryoshka BatchTopK hyper-parameters: BatchTopK's, and the nested groups."""
 
     arch: ClassVar[str] = "matryoshka"
+    introduced: ClassVar[dict[str, object]] = {"group_layout": "doubling"}
+    """Fields added after runs were saved, with the value those runs trained with (read back by
+    ``sae.base.saved_config``; left out of a run's record at that value: ``sae.base.recorded_fields``)."""
 
     group_sizes: tuple[int, ...] | None = None
     """Sizes of the nested groups, in order, summing to n_latents (e.g. 256,256,512,1024,2048);
-    None: prefixes ending at n/16, n/8, n/4, n/2, n."""
+    None: group_layout's."""
+    group_layout: Literal["equal", "doubling"] = "equal"
+    """Groups when group_sizes is None: "equal" (4 groups of n/4) or "doubling" (prefixes ending at
+    n/16, n/8, n/4, n/2, n; the default before, whose late groups starved: docs/learning_rate.md)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.group_sizes, list):  # from JSON/YAML
@@ -443,6 +465,8 @@ class MatryoshkaConfig(BatchTopKConfig):
 
     def validate(self, d: int | None = None) -> None:
         super().validate(d)
+        if self.group_layout not in ("equal", "doubling"):
+            raise ValueError(f"group_layout must be 'equal' or 'doubling', got {self.group_layout!r}")
         if self.group_sizes is not None:
             if not self.group_sizes or any(g < 1 for g in self.group_sizes):
                 raise ValueError(f"group_sizes must be positive integers, got {self.group_sizes}")
@@ -456,8 +480,15 @@ class MatryoshkaConfig(BatchTopKConfig):
         """Exclusive end of each prefix."""
         if self.group_sizes is not None:
             return tuple(itertools.accumulate(self.group_sizes))
+        if self.group_layout == "equal":
+            n, m = self.n_latents, EQUAL_GROUPS
+            return tuple(sorted({n * (g + 1) // m for g in range(m)} - {0}))
         ends = sorted({self.n_latents >> s for s in (4, 3, 2, 1, 0)} - {0})
         return tuple(ends)
+
+
+EQUAL_GROUPS = 4
+"""Groups of Matryoshka's "equal" layout (the one count measured: docs/learning_rate.md)."""
 
 
 # --- feature_choice (sae/feature_choice.py)

@@ -69,12 +69,15 @@ def config_record(cfg: Any, tc: Any) -> dict[str, Any]:
     """The JSON-able identity of a run (compared on resume).
 
     The mesh is left out (a layout, not a result); compute_dtype only when it is not the default,
-    so runs recorded before it existed keep their identity.
+    and an architecture field added later only when it is not at the value older runs trained with
+    (``sae.base.recorded_fields``), so runs recorded before they existed keep their identity.
     """
+    from sae.base import recorded_fields
+
     train = {k: v for k, v in asdict(tc).items() if k not in EXECUTION_FIELDS}
     if train.get("compute_dtype") == "float32":
         del train["compute_dtype"]
-    return {"arch": cfg.arch, "sae": asdict(cfg), "train": train}
+    return {"arch": cfg.arch, "sae": recorded_fields(cfg), "train": train}
 
 
 def refuse_different_config(

@@ -102,46 +102,16 @@ def constrain(cfg: ReluL1Config, params: Params) -> Params:
 
 def resample_due(cfg: ReluL1Config, step: int, total_steps: int) -> bool:
     """True when step (1-based, after the update) is at a resampling point."""
-    if cfg.variant != "classic" or cfg.resample_every_frac <= 0:
-        return False
-    every = max(1, int(round(cfg.resample_every_frac * total_steps)))
-    return step % every == 0 and step < total_steps
+    return cfg.variant == "classic" and common.resample_due_every(cfg.resample_every_frac, step, total_steps)
 
 
 def resample(
     cfg: ReluL1Config, params: Params, state: State, x: np.ndarray, dead: np.ndarray, seed: int
 ) -> tuple[Params, Params]:
     """Re-initialise dead latents from high-error inputs; returns (params, mask of reset entries)."""
-    dead = np.asarray(dead, bool)
-    n_dead = int(dead.sum())
-    w_enc = np.array(params.W_enc)
-    b_enc = np.array(params.b_enc)
-    w_dec = np.array(params.W_dec)
-    if n_dead:
-        f = encode(cfg, params, state, jnp.asarray(x))
-        err = np.asarray(jnp.sum(jnp.square(x - decode(cfg, params, f)), axis=1), np.float64)
-        prob = err**2 / err.sum() ** 2 if err.sum() > 0 else None
-        if prob is not None:
-            prob = prob / prob.sum()
-        rng = np.random.default_rng(seed)
-        pick = rng.choice(len(x), size=n_dead, p=prob)
-        new = x[pick] - np.asarray(params.b_dec)
-        new = new / np.maximum(np.linalg.norm(new, axis=1, keepdims=True), 1e-8)
-        alive = ~dead
-        enc_norm = float(np.linalg.norm(w_enc[:, alive], axis=0).mean()) if alive.any() else 1.0
-        w_dec[dead] = new
-        w_enc[:, dead] = new.T * 0.2 * enc_norm
-        b_enc[dead] = 0.0
-    mask = Params(
-        W_enc=np.broadcast_to(dead[None, :], w_enc.shape),
-        b_enc=dead,
-        W_dec=np.broadcast_to(dead[:, None], w_dec.shape),
-        b_dec=np.zeros(params.b_dec.shape, bool),
-    )
-    new_params = Params(
-        W_enc=jnp.asarray(w_enc), b_enc=jnp.asarray(b_enc), W_dec=jnp.asarray(w_dec), b_dec=params.b_dec
-    )
-    return new_params, mask
+    sq_err = jnp.sum(jnp.square(x - decode(cfg, params, encode(cfg, params, state, jnp.asarray(x)))), axis=1)
+    x_in = np.asarray(x) - np.asarray(params.b_dec)
+    return common.resample_dead_rows(params, x_in, np.asarray(sq_err), dead, seed, enc_gain=0.2, dec_norm=1.0)
 
 
 def fold_scale(cfg: ReluL1Config, params: Params, state: State, s: float) -> tuple[Params, State]:

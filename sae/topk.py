@@ -164,6 +164,44 @@ def constrain(cfg: TopKConfig, params: Params) -> Params:
     return params.replace(W_dec=common.normalize_rows(params.W_dec))
 
 
+RESAMPLE_ENC_GAIN = 0.2
+"""A resampled latent reconstructs this share of its input's projection at first (Anthropic's 0.2)."""
+RESAMPLE_ERR_POWER = 1.0
+"""Inputs drawn ∝ their squared error to this power (Anthropic: 2, which on SmolLM2 activations, with
+outlier tokens at 4x the median norm, sends most dead latents to the same few tokens) [adapt]."""
+RESAMPLE_DISTINCT = True
+"""Each dead latent gets a different input of the batch [adapt]."""
+RESAMPLE_ENC_PER_DECODER = True
+"""Encoder columns at norm RESAMPLE_ENC_GAIN / the decoder-row norm, so the first point holds whatever
+the scale of the free decoder's rows (False: Anthropic's RESAMPLE_ENC_GAIN × the mean alive encoder
+norm, for unit rows) [adapt]. These three were not separated by measurement: see
+docs/learning_rate.md (resampling did not lower the dead fraction of 250k-token runs)."""
+
+
+def resample_due(cfg: TopKConfig, step: int, total_steps: int) -> bool:
+    """True when step (1-based, after the update) is at a resampling point."""
+    return common.resample_due_every(getattr(cfg, "resample_every_frac", 0.0), step, total_steps)
+
+
+def resample(
+    cfg: TopKConfig, params: Params, state: State, x: np.ndarray, dead: np.ndarray, seed: int
+) -> tuple[Params, Params]:
+    """Dead latents re-initialised towards the batch's worst-reconstructed inputs (decoder rows at the
+    alive rows' mean norm for a free decoder); returns (params, mask of reset entries)."""
+    x_hat = decode(cfg, params, encode(cfg, params, state, jnp.asarray(x)))
+    sq_err = np.asarray(jnp.sum(jnp.square(x - x_hat), axis=1))
+    x_in = np.asarray(x) - np.asarray(params.b_dec)
+    alive = ~np.asarray(dead, bool)
+    dec_norm = 1.0
+    if cfg.decoder != "unit" and alive.any():
+        dec_norm = float(np.linalg.norm(np.asarray(params.W_dec)[alive], axis=1).mean())
+    gain, power, distinct = RESAMPLE_ENC_GAIN, RESAMPLE_ERR_POWER, RESAMPLE_DISTINCT
+    enc_norm = gain / dec_norm if RESAMPLE_ENC_PER_DECODER else None
+    return common.resample_dead_rows(
+        params, x_in, sq_err, dead, seed, gain, dec_norm, power, distinct, enc_norm=enc_norm
+    )
+
+
 def fold_scale(cfg: TopKConfig, params: Params, state: State, s: float) -> tuple[Params, State]:
     """Inference form on raw activations: fold the input scale s and the decoder norms.
 

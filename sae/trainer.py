@@ -146,11 +146,25 @@ def project_grads_transform(project: Callable[[Any, Any], Any]) -> optax.Gradien
 
 
 def make_optimizer(arch: Any, cfg: Any, tc: TrainConfig) -> optax.GradientTransformation:
-    return optax.chain(
+    stages = [
         project_grads_transform(lambda p, g: arch.project_grads(cfg, p, g)),
         optax.clip_by_global_norm(tc.grad_clip),
         optax.adam(make_schedule(tc, cfg.n_latents), b1=tc.adam_b1, b2=tc.adam_b2, eps=tc.adam_eps),
-    )
+    ]
+    lr_scales = optional(arch, "lr_scales")
+    scales = lr_scales(cfg, tc.peak_lr(cfg.n_latents)) if lr_scales is not None else None
+    if scales is not None:  # only then: the optimiser state of other runs keeps its layout
+        stages.append(scale_updates_transform(scales))
+    return optax.chain(*stages)
+
+
+def scale_updates_transform(scales: Any) -> optax.GradientTransformation:
+    """Optax stage multiplying each parameter's step by its factor in ``scales`` (a params-shaped tree)."""
+
+    def update_fn(updates: Any, state: Any, params: Any = None):
+        return jax.tree_util.tree_map(lambda u, s: u * s, updates, scales), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
 @struct.dataclass

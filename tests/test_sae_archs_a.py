@@ -287,7 +287,9 @@ def test_new_archs_registered_and_refuse_bad_configs() -> None:
         make_config(matryoshka.MatryoshkaConfig, {"n_latents": 16, "k": 2, "group_sizes": [4, 4]})
     cfg = make_config(matryoshka.MatryoshkaConfig, {"n_latents": 16, "k": 2, "group_sizes": [4, 12]})
     assert cfg.group_sizes == (4, 12) and cfg.group_ends() == (4, 16)  # JSON lists come back as tuples
-    assert matryoshka.MatryoshkaConfig(n_latents=4096).group_ends() == (256, 512, 1024, 2048, 4096)
+    assert matryoshka.MatryoshkaConfig(n_latents=4096).group_ends() == (1024, 2048, 3072, 4096)
+    doubling = matryoshka.MatryoshkaConfig(n_latents=4096, group_layout="doubling")
+    assert doubling.group_ends() == (256, 512, 1024, 2048, 4096)
     with pytest.raises(ValueError, match="k=9 must be between 1 and n_latents=8"):
         make_config(batchtopk.BatchTopKConfig, {"n_latents": 8, "k": 9})
     with pytest.raises(ValueError, match="--target-l0 must be > 0, got 0.0"):  # the shared range check

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -302,11 +303,16 @@ def test_partition_specs_shard_latent_axis() -> None:
     assert w_spec == jax.sharding.PartitionSpec("model", None)
 
 
-def test_classic_resampling_resets_dead_latents_and_their_adam_moments() -> None:
-    from sae import relu_l1
+@pytest.mark.parametrize(
+    "cfg",
+    [ReluL1Config(n_latents=12, variant="classic"), TopKConfig(n_latents=12, k=2, resample_every_frac=0.25)],
+    ids=["relu_l1-classic", "topk"],
+)
+def test_resampling_resets_exactly_the_dead_latents_and_their_adam_moments(cfg: Any) -> None:
+    from sae.base import arch_module
     from sae.trainer import Trainer, reset_adam_moments
 
-    cfg = ReluL1Config(n_latents=12, variant="classic")
+    arch = arch_module(cfg.arch)
     tc = TrainConfig(train_tokens=64 * 8, batch_size=64, init_sample_tokens=64)
     x = next(sparse_batches(64)(0))
     trainer = Trainer(cfg, tc, D)
@@ -315,18 +321,83 @@ def test_classic_resampling_resets_dead_latents_and_their_adam_moments() -> None
         ts = trainer.step(ts, next(sparse_batches(64)(i)), 1.0)
     dead = np.zeros(12, bool)
     dead[[2, 7]] = True
-    params, mask = relu_l1.resample(cfg, ts.params, ts.arch_state, x, dead, seed=0)
+    params, mask = arch.resample(cfg, ts.params, ts.arch_state, x, dead, seed=0)
+    for name in ("W_dec", "b_enc"):
+        old, new = np.asarray(getattr(ts.params, name)), np.asarray(getattr(params, name))
+        np.testing.assert_array_equal(new[~dead], old[~dead])
+    np.testing.assert_array_equal(np.asarray(params.W_enc)[:, ~dead], np.asarray(ts.params.W_enc)[:, ~dead])
+    np.testing.assert_array_equal(np.asarray(params.b_dec), np.asarray(ts.params.b_dec))
     w_old, w_new = np.asarray(ts.params.W_dec), np.asarray(params.W_dec)
-    np.testing.assert_array_equal(w_new[~dead], w_old[~dead])
     assert not np.allclose(w_new[dead], w_old[dead])
-    np.testing.assert_allclose(np.linalg.norm(w_new[dead], axis=1), 1.0, rtol=1e-5)
+    # unit rows for the classic variant; a free decoder's new rows at the alive rows' mean norm
+    want = 1.0 if cfg.arch == "relu_l1" else np.linalg.norm(w_old[~dead], axis=1).mean()
+    np.testing.assert_allclose(np.linalg.norm(w_new[dead], axis=1), want, rtol=1e-5)
+    # the new encoder columns point along the new decoder rows
+    cos = np.sum(np.asarray(params.W_enc)[:, dead].T * w_new[dead], axis=1)
+    cos /= np.linalg.norm(np.asarray(params.W_enc)[:, dead], axis=0) * np.linalg.norm(w_new[dead], axis=1)
+    np.testing.assert_allclose(cos, 1.0, rtol=1e-5)
     assert np.all(np.asarray(params.b_enc)[dead] == 0)
     opt = reset_adam_moments(ts.opt_state, mask)
     adam = [
         s for s in jax.tree_util.tree_leaves(opt, is_leaf=lambda s: hasattr(s, "mu")) if hasattr(s, "mu")
     ][0]
-    mu = np.asarray(adam.mu.W_dec)
-    assert np.all(mu[dead] == 0) and np.any(mu[~dead] != 0)
+    for moments in (adam.mu, adam.nu):
+        mu = np.asarray(moments.W_dec)
+        assert np.all(mu[dead] == 0) and np.any(mu[~dead] != 0)
+        assert np.all(np.asarray(moments.W_enc)[:, dead] == 0)
+    due = [s for s in range(1, 9) if arch.resample_due(cfg, s, 8)]
+    assert due == [2, 4, 6]  # every quarter of the run, never at its end
+    # a whole period left to train after the last one (round(0.25 · 61) = 15: not at step 60)
+    assert [s for s in range(1, 62) if arch.resample_due(cfg, s, 61)] == [15, 30, 45]
+
+
+def test_matryoshka_default_groups_are_equal_and_old_runs_keep_their_doubling_groups() -> None:
+    from sae.base import saved_config
+    from sae.lifecycle import config_record
+    from sae.runs import may_resume
+
+    assert MatryoshkaConfig(n_latents=2048).group_ends() == (512, 1024, 1536, 2048)
+    doubling = MatryoshkaConfig(n_latents=2048, group_layout="doubling")
+    assert doubling.group_ends() == (128, 256, 512, 1024, 2048)
+    assert MatryoshkaConfig(n_latents=2048, group_sizes=(1000, 1048)).group_ends() == (1000, 2048)
+    tc = TrainConfig(train_tokens=4096, batch_size=1024)
+    # a run saved before group_layout existed: its record has no such field and meant doubling
+    old = config_record(doubling, tc)
+    assert "group_layout" not in old["sae"]
+    assert saved_config(MatryoshkaConfig, old["sae"]).group_layout == "doubling"
+    assert may_resume(old, config_record(doubling, tc), diverged=False)
+    new = config_record(MatryoshkaConfig(n_latents=2048), tc)
+    assert new["sae"]["group_layout"] == "equal"
+    assert not may_resume(old, new, diverged=False)  # today's default would change its groups
+    assert saved_config(MatryoshkaConfig, new["sae"]) == MatryoshkaConfig(n_latents=2048)
+
+
+def test_jumprelu_threshold_lr_scale_multiplies_only_the_threshold_step_and_old_runs_keep_1() -> None:
+    from sae import jumprelu
+    from sae.trainer import make_optimizer
+
+    tc = TrainConfig(train_tokens=4096, batch_size=1024, lr=1e-2)
+    z = np.zeros
+    params = jumprelu.Params(W_enc=z((D, 8)), b_enc=z(8), W_dec=z((8, D)), b_dec=z(D), threshold=z(8))
+    grads = jax.tree_util.tree_map(lambda p: np.full_like(p, 0.5), params)
+    steps = {}
+    for scale in (1.0, None):  # None at lr 1e-2 and ε 1e-3: 0.1
+        cfg = JumpReLUConfig(n_latents=8, threshold_lr_scale=scale)
+        tx = make_optimizer(jumprelu, cfg, tc)
+        steps[scale], _ = jax.jit(tx.update)(grads, tx.init(params), params)
+    np.testing.assert_allclose(steps[None].threshold, 0.1 * np.asarray(steps[1.0].threshold), rtol=1e-6)
+    np.testing.assert_allclose(steps[None].W_enc, steps[1.0].W_enc, rtol=1e-6)
+    assert np.any(np.asarray(steps[1.0].threshold) != 0)
+    # at a long run's lr the default leaves θ's step alone, with no extra optimiser stage
+    assert jumprelu.lr_scales(JumpReLUConfig(), 1e-3) is None
+    assert jumprelu.lr_scales(JumpReLUConfig(threshold_lr_scale=1.0), 1e-2) is None
+    # a run saved before the factor existed trained at 1 and reads back at 1
+    from sae.base import saved_config
+    from sae.lifecycle import config_record
+
+    old = config_record(JumpReLUConfig(threshold_lr_scale=1.0), tc)["sae"]
+    assert "threshold_lr_scale" not in old
+    assert saved_config(JumpReLUConfig, old).threshold_lr_scale == 1.0
 
 
 def test_gba_biases_start_at_the_group_target_frequencies() -> None:
