@@ -1,4 +1,4 @@
-"""`saewb harvest` and `saewb hooks`."""
+"""`saewb harvest`, `saewb export-parquet`, `saewb sql` and `saewb hooks`."""
 
 from __future__ import annotations
 
@@ -111,6 +111,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--harvest", default=None, help="harvest name (default: the workspace's only harvest)")
     e.set_defaults(func=_export)
 
+    q = sub.add_parser(
+        "sql",
+        help="run one read-only SQL query on a workspace (activations included) and print its rows",
+        description=(
+            "Every table of the workspace (tokens, documents, runs, metrics, ...) and every hook's activations "
+            "as act__<harvest>__<hook> (tok_idx, x FLOAT[d]), read from the shard files on demand. "
+            'Example: saewb sql ws.duckdb "SELECT count(*) FROM act__default__blocks_2_hook_out"'
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    q.add_argument("workspace", help="workspace file")
+    q.add_argument("query", help="one SQL statement (read-only)")
+    q.add_argument("--csv", action="store_true", help="print CSV instead of a table")
+    q.add_argument("--max-rows", type=int, default=50, help="rows shown in a table (all with --csv)")
+    q.set_defaults(func=_sql)
+
     h = sub.add_parser(
         "hooks", help="list a model's hook points", description="List the canonical hook names of a model."
     )
@@ -167,6 +183,19 @@ def _export(args: argparse.Namespace) -> int:
         [manifest["tokens"], manifest["documents"], *(h["file"] for h in manifest["hooks"].values())]
     )
     print(f"harvest {manifest['name']!r}: {manifest['n_tokens']} tokens -> {args.out_dir} ({files})")
+    return 0
+
+
+def _sql(args: argparse.Namespace) -> int:
+    import sys
+
+    from saewb.api import sql
+
+    frame = sql(args.workspace, args.query)
+    if args.csv:
+        frame.to_csv(sys.stdout, index=False)
+    else:
+        print(frame.to_string(max_rows=args.max_rows, index=False))
     return 0
 
 

@@ -568,17 +568,18 @@ def commit_rows(
     documents: pa.Table | None,
     tokens: pa.Table,
     nonfinite: list[pa.Table],
-    acts: dict[str, Sequence[np.ndarray]],
+    acts: dict[str, np.ndarray | Sequence[np.ndarray]],
     start: int,
     totals: tuple[int, int, int],
     files: Future[list[str]] | None = None,
 ) -> None:
     """One harvest commit: the activation rows of each hook (`encode`d in the store dtype, tok_idx
-    `start`.. in order, in one or more consecutive parts) as shard files, and in one transaction the new documents, tokens, skipped
+    `start`.. in order: an array, or consecutive parts) as shard files, and in one transaction the new documents, tokens, skipped
     non-finite tokens, the shards' catalogue rows and the harvest's totals (n_windows, n_tokens,
     n_docs). The files are written on a thread while DuckDB takes the rows (the disk and the CPU at
     once; `files`: their writing started earlier by `write_shards`); the transaction commits only
     once they are durable, so a kill leaves at most orphan files, never a listed gap."""
+    acts = {hook: [parts] if isinstance(parts, np.ndarray) else parts for hook, parts in acts.items()}
     if info.layout == FILES_LAYOUT and files is None:
         files = write_shards(ws, info, start, acts)
     # One DuckDB thread: its appends are small, and the harvest's producer and file writer are busy

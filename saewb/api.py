@@ -203,7 +203,7 @@ def sql(workspace: PathLike, query: str, params: Sequence[Any] | None = None) ->
             return con.execute(query, list(params or [])).df()
         except (duckdb.ParserException, duckdb.BinderException, duckdb.CatalogException) as err:
             first = str(err).splitlines()[0]
-            raise UsageError(f"{first} (the workspace's tables: `saewb.sql(ws, 'SHOW TABLES')`)") from err
+            raise UsageError(f"{first} (list the workspace's tables with SHOW TABLES)") from err
 
 
 # ------------------------------------------------------------------------------------------ runs

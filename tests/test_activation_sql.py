@@ -16,6 +16,7 @@ import saewb
 from activations.reader import read_activations
 from activations.sql import activation_sql
 from activations.store import acts_dir, commit_rows, encode, harvest_info, register_harvest
+from saewb.cli import main
 from saewb.workspace import Workspace
 
 
@@ -24,7 +25,9 @@ def _x(table: pa.Table, d: int) -> np.ndarray:
     return col.values.to_numpy().reshape(-1, d)
 
 
-def test_views_return_the_readers_rows_and_join_tokens(tiny_lm_ws: Path) -> None:
+def test_views_return_the_readers_rows_and_join_tokens(
+    tiny_lm_ws: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     ws = Workspace(tiny_lm_ws)
     info = harvest_info(ws)
     view, d, n = info.tables[HOOK], info.hooks[HOOK], info.n_tokens
@@ -62,6 +65,12 @@ def test_views_return_the_readers_rows_and_join_tokens(tiny_lm_ws: Path) -> None
         ).fetchone() == (0,)
     with pytest.raises(saewb.UsageError, match="act__nope"):
         saewb.sql(tiny_lm_ws, "SELECT * FROM act__nope")
+    # The command line: the same query, printed; a bad one is one line naming the problem.
+    assert main(["sql", str(tiny_lm_ws), f"SELECT count(*) AS rows FROM {view}", "--csv"]) == 0
+    assert capsys.readouterr().out.split() == ["rows", str(n)]
+    assert main(["sql", str(tiny_lm_ws), "SELECT * FROM act__nope"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "act__nope" in err and "SHOW TABLES" in err and len(err.splitlines()) == 1
 
 
 def _synthetic_harvest(path: Path, dtype: str, commits: int, rows: int, d: int) -> np.ndarray:

@@ -417,3 +417,9 @@ def test_gba_biases_start_at_the_group_target_frequencies() -> None:
             assert (np.asarray(state.b) <= 0).all() and (np.asarray(state.b) >= -1).all()
         else:
             assert on.sum(axis=1).mean() > 20  # far above the target
+    # a GBA run saved before init_b existed started from zero biases, and keeps that identity
+    from sae.base import recorded_fields, saved_config
+
+    old = saved_config(GBAConfig, {"n_latents": 64, "n_groups": 4, "target_l0": 8.0, "ltf": 0.01})
+    assert old.init_b == "zero" and "init_b" not in recorded_fields(old)
+    assert recorded_fields(cfg)["init_b"] == "quantile"
