@@ -128,8 +128,11 @@ def initial_biases(
     out = np.empty(len(w), np.float32)
     for lo in range(0, len(w), chunk):
         u = jnp.sort(centred @ jnp.asarray(w[lo : lo + chunk]).T, axis=0)  # [rows, chunk] ascending
-        at = np.clip(np.floor((1.0 - p[lo : lo + chunk]) * rows).astype(np.int64), 0, rows - 1)
-        out[lo : lo + chunk] = np.asarray(jnp.take_along_axis(u, jnp.asarray(at)[None], axis=0))[0]
+        at = jnp.asarray(np.clip(np.floor((1.0 - p[lo : lo + chunk]) * rows).astype(np.int64), 0, rows - 2))
+        # halfway between two order statistics: no sample point sits on its threshold, where float
+        # noise (another reduction order, a sharded matmul) would flip whether it fires
+        pair = jnp.take_along_axis(u, jnp.stack([at, at + 1]), axis=0)
+        out[lo : lo + chunk] = np.asarray(pair.mean(axis=0))
     return np.clip(-out, -1.0, 0.0).astype(np.float32)
 
 
