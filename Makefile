@@ -49,7 +49,7 @@ demo: demo-pipeline
 demo-pipeline: $(STAMP)
 	$(SAEWB) harvest --model minilm --corpus stdlib-docs --hook $(DEMO_HOOK) --ctx-len 128 --workspace $(WORKSPACE)
 	$(SAEWB) train --workspace $(WORKSPACE) --hook $(DEMO_HOOK) --arch topk --n-latents 4096 --k 32 \
-		--train-tokens 1000000 --batch-size 4096 --seed 0 --name $(DEMO_RUN)
+		--train-tokens 1000000 --seed 0 --name $(DEMO_RUN)
 	$(SAEWB) eval $(DEMO_RUN) --workspace $(WORKSPACE)
 	$(SAEWB) analyze $(DEMO_RUN) --workspace $(WORKSPACE)
 

@@ -1,6 +1,7 @@
 """Learning-rate grid for the default rule (issue 21): best peak lr per (cache, n, budget) cell.
 
-Each cell trains one architecture (default TopK, k 32, batch 4096, every other setting at its
+Each cell trains one architecture (default TopK, k 32, the trainer's default batch for the budget unless
+``--batch`` is given, every other setting at its
 default) at peak learning rates on a factor-2 ladder, starting from ``--start`` (a guess) and
 walking towards the better side until the best is bracketed by a worse value on each side; then
 it trains once with the trainer's default lr (``--lr`` left unset), so the table shows the
@@ -100,7 +101,9 @@ def main() -> None:
     p.add_argument("--budget", type=int, nargs="+", default=[250_000, 1_000_000])
     p.add_argument("--skip-cell", nargs="*", default=[], help="n:budget pairs to skip, e.g. 32768:1000000")
     p.add_argument("--k", type=int, default=32)
-    p.add_argument("--batch", type=int, default=4096)
+    p.add_argument(
+        "--batch", type=int, default=None, help="default: the trainer's default batch for the budget"
+    )
     p.add_argument("--arch", default="topk")
     p.add_argument("--extra", default="{}", help="JSON: more arch (or TrainConfig) config fields")
     p.add_argument("--start", type=float, default=None, help="first lr of a cell (default: the default lr)")
@@ -134,14 +137,17 @@ def main() -> None:
         d = int(train.shape[1])
         print(f"{name}: d={d}, train {len(train):,}, eval {len(ev):,}", file=sys.stderr, flush=True)
         for budget in a.budget:
-            steps = budget // a.batch
-            order = token_order(len(train), steps * a.batch, a.seed)
+            from sae.configs import default_batch_size
+
+            batch = a.batch or default_batch_size(budget)
+            steps = budget // batch
+            order = token_order(len(train), steps * batch, a.seed)
             for n in a.n:
                 if (n, budget) in skip:
                     continue
 
                 run = functools.partial(
-                    run_one, a, done, Data(name, train, ev, order, d, steps), n, budget, extra
+                    run_one, a, done, Data(name, train, ev, order, d, steps, batch), n, budget, extra
                 )
                 if a.only_default:
                     pass
@@ -165,6 +171,7 @@ class Data:
     order: np.ndarray
     d: int
     steps: int
+    batch: int
 
 
 def run_one(
@@ -185,7 +192,7 @@ def run_one(
         "arch": a.arch,
         "n": n,
         "budget": budget,
-        "batch": a.batch,
+        "batch": data.batch,
         "k": a.k,
         "lr": lr,
         "extra": extra,
@@ -193,7 +200,7 @@ def run_one(
     if a.patched:
         row["patch"] = a.patched
     if lr is None:  # the default is whatever the trainer's rule says today
-        tc = TrainConfig(train_tokens=data.steps * a.batch, batch_size=a.batch)
+        tc = TrainConfig(train_tokens=data.steps * data.batch, batch_size=data.batch)
         row["default_lr"] = default_lr_of(tc, cfg, data.d)
         row["lr"] = f"default={row['default_lr']:.4g}"
     kk = key_of(row)
@@ -201,7 +208,7 @@ def run_one(
         return done[kk]
     t0 = time.perf_counter()
     train_kw = {k: v for k, v in extra.items() if k in train_fields()}
-    res = train_ours(cfg, data.train, data.order, data.ev, a.batch, a.seed, lr, **train_kw)
+    res = train_ours(cfg, data.train, data.order, data.ev, data.batch, a.seed, lr, **train_kw)
     row.update(res, d=data.d, steps=data.steps, wall_s=time.perf_counter() - t0)
     done[kk] = row
     with a.out.open("a") as f:
@@ -268,10 +275,10 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         name = json.dumps({**r["extra"], **r.get("patch", {})})
         cells.setdefault((r["cache"], r["arch"], name, r["n"], r["budget"], r["batch"], r["k"]), []).append(r)
     print(
-        "| cache | arch | n | budget | steps | lrs tried (FVU) | best lr | best FVU | dead (held-out / train) "
+        "| cache | arch | n | budget | batch | steps | lrs tried (FVU) | best lr | best FVU | dead (held-out / train) "
         "at best | default lr | default FVU | gap | default dead (held-out / train) |"
     )
-    print("|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for (cache, arch, extra, n, budget, _batch, _k), rs in sorted(cells.items()):
         rs = [r for r in rs if "fvu" in r]
         grid = sorted((r for r in rs if isinstance(r["lr"], float)), key=lambda r: r["lr"])
@@ -280,7 +287,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         tried = ", ".join(f"{r['lr']:.3g} ({r['fvu']:.4f})" for r in grid)
         best = min(grid, key=fvu_of) if grid else None
         steps = rs[0].get("steps", "")
-        line = f"| {cache} | {name} | {n} | {budget:,} | {steps} | {tried} | "
+        line = f"| {cache} | {name} | {n} | {budget:,} | {_batch} | {steps} | {tried} | "
         line += (
             f"{best['lr']:.3g} | {best['fvu']:.4f} | {best['dead_eval']:.3f} / {best['dead_train']:.3f} | "
             if best

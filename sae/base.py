@@ -232,6 +232,7 @@ RANGES: dict[str, str] = {
     "gamma": ">=0",
     "update_tokens": ">=1",
     "freq_eps": ">0",
+    "band": ">=1",
     "init_a": ">0",
     "candidates": ">=1",
     "threshold_decay": "[0,1)",

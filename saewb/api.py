@@ -87,7 +87,9 @@ def _with_overrides(config: Any, cls: type, overrides: dict[str, Any]) -> Any:
     unknown = sorted(set(overrides) - set(names))
     if unknown:
         raise UsageError(f"unknown {cls.__name__} option(s) {unknown}; valid options are {names}")
-    return dataclasses.replace(config if config is not None else cls(), **overrides)
+    # no config: build from the overrides, so defaults that depend on other fields (TrainConfig's batch
+    # size on train_tokens) are resolved from the values given
+    return cls(**overrides) if config is None else dataclasses.replace(config, **overrides)
 
 
 def _frame(rows: Any) -> pd.DataFrame:

@@ -99,6 +99,21 @@ def test_default_lr_sees_the_batch_through_the_steps() -> None:
     assert float(s(jnp.asarray(200))) == pytest.approx(default_lr(4096, 256), rel=1e-6)
 
 
+def test_default_batch_gives_short_runs_enough_steps() -> None:
+    from sae.configs import MAX_DEFAULT_BATCH, MIN_DEFAULT_BATCH, MIN_DEFAULT_STEPS, default_batch_size
+
+    sizes = [TrainConfig(train_tokens=t).batch_size for t in (10, 300, 10**4, 250_000, 10**6, 10**7, 10**12)]
+    assert sizes[0] == 10 and sizes[1] == MIN_DEFAULT_BATCH  # never more than the run; floor otherwise
+    assert sizes[-1] == sizes[-2] == MAX_DEFAULT_BATCH  # long runs: the usual batch
+    assert all(b >= a for a, b in zip(sizes, sizes[1:], strict=False))
+    for t in (250_000, 10**6, 3 * 10**6):  # short runs: halved until they have MIN_DEFAULT_STEPS steps
+        b = default_batch_size(t)
+        assert t // b >= MIN_DEFAULT_STEPS and (b == MAX_DEFAULT_BATCH or t // (2 * b) < MIN_DEFAULT_STEPS)
+    assert TrainConfig(train_tokens=250_000, batch_size=4096).batch_size == 4096  # given: kept
+    tc = TrainConfig(train_tokens=250_000)
+    assert tc.total_steps >= MIN_DEFAULT_STEPS and tc.peak_lr(2048) == default_lr(2048, tc.total_steps)
+
+
 def test_dead_window_counts_tokens() -> None:
     assert dead_window(TrainConfig(train_tokens=1_000_000, batch_size=100)) == 50_000
     assert dead_window(TrainConfig(train_tokens=10**10, batch_size=4096)) == 10_000_000
@@ -176,7 +191,7 @@ def test_checkpoint_load_folds_scale_like_final(tmp_path: Path) -> None:
 
 
 def test_gba_bias_adaptation_rules() -> None:
-    cfg = GBAConfig(n_latents=4, n_groups=2, htf=0.5, ltf=0.1, gamma=0.1, update_tokens=20)
+    cfg = GBAConfig(n_latents=4, n_groups=2, htf=0.5, ltf=0.1, gamma=0.1, update_tokens=20, bias_rule="paper")
     state = gba.State(
         b=jnp.array([0.0, -0.5, -0.95, -0.2]),
         fires=jnp.zeros(4),
@@ -199,8 +214,31 @@ def test_gba_bias_adaptation_rules() -> None:
     np.testing.assert_allclose(gba.group_targets(cfg), [0.5, 0.5, 0.1, 0.1], rtol=1e-6)
 
 
+def test_gba_two_sided_rule_raises_rare_neurons_and_keeps_those_in_band() -> None:
+    cfg = GBAConfig(n_latents=4, n_groups=1, htf=0.2, gamma=0.1, update_tokens=10, band=1.5)
+    state = gba.State(
+        b=jnp.full(4, -0.5),
+        fires=jnp.zeros(4),
+        rmax=jnp.full(4, -jnp.inf),
+        tokens=jnp.zeros(()),
+        step=jnp.zeros((), jnp.int32),
+    )
+    # p = 0.2, band [0.133, 0.3]: 50% → lowered by γ·r; 20% and 15% → in band, kept; 10% → raised by
+    # γ·(mean positive r) = 0.1·(2 + 1 + 1 + 1)/4; the paper's rule leaves that one (it fired)
+    aux = {
+        "fires": jnp.array([5.0, 2.0, 1.5, 1.0]),
+        "rmax": jnp.array([2.0, 1.0, 1.0, 1.0]),
+        "tokens": jnp.asarray(10.0),
+    }
+    s = gba.update_state(cfg, state, aux, jnp.asarray(0))
+    np.testing.assert_allclose(s.b, [-0.7, -0.5, -0.5, -0.375], atol=1e-6)
+    paper = gba.update_state(dataclasses.replace(cfg, bias_rule="paper"), state, aux, jnp.asarray(0))
+    np.testing.assert_allclose(paper.b, [-0.7, -0.5, -0.5, -0.5], atol=1e-6)
+    assert GBAConfig.introduced["bias_rule"] == "paper"  # runs saved before the field keep the paper's rule
+
+
 def test_gba_updates_by_tokens_not_steps() -> None:
-    cfg = GBAConfig(n_latents=4, n_groups=2, htf=0.5, ltf=0.1, gamma=0.1, update_tokens=14)
+    cfg = GBAConfig(n_latents=4, n_groups=2, htf=0.5, ltf=0.1, gamma=0.1, update_tokens=14, bias_rule="paper")
     state = gba.init(cfg, jax.random.PRNGKey(0), 3, np.ones((8, 3), np.float32))[1]
     aux = {"fires": jnp.array([9.0, 0.0, 0.0, 0.0]), "rmax": jnp.array([1.0, 0.5, 0.5, 0.5])}
     s = state
