@@ -8,7 +8,10 @@ the seconds per latent of the whole explain + detection + fuzzing workload (fuzz
 prompts as detection), and how often the two backends agree.
 
 llama-cpp-python has no wheel on the package index here; build it (about half an hour on 2 cores):
-``pip install llama-cpp-python``. Without it the script measures transformers alone and says so.
+``CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON" pip install llama-cpp-python`` (a native build emits
+AMX tile instructions, which this VM's kernel refuses: "Illegal instruction"). Installing it adds files
+to site-packages, so the `python-code` corpus changes and a harvest of it refuses to resume until it is
+uninstalled. Without it the script measures transformers alone and says so.
 
     python benchmarks/explainer_backends.py --workspace ws.duckdb --run my-run --latents 16 --threads 2
 """

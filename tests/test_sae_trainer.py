@@ -190,15 +190,21 @@ def test_checkpoint_load_folds_scale_like_final(tmp_path: Path) -> None:
     np.testing.assert_allclose(from_ckpt.reconstruct(x), final.reconstruct(x), rtol=1e-5, atol=1e-5)
 
 
-def test_gba_bias_adaptation_rules() -> None:
-    cfg = GBAConfig(n_latents=4, n_groups=2, htf=0.5, ltf=0.1, gamma=0.1, update_tokens=20, bias_rule="paper")
-    state = gba.State(
-        b=jnp.array([0.0, -0.5, -0.95, -0.2]),
-        fires=jnp.zeros(4),
-        rmax=jnp.full(4, -jnp.inf),
+def _fresh_gba_state(b: list[float]) -> gba.State:
+    """Biases ``b``, counters just reset."""
+    n = len(b)
+    return gba.State(
+        b=jnp.array(b),
+        fires=jnp.zeros(n),
+        rmax=jnp.full(n, -jnp.inf),
         tokens=jnp.zeros(()),
         step=jnp.zeros((), jnp.int32),
     )
+
+
+def test_gba_bias_adaptation_rules() -> None:
+    cfg = GBAConfig(n_latents=4, n_groups=2, htf=0.5, ltf=0.1, gamma=0.1, update_tokens=20, bias_rule="paper")
+    state = _fresh_gba_state([0.0, -0.5, -0.95, -0.2])
     # neuron 0: fires 90% (> p=0.5) → b -= γ·r; neuron 1: 30% (ok in group 0); neuron 2 never fires →
     # b += γ·mean positive r of its group (group 1: only neuron 3's r=2.0); neuron 3: 50% > p=0.1, r=2.0
     aux = {
@@ -216,13 +222,7 @@ def test_gba_bias_adaptation_rules() -> None:
 
 def test_gba_two_sided_rule_raises_rare_neurons_and_keeps_those_in_band() -> None:
     cfg = GBAConfig(n_latents=4, n_groups=1, htf=0.2, gamma=0.1, update_tokens=10, band=1.5)
-    state = gba.State(
-        b=jnp.full(4, -0.5),
-        fires=jnp.zeros(4),
-        rmax=jnp.full(4, -jnp.inf),
-        tokens=jnp.zeros(()),
-        step=jnp.zeros((), jnp.int32),
-    )
+    state = _fresh_gba_state([-0.5] * 4)
     # p = 0.2, band [0.133, 0.3]: 50% → lowered by γ·r; 20% and 15% → in band, kept; 10% → raised by
     # γ·(mean positive r) = 0.1·(2 + 1 + 1 + 1)/4; the paper's rule leaves that one (it fired)
     aux = {
