@@ -274,7 +274,8 @@ class GBAConfig:
     bias_rule: Literal["paper", "two_sided"] = "two_sided"
     """"paper": lower b_m when freq_m > p_k, raise it only when the neuron never fired, so the targets
     are ceilings and L0 ratchets below them on long runs; "two_sided": lower when freq_m > p_k·band,
-    raise by γ·r̄_k when 0 < freq_m < p_k / band, so each neuron holds its target frequency."""
+    raise by γ·r̄_k when freq_m < p_k / band (never-fired neurons included), so each neuron holds its
+    target frequency."""
     band: float = 1.5
     """Tolerance of the "two_sided" rule: no bias step while p_k / band <= freq_m <= p_k·band."""
     activation: Literal["relu", "jumprelu"] = "jumprelu"

@@ -249,9 +249,10 @@ def test_explanations_show_on_the_dashboard_table_and_search(explained_ws: Path)
     contains.input("").run()
     search = next(t for t in features.text_input if t.key == "explanation_query")
     search.input(got["llm"]["text"]).run()
-    links = [p.proto.label for p in features.get("page_link")]
-    assert any(label.startswith(f"#{latent}: ") for label in links[:2]), (
-        links
-    )  # its own text ranks it first or second
+    # the search's results are the links "#latent: text (score)" (the page has other links, "Open latent")
+    results = [p.proto.label for p in features.get("page_link") if p.proto.label.startswith("#")]
+    # its own text ranks it first, or second behind a latent whose explanation is the same words
+    assert any(label.startswith(f"#{latent}: ") for label in results[:2]), results
+    assert results[0].endswith("(1.00)"), results
     hist = "".join(h.proto.body for h in features.get("html"))
     assert "embedding · llm: mean" in hist and "embedding · baseline: mean" in hist
