@@ -44,22 +44,20 @@ def context_text(ctx: Any, max_tokens: int = 24) -> str:
     return "".join(words[:max_tokens])
 
 
-def show_latent(analysis: Any, latent: int, n_contexts: int) -> dict[str, Any]:
+def effects(tokens: list[str], values: list[float], n: int = 6) -> str:
+    return ", ".join(f"`{t!r}` {v:+.2f}" for t, v in zip(tokens[:n], values[:n], strict=False))
+
+
+def show_latent(analysis: Any, latent: int, n_contexts: int) -> None:
     lat = analysis.latent(latent, window=8, limit=n_contexts)
     s = lat.stats
-    pos = ", ".join(
-        f"`{t!r}` {v:+.2f}" for t, v in zip(s["logit_pos_tokens"][:6], s["logit_pos"][:6], strict=False)
-    )
-    neg = ", ".join(
-        f"`{t!r}` {v:+.2f}" for t, v in zip(s["logit_neg_tokens"][:6], s["logit_neg"][:6], strict=False)
-    )
+    pos, neg = effects(s["logit_pos_tokens"], s["logit_pos"]), effects(s["logit_neg_tokens"], s["logit_neg"])
     print(f"\n### latent {latent}: fires on {s['freq']:.3%} of tokens, max activation {s['max_act']:.2f}\n")
     print("| activation | context (firing tokens `<<tok>>act`) |")
     print("|---:|---|")
     for c in lat.contexts:
         print(f"| {c.value:.2f} | `{context_text(c)}` |")
     print(f"\nlogit effects (W_dec row through the unembedding): promotes {pos}; suppresses {neg}")
-    return {"latent": latent, "max_act": float(s["max_act"]), "freq": float(s["freq"])}
 
 
 def main() -> None:
@@ -86,13 +84,11 @@ def main() -> None:
     else:
         analysis = saewb.analyze(a.workspace, a.run)
     picked = pick_latents(analysis.latents, a.n, a.seed, a.min_freq, a.max_freq)
-    shown = [show_latent(analysis, i, a.contexts) for i in picked]
+    for i in picked:
+        show_latent(analysis, i, a.contexts)
 
-    target = a.steer_latent if a.steer_latent is not None else shown[0]["latent"]
-    max_act = next((s["max_act"] for s in shown if s["latent"] == target), None)
-    if max_act is None:
-        max_act = float(analysis.latent(target, limit=1).stats["max_act"])
-    coeff = a.coeff_x * max_act
+    target = a.steer_latent if a.steer_latent is not None else picked[0]
+    coeff = a.coeff_x * float(analysis.latents.set_index("latent").loc[target, "max_act"])
     r = saewb.intervene(a.workspace, a.run, a.prompt, steer={target: coeff}, generate=a.generate).result
     print(f"\n### steering latent {target} (coeff {coeff:.2f} = {a.coeff_x:g} × its max activation)\n")
     print(f"prompt: `{a.prompt!r}`\n")
