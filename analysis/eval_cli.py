@@ -44,7 +44,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(causal LMs) or embedding cosine / top-10 neighbour overlap (encoders) with the SAE "
         "spliced into the model. Stored in the workspace's evals table.",
     )
-    p.add_argument("run", help="run name (see `saewb runs`)")
+    p.add_argument(
+        "run",
+        nargs="+",
+        help="run name (see `saewb runs`); several runs of one hook are compared on the same held-out "
+        "tokens, with ΔCE against the first and its 95%% interval",
+    )
     p.add_argument("--workspace", required=True)
     p.add_argument(
         "--model", help="model to load instead of the one the harvest recorded (e.g. a moved folder)"
@@ -110,9 +115,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from analysis.evaluate import evaluate_run, format_table
+    from analysis.evaluate import evaluate_runs, format_comparison, format_table
 
-    out = evaluate_run(
+    outs = evaluate_runs(
         args.workspace,
         args.run,
         model_name=args.model,
@@ -121,7 +126,10 @@ def _eval(args: argparse.Namespace) -> int:
         downstream=not args.no_downstream,
         progress=args.progress,
     )
-    print(json.dumps(out, indent=2) if args.json else format_table(out))
+    if args.json:
+        print(json.dumps(outs[0] if len(outs) == 1 else outs, indent=2))
+    else:
+        print(format_table(outs[0]) if len(outs) == 1 else format_comparison(outs))
     return 0
 
 

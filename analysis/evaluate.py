@@ -21,6 +21,7 @@ downstream metrics use the held-out windows of its own (first) workspace.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -124,37 +125,85 @@ def _log_softmax64(logits: Any) -> Any:
     return torch.log_softmax(logits.to(torch.float64), dim=-1)
 
 
-def lm_metrics(
-    model: Any, ctx: RunContext, windows: Windows, batch_size: int = 8, progress: bool = False
-) -> dict[str, float]:
-    """CE clean / SAE-spliced / zero-ablated, CE score, ΔCE and KL score, summed over next-token targets."""
+@dataclass(frozen=True)
+class LMWindowSums:
+    """Per-window sums of one pass over held-out windows: the clean and zero-ablated model once, and
+    each spliced SAE, so SAEs of one hook are compared on identical tokens (paired)."""
 
-    sums = {"ce_clean": 0.0, "ce_sae": 0.0, "ce_zero": 0.0, "kl_sae": 0.0, "kl_zero": 0.0}
-    n_targets = 0
-    n_kl = 0
-    for ids, att, mask in window_batches(windows, batch_size, f"eval {ctx.name}: model", progress):
-        clean = _log_softmax64(model(ids, attention_mask=att))
-        with hooked(model, [(ctx.hook, sae_hook_fn(ctx.sae, error_term=False, mask=mask))]):
-            spliced = _log_softmax64(model(ids, attention_mask=att))
-        with hooked(model, [(ctx.hook, zero_ablate_hook_fn(mask))]):
-            zero = _log_softmax64(model(ids, attention_mask=att))
-        # Target t+1 predicted at t, where both are real tokens.
+    targets: np.ndarray
+    """[windows] next-token targets (t+1 predicted at t, both real tokens)."""
+    real: np.ndarray
+    """[windows] real tokens (the positions KL is summed over)."""
+    nll_clean: np.ndarray
+    nll_zero: np.ndarray
+    kl_zero: np.ndarray
+    nll_sae: dict[str, np.ndarray]
+    """Per SAE name: [windows] summed next-token NLL with that SAE spliced in."""
+    kl_sae: dict[str, np.ndarray]
+
+
+def _window_nll(logprobs: Any, ids: Any, tgt_ok: Any) -> Any:
+    """[batch] summed NLL of the next-token targets (t+1 predicted at t where both are real)."""
+    import torch
+
+    nll = -logprobs[:, :-1].gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    return torch.where(tgt_ok, nll, 0.0).sum(1)
+
+
+def lm_window_sums(
+    model: Any,
+    hook: str,
+    saes: dict[str, Any],
+    windows: Windows,
+    batch_size: int = 8,
+    label: str = "eval",
+    progress: bool = False,
+) -> LMWindowSums:
+    """Runs the clean and zero-ablated model once per batch, then each SAE of ``saes`` spliced at ``hook``."""
+    import torch
+
+    parts: dict[str, list[np.ndarray]] = {}
+
+    def add(key: str, values: Any) -> None:
+        parts.setdefault(key, []).append(values.numpy())
+
+    for ids, att, mask in window_batches(windows, batch_size, f"{label}: model", progress):
         tgt_ok = (att[:, :-1] == 1) & (att[:, 1:] == 1)
-        targets = ids[:, 1:].unsqueeze(-1)
-        for key, lp in (("ce_clean", clean), ("ce_sae", spliced), ("ce_zero", zero)):
-            nll = -lp[:, :-1].gather(-1, targets).squeeze(-1)
-            sums[key] += float(nll[tgt_ok].sum())
-        n_targets += int(tgt_ok.sum())
         real = att == 1
+        clean = _log_softmax64(model(ids, attention_mask=att))
         p_clean = clean.exp()
-        for key, lp in (("kl_sae", spliced), ("kl_zero", zero)):
-            kl = (p_clean * (clean - lp)).sum(-1)
-            sums[key] += float(kl[real].sum())
-        n_kl += int(real.sum())
-    if n_targets == 0:
+        add("targets", tgt_ok.sum(1).to(torch.float64))
+        add("real", real.sum(1).to(torch.float64))
+        add("nll_clean", _window_nll(clean, ids, tgt_ok))
+        variants = [("zero", zero_ablate_hook_fn(mask))]
+        variants += [(f"sae:{n}", sae_hook_fn(sae, error_term=False, mask=mask)) for n, sae in saes.items()]
+        for key, fn in variants:
+            with hooked(model, [(hook, fn)]):
+                lp = _log_softmax64(model(ids, attention_mask=att))
+            add(f"nll:{key}", _window_nll(lp, ids, tgt_ok))
+            add(f"kl:{key}", torch.where(real, (p_clean * (clean - lp)).sum(-1), 0.0).sum(1))
+            del lp
+    cat = {k: np.concatenate(v) for k, v in parts.items()}
+    if not cat or cat["targets"].sum() == 0:
         raise ValueError("no next-token targets in the held-out windows (windows of one token?)")
-    ce_clean, ce_sae, ce_zero = (sums[k] / n_targets for k in ("ce_clean", "ce_sae", "ce_zero"))
-    kl_sae, kl_zero = sums["kl_sae"] / n_kl, sums["kl_zero"] / n_kl
+    return LMWindowSums(
+        targets=cat["targets"],
+        real=cat["real"],
+        nll_clean=cat["nll_clean"],
+        nll_zero=cat["nll:zero"],
+        kl_zero=cat["kl:zero"],
+        nll_sae={name: cat[f"nll:sae:{name}"] for name in saes},
+        kl_sae={name: cat[f"kl:sae:{name}"] for name in saes},
+    )
+
+
+def lm_summary(sums: LMWindowSums, name: str) -> dict[str, float]:
+    """CE clean / spliced / zero-ablated, CE score, ΔCE and KL score of SAE ``name``, over all targets."""
+    n_targets, n_kl = float(sums.targets.sum()), float(sums.real.sum())
+    ce_clean, ce_sae, ce_zero = (
+        float(v.sum()) / n_targets for v in (sums.nll_clean, sums.nll_sae[name], sums.nll_zero)
+    )
+    kl_sae, kl_zero = float(sums.kl_sae[name].sum()) / n_kl, float(sums.kl_zero.sum()) / n_kl
     return {
         "ce_clean": ce_clean,
         "ce_sae": ce_sae,
@@ -164,9 +213,36 @@ def lm_metrics(
         "kl_sae": kl_sae,
         "kl_zero": kl_zero,
         "kl_score": (kl_zero - kl_sae) / kl_zero if kl_zero > 0 else float("nan"),
-        "lm_windows": float(len(windows)),
-        "lm_targets": float(n_targets),
+        "lm_windows": float(len(sums.targets)),
+        "lm_targets": n_targets,
     }
+
+
+def paired_delta_ce(sums: LMWindowSums, name: str, reference: str) -> tuple[float, float]:
+    """ΔCE(name) − ΔCE(reference) on the same targets, and the half-width of its 95% interval.
+
+    The difference is a ratio of window sums, Σ d_w / Σ t_w; its standard error is the delta method's
+    over windows (the unit that is sampled), so correlated tokens inside a window are not counted as
+    independent."""
+    d = sums.nll_sae[name] - sums.nll_sae[reference]
+    t = sums.targets
+    diff = float(d.sum() / t.sum())
+    n = len(d)
+    if n < 2:
+        return diff, float("nan")
+    resid = d - diff * t
+    se = math.sqrt(n / (n - 1) * float(np.sum(resid**2))) / float(t.sum())
+    return diff, 1.96 * se
+
+
+def lm_metrics(
+    model: Any, ctx: RunContext, windows: Windows, batch_size: int = 8, progress: bool = False
+) -> dict[str, float]:
+    """CE clean / SAE-spliced / zero-ablated, CE score, ΔCE and KL score, summed over next-token targets."""
+    sums = lm_window_sums(
+        model, ctx.hook, {ctx.name: ctx.sae}, windows, batch_size, f"eval {ctx.name}", progress
+    )
+    return lm_summary(sums, ctx.name)
 
 
 def final_hook(model: Any) -> str:
@@ -268,24 +344,78 @@ def evaluate_run(
     progress: bool = False,
 ) -> dict[str, Any]:
     """Every metric for one run; `model` (a loaded TransformerBridge) skips loading it again."""
+    return evaluate_runs(
+        workspace,
+        [run],
+        model=model,
+        model_name=model_name,
+        max_seqs=max_seqs,
+        batch_size=batch_size,
+        downstream=downstream,
+        store=store,
+        progress=progress,
+    )[0]
+
+
+def evaluate_runs(
+    workspace: str | Path | Workspace,
+    runs: list[str],
+    *,
+    model: Any = None,
+    model_name: str | None = None,
+    max_seqs: int = 64,
+    batch_size: int = 8,
+    downstream: bool = True,
+    store: bool = True,
+    progress: bool = False,
+) -> list[dict[str, Any]]:
+    """Every metric for each run, on the same held-out windows.
+
+    Runs of one hook share the model's clean and zero-ablated forwards, and every run after the first
+    gets ``delta_ce_diff`` = its ΔCE − the first run's on identical targets, with the half-width of the
+    95% interval over windows (``delta_ce_diff_ci95``): the paired comparison two SAEs need, far
+    tighter than the difference of two separately noisy ΔCEs.
+    """
     if max_seqs < 2 or batch_size < 1:
         raise ValueError("--max-seqs must be at least 2 and --batch-size at least 1")
-    ctx = load_run(existing_workspace(workspace), run)
-    out: dict[str, Any] = {"run": run, "hook": ctx.hook, "harvest": ctx.harvest}
-    out.update(reconstruction_metrics(ctx, progress=progress))
+    if not runs or len(set(runs)) != len(runs):
+        raise ValueError(f"give one or more distinct run names, got {runs}")
+    ws = existing_workspace(workspace)
+    ctxs = [load_run(ws, run) for run in runs]
+    first = ctxs[0]
+    for c in ctxs[1:]:
+        if (c.hook, c.harvest) != (first.hook, first.harvest):
+            raise ValueError(
+                f"run {c.name!r} is on {c.hook} of harvest {c.harvest!r} but {first.name!r} on {first.hook} of "
+                f"{first.harvest!r}; evaluate runs of different hooks or harvests separately"
+            )
+    outs: list[dict[str, Any]] = []
+    for c in ctxs:
+        out: dict[str, Any] = {"run": c.name, "hook": c.hook, "harvest": c.harvest}
+        out.update(reconstruction_metrics(c, progress=progress))
+        outs.append(out)
     if downstream:
         if model is None:
-            model = load_run_model(ctx, model_name)
-        windows = eval_windows(ctx.ws, ctx.harvest, pad_id_of(model), max_seqs=max_seqs)
+            model = load_run_model(first, model_name)
+        windows = eval_windows(ws, first.harvest, pad_id_of(model), max_seqs=max_seqs)
         if is_causal_lm(model):
-            out["model_kind"] = "causal_lm"
-            out.update(lm_metrics(model, ctx, windows, batch_size, progress=progress))
+            label = f"eval {first.name}" + (f" +{len(ctxs) - 1}" if len(ctxs) > 1 else "")
+            saes = {c.name: c.sae for c in ctxs}
+            sums = lm_window_sums(model, first.hook, saes, windows, batch_size, label, progress)
+            for c, out in zip(ctxs, outs, strict=True):
+                out["model_kind"] = "causal_lm"
+                out.update(lm_summary(sums, c.name))
+                if c is not first:
+                    diff, half = paired_delta_ce(sums, c.name, first.name)
+                    out.update(vs_run=first.name, delta_ce_diff=diff, delta_ce_diff_ci95=half)
         else:
-            out["model_kind"] = "encoder"
-            out.update(encoder_metrics(model, ctx, windows, batch_size, progress=progress))
+            for c, out in zip(ctxs, outs, strict=True):
+                out["model_kind"] = "encoder"
+                out.update(encoder_metrics(model, c, windows, batch_size, progress=progress))
     if store:
-        store_eval(ctx.ws, run, "eval", out)
-    return out
+        for out in outs:
+            store_eval(ws, out["run"], "eval", out)
+    return outs
 
 
 def store_eval(ws: Workspace, run: str, kind: str, metrics: dict[str, Any]) -> None:
@@ -329,6 +459,9 @@ METRIC_ORDER = (
     "ce_zero",
     "ce_score",
     "delta_ce",
+    "vs_run",
+    "delta_ce_diff",
+    "delta_ce_diff_ci95",
     "kl_sae",
     "kl_zero",
     "kl_score",
@@ -349,4 +482,42 @@ def format_table(metrics: dict[str, Any]) -> str:
         v = metrics[k]
         text = f"{v:.6g}" if isinstance(v, float) else str(v)
         lines.append(f"{k:<{width}}  {text}")
+    return "\n".join(lines)
+
+
+COMPARE_COLUMNS = (
+    "fvu",
+    "l0",
+    "dead_frac",
+    "ce_score",
+    "delta_ce",
+    "kl_score",
+    "emb_cosine",
+    "top10_overlap",
+)
+
+
+def format_comparison(outs: list[dict[str, Any]]) -> str:
+    """One row per run: the headline metrics and, for causal LMs, ΔCE against the first run with its
+    95% interval (paired over the same windows)."""
+    cols = [c for c in COMPARE_COLUMNS if any(c in o for o in outs)]
+    paired = any("delta_ce_diff" in o for o in outs)
+    head = ["run", *cols] + ([f"ΔCE − {outs[0]['run']} [95%]"] if paired else [])
+    rows = []
+    for o in outs:
+        row = [str(o["run"])] + [f"{o[c]:.4g}" if c in o else "" for c in cols]
+        if paired:
+            row.append(
+                f"{o['delta_ce_diff']:+.4f} ± {o['delta_ce_diff_ci95']:.4f}"
+                if "delta_ce_diff" in o
+                else "(reference)"
+            )
+        rows.append(row)
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
+    targets = outs[0].get("lm_targets")
+    if targets is not None:
+        lines.append(f"(CE over the same {int(targets):,} held-out next-token targets for every run)")
     return "\n".join(lines)

@@ -147,6 +147,8 @@ def cmd_quality(a: argparse.Namespace) -> None:
     trainer.fit()
     secs = time.perf_counter() - t0
     res = evaluate(trainer, ev)
+    if a.save:
+        trainer.sae.save_inference_model(a.save)  # folds the decoder norms when the top-k used them
     emit(
         {
             "impl": "saelens",
@@ -173,6 +175,7 @@ def main() -> None:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--dead-window-tokens", type=int, default=10_000_000)
     q.add_argument("--normalize", action="store_true")
+    q.add_argument("--save", help="write the trained SAE here (SAELens's save_inference_model)")
     a = p.parse_args()
     cmd_speed(a) if a.cmd == "speed" else cmd_quality(a)
 

@@ -141,6 +141,7 @@ def train_ours(
     batch: int,
     seed: int,
     lr: float | None = None,
+    save: Path | None = None,
     **train_kw: Any,
 ) -> dict[str, Any]:
     import jax
@@ -167,6 +168,12 @@ def train_ours(
     enc = jax.jit(lambda x: arch.encode(cfg, res.params, res.arch_state, x))
     dec = jax.jit(lambda f: arch.decode(cfg, res.params, f))
     out = fvu_l0_dead(enc, dec, ev)
+    if save is not None:  # the SAELens form, so `saewb eval` can splice it like the peer's
+        from sae.api import SAE
+        from sae.interop import export_saelens
+
+        export_saelens(SAE(cfg, res.params, res.arch_state, ev.shape[1]), save)
+        out["saved"] = str(save)
     out.update(
         seconds=secs,
         tokens=steps * batch,
@@ -186,6 +193,7 @@ def run_saelens(
     dead_window: int,
     lr: float,
     normalize: bool,
+    save: Path | None = None,
 ) -> dict[str, Any]:
     python = VENVS / "saelens" / "bin" / "python"
     if not python.exists():
@@ -215,11 +223,49 @@ def run_saelens(
     ]
     if normalize:
         cmd.append("--normalize")
+    if save is not None:
+        cmd += ["--save", str(save)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(PREFIX):
             return json.loads(line[len(PREFIX) :])
     return {"error": f"rc={proc.returncode}: {proc.stderr.strip()[-400:]}"}
+
+
+def downstream_table(ws: Path, hook: str, rows: list[dict[str, Any]], windows: int) -> None:
+    """Import each saved SAE as a run and score all of them on the same held-out windows (paired ΔCE)."""
+    from analysis.evaluate import evaluate_runs
+    from sae import runs
+    from sae.interop import import_saelens
+    from saewb.workspace import Workspace
+
+    names = []
+    for r in rows:
+        name = Path(r["saved"]).name
+        if runs.get_run(Workspace(ws), name) is None:
+            import_saelens(r["saved"], ws, name, hook=hook)
+        names.append(name)
+    outs = evaluate_runs(ws, names, max_seqs=windows, batch_size=8, progress=True)
+    print(
+        f"\n### With each SAE spliced in: {int(outs[0]['lm_targets']):,} held-out next-token targets, the same for all\n"
+    )
+    print(f"| SAE | setting | CE score | ΔCE (nats) | KL score | ΔCE − {names[0]} [95%] |")
+    print("|---|---|---:|---:|---:|---:|")
+    for r, o in zip(rows, outs, strict=True):
+        paired = (
+            f"{o['delta_ce_diff']:+.4f} ± {o['delta_ce_diff_ci95']:.4f}"
+            if "delta_ce_diff" in o
+            else "reference"
+        )
+        print(
+            f"| {r['name']} | {r['setting']} | {o['ce_score']:.4f} | {o['delta_ce']:.4f} | {o['kl_score']:.4f} | {paired} |"
+        )
+        r.update(
+            {
+                k: o[k]
+                for k in ("ce_score", "delta_ce", "kl_score", "ce_clean", "ce_sae", "ce_zero", "lm_targets")
+            }
+        )
 
 
 def main() -> None:
@@ -245,10 +291,11 @@ def main() -> None:
     )
     p.add_argument(
         "--ours-lr",
-        type=float,
+        type=lambda v: None if v == "default" else float(v),
         nargs="+",
         default=[None],
-        help="our TopK peak learning rate(s); default: the trainer's rule (sae.configs.default_lr)",
+        help="our TopK peak learning rate(s), 'default' for the trainer's rule (sae.configs.default_lr, "
+        "the default)",
     )
     p.add_argument(
         "--saelens-normalize",
@@ -267,6 +314,15 @@ def main() -> None:
     p.add_argument(
         "--cache-dir", type=Path, default=None, help="where the .npy exports go (default: next to ws)"
     )
+    p.add_argument(
+        "--ce-windows",
+        type=int,
+        default=0,
+        help="also splice every TopK SAE into the harvest's model over this many held-out windows: CE "
+        "score and ΔCE on the same tokens for all, each against the first (`saewb eval A B ...`); the SAEs "
+        "are imported into the workspace as runs named RUN_PREFIX-<library>-<lr>",
+    )
+    p.add_argument("--run-prefix", default="quality", help="name prefix of the runs --ce-windows imports")
     p.add_argument("--json", type=Path, default=None)
     a = p.parse_args()
     n = a.n or (512 if a.quick else 4096)
@@ -312,6 +368,13 @@ def main() -> None:
         shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()}
         print(json.dumps(shown), file=sys.stderr, flush=True)
 
+    saved = cache / f"saes_{a.seed}_{steps * batch}_{n}"
+
+    def save_to(lib: str, lr: float | None) -> Path | None:
+        return (
+            saved / f"{a.run_prefix}-{lib}-{'default' if lr is None else f'{lr:g}'}" if a.ce_windows else None
+        )
+
     if "topk" not in a.skip:
         for lr in a.ours_lr:
             default = TrainConfig(train_tokens=steps * batch, batch_size=batch).peak_lr(n)
@@ -319,14 +382,27 @@ def main() -> None:
             record(
                 "ours TopK",
                 f"k={a.k}, {shown}",
-                train_ours(TopKConfig(n_latents=n, k=a.k), train, order, ev, batch, a.seed, lr),
+                train_ours(
+                    TopKConfig(n_latents=n, k=a.k),
+                    train,
+                    order,
+                    ev,
+                    batch,
+                    a.seed,
+                    lr,
+                    save=save_to("ours", lr),
+                ),
             )
     if "saelens" not in a.skip:
         for lr in a.saelens_lr:
             record(
                 "SAELens TopK",
-                f"k={a.k}, lr={lr:g}" + (", normalized" if a.saelens_normalize else ""),
-                run_saelens(paths, n, a.k, batch, a.seed, window, lr, a.saelens_normalize),
+                f"k={a.k}, lr={lr:g}"
+                + (" (default)" if lr == 3e-4 else "")
+                + (", normalized" if a.saelens_normalize else ""),
+                run_saelens(
+                    paths, n, a.k, batch, a.seed, window, lr, a.saelens_normalize, save=save_to("saelens", lr)
+                ),
             )
     if "relu_l1" not in a.skip:
         for lam in l1_coefs:
@@ -346,7 +422,7 @@ def main() -> None:
         )
 
     print(
-        f"\n### Held-out quality: MiniLM {a.hook}, stdlib-docs; n={n}, batch={batch}, "
+        f"\n### Held-out quality: {a.workspace.name} {a.hook}; n={n}, batch={batch}, "
         f"{steps * batch:,} training tokens ({epochs:.2f} epochs of {len(train):,}), "
         f"held-out {len(ev):,} tokens, seed {a.seed}\n"
     )
@@ -378,6 +454,8 @@ def main() -> None:
             f"| our FVU ≤ SAELens FVU + 0.005 (best rows: ours {ours['setting']}; SAELens {best['setting']}) | "
             f"{ours['fvu']:.4f} vs {best['fvu']:.4f} (Δ = {gap:+.4f}) | {'met' if gap <= 0.005 else 'MISSED'} |"
         )
+    if a.ce_windows:
+        downstream_table(a.workspace, a.hook, [r for r in rows if r.get("saved")], a.ce_windows)
     if a.json is not None:
         a.json.write_text(json.dumps(rows, indent=2))
 

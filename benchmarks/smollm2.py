@@ -116,6 +116,7 @@ def stage_train(ws: Path, a: argparse.Namespace) -> dict[str, Any]:
             "train_tokens": a.train_tokens,
             "batch_size": a.batch_size,
             "lr": a.lr,
+            "decoder": a.decoder,
             "seed": 0,
             "name": a.name,
             "progress": True,
@@ -158,7 +159,15 @@ def main() -> None:
     p.add_argument("--harvest-batch", type=int, default=16, help="windows per forward pass")
     p.add_argument("--n-latents", type=int, default=16_384)
     p.add_argument("--k", type=int, default=32)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="peak learning rate (default: the trainer's rule, sae.configs.default_lr)",
+    )
+    p.add_argument(
+        "--decoder", choices=["free", "unit"], default=None, help="TopK decoder mode (default: the trainer's)"
+    )
     p.add_argument("--train-tokens", type=int, default=20_000_000)
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--eval-targets", type=int, default=100_000, help="held-out next-token targets for CE/KL")
@@ -169,14 +178,15 @@ def main() -> None:
         help="small token counts, same SAE shape: an end-to-end check and per-stage rates",
     )
     p.add_argument("--speed-only", action="store_true", help="load and harvest-vs-bare-forward only")
+    p.add_argument("--skip-speed", action="store_true", help="skip the harvest-vs-bare-forward stage")
     p.add_argument("--json", type=Path, help="also write every number to this JSON file")
     a = p.parse_args()
     if a.tiny:  # token counts only: the SAE's shape stays, so the train rate is the full run's
         a.harvest_tokens, a.speed_tokens, a.train_tokens, a.eval_targets = 40_000, 4_096, 200_000, 1_500
 
     model, load = stage_load()
-    speed = stage_speed(a)
-    if a.speed_only:
+    speed = None if a.skip_speed else stage_speed(a)
+    if a.speed_only and speed is not None:
         print(
             f"\nSmolLM2-135M-Instruct {a.hook}, python-code, ctx {a.ctx_len}, batch {a.harvest_batch} windows"
         )
@@ -194,20 +204,21 @@ def main() -> None:
 
     print(
         f"\nSmolLM2-135M-Instruct {a.hook}, python-code, ctx {a.ctx_len}; TopK n {a.n_latents}, k {a.k}, "
-        f"lr {a.lr}, batch {a.batch_size}\n"
+        f"lr {a.lr if a.lr is not None else 'default rule'}, batch {a.batch_size}\n"
     )
     print("| stage | tokens | seconds | tokens/s |")
     print("|---|---|---|---|")
     print(f"| find cache folder (hash the GGUF; converts on first use) | | {load['folder_s']:.1f} | |")
     print(f"| boot the cached folder (TransformerBridge) | | {load['boot_s']:.1f} | |")
-    print(
-        f"| bare forward to {a.hook} (read, tokenise, batch, forward) | {speed['tokens']:,} | "
-        f"{speed['bare_s']:.1f} | {_rate(speed['tokens'], speed['bare_s'])} |"
-    )
-    print(
-        f"| harvest, same batches | {speed['tokens']:,} | {speed['harvest_s']:.1f} | "
-        f"{_rate(speed['tokens'], speed['harvest_s'])} (x{speed['bare_s'] / speed['harvest_s']:.2f} of bare) |"
-    )
+    if speed is not None:
+        print(
+            f"| bare forward to {a.hook} (read, tokenise, batch, forward) | {speed['tokens']:,} | "
+            f"{speed['bare_s']:.1f} | {_rate(speed['tokens'], speed['bare_s'])} |"
+        )
+        print(
+            f"| harvest, same batches | {speed['tokens']:,} | {speed['harvest_s']:.1f} | "
+            f"{_rate(speed['tokens'], speed['harvest_s'])} (x{speed['bare_s'] / speed['harvest_s']:.2f} of bare) |"
+        )
     print(
         f"| harvest into the workspace ({harvest['tokens']:,} tokens in all; this call's) | "
         f"{harvest['new_tokens']:,} | {harvest['wall_s']:.1f} | {_rate(harvest['new_tokens'], harvest['wall_s'])} |"

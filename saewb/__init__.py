@@ -23,6 +23,7 @@ API = (
     "fit",
     "sweep",
     "evaluate",
+    "compare",
     "analyze",
     "explain",
     "intervene",

@@ -52,6 +52,7 @@ __all__ = [
     "Run",
     "Sweep",
     "analyze",
+    "compare",
     "evaluate",
     "explain",
     "fit",
@@ -651,6 +652,38 @@ def evaluate(
             progress=progress,
         )
     return Evaluation(run, out)
+
+
+def compare(
+    workspace: PathLike,
+    runs: Sequence[str],
+    *,
+    max_seqs: int = 64,
+    batch_size: int = 8,
+    downstream: bool = True,
+    model: Any = None,
+    model_name: str | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Evaluate several runs of one hook on the same held-out tokens (`saewb eval RUN RUN ...`) and
+    store each evaluation. One row per run; for causal LMs ``delta_ce_diff`` is its ΔCE minus the first
+    run's on identical targets and ``delta_ce_diff_ci95`` the half-width of its 95% interval."""
+    from analysis.evaluate import COMPARE_COLUMNS, evaluate_runs
+
+    with _checked():
+        outs = evaluate_runs(
+            workspace,
+            list(runs),
+            model=model,
+            model_name=model_name,
+            max_seqs=max_seqs,
+            batch_size=batch_size,
+            downstream=downstream,
+            progress=progress,
+        )
+    cols = ["run", *(c for c in COMPARE_COLUMNS if any(c in o for o in outs))]
+    cols += [c for c in ("delta_ce_diff", "delta_ce_diff_ci95", "lm_targets") if any(c in o for o in outs)]
+    return _frame([{c: o.get(c) for c in cols} for o in outs])
 
 
 # -------------------------------------------------------------------------------------- analysis

@@ -10,6 +10,7 @@ import pytest
 import test_eval_support as support
 import torch
 
+import saewb
 from analysis.evaluate import (
     EVAL_FRACTION,
     eval_windows,
@@ -21,6 +22,7 @@ from analysis.evaluate import (
 )
 from analysis.runs import load_run
 from analysis.splice import active_hook_count, spliced, zero_ablated
+from saewb.workspace import Workspace
 
 
 @pytest.fixture(scope="module")
@@ -233,3 +235,69 @@ def test_ce_kl_scores_are_meaningful_on_the_trained_tiny_lm(tiny_lm_ws: Path) ->
     assert m["ce_zero"] - m["ce_clean"] > 1.0  # the middle block matters: ablating it costs > 1 nat
     assert 0.5 < m["ce_score"] < 1.0 and 0.0 < m["kl_score"] < 1.0
     assert m["delta_ce"] == pytest.approx(m["ce_sae"] - m["ce_clean"])
+
+
+def _copied_workspace(ws: Workspace, dest: Path) -> Path:
+    import shutil
+
+    path = dest / ws.path.name
+    shutil.copy(ws.path, path)
+    shutil.copytree(ws.runs_dir, dest / ws.runs_dir.name)
+    return path
+
+
+def test_several_saes_share_the_forwards_and_get_a_paired_interval(tiny_lm_ws: Path) -> None:
+    """One pass for several SAEs gives each the numbers of its own evaluation; a sign-flipped decoder is
+    worse than the trained one by an interval that excludes 0."""
+    import dataclasses
+
+    from analysis.evaluate import lm_summary, lm_window_sums, paired_delta_ce
+    from sae.api import SAE
+
+    model = support.model("tiny-lm")
+    ctx = load_run(tiny_lm_ws, "lm")
+    sae = ctx.sae
+    flipped = SAE(sae.config, dataclasses.replace(sae.params, W_dec=-sae.params.W_dec), sae.state, sae.d)
+    w = eval_windows(ctx.ws, ctx.harvest, pad_id_of(model), max_seqs=8)
+    sums = lm_window_sums(model, ctx.hook, {"lm": sae, "flipped": flipped}, w, batch_size=4)
+    alone = lm_metrics(model, ctx, w, batch_size=8)
+    for key, want in alone.items():
+        assert lm_summary(sums, "lm")[key] == pytest.approx(want, rel=1e-9), key
+    assert len(sums.targets) == len(w) and sums.targets.sum() == alone["lm_targets"]
+    diff, half = paired_delta_ce(sums, "flipped", "lm")
+    assert diff == pytest.approx(lm_summary(sums, "flipped")["delta_ce"] - alone["delta_ce"], rel=1e-9)
+    assert diff - half > 0 and half > 0
+    assert paired_delta_ce(sums, "lm", "lm") == (0.0, 0.0)
+
+
+def test_eval_of_several_runs_compares_them_on_the_same_tokens(
+    gpt2, tiny_gpt2: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`saewb eval A B`: an exported and re-imported copy of a run differs from it by ~0; both are stored."""
+    from analysis.evaluate import evaluate_runs
+    from sae.interop import export_run, import_saelens
+    from saewb.cli import main
+
+    model, ctx = gpt2
+    path = _copied_workspace(ctx.ws, tmp_path)
+    import_saelens(export_run(path, "t", tmp_path / "t-sl"), path, "t-copy", hook=ctx.hook)
+    before = len(list_evals(path, kind="eval"))
+    rc = main(["eval", "t", "t-copy", "--workspace", str(path), "--model", str(tiny_gpt2), "--max-seqs", "6"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "+0.0000 ± 0.0000" in out and "(reference)" in out
+    stored = list_evals(path, kind="eval")
+    assert len(stored) == before + 2 and [r["run"] for r in stored[-2:]] == ["t", "t-copy"]
+    outs = evaluate_runs(path, ["t", "t-copy"], model=model, max_seqs=6, batch_size=4, store=False)
+    assert abs(outs[1]["delta_ce_diff"]) < 1e-6 and outs[1]["vs_run"] == "t"  # export rounds in float32
+    assert outs[0]["ce_sae"] == stored[-2]["metrics"]["ce_sae"]
+    frame = saewb.compare(path, ["t-copy", "t"], model=model, max_seqs=6, progress=False)  # the notebook form
+    assert list(frame["run"]) == ["t-copy", "t"] and frame["delta_ce_diff"].isna().tolist() == [True, False]
+    assert frame["ce_score"].tolist() == pytest.approx([outs[1]["ce_score"], outs[0]["ce_score"]], rel=1e-9)
+
+
+def test_several_runs_must_be_distinct(gpt2, capsys: pytest.CaptureFixture[str]) -> None:
+    from saewb.cli import main
+
+    _, ctx = gpt2
+    assert main(["eval", "t", "t", "--workspace", str(ctx.ws.path)]) == 1
+    assert "distinct run names" in capsys.readouterr().err
