@@ -228,7 +228,8 @@ def run_saelens(
     proc = subprocess.run(cmd, capture_output=True, text=True)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(PREFIX):
-            return json.loads(line[len(PREFIX) :])
+            out = json.loads(line[len(PREFIX) :])
+            return {**out, "saved": str(save)} if save is not None else out
     return {"error": f"rc={proc.returncode}: {proc.stderr.strip()[-400:]}"}
 
 
@@ -371,9 +372,15 @@ def main() -> None:
     saved = cache / f"saes_{a.seed}_{steps * batch}_{n}"
 
     def save_to(lib: str, lr: float | None) -> Path | None:
-        return (
-            saved / f"{a.run_prefix}-{lib}-{'default' if lr is None else f'{lr:g}'}" if a.ce_windows else None
+        if not a.ce_windows:
+            return None
+        # run names take letters, digits, '_' and '-': lr 1e-3 -> "1e-3", 2.5e-4 -> "2p5e-4"
+        shown = (
+            "default"
+            if lr is None
+            else f"{lr:.1e}".replace(".0e", "e").replace(".", "p").replace("e-0", "e-")
         )
+        return saved / f"{a.run_prefix}-{lib}-{shown}"
 
     if "topk" not in a.skip:
         for lr in a.ours_lr:
