@@ -73,6 +73,12 @@ def main() -> None:
     p.add_argument("--steer-latent", type=int, default=None, help="default: the first latent shown")
     p.add_argument("--coeff-x", type=float, default=2.0, help="coeff = this × the latent's max activation")
     p.add_argument("--generate", type=int, default=32)
+    p.add_argument(
+        "--analyze-tokens",
+        type=int,
+        default=None,
+        help="tokens `saewb analyze` reads when it runs (default: all)",
+    )
     a = p.parse_args()
 
     import saewb
@@ -82,7 +88,7 @@ def main() -> None:
     if a.run in analysed_runs(Workspace(a.workspace)):
         analysis = saewb.load(a.workspace, a.run).analysis()
     else:
-        analysis = saewb.analyze(a.workspace, a.run)
+        analysis = saewb.analyze(a.workspace, a.run, max_tokens=a.analyze_tokens)
     picked = pick_latents(analysis.latents, a.n, a.seed, a.min_freq, a.max_freq)
     for i in picked:
         show_latent(analysis, i, a.contexts)
