@@ -177,8 +177,13 @@ def main() -> None:
         action="store_true",
         help="small token counts, same SAE shape: an end-to-end check and per-stage rates",
     )
-    p.add_argument("--speed-only", action="store_true", help="load and harvest-vs-bare-forward only")
-    p.add_argument("--skip-speed", action="store_true", help="skip the harvest-vs-bare-forward stage")
+    speed_stage = p.add_mutually_exclusive_group()
+    speed_stage.add_argument(
+        "--speed-only", action="store_true", help="load and harvest-vs-bare-forward only"
+    )
+    speed_stage.add_argument(
+        "--skip-speed", action="store_true", help="skip the harvest-vs-bare-forward stage"
+    )
     p.add_argument("--json", type=Path, help="also write every number to this JSON file")
     a = p.parse_args()
     if a.tiny:  # token counts only: the SAE's shape stays, so the train rate is the full run's
@@ -186,7 +191,7 @@ def main() -> None:
 
     model, load = stage_load()
     speed = None if a.skip_speed else stage_speed(a)
-    if a.speed_only and speed is not None:
+    if speed is not None and a.speed_only:
         print(
             f"\nSmolLM2-135M-Instruct {a.hook}, python-code, ctx {a.ctx_len}, batch {a.harvest_batch} windows"
         )
