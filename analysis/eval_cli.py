@@ -55,6 +55,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--model", help="model to load instead of the one the harvest recorded (e.g. a moved folder)"
     )
     p.add_argument("--max-seqs", type=int, default=64, help="held-out windows re-run through the model")
+    p.add_argument(
+        "--targets",
+        type=int,
+        metavar="N",
+        help="instead of --max-seqs: as many held-out windows as hold N next-token targets (CE/KL)",
+    )
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     p.add_argument("--no-downstream", action="store_true", help="reconstruction metrics only (no model run)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -122,6 +128,7 @@ def _eval(args: argparse.Namespace) -> int:
         args.run,
         model_name=args.model,
         max_seqs=args.max_seqs,
+        targets=args.targets,
         batch_size=args.batch_size,
         downstream=not args.no_downstream,
         progress=args.progress,

@@ -66,6 +66,19 @@ class Windows:
         return len(self.ids)
 
     @property
+    def targets(self) -> np.ndarray:
+        """int64 [n] next-token targets per window (t+1 predicted at t, both real tokens)."""
+        return ((self.attention[:, :-1] == 1) & (self.attention[:, 1:] == 1)).sum(1)
+
+    def first(self, n: int) -> Windows:
+        return Windows(self.ids[:n], self.attention[:n], self.special[:n])
+
+    def covering(self, targets: int) -> Windows:
+        """The fewest leading windows holding at least ``targets`` next-token targets (all if fewer)."""
+        reached = np.cumsum(self.targets) >= targets
+        return self.first(int(np.argmax(reached)) + 1 if reached.any() else len(self))
+
+    @property
     def splice_mask(self) -> np.ndarray:
         """Positions the SAE is spliced on: real, non-special tokens."""
         return (self.attention == 1) & ~self.special
@@ -338,6 +351,7 @@ def evaluate_run(
     model: Any = None,
     model_name: str | None = None,
     max_seqs: int = 64,
+    targets: int | None = None,
     batch_size: int = 8,
     downstream: bool = True,
     store: bool = True,
@@ -350,6 +364,7 @@ def evaluate_run(
         model=model,
         model_name=model_name,
         max_seqs=max_seqs,
+        targets=targets,
         batch_size=batch_size,
         downstream=downstream,
         store=store,
@@ -364,6 +379,7 @@ def evaluate_runs(
     model: Any = None,
     model_name: str | None = None,
     max_seqs: int = 64,
+    targets: int | None = None,
     batch_size: int = 8,
     downstream: bool = True,
     store: bool = True,
@@ -375,9 +391,15 @@ def evaluate_runs(
     gets ``delta_ce_diff`` = its ΔCE − the first run's on identical targets, with the half-width of the
     95% interval over windows (``delta_ce_diff_ci95``): the paired comparison two SAEs need, far
     tighter than the difference of two separately noisy ΔCEs.
+
+    The model re-runs the first ``max_seqs`` held-out windows, or with ``targets`` as many as hold
+    that many next-token targets (all of them if the held-out documents hold fewer; ``lm_targets``
+    says how many were used).
     """
     if max_seqs < 2 or batch_size < 1:
         raise ValueError("--max-seqs must be at least 2 and --batch-size at least 1")
+    if targets is not None and targets < 1:
+        raise ValueError(f"--targets must be at least 1, got {targets}")
     if not runs or len(set(runs)) != len(runs):
         raise ValueError(f"give one or more distinct run names, got {runs}")
     ws = existing_workspace(workspace)
@@ -397,7 +419,10 @@ def evaluate_runs(
     if downstream:
         if model is None:
             model = load_run_model(first, model_name)
-        windows = eval_windows(ws, first.harvest, pad_id_of(model), max_seqs=max_seqs)
+        if targets is None:
+            windows = eval_windows(ws, first.harvest, pad_id_of(model), max_seqs=max_seqs)
+        else:
+            windows = eval_windows(ws, first.harvest, pad_id_of(model), max_seqs=None).covering(targets)
         if is_causal_lm(model):
             label = f"eval {first.name}" + (f" +{len(ctxs) - 1}" if len(ctxs) > 1 else "")
             saes = {c.name: c.sae for c in ctxs}

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import tempfile
 import time
@@ -130,9 +129,8 @@ def stage_train(ws: Path, a: argparse.Namespace) -> dict[str, Any]:
 def stage_eval(ws: Path, model: Any, a: argparse.Namespace) -> dict[str, Any]:
     from analysis.evaluate import evaluate_run
 
-    max_seqs = math.ceil(a.eval_targets / (a.ctx_len - 1))
     t0 = time.perf_counter()
-    metrics = evaluate_run(ws, a.name, model=model, max_seqs=max_seqs, batch_size=8)
+    metrics = evaluate_run(ws, a.name, model=model, targets=a.eval_targets, batch_size=8)
     metrics["wall_s"] = time.perf_counter() - t0
     return metrics
 

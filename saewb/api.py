@@ -626,6 +626,7 @@ def evaluate(
     run: str,
     *,
     max_seqs: int = 64,
+    targets: int | None = None,
     batch_size: int = 8,
     downstream: bool = True,
     model: Any = None,
@@ -636,7 +637,8 @@ def evaluate(
 
     ``downstream=False``: reconstruction metrics only (no model run). ``model``: a TransformerBridge
     already loaded (else the harvest's model, or ``model_name``); ``max_seqs`` held-out windows are
-    run through it, ``batch_size`` at a time.
+    run through it, ``batch_size`` at a time, or with ``targets`` as many as hold that many next-token
+    targets (CE/KL on ≥ 100k targets tells two SAEs apart; 64 windows rarely do).
     """
     from analysis.evaluate import evaluate_run
 
@@ -647,6 +649,7 @@ def evaluate(
             model=model,
             model_name=model_name,
             max_seqs=max_seqs,
+            targets=targets,
             batch_size=batch_size,
             downstream=downstream,
             progress=progress,
@@ -659,6 +662,7 @@ def compare(
     runs: Sequence[str],
     *,
     max_seqs: int = 64,
+    targets: int | None = None,
     batch_size: int = 8,
     downstream: bool = True,
     model: Any = None,
@@ -677,6 +681,7 @@ def compare(
             model=model,
             model_name=model_name,
             max_seqs=max_seqs,
+            targets=targets,
             batch_size=batch_size,
             downstream=downstream,
             progress=progress,

@@ -184,6 +184,23 @@ def test_eval_cli_prints_table_and_stores_row(
     json.dumps(stored)
 
 
+def test_targets_take_the_fewest_windows_that_hold_them(gpt2, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--targets N` instead of `--max-seqs`: windows are added until they hold N next-token targets."""
+    from analysis.evaluate import evaluate_run
+    from saewb.cli import main
+
+    model, ctx = gpt2
+    per_window = eval_windows(ctx.ws, ctx.harvest, pad_id_of(model), max_seqs=None).targets
+    assert len(per_window) >= 3 and (per_window > 0).all()
+    want = int(per_window[:2].sum()) + 1  # one more than two windows hold
+    got = evaluate_run(ctx.ws, "t", model=model, targets=want, store=False)
+    assert got["lm_windows"] == 3 and got["lm_targets"] == per_window[:3].sum()
+    everything = evaluate_run(ctx.ws, "t", model=model, targets=10**9, store=False)  # more than there are
+    assert everything["lm_windows"] == len(per_window) and everything["lm_targets"] == per_window.sum()
+    assert main(["eval", "t", "--workspace", str(ctx.ws.path), "--targets", "0"]) == 1
+    assert "--targets must be at least 1" in capsys.readouterr().err
+
+
 def test_eval_errors_are_clear(gpt2, capsys: pytest.CaptureFixture[str]) -> None:
     from saewb.cli import main
 
