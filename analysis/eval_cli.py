@@ -63,6 +63,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     p.add_argument("--no-downstream", action="store_true", help="reconstruction metrics only (no model run)")
+    p.add_argument(
+        "--random-error",
+        action="store_true",
+        help="causal LMs: also splice an error of the SAE's size in a random direction (one more forward "
+        "per run): delta_ce_rand and error_pathology = delta_ce / delta_ce_rand",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar or lines")
     p.set_defaults(func=_eval)
@@ -131,6 +137,7 @@ def _eval(args: argparse.Namespace) -> int:
         targets=args.targets,
         batch_size=args.batch_size,
         downstream=not args.no_downstream,
+        random_error=args.random_error,
         progress=args.progress,
     )
     if args.json:

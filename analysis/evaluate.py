@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ import numpy as np
 from activations.store import HarvestError, window_tokens
 from activations.stream import EVAL_FRACTION, ActivationStream, doc_split_sql, split_threshold
 from analysis.runs import RunContext, load_run, load_run_model
-from analysis.splice import hooked, sae_hook_fn, zero_ablate_hook_fn
+from analysis.splice import hooked, random_error_hook_fn, sae_hook_fn, zero_ablate_hook_fn
 from saewb.progress import progress_bar
 from saewb.workspace import Workspace, existing_workspace
 
@@ -153,6 +153,9 @@ class LMWindowSums:
     nll_sae: dict[str, np.ndarray]
     """Per SAE name: [windows] summed next-token NLL with that SAE spliced in."""
     kl_sae: dict[str, np.ndarray]
+    nll_rand: dict[str, np.ndarray] = field(default_factory=dict)
+    """Per SAE name, with ``random_error``: the NLL with an error of the SAE's size in a random direction."""
+    kl_rand: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def _window_nll(logprobs: Any, ids: Any, tgt_ok: Any) -> Any:
@@ -171,8 +174,10 @@ def lm_window_sums(
     batch_size: int = 8,
     label: str = "eval",
     progress: bool = False,
+    random_error: bool = False,
 ) -> LMWindowSums:
-    """Runs the clean and zero-ablated model once per batch, then each SAE of ``saes`` spliced at ``hook``."""
+    """Runs the clean and zero-ablated model once per batch, then each SAE of ``saes`` spliced at ``hook``
+    (and with ``random_error`` once more per SAE: its error's norm in a random direction)."""
     import torch
 
     parts: dict[str, list[np.ndarray]] = {}
@@ -180,7 +185,7 @@ def lm_window_sums(
     def add(key: str, values: Any) -> None:
         parts.setdefault(key, []).append(values.numpy())
 
-    for ids, att, mask in window_batches(windows, batch_size, f"{label}: model", progress):
+    for i, (ids, att, mask) in enumerate(window_batches(windows, batch_size, f"{label}: model", progress)):
         tgt_ok = (att[:, :-1] == 1) & (att[:, 1:] == 1)
         real = att == 1
         clean = _log_softmax64(model(ids, attention_mask=att))
@@ -190,6 +195,8 @@ def lm_window_sums(
         add("nll_clean", _window_nll(clean, ids, tgt_ok))
         variants = [("zero", zero_ablate_hook_fn(mask))]
         variants += [(f"sae:{n}", sae_hook_fn(sae, error_term=False, mask=mask)) for n, sae in saes.items()]
+        if random_error:
+            variants += [(f"rand:{n}", random_error_hook_fn(sae, mask, seed=i)) for n, sae in saes.items()]
         for key, fn in variants:
             with hooked(model, [(hook, fn)]):
                 lp = _log_softmax64(model(ids, attention_mask=att))
@@ -207,6 +214,8 @@ def lm_window_sums(
         kl_zero=cat["kl:zero"],
         nll_sae={name: cat[f"nll:sae:{name}"] for name in saes},
         kl_sae={name: cat[f"kl:sae:{name}"] for name in saes},
+        nll_rand={name: cat[f"nll:rand:{name}"] for name in saes if random_error},
+        kl_rand={name: cat[f"kl:rand:{name}"] for name in saes if random_error},
     )
 
 
@@ -217,7 +226,7 @@ def lm_summary(sums: LMWindowSums, name: str) -> dict[str, float]:
         float(v.sum()) / n_targets for v in (sums.nll_clean, sums.nll_sae[name], sums.nll_zero)
     )
     kl_sae, kl_zero = float(sums.kl_sae[name].sum()) / n_kl, float(sums.kl_zero.sum()) / n_kl
-    return {
+    out = {
         "ce_clean": ce_clean,
         "ce_sae": ce_sae,
         "ce_zero": ce_zero,
@@ -229,6 +238,14 @@ def lm_summary(sums: LMWindowSums, name: str) -> dict[str, float]:
         "lm_windows": float(len(sums.targets)),
         "lm_targets": n_targets,
     }
+    if name in sums.nll_rand:
+        delta_rand = float(sums.nll_rand[name].sum()) / n_targets - ce_clean
+        out.update(
+            delta_ce_rand=delta_rand,
+            kl_rand=float(sums.kl_rand[name].sum()) / n_kl,
+            error_pathology=out["delta_ce"] / delta_rand if delta_rand > 0 else float("nan"),
+        )
+    return out
 
 
 def paired_delta_ce(sums: LMWindowSums, name: str, reference: str) -> tuple[float, float]:
@@ -354,6 +371,7 @@ def evaluate_run(
     targets: int | None = None,
     batch_size: int = 8,
     downstream: bool = True,
+    random_error: bool = False,
     store: bool = True,
     progress: bool = False,
 ) -> dict[str, Any]:
@@ -367,6 +385,7 @@ def evaluate_run(
         targets=targets,
         batch_size=batch_size,
         downstream=downstream,
+        random_error=random_error,
         store=store,
         progress=progress,
     )[0]
@@ -382,6 +401,7 @@ def evaluate_runs(
     targets: int | None = None,
     batch_size: int = 8,
     downstream: bool = True,
+    random_error: bool = False,
     store: bool = True,
     progress: bool = False,
 ) -> list[dict[str, Any]]:
@@ -394,7 +414,9 @@ def evaluate_runs(
 
     The model re-runs the first ``max_seqs`` held-out windows, or with ``targets`` as many as hold
     that many next-token targets (all of them if the held-out documents hold fewer; ``lm_targets``
-    says how many were used).
+    says how many were used). ``random_error`` (causal LMs) adds one forward per SAE with an error of
+    the SAE's size in a random direction: ``delta_ce_rand``, ``kl_rand`` and ``error_pathology`` =
+    ΔCE / ΔCE_rand (how much more the SAE's errors cost than errors of their size).
     """
     if max_seqs < 2 or batch_size < 1:
         raise ValueError("--max-seqs must be at least 2 and --batch-size at least 1")
@@ -426,7 +448,7 @@ def evaluate_runs(
         if is_causal_lm(model):
             label = f"eval {first.name}" + (f" +{len(ctxs) - 1}" if len(ctxs) > 1 else "")
             saes = {c.name: c.sae for c in ctxs}
-            sums = lm_window_sums(model, first.hook, saes, windows, batch_size, label, progress)
+            sums = lm_window_sums(model, first.hook, saes, windows, batch_size, label, progress, random_error)
             for c, out in zip(ctxs, outs, strict=True):
                 out["model_kind"] = "causal_lm"
                 out.update(lm_summary(sums, c.name))
@@ -490,6 +512,9 @@ METRIC_ORDER = (
     "kl_sae",
     "kl_zero",
     "kl_score",
+    "delta_ce_rand",
+    "kl_rand",
+    "error_pathology",
     "lm_windows",
     "lm_targets",
     "emb_cosine",
@@ -517,6 +542,7 @@ COMPARE_COLUMNS = (
     "ce_score",
     "delta_ce",
     "kl_score",
+    "error_pathology",
     "emb_cosine",
     "top10_overlap",
 )

@@ -156,6 +156,29 @@ def sae_hook_fn(
     return hook
 
 
+def random_error_hook_fn(sae: Any, mask: Any = None, seed: int = 0) -> Callable[[Any, Any], Any]:
+    """A forward hook that adds, on each masked position, an error as large as the SAE's there but in
+    a uniformly random direction: x + ‖x̂ − x‖·u (Gurnee 2024). Comparing its ΔCE with the SAE's says
+    how much worse the SAE's errors are than their size alone explains."""
+    import torch
+
+    rng = np.random.default_rng(seed)
+
+    def hook(act: torch.Tensor, hook: Any = None) -> torch.Tensor:
+        sel = torch.ones(act.shape[:-1], dtype=torch.bool) if mask is None else mask.to(torch.bool)
+        if not bool(sel.any()):
+            return act
+        x = act[sel].detach().to(torch.float32).cpu().numpy()
+        err = np.linalg.norm(decode_rows(sae, encode_rows(sae, x)) - x, axis=1, keepdims=True)
+        u = rng.standard_normal(x.shape)
+        u /= np.linalg.norm(u, axis=1, keepdims=True)
+        out = act.clone()
+        out[sel] = torch.from_numpy((x + err * u).astype(np.float32)).to(act.dtype).to(act.device)
+        return out
+
+    return hook
+
+
 def zero_ablate_hook_fn(mask: Any = None) -> Callable[[Any, Any], Any]:
     """A forward hook that sets the activation to 0 on the masked positions (all when mask is None)."""
     import torch

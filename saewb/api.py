@@ -629,6 +629,7 @@ def evaluate(
     targets: int | None = None,
     batch_size: int = 8,
     downstream: bool = True,
+    random_error: bool = False,
     model: Any = None,
     model_name: str | None = None,
     progress: bool = True,
@@ -638,7 +639,9 @@ def evaluate(
     ``downstream=False``: reconstruction metrics only (no model run). ``model``: a TransformerBridge
     already loaded (else the harvest's model, or ``model_name``); ``max_seqs`` held-out windows are
     run through it, ``batch_size`` at a time, or with ``targets`` as many as hold that many next-token
-    targets (CE/KL on ≥ 100k targets tells two SAEs apart; 64 windows rarely do).
+    targets (CE/KL on ≥ 100k targets tells two SAEs apart; 64 windows rarely do). ``random_error``:
+    also the ΔCE of an error of the SAE's size in a random direction, and ``error_pathology`` = ΔCE /
+    that (how much more the SAE's errors cost than their size explains).
     """
     from analysis.evaluate import evaluate_run
 
@@ -652,6 +655,7 @@ def evaluate(
             targets=targets,
             batch_size=batch_size,
             downstream=downstream,
+            random_error=random_error,
             progress=progress,
         )
     return Evaluation(run, out)
@@ -665,6 +669,7 @@ def compare(
     targets: int | None = None,
     batch_size: int = 8,
     downstream: bool = True,
+    random_error: bool = False,
     model: Any = None,
     model_name: str | None = None,
     progress: bool = True,
@@ -684,6 +689,7 @@ def compare(
             targets=targets,
             batch_size=batch_size,
             downstream=downstream,
+            random_error=random_error,
             progress=progress,
         )
     cols = ["run", *(c for c in COMPARE_COLUMNS if any(c in o for o in outs))]

@@ -254,6 +254,44 @@ def test_ce_kl_scores_are_meaningful_on_the_trained_tiny_lm(tiny_lm_ws: Path) ->
     assert m["delta_ce"] == pytest.approx(m["ce_sae"] - m["ce_clean"])
 
 
+def test_random_error_keeps_the_sae_error_size_in_a_new_direction(gpt2) -> None:
+    from analysis.splice import decode_rows, encode_rows, random_error_hook_fn
+
+    _, ctx = gpt2
+    act = torch.randn(2, 6, ctx.sae.d, generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(2, 6, dtype=torch.bool)
+    mask[0, 1:4] = mask[1, 5] = True
+    out = random_error_hook_fn(ctx.sae, mask, seed=3)(act)
+    assert torch.equal(out[~mask], act[~mask])  # unmasked positions pass through
+    x = act[mask].numpy()
+    sae_err = decode_rows(ctx.sae, encode_rows(ctx.sae, x)) - x
+    got_err = out[mask].numpy() - x
+    np.testing.assert_allclose(np.linalg.norm(got_err, axis=1), np.linalg.norm(sae_err, axis=1), rtol=1e-4)
+    cos = (got_err * sae_err).sum(1) / np.linalg.norm(got_err, axis=1) / np.linalg.norm(sae_err, axis=1)
+    assert np.abs(cos).max() < 0.9  # a random direction, not the SAE's
+    assert torch.equal(out, random_error_hook_fn(ctx.sae, mask, seed=3)(act))  # seeded
+
+
+def test_random_error_baseline_on_the_trained_tiny_lm(
+    tiny_lm_ws: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`saewb eval --random-error`: ΔCE of the SAE's error size in random directions, and the ratio."""
+    from analysis.evaluate import evaluate_run
+    from saewb.cli import main
+
+    model = support.model("tiny-lm")
+    plain = evaluate_run(tiny_lm_ws, "lm", model=model, max_seqs=8, store=False)
+    got = evaluate_run(tiny_lm_ws, "lm", model=model, max_seqs=8, random_error=True, store=False)
+    assert "delta_ce_rand" not in plain and "error_pathology" not in plain
+    assert got["delta_ce"] == plain["delta_ce"]  # the extra forward leaves the SAE's numbers alone
+    assert got["delta_ce_rand"] > 0 and got["kl_rand"] > 0
+    assert got["error_pathology"] == pytest.approx(got["delta_ce"] / got["delta_ce_rand"])
+    assert got["delta_ce_rand"] != pytest.approx(got["delta_ce"], rel=1e-3)
+    path = _copied_workspace(Workspace(tiny_lm_ws), tmp_path)  # the CLI stores its evaluation
+    rc = main(["eval", "lm", "--workspace", str(path), "--max-seqs", "4", "--random-error", "--json"])
+    assert rc == 0 and "error_pathology" in json.loads(capsys.readouterr().out)
+
+
 def _copied_workspace(ws: Workspace, dest: Path) -> Path:
     import shutil
 
