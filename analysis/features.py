@@ -240,11 +240,14 @@ def stream_stats(
     batches = ordered_batches(
         reader, n_committed, cfg.batch_size, cfg.chunk_tokens, cfg.max_tokens, READ_MEMORY_LIMIT
     )
+    cutoff = getattr(sae, "outlier_cutoff", None)
     for idx, x in batches:
         b = len(idx)
         if b < cfg.batch_size:  # pad: one jit shape for the whole pass
             x = np.concatenate([x, np.zeros((cfg.batch_size - b, x.shape[1]), np.float32)])
         f = sae.encode(x)[:b]
+        if cutoff is not None:  # the attention sinks it was trained without fire nothing
+            f = np.where((np.linalg.norm(x[:b], axis=1) <= cutoff)[:, None], f, 0)
         rows, cols, vals = sparse_code(f)
         del f
         n_tokens += b

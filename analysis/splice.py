@@ -101,6 +101,20 @@ def validate_edits(sae: Any, edits: Sequence[LatentEdit], steering: Sequence[Ste
     validate_latents(sae, [s.latent for s in steering], what="steering latent")
 
 
+def splice_positions(sae: Any, act: Any, mask: Any = None) -> Any:
+    """Bool [batch, pos]: where an SAE is spliced: ``mask`` (None: everywhere) less the positions whose
+    norm is above the SAE's ``outlier_cutoff`` (the attention sinks it was trained without)."""
+    import torch
+
+    sel = torch.ones(act.shape[:-1], dtype=torch.bool) if mask is None else mask.to(torch.bool)
+    if sel.shape != act.shape[:-1]:
+        raise ValueError(f"splice mask has shape {tuple(sel.shape)}, activations {tuple(act.shape[:-1])}")
+    cutoff = getattr(sae, "outlier_cutoff", None)
+    if cutoff is not None:
+        sel = sel & (act.detach().to(torch.float32).norm(dim=-1) <= cutoff).to(sel.device)
+    return sel
+
+
 def sae_hook_fn(
     sae: Any,
     *,
@@ -112,7 +126,8 @@ def sae_hook_fn(
     """A forward hook that splices `sae` (with optional edits) into the activation [batch, pos, d].
 
     `mask` is a bool tensor [batch, pos] of the positions to splice (None: all). Positions outside
-    it, such as padding and the special tokens the SAE never saw in training, pass through.
+    it, such as padding and the special tokens the SAE never saw in training, pass through, and so
+    do the outliers it was trained without (``splice_positions``).
     """
     import torch
 
@@ -128,9 +143,7 @@ def sae_hook_fn(
                 f"the SAE expects activations of width {sae.d} but hook {getattr(hook, 'name', '?')} "
                 f"has width {act.shape[-1]}; splice it at the hook it was trained on"
             )
-        sel = torch.ones(act.shape[:-1], dtype=torch.bool) if mask is None else mask.to(torch.bool)
-        if sel.shape != act.shape[:-1]:
-            raise ValueError(f"splice mask has shape {tuple(sel.shape)}, activations {tuple(act.shape[:-1])}")
+        sel = splice_positions(sae, act, mask)
         if not bool(sel.any()):
             return act
         x = act[sel].detach().to(torch.float32).cpu().numpy()
@@ -165,7 +178,7 @@ def random_error_hook_fn(sae: Any, mask: Any = None, seed: int = 0) -> Callable[
     rng = np.random.default_rng(seed)
 
     def hook(act: torch.Tensor, hook: Any = None) -> torch.Tensor:
-        sel = torch.ones(act.shape[:-1], dtype=torch.bool) if mask is None else mask.to(torch.bool)
+        sel = splice_positions(sae, act, mask)
         if not bool(sel.any()):
             return act
         x = act[sel].detach().to(torch.float32).cpu().numpy()

@@ -60,6 +60,7 @@ class SAE:
         metrics: dict[str, Any] | None = None,
         path: Path | None = None,
         history: list[dict[str, Any]] | None = None,
+        outlier_cutoff: float | None = None,
     ) -> None:
         self.config = config
         self.arch = arch_module(config.arch)
@@ -69,6 +70,8 @@ class SAE:
         self.metrics = metrics or {}
         self.history = history or []
         self.path = path
+        self.outlier_cutoff = outlier_cutoff
+        """Tokens with a larger norm were left out of training; splices and held-out metrics skip them."""
         self._enc = jax.jit(lambda p, s, x: self.arch.encode(self.config, p, s, x))
         self._dec = jax.jit(lambda p, f: self.arch.decode(self.config, p, f))
         self._enc_k: dict[int, Any] = {}  # one jitted encoder per explicit budget k
@@ -163,12 +166,14 @@ def load_dir(path: str | Path) -> SAE:
         from sae.lifecycle import read_train_state
         from sae.trainer import TrainConfig, Trainer
 
-        ts = read_train_state(Trainer(cfg, TrainConfig(**manifest["config"]["train"]), d), path)
+        ts = read_train_state(Trainer(cfg, saved_config(TrainConfig, manifest["config"]["train"]), d), path)
         params, state = arch_module(cfg.arch).fold_scale(
             cfg, ts.params, ts.arch_state, float(manifest["scale"])
         )
         metrics = {}
-    return SAE(cfg, params, state, d, metrics=metrics, path=path)
+    return SAE(
+        cfg, params, state, d, metrics=metrics, path=path, outlier_cutoff=manifest.get("outlier_cutoff")
+    )
 
 
 def load(path_or_run: str | Path, workspace: str | Path | None = None) -> SAE:

@@ -210,6 +210,7 @@ RANGES: dict[str, str] = {
     "adam_b2": "[0,1)",
     "adam_eps": ">0",
     "dead_window_tokens": ">=1",
+    "outlier_ratio": ">=1",
     "dense_threshold": "[0,1]",
     "init_sample_tokens": ">=1",
     "log_every": ">=1",

@@ -61,16 +61,32 @@ _SCALAR_TYPES: dict[Any, Any] = {
 }
 
 
+EXPLICIT_NONE: Any = object()
+"""A flag given as "none": None for the config, where a flag left out (None) means its default."""
+
+
+def _or_none(parse: Any) -> Any:
+    """``parse``, with "none" for None (``--outlier-ratio none``)."""
+
+    def parse_or_none(text: str) -> Any:
+        return EXPLICIT_NONE if text.strip().lower() == "none" else parse(text)
+
+    parse_or_none.__name__ = getattr(parse, "__name__", "value")  # argparse names it in errors
+    return parse_or_none
+
+
 def _flag_type(hint: Any) -> tuple[Any, tuple[str, ...] | None]:
-    """A field's type hint → (argparse type, choices); ``X | None`` parses as X, ``Literal`` gives choices."""
+    """A field's type hint → (argparse type, choices); ``X | None`` parses as X or "none", ``Literal``
+    gives choices."""
     args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1:
+    optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1
+    if optional:
         hint = args[0]
     if typing.get_origin(hint) is typing.Literal:
         return str, typing.get_args(hint)
     if hint not in _SCALAR_TYPES:
         raise TypeError(f"no CLI type for {hint!r}")
-    return _SCALAR_TYPES[hint], None
+    return (_or_none(_SCALAR_TYPES[hint]) if optional else _SCALAR_TYPES[hint]), None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,7 +221,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     cli_values = {
-        k: v
+        k: None if v is EXPLICIT_NONE else v
         for k, v in vars(args).items()
         if k not in ("func", "command", "config", "debug") and v is not None
     }

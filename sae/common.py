@@ -118,6 +118,39 @@ def weiszfeld(x: np.ndarray, iters: int, eps: float, tol: float) -> np.ndarray:
     return med.astype(np.float32)
 
 
+def outlier_cutoff(sample: np.ndarray, ratio: float | None) -> float | None:
+    """The norm above which a token is an outlier (``TrainConfig.outlier_ratio``): ``ratio`` × the
+    sample's median token norm, in raw units; None when ``ratio`` is None."""
+    if ratio is None:
+        return None
+    return float(ratio * np.median(np.linalg.norm(np.asarray(sample, dtype=np.float32), axis=1)))
+
+
+def typical_rows(x: np.ndarray, cutoff: float | None) -> np.ndarray:
+    """Bool [rows]: the rows of ``x`` whose norm is at most ``cutoff`` (all of them when None)."""
+    if cutoff is None:
+        return np.ones(len(x), dtype=bool)
+    return np.linalg.norm(np.asarray(x, dtype=np.float32), axis=1) <= cutoff
+
+
+def replace_outliers(batch: np.ndarray, cutoff: float | None) -> np.ndarray:
+    """The batch with each row above ``cutoff`` replaced by one of its typical rows, in order (the
+    shape stays, so the jitted step is not recompiled and resumed runs see the same batches)."""
+    keep = typical_rows(batch, cutoff)
+    if keep.all():
+        return batch
+    good = np.flatnonzero(keep)
+    if not len(good):
+        raise ValueError(
+            f"every token of a batch has a norm above the outlier cutoff {cutoff:.4g}; "
+            "raise --outlier-ratio or set it to none"
+        )
+    bad = np.flatnonzero(~keep)
+    out = batch.copy()
+    out[bad] = batch[good[np.arange(len(bad)) % len(good)]]
+    return out
+
+
 def estimate_input_scale(sample: np.ndarray, target: str, d: int) -> float:
     """One scalar s for the inputs, estimated on a sample before training.
 

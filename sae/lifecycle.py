@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,8 @@ class TrainResult:
     final_metrics: dict[str, float]
     run_dir: Path | None
     history: list[dict[str, float]] = field(default_factory=list)
+    outlier_cutoff: float | None = None
+    """Raw-activation norm above which tokens were left out of training (``TrainConfig.outlier_ratio``)."""
 
 
 # ------------------------------------------------------------------------------------ identity
@@ -74,7 +76,7 @@ def config_record(cfg: Any, tc: Any) -> dict[str, Any]:
     """
     from sae.base import recorded_fields
 
-    train = {k: v for k, v in asdict(tc).items() if k not in EXECUTION_FIELDS}
+    train = {k: v for k, v in recorded_fields(tc).items() if k not in EXECUTION_FIELDS}
     if train.get("compute_dtype") == "float32":
         del train["compute_dtype"]
     return {"arch": cfg.arch, "sae": recorded_fields(cfg), "train": train}
@@ -210,6 +212,7 @@ def save_final(run_dir: Path, result: TrainResult, **more: Any) -> Path:
         "config": config_record(result.config, result.train_config),
         "d": result.d,
         "input_scale_folded": result.scale,
+        "outlier_cutoff": result.outlier_cutoff,
         "final_metrics": result.final_metrics,
         **more,
     }
@@ -229,6 +232,7 @@ def finish_training(
     last_row: dict[str, float],
     run_dir: Path | None,
     write: bool = True,
+    outlier_cutoff: float | None = None,
     **more: Any,
 ) -> TrainResult:
     """Fold the input scale into the trained params, and save the SAE in ``run_dir`` when ``write``."""
@@ -246,6 +250,7 @@ def finish_training(
         final_metrics=final,
         run_dir=run_dir,
         history=history,
+        outlier_cutoff=outlier_cutoff,
     )
     if run_dir is not None and write:
         save_final(run_dir, result, **more)
@@ -259,22 +264,29 @@ def heldout_metrics(
     over the first ``max_tokens`` tokens (all with None) of ``stream``, an eval-split
     ``ActivationStream``; ``on_batch(tokens)`` after each batch. `saewb eval` calls it directly, the
     end of a training run through ``end_of_run_metrics``."""
+    from sae.common import typical_rows
     from sae.metrics import evaluate
 
+    outliers = 0
+
     def batches() -> Any:
+        nonlocal outliers
         seen = 0
         if max_tokens is not None and max_tokens <= 0:
             return
         for x in stream.epoch():
             part = x if max_tokens is None else x[: max_tokens - seen]
-            yield part
+            keep = typical_rows(part, getattr(sae, "outlier_cutoff", None))
+            outliers += int((~keep).sum())
+            yield part if keep.all() else part[keep]
             seen += len(part)
             if on_batch is not None:
                 on_batch(len(part))
             if max_tokens is not None and seen >= max_tokens:
                 return  # before the stream reads another buffer
 
-    return evaluate(sae, batches())
+    metrics = evaluate(sae, batches())
+    return {**metrics, "outlier_tokens": float(outliers)} if outliers else metrics
 
 
 def end_of_run_metrics(run_dir: Path, eval_stream: Callable[[], Any], eval_tokens: int) -> dict[str, Any]:

@@ -484,7 +484,7 @@ def train_lockstep(
     With `run_dirs` and `state_path`, checkpoints go to each member's run directory and the step
     they were all written at to `state_path`; a sweep with a state file resumes from that step.
     """
-    shared = ("batch_size", "train_tokens", "log_every", "ckpt_every", "keep_checkpoints")
+    shared = ("batch_size", "train_tokens", "log_every", "ckpt_every", "keep_checkpoints", "outlier_ratio")
     tc0 = members[0].train_config
     for m in members:
         diff = [k for k in shared if getattr(m.train_config, k) != getattr(tc0, k)]
@@ -499,6 +499,8 @@ def train_lockstep(
     scales: list[float] = []
     states: list[TrainState] = []
     widths: dict[str, int] = {}
+    cutoffs: dict[str, float | None] = {}
+    """Per hook: the outlier cutoff its members share (they share its batches)."""
     if start > 0:
         assert run_dirs is not None
         for m in members:
@@ -507,16 +509,19 @@ def train_lockstep(
             widths[m.hook] = int(manifest["d"])
             states.append(read_train_state(Trainer(m.sae_config, m.train_config, widths[m.hook]), cdir))
             scales.append(float(manifest["scale"]))
+            cutoffs[m.hook] = manifest.get("outlier_cutoff")
     else:
         samples: dict[str, np.ndarray] = {}
         for hook in hooks:
             want = max(m.train_config.init_sample_tokens for m in members if m.hook == hook)
             samples[hook] = collect_sample(batches[hook], want)
             widths[hook] = int(samples[hook].shape[1])
+            cutoffs[hook] = common.outlier_cutoff(samples[hook], tc0.outlier_ratio)
         with common.shared_geometric_medians():  # members of one hook share the init sample
             for m in members:
                 # the same sample, scale and init that `train` computes for this member on these batches
                 sample = samples[m.hook][: m.train_config.init_sample_tokens]
+                sample = sample[common.typical_rows(sample, cutoffs[m.hook])]
                 arch = arch_module(m.sae_config.arch)
                 validate_config(m.sae_config, widths[m.hook])
                 scale = common.estimate_input_scale(
@@ -625,6 +630,7 @@ def train_lockstep(
                     last_rows.get(m.name, {}),
                     {"sweep_state": str(state_path)},
                     rng=[int(v) for v in np.asarray(ts.rng)],
+                    outlier_cutoff=cutoffs[m.hook],
                 )
                 write_checkpoint(
                     run_dirs[m.name],
@@ -647,7 +653,9 @@ def train_lockstep(
     t_last, steps_since = time.perf_counter(), 0
     step = start
     while step < total:
-        xs_host = {h: check_batch(next(its[h]), tc0, widths[h]) for h in hooks}
+        xs_host = {
+            h: common.replace_outliers(check_batch(next(its[h]), tc0, widths[h]), cutoffs[h]) for h in hooks
+        }
         xs = tuple(jnp.asarray(xs_host[h]) for h in hooks)
         g_states = list(step_fn(tuple(g_states), xs, tuple(g_scales)))
         step += 1
@@ -709,6 +717,7 @@ def train_lockstep(
                 histories[m.name],
                 last_row,
                 run_dir,
+                outlier_cutoff=cutoffs[m.hook],
             )
             results[m.name] = res
     return results

@@ -198,6 +198,16 @@ def collect_sample(batches: Callable[[int], Iterator[np.ndarray]], tokens: int) 
     return np.concatenate(out)[:tokens]
 
 
+def init_sample(
+    batches: Callable[[int], Iterator[np.ndarray]], tc: TrainConfig
+) -> tuple[np.ndarray, float | None]:
+    """The init sample without its outliers, and the outlier cutoff (``TrainConfig.outlier_ratio``)
+    measured on it: what the input scale, the init and every batch of the run are based on."""
+    sample = collect_sample(batches, tc.init_sample_tokens)
+    cutoff = common.outlier_cutoff(sample, tc.outlier_ratio)
+    return sample[common.typical_rows(sample, cutoff)], cutoff
+
+
 def reset_adam_moments(opt_state: Any, mask: Any) -> Any:
     """Zero Adam's mu/nu where ``mask`` (a params-shaped bool tree) is True."""
     if isinstance(opt_state, optax.ScaleByAdamState):
@@ -440,10 +450,11 @@ def train(
         last_row = manifest.get("last_metrics", {})
         d = int(manifest["d"])
         scale = float(manifest["scale"])
+        cutoff = manifest.get("outlier_cutoff")
         trainer = Trainer(cfg, tc, d)
         ts = trainer.place(read_train_state(trainer, latest))
     else:
-        sample = collect_sample(batches, tc.init_sample_tokens)
+        sample, cutoff = init_sample(batches, tc)
         d = int(sample.shape[1])
         validate_config(cfg, d)
         scale = common.estimate_input_scale(sample, arch.input_scale_target(cfg), d)
@@ -480,6 +491,7 @@ def train(
             history[-1] if history else last_row,
             extra_meta,
             rng=[int(v) for v in np.asarray(trees["state"]["rng"])],
+            outlier_cutoff=cutoff,
             **mesh,
         )
         return write_checkpoint(run_dir, step, trees, meta, tc.keep_checkpoints, on_checkpoint)
@@ -495,7 +507,7 @@ def train(
     it = local_batches(start, rows) if rows is not None and local_batches is not None else batches(start)
     step = start
     while step < total:
-        batch = check_batch(next(it), tc, d, rows)
+        batch = common.replace_outliers(check_batch(next(it), tc, d, rows), cutoff)
         ts = trainer.step(ts, batch, scale)
         step += 1
         steps_since += 1
@@ -525,7 +537,17 @@ def train(
         host = sharding.to_host((final_params, final_state))
         final_params, final_state = jax.tree_util.tree_map(jnp.asarray, host)
     return finish_training(
-        cfg, tc, final_params, final_state, scale, d, history, last_row, run_dir, write=lead
+        cfg,
+        tc,
+        final_params,
+        final_state,
+        scale,
+        d,
+        history,
+        last_row,
+        run_dir,
+        write=lead,
+        outlier_cutoff=cutoff,
     )
 
 

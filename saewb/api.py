@@ -243,7 +243,9 @@ class Run:
     @property
     def train_config(self) -> TrainConfig:
         """The trainer's config, as trained (execution fields such as the mesh at their defaults)."""
-        return TrainConfig(**self.config.get("train", {}))
+        from sae.base import saved_config  # imports JAX: only when asked
+
+        return saved_config(TrainConfig, self.config.get("train", {}))
 
     @property
     def curves(self) -> pd.DataFrame:
@@ -419,7 +421,9 @@ class Fitted:
         from sae.api import SAE
 
         r = self.result
-        return SAE(r.config, r.params, r.arch_state, r.d, r.final_metrics, r.run_dir, r.history)
+        return SAE(
+            r.config, r.params, r.arch_state, r.d, r.final_metrics, r.run_dir, r.history, r.outlier_cutoff
+        )
 
     @property
     def params(self) -> Any:

@@ -259,10 +259,13 @@ def test_random_error_keeps_the_sae_error_size_in_a_new_direction(gpt2) -> None:
 
     _, ctx = gpt2
     act = torch.randn(2, 6, ctx.sae.d, generator=torch.Generator().manual_seed(0))
+    act *= 0.2 * ctx.sae.outlier_cutoff / ctx.sae.d**0.5  # typical tokens, far under the outlier cutoff
+    act[1, 2] *= 100.0  # an attention-sink-like outlier: passed through like an unmasked position
     mask = torch.zeros(2, 6, dtype=torch.bool)
-    mask[0, 1:4] = mask[1, 5] = True
+    mask[0, 1:4] = mask[1, 5] = mask[1, 2] = True
     out = random_error_hook_fn(ctx.sae, mask, seed=3)(act)
-    assert torch.equal(out[~mask], act[~mask])  # unmasked positions pass through
+    assert torch.equal(out[~mask], act[~mask]) and torch.equal(out[1, 2], act[1, 2])
+    mask[1, 2] = False
     x = act[mask].numpy()
     sae_err = decode_rows(ctx.sae, encode_rows(ctx.sae, x)) - x
     got_err = out[mask].numpy() - x

@@ -461,3 +461,92 @@ def test_gba_biases_start_at_the_group_target_frequencies() -> None:
     old = saved_config(GBAConfig, {"n_latents": 64, "n_groups": 4, "target_l0": 8.0, "ltf": 0.01})
     assert old.init_b == "zero" and "init_b" not in recorded_fields(old)
     assert recorded_fields(cfg)["init_b"] == "quantile"
+
+
+def with_sinks(batches: Any, every: int = 40, size: float = 300.0) -> Any:
+    """``batches`` with an attention-sink-like row (one fixed direction, ~100x the typical norm) at
+    every ``every``-th position: what mid-layer LM residual streams hold (docs/models.md)."""
+    sink = np.full(D, size / np.sqrt(D), np.float32)
+
+    def out(start: int):
+        for b in batches(start):
+            b = b.copy()
+            b[::every] = sink
+            yield b
+
+    return out
+
+
+def test_outlier_tokens_are_left_out_of_training(tmp_path: Path) -> None:
+    """With the default outlier_ratio the sinks neither set the input scale nor take the SAE's
+    capacity: typical tokens are reconstructed better than by the same run that keeps them."""
+    from sae.lifecycle import heldout_metrics
+
+    cfg = TopKConfig(n_latents=64, k=4)
+    data = with_sinks(sparse_batches())
+    tc = TrainConfig(train_tokens=128 * 100, batch_size=128, lr=3e-3, init_sample_tokens=1024, ckpt_every=50)
+    kept = train(cfg, dataclasses.replace(tc, outlier_ratio=None), data, progress=False)
+    left = train(cfg, tc, data, run_dir=tmp_path, progress=False)
+    clean_scale = train(
+        cfg, dataclasses.replace(tc, train_tokens=128), sparse_batches(), progress=False
+    ).scale
+    assert left.scale == pytest.approx(clean_scale, rel=0.05) and kept.scale < 0.5 * clean_scale
+    typical_norm = np.median(np.linalg.norm(next(sparse_batches()(0)), axis=1))
+    assert 5 * typical_norm < left.outlier_cutoff < 20 * typical_norm and kept.outlier_cutoff is None
+
+    x = next(sparse_batches()(50_000))  # held-out typical tokens
+
+    def fvu_of(m: Any) -> float:
+        return float(np.sum((x - m.decode(m.encode(x))) ** 2) / np.sum((x - x.mean(0)) ** 2))
+
+    model = sae.load(tmp_path)
+    assert fvu_of(model) < fvu_of(sae.SAE(cfg, kept.params, kept.arch_state, kept.d))
+    assert model.outlier_cutoff == pytest.approx(left.outlier_cutoff)  # it travels with the saved SAE
+    ckpt_dir = next((tmp_path / "checkpoints").glob("step_*"))
+    assert sae.load(ckpt_dir).outlier_cutoff == pytest.approx(left.outlier_cutoff)  # and each checkpoint
+
+    class Split:  # a held-out split of one batch
+        def __init__(self, rows: np.ndarray) -> None:
+            self.rows = rows
+
+        def epoch(self) -> Any:
+            yield self.rows
+
+    held = next(data(70_000))
+    typical = held[common.typical_rows(held, model.outlier_cutoff)]
+    got, want = heldout_metrics(model, Split(held)), heldout_metrics(model, Split(typical))
+    assert got["outlier_tokens"] == 4 and len(typical) == 124 and "outlier_tokens" not in want
+    assert got["fvu"] == pytest.approx(want["fvu"], rel=1e-6)  # the sinks are left out of the metrics
+
+
+def test_replace_outliers_keeps_the_batch_shape_and_refuses_a_batch_of_outliers() -> None:
+    x = np.ones((6, 4), np.float32)
+    x[2] *= 100.0
+    x[5] *= 50.0
+    cutoff = common.outlier_cutoff(x, 10.0)
+    assert cutoff == pytest.approx(20.0)
+    y = common.replace_outliers(x, cutoff)
+    assert y.shape == x.shape and np.array_equal(y[[0, 1, 3, 4]], x[[0, 1, 3, 4]])
+    np.testing.assert_array_equal(y[[2, 5]], x[[0, 1]])  # the batch's first typical rows, in order
+    assert common.replace_outliers(x, None) is x and common.outlier_cutoff(x, None) is None
+    with pytest.raises(ValueError, match="raise --outlier-ratio or set it to none"):
+        common.replace_outliers(x[[2, 5]], cutoff)
+
+
+def test_runs_saved_before_outlier_ratio_keep_every_token() -> None:
+    from sae.base import saved_config
+    from sae.cli import EXPLICIT_NONE, _flag_type
+    from sae.lifecycle import config_record
+    from sae.runs import may_resume
+
+    cfg = TopKConfig(n_latents=64, k=4)
+    old = config_record(cfg, TrainConfig(train_tokens=4096, batch_size=1024, outlier_ratio=None))
+    assert "outlier_ratio" not in old["train"]  # how runs saved before the field read
+    assert saved_config(TrainConfig, old["train"]).outlier_ratio is None
+    new = config_record(cfg, TrainConfig(train_tokens=4096, batch_size=1024))
+    assert new["train"]["outlier_ratio"] == 10.0
+    assert not may_resume(old, new, diverged=False)  # today's default would change its data
+    parse = _flag_type(float | None)[0]
+    assert parse("none") is EXPLICIT_NONE and parse("12") == 12.0  # `--outlier-ratio none`
+    with pytest.raises(ValueError, match="--outlier-ratio must be"):
+        TrainConfig(outlier_ratio=0.5).validate()
