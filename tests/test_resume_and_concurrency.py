@@ -314,6 +314,7 @@ def test_a_reader_gets_in_between_back_to_back_commits(tmp_path: Path) -> None:
     assert seen == sorted(seen)
     assert commits > 20 and seen[-1] - seen[0] > 10, (commits, seen)  # the writer was busy throughout
     # Beside the writer the reader keeps most of its pace (it waits about one commit per read).
-    # Measured: 0.8 of its pace; without the waiting room, 0.3.
+    # Measured: 0.8 of its pace on an idle machine, 0.60-0.64 with a test of the other xdist worker
+    # holding a core (three busy processes on two cores); starved, without the waiting room, 0.3.
     rate_alone, rate_beside = alone / 1.5, len(seen) / 4.0
-    assert rate_beside >= 0.65 * rate_alone, (rate_alone, rate_beside, seen)
+    assert rate_beside >= 0.5 * rate_alone, (rate_alone, rate_beside, seen)
