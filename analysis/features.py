@@ -240,6 +240,8 @@ def stream_stats(
     batches = ordered_batches(
         reader, n_committed, cfg.batch_size, cfg.chunk_tokens, cfg.max_tokens, READ_MEMORY_LIMIT
     )
+    from sae.common import typical_rows  # imports JAX: only when a pass runs
+
     cutoff = getattr(sae, "outlier_cutoff", None)
     for idx, x in batches:
         b = len(idx)
@@ -247,7 +249,7 @@ def stream_stats(
             x = np.concatenate([x, np.zeros((cfg.batch_size - b, x.shape[1]), np.float32)])
         f = sae.encode(x)[:b]
         if cutoff is not None:  # the attention sinks it was trained without fire nothing
-            f = np.where((np.linalg.norm(x[:b], axis=1) <= cutoff)[:, None], f, 0)
+            f = np.where(typical_rows(x[:b], cutoff)[:, None], f, 0)
         rows, cols, vals = sparse_code(f)
         del f
         n_tokens += b
