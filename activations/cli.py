@@ -7,6 +7,14 @@ import argparse
 from activations.harvest import HarvestConfig
 
 
+class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: ...)" unless the help already says what the default is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        return text if "(default" in text else super()._get_help_string(action)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "harvest",
@@ -17,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             "catalogue, the activations go to shard files in <workspace>.acts/ beside it (float16 by default). "
             "Interrupted harvests resume where they stopped when the same command is run again."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelp,
     )
     d = HarvestConfig()
     p.add_argument("--workspace", required=True, help="workspace file (created if missing), e.g. ws.duckdb")
@@ -104,7 +112,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             "`saewb train --workspace OUT_DIR` and the training stream read the directory (local or object "
             "storage) like a workspace."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelp,
     )
     e.add_argument("workspace", help="workspace file holding the harvest")
     e.add_argument("out_dir", help="output directory (created; must not already hold an export)")
@@ -119,7 +127,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             "as act__<harvest>__<hook> (tok_idx, x FLOAT[d]), read from the shard files on demand. "
             'Example: saewb sql ws.duckdb "SELECT count(*) FROM act__default__blocks_2_hook_out"'
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelp,
     )
     q.add_argument("workspace", help="workspace file")
     q.add_argument("query", help="one SQL statement (read-only)")

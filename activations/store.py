@@ -469,7 +469,7 @@ def token_rows(
 def window_tokens(
     ws: Workspace, harvest: str, where: str, params: Sequence[Any], max_seqs: int | None
 ) -> pa.Table:
-    """seq_id, seq_pos, token_id, is_special of every token of the first `max_seqs` windows (by
+    """seq_id, seq_pos, token_id, is_special, doc_id of every token of the first `max_seqs` windows (by
     seq_id; all with None) that hold a token satisfying `where` (an SQL condition on `tokens t`, with
     `params`), in (seq_id, seq_pos) order; no rows when none does."""
     with ws.read() as con:
@@ -481,7 +481,7 @@ def window_tokens(
             ).fetchall()
         ]
         return con.sql(
-            "SELECT seq_id, seq_pos, token_id, is_special FROM tokens WHERE harvest = ? AND seq_id IN "
+            "SELECT seq_id, seq_pos, token_id, is_special, doc_id FROM tokens WHERE harvest = ? AND seq_id IN "
             "(SELECT unnest(?::BIGINT[])) ORDER BY seq_id, seq_pos",
             params=[harvest, seqs],
         ).to_arrow_table()

@@ -69,6 +69,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="causal LMs: also splice an error of the SAE's size in a random direction (one more forward "
         "per run): delta_ce_rand and error_pathology = delta_ce / delta_ce_rand",
     )
+    p.add_argument(
+        "--documents",
+        type=int,
+        default=0,
+        metavar="N",
+        help="causal LMs: list the N held-out documents the splice costs most, with their share of the "
+        "excess loss (where ΔCE comes from)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar or lines")
     p.set_defaults(func=_eval)
@@ -138,6 +146,7 @@ def _eval(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         downstream=not args.no_downstream,
         random_error=args.random_error,
+        documents=args.documents,
         progress=args.progress,
     )
     if args.json:

@@ -61,6 +61,8 @@ class Windows:
     """int64 [n, ctx], 1 on real tokens."""
     special: np.ndarray
     """bool [n, ctx], True on special tokens (and padding)."""
+    doc_id: np.ndarray
+    """int64 [n], the document each window was cut from."""
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -71,7 +73,7 @@ class Windows:
         return ((self.attention[:, :-1] == 1) & (self.attention[:, 1:] == 1)).sum(1)
 
     def first(self, n: int) -> Windows:
-        return Windows(self.ids[:n], self.attention[:n], self.special[:n])
+        return Windows(self.ids[:n], self.attention[:n], self.special[:n], self.doc_id[:n])
 
     def covering(self, targets: int) -> Windows:
         """The fewest leading windows holding at least ``targets`` next-token targets (all if fewer)."""
@@ -102,7 +104,9 @@ def eval_windows(
     ids[row, pos] = table.column("token_id").to_numpy()
     attention[row, pos] = 1
     special[row, pos] = table.column("is_special").to_numpy(zero_copy_only=False)
-    return Windows(ids, attention, special)
+    doc_id = np.zeros(len(seqs), dtype=np.int64)
+    doc_id[row] = table.column("doc_id").to_numpy()  # a window never spans two documents
+    return Windows(ids, attention, special, doc_id)
 
 
 def window_batches(
@@ -248,6 +252,39 @@ def lm_summary(sums: LMWindowSums, name: str) -> dict[str, float]:
     return out
 
 
+def costliest_documents(sums: LMWindowSums, doc_id: np.ndarray, name: str, top: int) -> list[dict[str, Any]]:
+    """The ``top`` documents whose windows the splice of SAE ``name`` costs most: their targets, clean CE,
+    ΔCE and share of the excess NLL summed over all windows (shares of all documents sum to 1)."""
+    docs, inverse = np.unique(doc_id, return_inverse=True)
+    targets = np.bincount(inverse, weights=sums.targets, minlength=len(docs))
+    clean = np.bincount(inverse, weights=sums.nll_clean, minlength=len(docs))
+    excess = np.bincount(inverse, weights=sums.nll_sae[name] - sums.nll_clean, minlength=len(docs))
+    total = float(excess.sum())
+    out = []
+    for i in np.argsort(-excess, kind="stable")[:top]:
+        t = float(targets[i])
+        out.append(
+            {
+                "doc_id": int(docs[i]),
+                "targets": t,
+                "ce_clean": float(clean[i]) / t if t else float("nan"),
+                "delta_ce": float(excess[i]) / t if t else float("nan"),
+                "share": float(excess[i]) / total if total else float("nan"),
+            }
+        )
+    return out
+
+
+def document_sources(ws: Workspace, harvest: str, doc_ids: list[int]) -> dict[int, str]:
+    """doc_id → the document's source (file and line for `python-code`), where the harvest recorded one."""
+    with ws.read() as con:
+        rows = con.execute(
+            "SELECT doc_id, source FROM documents WHERE harvest = ? AND doc_id IN (SELECT unnest(?::BIGINT[]))",
+            [harvest, doc_ids],
+        ).fetchall()
+    return {int(d): str(src) for d, src in rows if src is not None}
+
+
 def paired_delta_ce(sums: LMWindowSums, name: str, reference: str) -> tuple[float, float]:
     """ΔCE(name) − ΔCE(reference) on the same targets, and the half-width of its 95% interval.
 
@@ -372,6 +409,7 @@ def evaluate_run(
     batch_size: int = 8,
     downstream: bool = True,
     random_error: bool = False,
+    documents: int = 0,
     store: bool = True,
     progress: bool = False,
 ) -> dict[str, Any]:
@@ -386,6 +424,7 @@ def evaluate_run(
         batch_size=batch_size,
         downstream=downstream,
         random_error=random_error,
+        documents=documents,
         store=store,
         progress=progress,
     )[0]
@@ -402,6 +441,7 @@ def evaluate_runs(
     batch_size: int = 8,
     downstream: bool = True,
     random_error: bool = False,
+    documents: int = 0,
     store: bool = True,
     progress: bool = False,
 ) -> list[dict[str, Any]]:
@@ -416,12 +456,16 @@ def evaluate_runs(
     that many next-token targets (all of them if the held-out documents hold fewer; ``lm_targets``
     says how many were used). ``random_error`` (causal LMs) adds one forward per SAE with an error of
     the SAE's size in a random direction: ``delta_ce_rand``, ``kl_rand`` and ``error_pathology`` =
-    ΔCE / ΔCE_rand (how much more the SAE's errors cost than errors of their size).
+    ΔCE / ΔCE_rand (how much more the SAE's errors cost than errors of their size). ``documents`` = N
+    (causal LMs) lists under ``documents`` the N held-out documents the splice costs most
+    (`costliest_documents`, with their sources): where ΔCE comes from.
     """
     if max_seqs < 2 or batch_size < 1:
         raise ValueError("--max-seqs must be at least 2 and --batch-size at least 1")
     if targets is not None and targets < 1:
         raise ValueError(f"--targets must be at least 1, got {targets}")
+    if documents < 0:
+        raise ValueError(f"--documents must be 0 or more, got {documents}")
     if not runs or len(set(runs)) != len(runs):
         raise ValueError(f"give one or more distinct run names, got {runs}")
     ws = existing_workspace(workspace)
@@ -455,6 +499,14 @@ def evaluate_runs(
                 if c is not first:
                     diff, half = paired_delta_ce(sums, c.name, first.name)
                     out.update(vs_run=first.name, delta_ce_diff=diff, delta_ce_diff_ci95=half)
+                if documents:
+                    out["documents"] = costliest_documents(sums, windows.doc_id, c.name, documents)
+            if documents:
+                ids = sorted({d["doc_id"] for out in outs for d in out["documents"]})
+                sources = document_sources(ws, first.harvest, ids)
+                for out in outs:
+                    for d in out["documents"]:
+                        d["source"] = sources.get(d["doc_id"], "")
         else:
             for c, out in zip(ctxs, outs, strict=True):
                 out["model_kind"] = "encoder"
@@ -524,14 +576,29 @@ METRIC_ORDER = (
 
 
 def format_table(metrics: dict[str, Any]) -> str:
-    """A two-column text table, reference-sheet metrics first."""
-    keys = [k for k in METRIC_ORDER if k in metrics] + [k for k in metrics if k not in METRIC_ORDER]
+    """A two-column text table, reference-sheet metrics first; then the costliest documents, if any."""
+    keys = [k for k in METRIC_ORDER if k in metrics] + [
+        k for k in metrics if k not in METRIC_ORDER and k != "documents"
+    ]
     width = max(len(k) for k in keys)
     lines = [f"{'metric':<{width}}  value", f"{'-' * width}  {'-' * 12}"]
     for k in keys:
         v = metrics[k]
         text = f"{v:.6g}" if isinstance(v, float) else str(v)
         lines.append(f"{k:<{width}}  {text}")
+    if metrics.get("documents"):
+        lines += ["", format_documents(metrics["documents"])]
+    return "\n".join(lines)
+
+
+def format_documents(documents: list[dict[str, Any]]) -> str:
+    """The costliest documents (`costliest_documents`), one line each."""
+    lines = [f"{'share':>6}  {'ΔCE':>7}  {'CE clean':>8}  {'targets':>8}  document"]
+    for d in documents:
+        lines.append(
+            f"{d['share']:>6.1%}  {d['delta_ce']:>7.4f}  {d['ce_clean']:>8.4f}  {int(d['targets']):>8,}  "
+            f"{d.get('source') or d['doc_id']}"
+        )
     return "\n".join(lines)
 
 
@@ -571,4 +638,7 @@ def format_comparison(outs: list[dict[str, Any]]) -> str:
     targets = outs[0].get("lm_targets")
     if targets is not None:
         lines.append(f"(CE over the same {int(targets):,} held-out next-token targets for every run)")
+    for o in outs:
+        if o.get("documents"):
+            lines += ["", f"costliest documents for {o['run']}:", format_documents(o["documents"])]
     return "\n".join(lines)

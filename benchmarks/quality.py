@@ -101,23 +101,32 @@ def token_order(n: int, total: int, seed: int) -> np.ndarray:
     return np.concatenate(parts)[:total].astype(np.int64)
 
 
-def fvu_l0_dead(encode: Any, decode: Any, ev: np.ndarray, chunk: int = 4096) -> dict[str, float]:
-    """Held-out FVU (μ = held-out mean), L0 and never-fired fraction; sums in float64."""
+def fvu_l0_dead(
+    encode: Any, decode: Any, ev: np.ndarray, chunk: int = 4096, cutoff: float | None = None
+) -> dict[str, float]:
+    """Held-out FVU (μ = held-out mean), L0 and never-fired fraction; sums in float64. Tokens above
+    ``cutoff`` (the SAE's outlier cutoff) are left out, as `saewb eval` leaves them out."""
+    from sae.common import typical_rows
+
+    keep = typical_rows(np.asarray(ev), cutoff)
     err = 0.0
     l0 = 0.0
     fired: np.ndarray | None = None
     for s in range(0, len(ev), chunk):
-        x = np.asarray(ev[s : s + chunk], np.float32)
+        x = np.asarray(ev[s : s + chunk], np.float32)[keep[s : s + chunk]]
+        if not len(x):
+            continue
         f = np.asarray(encode(x))
         x_hat = np.asarray(decode(f))
         err += float(np.sum((x.astype(np.float64) - x_hat.astype(np.float64)) ** 2))
         nz = f != 0
         l0 += float(nz.sum())
         fired = nz.any(0) if fired is None else fired | nz.any(0)
-    evd = np.asarray(ev, np.float64)
+    evd = np.asarray(ev, np.float64)[keep]
     var = float(np.sum((evd - evd.mean(0)) ** 2))
     assert fired is not None
-    return {"fvu": err / var, "l0": l0 / len(ev), "dead_eval": float(np.mean(~fired))}
+    out = {"fvu": err / var, "l0": l0 / len(evd), "dead_eval": float(np.mean(~fired))}
+    return {**out, "outlier_tokens": float((~keep).sum())} if cutoff is not None else out
 
 
 def ordered_batches(
@@ -167,7 +176,7 @@ def train_ours(
     arch = arch_module(cfg.arch)
     enc = jax.jit(lambda x: arch.encode(cfg, res.params, res.arch_state, x))
     dec = jax.jit(lambda f: arch.decode(cfg, res.params, f))
-    out = fvu_l0_dead(enc, dec, ev)
+    out = fvu_l0_dead(enc, dec, ev, cutoff=res.outlier_cutoff)
     if save is not None:  # the SAELens form, so `saewb eval` can splice it like the peer's
         from sae.api import SAE
         from sae.interop import export_saelens

@@ -607,9 +607,18 @@ class Evaluation:
 
         keys = [k for k in METRIC_ORDER if k in self.metrics]
         keys += [
-            k for k in self.metrics if k not in keys and k not in ("run", "hook", "harvest", "model_kind")
+            k
+            for k in self.metrics
+            if k not in keys and k not in ("run", "hook", "harvest", "model_kind", "documents")
         ]
         return _frame({"metric": keys, "value": [self.metrics[k] for k in keys]})
+
+    @property
+    def documents(self) -> pd.DataFrame:
+        """The held-out documents the splice costs most (``evaluate(documents=N)``): source, targets,
+        clean CE, ΔCE and share of the excess loss; empty when not asked for."""
+        cols = ["doc_id", "source", "targets", "ce_clean", "delta_ce", "share"]
+        return _frame({c: [d.get(c) for d in self.metrics.get("documents", [])] for c in cols})
 
     def __getitem__(self, key: str) -> Any:
         return self.metrics[key]
@@ -620,9 +629,10 @@ class Evaluation:
         return f"Evaluation of run {self.run!r}\n{format_table(self.metrics)}"
 
     def _repr_html_(self) -> str:
-        return f"<div><b>evaluation of run {html.escape(self.run)}</b></div>" + self.frame.to_html(
-            index=False
-        )
+        out = f"<div><b>evaluation of run {html.escape(self.run)}</b></div>" + self.frame.to_html(index=False)
+        if self.metrics.get("documents"):
+            out += "<div><b>costliest held-out documents</b></div>" + self.documents.to_html(index=False)
+        return out
 
 
 def evaluate(
@@ -634,6 +644,7 @@ def evaluate(
     batch_size: int = 8,
     downstream: bool = True,
     random_error: bool = False,
+    documents: int = 0,
     model: Any = None,
     model_name: str | None = None,
     progress: bool = True,
@@ -645,7 +656,8 @@ def evaluate(
     run through it, ``batch_size`` at a time, or with ``targets`` as many as hold that many next-token
     targets (CE/KL on ≥ 100k targets tells two SAEs apart; 64 windows rarely do). ``random_error``:
     also the ΔCE of an error of the SAE's size in a random direction, and ``error_pathology`` = ΔCE /
-    that (how much more the SAE's errors cost than their size explains).
+    that (how much more the SAE's errors cost than their size explains). ``documents`` = N: the N
+    held-out documents the splice costs most, as ``Evaluation.documents``.
     """
     from analysis.evaluate import evaluate_run
 
@@ -660,6 +672,7 @@ def evaluate(
             batch_size=batch_size,
             downstream=downstream,
             random_error=random_error,
+            documents=documents,
             progress=progress,
         )
     return Evaluation(run, out)

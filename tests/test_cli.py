@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from conftest import run_saewb
@@ -31,6 +32,9 @@ def test_harvest_help_documents_every_option() -> None:
         "--device",
     ):
         assert flag in out
+    flat = " ".join(out.split())
+    assert "(default: blocks.2.hook_out)" in flat
+    assert not re.search(r"\(default: [^)]*\) \(default:", flat), "an option states its default twice"
 
 
 def test_harvest_cli_end_to_end_and_rerun_is_a_no_op(tmp_path: Path) -> None:

@@ -295,6 +295,39 @@ def test_random_error_baseline_on_the_trained_tiny_lm(
     assert rc == 0 and "error_pathology" in json.loads(capsys.readouterr().out)
 
 
+def test_costliest_documents_add_up_to_the_whole_delta_ce(
+    tiny_lm_ws: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`saewb eval --documents N`: per-document targets, clean CE and ΔCE that sum back to the run's
+    totals, the costliest first, each named by its source; the top N is a prefix of the full list."""
+    from analysis.evaluate import evaluate_run
+    from saewb.cli import main
+
+    model = support.model("tiny-lm")
+    full = evaluate_run(tiny_lm_ws, "lm", model=model, max_seqs=12, documents=10_000, store=False)
+    docs = full["documents"]
+    assert 1 < len(docs) <= full["lm_windows"]
+    assert sum(d["targets"] for d in docs) == full["lm_targets"]
+    assert sum(d["share"] for d in docs) == pytest.approx(1.0)
+    for key in ("delta_ce", "ce_clean"):
+        assert sum(d[key] * d["targets"] for d in docs) / full["lm_targets"] == pytest.approx(full[key])
+    excess = [d["delta_ce"] * d["targets"] for d in docs]
+    assert excess == sorted(excess, reverse=True) and len({d["doc_id"] for d in docs}) == len(docs)
+    assert all(d["source"] for d in docs)
+    top = evaluate_run(tiny_lm_ws, "lm", model=model, max_seqs=12, documents=2, store=False)
+    assert top["documents"] == docs[:2] and top["delta_ce"] == full["delta_ce"]
+    assert "documents" not in evaluate_run(tiny_lm_ws, "lm", model=model, max_seqs=12, store=False)
+    path = _copied_workspace(Workspace(tiny_lm_ws), tmp_path)
+    rc = main(["eval", "lm", "--workspace", str(path), "--max-seqs", "12", "--documents", "2"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "share" in out and docs[0]["source"] in out
+    evaluation = saewb.evaluate(path, "lm", model=model, max_seqs=12, documents=2, progress=False)
+    assert evaluation.documents["source"].tolist() == [d["source"] for d in docs[:2]]
+    assert "documents" not in evaluation.frame["metric"].tolist()
+    assert main(["eval", "lm", "--workspace", str(path), "--documents", "-1"]) == 1
+    assert "--documents must be 0 or more" in capsys.readouterr().err
+
+
 def _copied_workspace(ws: Workspace, dest: Path) -> Path:
     import shutil
 
