@@ -277,6 +277,8 @@ def costliest_documents(sums: LMWindowSums, doc_id: np.ndarray, name: str, top: 
 
 def document_sources(ws: Workspace, harvest: str, doc_ids: list[int]) -> dict[int, str]:
     """doc_id → the document's source (file and line for `python-code`), where the harvest recorded one."""
+    if not ws.table_exists("documents"):
+        return {}
     with ws.read() as con:
         rows = con.execute(
             "SELECT doc_id, source FROM documents WHERE harvest = ? AND doc_id IN (SELECT unnest(?::BIGINT[]))",

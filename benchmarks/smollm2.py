@@ -130,7 +130,15 @@ def stage_eval(ws: Path, model: Any, a: argparse.Namespace) -> dict[str, Any]:
     from analysis.evaluate import evaluate_run
 
     t0 = time.perf_counter()
-    metrics = evaluate_run(ws, a.name, model=model, targets=a.eval_targets, batch_size=8)
+    metrics = evaluate_run(
+        ws,
+        a.name,
+        model=model,
+        targets=a.eval_targets,
+        batch_size=8,
+        documents=a.documents,
+        random_error=a.random_error,
+    )
     metrics["wall_s"] = time.perf_counter() - t0
     return metrics
 
@@ -169,6 +177,14 @@ def main() -> None:
     p.add_argument("--train-tokens", type=int, default=20_000_000)
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--eval-targets", type=int, default=100_000, help="held-out next-token targets for CE/KL")
+    p.add_argument(
+        "--documents", type=int, default=10, help="list the held-out documents the splice costs most"
+    )
+    p.add_argument(
+        "--random-error",
+        action="store_true",
+        help="also ΔCE of random errors of the SAE's size (one forward)",
+    )
     p.add_argument("--name", default="smollm2-topk")
     p.add_argument(
         "--tiny",
@@ -233,9 +249,11 @@ def main() -> None:
         f"{train['wall_s']:.1f} | {_rate(a.train_tokens, train['wall_s'])} |"
     )
     targets = int(ev["lm_targets"])
+    forwards = 4 if a.random_error else 3
     print(
-        f"| eval: reconstruction on {int(ev['eval_tokens']):,} held-out tokens + 3 full forwards over "
-        f"{int(ev['lm_windows'])} windows | {targets:,} | {ev['wall_s']:.1f} | {_rate(3 * targets, ev['wall_s'])} "
+        f"| eval: reconstruction on {int(ev['eval_tokens']):,} held-out tokens + {forwards} full forwards over "
+        f"{int(ev['lm_windows'])} windows | {targets:,} | {ev['wall_s']:.1f} | "
+        f"{_rate(forwards * targets, ev['wall_s'])} "
         "(forward tokens) |"
     )
 
@@ -252,7 +270,11 @@ def main() -> None:
         ("delta_ce", "ΔCE (nats)"),
         ("kl_sae", "KL(clean ‖ spliced)"),
         ("kl_score", "KL score"),
+        ("delta_ce_rand", "ΔCE of random errors of the SAE's size"),
+        ("error_pathology", "ΔCE / random ΔCE"),
     ):
+        if key not in ev:
+            continue
         goal = ""
         if key in TARGETS:
             op, bound = TARGETS[key]
@@ -262,6 +284,11 @@ def main() -> None:
     print(f"| next-token targets for CE/KL | {targets:,} | >= {a.eval_targets:,} |")
     if targets < a.eval_targets:
         print(f"\nonly {targets:,} held-out targets: harvest more tokens (about 20x the targets wanted)")
+    if ev.get("documents"):
+        from analysis.evaluate import format_documents
+
+        print(f"\nthe {len(ev['documents'])} held-out documents the splice costs most:\n")
+        print(format_documents(ev["documents"]))
     if a.json:
         a.json.write_text(
             json.dumps(
