@@ -112,6 +112,11 @@ def main() -> None:
     p.add_argument("--only-default", action="store_true", help="train only the default-lr run of each cell")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--dead-over-train",
+        action="store_true",
+        help="also count latents the final SAE never fires on over the whole train split (dead_train_split)",
+    )
+    p.add_argument(
         "--patch", nargs="*", default=[], help="module.CONST=value, e.g. sae.topk.RESAMPLE_ENC_GAIN=1"
     )
     p.add_argument("--out", type=Path, default=Path("/tmp/lr_grid.jsonl"))
@@ -208,7 +213,17 @@ def run_one(
         return done[kk]
     t0 = time.perf_counter()
     train_kw = {k: v for k, v in extra.items() if k in train_fields()}
-    res = train_ours(cfg, data.train, data.order, data.ev, data.batch, a.seed, lr, **train_kw)
+    res = train_ours(
+        cfg,
+        data.train,
+        data.order,
+        data.ev,
+        data.batch,
+        a.seed,
+        lr,
+        dead_over_train=a.dead_over_train,
+        **train_kw,
+    )
     row.update(res, d=data.d, steps=data.steps, wall_s=time.perf_counter() - t0)
     done[kk] = row
     with a.out.open("a") as f:
