@@ -59,7 +59,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--targets",
         type=int,
         metavar="N",
-        help="instead of --max-seqs: as many held-out windows as hold N next-token targets (CE/KL)",
+        help="instead of --max-seqs: as few held-out windows as hold N next-token targets (CE/KL), spread "
+        "evenly over the held-out split",
     )
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     p.add_argument("--no-downstream", action="store_true", help="reconstruction metrics only (no model run)")

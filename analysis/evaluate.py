@@ -72,13 +72,29 @@ class Windows:
         """int64 [n] next-token targets per window (t+1 predicted at t, both real tokens)."""
         return ((self.attention[:, :-1] == 1) & (self.attention[:, 1:] == 1)).sum(1)
 
+    def take(self, rows: np.ndarray | slice) -> Windows:
+        return Windows(self.ids[rows], self.attention[rows], self.special[rows], self.doc_id[rows])
+
     def first(self, n: int) -> Windows:
-        return Windows(self.ids[:n], self.attention[:n], self.special[:n], self.doc_id[:n])
+        return self.take(slice(0, n))
 
     def covering(self, targets: int) -> Windows:
-        """The fewest leading windows holding at least ``targets`` next-token targets (all if fewer)."""
-        reached = np.cumsum(self.targets) >= targets
-        return self.first(int(np.argmax(reached)) + 1 if reached.any() else len(self))
+        """As few windows as hold at least ``targets`` next-token targets, evenly spaced over all of them
+        (all if they hold fewer). Spread rather than leading: a document's windows are stored together,
+        so the leading windows come from a handful of documents, one long file can hold a sixth of the
+        targets, and the estimate's noise is that of a few documents rather than of the split."""
+        t = self.targets
+        if t.sum() <= targets:
+            return self
+
+        def spaced(k: int) -> np.ndarray:
+            return np.unique(np.linspace(0, len(self) - 1, k).round().astype(np.int64))
+
+        lo, hi = 1, len(self)  # all windows hold enough; bisect on the count (near-monotone in k)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if t[spaced(mid)].sum() >= targets else (mid + 1, hi)
+        return self.take(spaced(lo))
 
     @property
     def splice_mask(self) -> np.ndarray:
@@ -454,9 +470,9 @@ def evaluate_runs(
     95% interval over windows (``delta_ce_diff_ci95``): the paired comparison two SAEs need, far
     tighter than the difference of two separately noisy ΔCEs.
 
-    The model re-runs the first ``max_seqs`` held-out windows, or with ``targets`` as many as hold
-    that many next-token targets (all of them if the held-out documents hold fewer; ``lm_targets``
-    says how many were used). ``random_error`` (causal LMs) adds one forward per SAE with an error of
+    The model re-runs the first ``max_seqs`` held-out windows, or with ``targets`` as few windows as
+    hold that many next-token targets, spread evenly over the held-out split (`Windows.covering`; all of
+    them if the held-out documents hold fewer; ``lm_targets`` says how many were used). ``random_error`` (causal LMs) adds one forward per SAE with an error of
     the SAE's size in a random direction: ``delta_ce_rand``, ``kl_rand`` and ``error_pathology`` =
     ΔCE / ΔCE_rand (how much more the SAE's errors cost than errors of their size). ``documents`` = N
     (causal LMs) lists under ``documents`` the N held-out documents the splice costs most

@@ -653,8 +653,9 @@ def evaluate(
 
     ``downstream=False``: reconstruction metrics only (no model run). ``model``: a TransformerBridge
     already loaded (else the harvest's model, or ``model_name``); ``max_seqs`` held-out windows are
-    run through it, ``batch_size`` at a time, or with ``targets`` as many as hold that many next-token
-    targets (CE/KL on ≥ 100k targets tells two SAEs apart; 64 windows rarely do). ``random_error``:
+    run through it, ``batch_size`` at a time, or with ``targets`` as few windows as hold that many
+    next-token targets, spread over the whole held-out split (CE/KL on ≥ 100k targets tells two SAEs
+    apart; 64 windows rarely do). ``random_error``:
     also the ΔCE of an error of the SAE's size in a random direction, and ``error_pathology`` = ΔCE /
     that (how much more the SAE's errors cost than their size explains). ``documents`` = N: the N
     held-out documents the splice costs most, as ``Evaluation.documents``.

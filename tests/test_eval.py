@@ -184,17 +184,27 @@ def test_eval_cli_prints_table_and_stores_row(
     json.dumps(stored)
 
 
-def test_targets_take_the_fewest_windows_that_hold_them(gpt2, capsys: pytest.CaptureFixture[str]) -> None:
-    """`--targets N` instead of `--max-seqs`: windows are added until they hold N next-token targets."""
+def test_targets_take_few_windows_spread_over_the_split(gpt2, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--targets N` instead of `--max-seqs`: as few windows as hold N next-token targets, evenly spaced
+    from the first held-out window to the last (the leading ones would come from the fewest documents)."""
     from analysis.evaluate import evaluate_run
     from saewb.cli import main
 
     model, ctx = gpt2
-    per_window = eval_windows(ctx.ws, ctx.harvest, pad_id_of(model), max_seqs=None).targets
-    assert len(per_window) >= 3 and (per_window > 0).all()
+    every = eval_windows(ctx.ws, ctx.harvest, pad_id_of(model), max_seqs=None)
+    per_window = every.targets
+    assert len(per_window) >= 6 and (per_window > 0).all()
     want = int(per_window[:2].sum()) + 1  # one more than two windows hold
+    chosen = every.covering(want)
+    assert chosen.targets.sum() >= want and 3 <= len(chosen) < len(every)
+    rows = [int(np.flatnonzero((every.ids == row).all(1))[0]) for row in chosen.ids]
+    assert rows[0] == 0 and rows[-1] == len(every) - 1 and rows == sorted(set(rows))
+    gaps = np.diff(rows)
+    assert gaps.max() - gaps.min() <= 1  # evenly spaced
+    assert len(chosen) <= int(np.ceil(want / per_window.min()))  # no more than any k windows need
+    assert len(set(chosen.doc_id)) >= len(set(every.first(len(chosen)).doc_id))
     got = evaluate_run(ctx.ws, "t", model=model, targets=want, store=False)
-    assert got["lm_windows"] == 3 and got["lm_targets"] == per_window[:3].sum()
+    assert got["lm_windows"] == len(chosen) and got["lm_targets"] == chosen.targets.sum()
     everything = evaluate_run(ctx.ws, "t", model=model, targets=10**9, store=False)  # more than there are
     assert everything["lm_windows"] == len(per_window) and everything["lm_targets"] == per_window.sum()
     assert main(["eval", "t", "--workspace", str(ctx.ws.path), "--targets", "0"]) == 1
