@@ -487,6 +487,18 @@ def window_tokens(
         ).to_arrow_table()
 
 
+def document_sources(ws: Workspace, harvest: str, doc_ids: list[int]) -> dict[int, str]:
+    """doc_id → the document's source (file and line for `python-code`), where the harvest recorded one."""
+    if not ws.table_exists("documents"):
+        return {}
+    with ws.read() as con:
+        rows = con.execute(
+            "SELECT doc_id, source FROM documents WHERE harvest = ? AND doc_id IN (SELECT unnest(?::BIGINT[]))",
+            [harvest, doc_ids],
+        ).fetchall()
+    return {int(d): str(src) for d, src in rows if src is not None}
+
+
 WORD_MARKERS = ("Ġ", "▁", "##")
 """Tokenizers' word-start markers (GPT-2/Llama BPE, SentencePiece, WordPiece)."""
 

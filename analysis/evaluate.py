@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from activations.store import HarvestError, window_tokens
+from activations.store import HarvestError, document_sources, window_tokens
 from activations.stream import EVAL_FRACTION, ActivationStream, doc_split_sql, split_threshold
 from analysis.runs import RunContext, load_run, load_run_model
 from analysis.splice import hooked, random_error_hook_fn, sae_hook_fn, zero_ablate_hook_fn
@@ -291,18 +291,6 @@ def costliest_documents(sums: LMWindowSums, doc_id: np.ndarray, name: str, top: 
     return out
 
 
-def document_sources(ws: Workspace, harvest: str, doc_ids: list[int]) -> dict[int, str]:
-    """doc_id → the document's source (file and line for `python-code`), where the harvest recorded one."""
-    if not ws.table_exists("documents"):
-        return {}
-    with ws.read() as con:
-        rows = con.execute(
-            "SELECT doc_id, source FROM documents WHERE harvest = ? AND doc_id IN (SELECT unnest(?::BIGINT[]))",
-            [harvest, doc_ids],
-        ).fetchall()
-    return {int(d): str(src) for d, src in rows if src is not None}
-
-
 def paired_delta_ce(sums: LMWindowSums, name: str, reference: str) -> tuple[float, float]:
     """ΔCE(name) − ΔCE(reference) on the same targets, and the half-width of its 95% interval.
 
@@ -471,10 +459,10 @@ def evaluate_runs(
     tighter than the difference of two separately noisy ΔCEs.
 
     The model re-runs the first ``max_seqs`` held-out windows, or with ``targets`` as few windows as
-    hold that many next-token targets, spread evenly over the held-out split (`Windows.covering`; all of
-    them if the held-out documents hold fewer; ``lm_targets`` says how many were used). ``random_error`` (causal LMs) adds one forward per SAE with an error of
-    the SAE's size in a random direction: ``delta_ce_rand``, ``kl_rand`` and ``error_pathology`` =
-    ΔCE / ΔCE_rand (how much more the SAE's errors cost than errors of their size). ``documents`` = N
+    hold that many next-token targets, spread evenly over the held-out split (`Windows.covering`; all
+    of them if the held-out documents hold fewer; ``lm_targets`` says how many were used).
+    ``random_error`` (causal LMs) adds one forward per SAE with an error of the SAE's size in a random
+    direction: ``delta_ce_rand``, ``kl_rand`` and ``error_pathology`` = ΔCE / ΔCE_rand (how much more the SAE's errors cost than errors of their size). ``documents`` = N
     (causal LMs) lists under ``documents`` the N held-out documents the splice costs most
     (`costliest_documents`, with their sources): where ΔCE comes from.
     """
