@@ -213,7 +213,8 @@ def test_stream_over_shards_yields_the_unsharded_tokens(harvests: dict[str, Path
         k_full, x_full = _keyed([harvests["full"]], idx_full, x_full)
         k_set, x_set = _keyed(shards, idx_set, x_set)
         np.testing.assert_array_equal(k_set, k_full)  # the same tokens, the same split by document
-        np.testing.assert_allclose(x_set, x_full, rtol=1e-5, atol=1e-5)
+        # one float16 step apart at most, as in the test above (other batch neighbours)
+        np.testing.assert_allclose(x_set, x_full, rtol=1e-3, atol=1e-5)
     # one index space: the shards' tokens follow each other, and the order is seeded and seekable
     s = ActivationStream(shards, HOOK, batch_size=64, seed=1, chunk_tokens=256, buffer_tokens=512)
     assert s.n_committed == sum(harvest_info(p).n_tokens for p in shards)
