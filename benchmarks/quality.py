@@ -33,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -129,20 +129,26 @@ def fvu_l0_dead(
     return {**out, "outlier_tokens": float((~keep).sum())} if cutoff is not None else out
 
 
-def never_fired(encode: Any, x: np.ndarray, chunk: int = 4096, cutoff: float | None = None) -> float:
-    """Fraction of latents that fire on none of the rows of ``x`` (above ``cutoff`` left out): "dead" over a
-    whole split, where the trainer's window (the last 5% of a short run) cannot tell rare from dead."""
+def never_fired(encode: Any, chunks: Iterable[np.ndarray], cutoff: float | None = None) -> float:
+    """Fraction of latents that fire on none of the rows of ``chunks`` (above ``cutoff`` left out): "dead"
+    over a whole split, where the trainer's window (the last 5% of a short run) and a held-out split of a
+    few hundred thousand tokens cannot tell rare from dead."""
     from sae.common import typical_rows
 
     fired: np.ndarray | None = None
-    for s in range(0, len(x), chunk):
-        part = np.asarray(x[s : s + chunk], np.float32)
+    for part in chunks:
+        part = np.asarray(part, np.float32)
         part = part[typical_rows(part, cutoff)]
         if len(part):
             nz = (np.asarray(encode(part)) != 0).any(0)
             fired = nz if fired is None else fired | nz
     assert fired is not None
     return float(np.mean(~fired))
+
+
+def row_chunks(x: np.ndarray, chunk: int = 4096) -> Iterator[np.ndarray]:
+    for s in range(0, len(x), chunk):
+        yield x[s : s + chunk]
 
 
 def ordered_batches(
@@ -195,7 +201,7 @@ def train_ours(
     dec = jax.jit(lambda f: arch.decode(cfg, res.params, f))
     out = fvu_l0_dead(enc, dec, ev, cutoff=res.outlier_cutoff)
     if dead_over_train:  # the final SAE over every training token
-        out["dead_train_split"] = never_fired(enc, train, cutoff=res.outlier_cutoff)
+        out["dead_train_split"] = never_fired(enc, row_chunks(train), cutoff=res.outlier_cutoff)
     if save is not None:  # the SAELens form, so `saewb eval` can splice it like the peer's
         from sae.api import SAE
         from sae.interop import export_saelens
