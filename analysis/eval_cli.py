@@ -78,6 +78,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="causal LMs: list the N held-out documents the splice costs most, with their share of the "
         "excess loss (where ΔCE comes from)",
     )
+    p.add_argument(
+        "--dead-over-train",
+        action="store_true",
+        help="also count the latents that fire on no token of the whole train split (dead_train_split): "
+        "a held-out split is too short to tell a rare latent from a dead one; one more pass, over the "
+        "train split",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar or lines")
     p.set_defaults(func=_eval)
@@ -148,6 +155,7 @@ def _eval(args: argparse.Namespace) -> int:
         downstream=not args.no_downstream,
         random_error=args.random_error,
         documents=args.documents,
+        dead_over_train=args.dead_over_train,
         progress=args.progress,
     )
     if args.json:

@@ -389,19 +389,35 @@ def encoder_metrics(
 
 
 def reconstruction_metrics(
-    ctx: RunContext, batch_size: int = 4096, max_tokens: int | None = None, progress: bool = False
+    ctx: RunContext,
+    batch_size: int = 4096,
+    max_tokens: int | None = None,
+    progress: bool = False,
+    dead_over_train: bool = False,
 ) -> dict[str, float]:
     """Streaming reconstruction metrics over the stored held-out activations of the run's hook
-    (``sae.lifecycle.heldout_metrics``, as at the end of a training run)."""
-    from sae.lifecycle import heldout_metrics
+    (``sae.lifecycle.heldout_metrics``, as at the end of a training run). ``dead_over_train``: also
+    ``dead_train_split``, the fraction of latents that fire on no token of the whole train split
+    (``sae.lifecycle.split_dead_fraction``), and ``train_split_tokens``."""
+    from sae.lifecycle import heldout_metrics, split_dead_fraction
 
     data = list(ctx.sources) if ctx.sources else ctx.ws
-    stream = ActivationStream(data, ctx.hook, harvest=ctx.harvest, batch_size=batch_size, split="eval")
+
+    def stream(split: str) -> ActivationStream:
+        return ActivationStream(data, ctx.hook, harvest=ctx.harvest, batch_size=batch_size, split=split)  # type: ignore[arg-type]
+
     bar = progress_bar(f"eval {ctx.name}: reconstruction", unit="tok", unit_scale=True, enabled=progress)
     try:
-        return heldout_metrics(ctx.sae, stream, max_tokens, on_batch=bar.update)
+        out = heldout_metrics(ctx.sae, stream("eval"), max_tokens, on_batch=bar.update)
     finally:
         bar.close()
+    if dead_over_train:
+        bar = progress_bar(f"eval {ctx.name}: dead over train", unit="tok", unit_scale=True, enabled=progress)
+        try:
+            out.update(split_dead_fraction(ctx.sae, stream("train"), on_batch=bar.update))
+        finally:
+            bar.close()
+    return out
 
 
 def evaluate_run(
@@ -416,6 +432,7 @@ def evaluate_run(
     downstream: bool = True,
     random_error: bool = False,
     documents: int = 0,
+    dead_over_train: bool = False,
     store: bool = True,
     progress: bool = False,
 ) -> dict[str, Any]:
@@ -431,6 +448,7 @@ def evaluate_run(
         downstream=downstream,
         random_error=random_error,
         documents=documents,
+        dead_over_train=dead_over_train,
         store=store,
         progress=progress,
     )[0]
@@ -448,6 +466,7 @@ def evaluate_runs(
     downstream: bool = True,
     random_error: bool = False,
     documents: int = 0,
+    dead_over_train: bool = False,
     store: bool = True,
     progress: bool = False,
 ) -> list[dict[str, Any]]:
@@ -464,7 +483,9 @@ def evaluate_runs(
     ``random_error`` (causal LMs) adds one forward per SAE with an error of the SAE's size in a random
     direction: ``delta_ce_rand``, ``kl_rand`` and ``error_pathology`` = ΔCE / ΔCE_rand (how much more the SAE's errors cost than errors of their size). ``documents`` = N
     (causal LMs) lists under ``documents`` the N held-out documents the splice costs most
-    (`costliest_documents`, with their sources): where ΔCE comes from.
+    (`costliest_documents`, with their sources): where ΔCE comes from. ``dead_over_train`` adds
+    ``dead_train_split``: latents that never fire over the whole train split (a held-out split is too
+    short to tell a rare latent from a dead one).
     """
     if max_seqs < 2 or batch_size < 1:
         raise ValueError("--max-seqs must be at least 2 and --batch-size at least 1")
@@ -486,7 +507,7 @@ def evaluate_runs(
     outs: list[dict[str, Any]] = []
     for c in ctxs:
         out: dict[str, Any] = {"run": c.name, "hook": c.hook, "harvest": c.harvest}
-        out.update(reconstruction_metrics(c, progress=progress))
+        out.update(reconstruction_metrics(c, progress=progress, dead_over_train=dead_over_train))
         outs.append(out)
     if downstream:
         if model is None:
@@ -554,6 +575,7 @@ METRIC_ORDER = (
     "legacy_ev",
     "l0",
     "dead_frac",
+    "dead_train_split",
     "dense_frac",
     "cosine",
     "l2_ratio",
@@ -612,6 +634,7 @@ COMPARE_COLUMNS = (
     "fvu",
     "l0",
     "dead_frac",
+    "dead_train_split",
     "ce_score",
     "delta_ce",
     "kl_score",

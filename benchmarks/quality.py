@@ -130,20 +130,13 @@ def fvu_l0_dead(
 
 
 def never_fired(encode: Any, chunks: Iterable[np.ndarray], cutoff: float | None = None) -> float:
-    """Fraction of latents that fire on none of the rows of ``chunks`` (above ``cutoff`` left out): "dead"
-    over a whole split, where the trainer's window (the last 5% of a short run) and a held-out split of a
-    few hundred thousand tokens cannot tell rare from dead."""
+    """``sae.metrics.never_fired`` over ``chunks`` with the rows above ``cutoff`` left out, as the SAE's
+    own evaluation leaves them out."""
     from sae.common import typical_rows
+    from sae.metrics import never_fired as never_fired_rows
 
-    fired: np.ndarray | None = None
-    for part in chunks:
-        part = np.asarray(part, np.float32)
-        part = part[typical_rows(part, cutoff)]
-        if len(part):
-            nz = (np.asarray(encode(part)) != 0).any(0)
-            fired = nz if fired is None else fired | nz
-    assert fired is not None
-    return float(np.mean(~fired))
+    rows = (part[typical_rows(part, cutoff)] for part in (np.asarray(c, np.float32) for c in chunks))
+    return never_fired_rows(encode, rows)[0]
 
 
 def row_chunks(x: np.ndarray, chunk: int = 4096) -> Iterator[np.ndarray]:

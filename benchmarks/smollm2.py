@@ -39,7 +39,6 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 from harvest import bare_forward_s  # noqa: E402  (benchmarks/harvest.py)
-from quality import never_fired  # noqa: E402  (benchmarks/quality.py)
 
 TARGETS = {"delta_ce": ("<=", 0.10), "ce_score": (">=", 0.98), "dead_train_split": ("<=", 0.01)}
 """Issue 18's targets at L0 32."""
@@ -151,12 +150,12 @@ def stage_dead(ws: Path, a: argparse.Namespace) -> dict[str, float]:
     """The fraction of latents that fire on no typical token of the whole train split."""
     import sae
     from activations.stream import ActivationStream
+    from sae.lifecycle import split_dead_fraction
 
     t0 = time.perf_counter()
     model = sae.load(a.name, workspace=ws)
     stream = ActivationStream(ws, a.hook, batch_size=8192, split="train")
-    dead = never_fired(model.encode, stream.epoch(), cutoff=model.outlier_cutoff)
-    return {"dead_train_split": dead, "wall_s": time.perf_counter() - t0}
+    return {**split_dead_fraction(model, stream), "wall_s": time.perf_counter() - t0}
 
 
 def split_tokens(ws: Path, hook: str) -> dict[str, int]:

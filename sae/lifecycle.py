@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -257,6 +257,34 @@ def finish_training(
     return result
 
 
+def typical_batches(
+    sae: Any,
+    stream: Any,
+    max_tokens: int | None = None,
+    on_batch: Callable[[int], Any] | None = None,
+    outliers: list[int] | None = None,
+) -> Iterator[Any]:
+    """The batches of ``stream`` (an ``ActivationStream``) up to ``max_tokens`` (all with None), less the
+    tokens above the SAE's outlier cutoff, whose count is added to ``outliers[0]``; ``on_batch(tokens)``
+    after each batch."""
+    from sae.common import typical_rows
+
+    seen = 0
+    if max_tokens is not None and max_tokens <= 0:
+        return
+    for x in stream.epoch():
+        part = x if max_tokens is None else x[: max_tokens - seen]
+        keep = typical_rows(part, getattr(sae, "outlier_cutoff", None))
+        if outliers is not None:
+            outliers[0] += int((~keep).sum())
+        yield part if keep.all() else part[keep]
+        seen += len(part)
+        if on_batch is not None:
+            on_batch(len(part))
+        if max_tokens is not None and seen >= max_tokens:
+            return  # before the stream reads another buffer
+
+
 def heldout_metrics(
     sae: Any, stream: Any, max_tokens: int | None = None, on_batch: Callable[[int], Any] | None = None
 ) -> dict[str, Any]:
@@ -264,29 +292,22 @@ def heldout_metrics(
     over the first ``max_tokens`` tokens (all with None) of ``stream``, an eval-split
     ``ActivationStream``; ``on_batch(tokens)`` after each batch. `saewb eval` calls it directly, the
     end of a training run through ``end_of_run_metrics``."""
-    from sae.common import typical_rows
     from sae.metrics import evaluate
 
-    outliers = 0
+    outliers = [0]
+    metrics = evaluate(sae, typical_batches(sae, stream, max_tokens, on_batch, outliers))
+    return {**metrics, "outlier_tokens": float(outliers[0])} if outliers[0] else metrics
 
-    def batches() -> Any:
-        nonlocal outliers
-        seen = 0
-        if max_tokens is not None and max_tokens <= 0:
-            return
-        for x in stream.epoch():
-            part = x if max_tokens is None else x[: max_tokens - seen]
-            keep = typical_rows(part, getattr(sae, "outlier_cutoff", None))
-            outliers += int((~keep).sum())
-            yield part if keep.all() else part[keep]
-            seen += len(part)
-            if on_batch is not None:
-                on_batch(len(part))
-            if max_tokens is not None and seen >= max_tokens:
-                return  # before the stream reads another buffer
 
-    metrics = evaluate(sae, batches())
-    return {**metrics, "outlier_tokens": float(outliers)} if outliers else metrics
+def split_dead_fraction(
+    sae: Any, stream: Any, on_batch: Callable[[int], Any] | None = None
+) -> dict[str, float]:
+    """``dead_train_split``: the fraction of latents that fire on no typical token of ``stream`` (the
+    whole train split, as `saewb eval --dead-over-train` reads it), and ``train_split_tokens``."""
+    from sae.metrics import never_fired
+
+    frac, rows = never_fired(sae.encode, typical_batches(sae, stream, on_batch=on_batch))
+    return {"dead_train_split": frac, "train_split_tokens": float(rows)}
 
 
 def end_of_run_metrics(run_dir: Path, eval_stream: Callable[[], Any], eval_tokens: int) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -66,3 +66,20 @@ def evaluate(model: Any, batches: Iterable[np.ndarray], dense_threshold: float =
         "rel_bias": xhat_sq / max(x_dot, 1e-12),
         "eval_tokens": float(n_tok),
     }
+
+
+def never_fired(encode: Callable[[np.ndarray], Any], batches: Iterable[np.ndarray]) -> tuple[float, int]:
+    """The fraction of latents that fire on none of the rows of ``batches``, and how many rows there
+    were: "dead" over a whole split, where a held-out split of a few hundred thousand tokens or the
+    trainer's window cannot tell a rare latent from a dead one."""
+    fired: np.ndarray | None = None
+    rows = 0
+    for batch in batches:
+        if len(batch) == 0:
+            continue
+        on = (np.asarray(encode(np.asarray(batch, np.float32))) != 0).any(0)
+        fired = on if fired is None else fired | on
+        rows += len(batch)
+    if fired is None:
+        raise ValueError("never_fired got no tokens; the split is empty (use a larger harvest)")
+    return float(np.mean(~fired)), rows

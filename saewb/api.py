@@ -645,6 +645,7 @@ def evaluate(
     downstream: bool = True,
     random_error: bool = False,
     documents: int = 0,
+    dead_over_train: bool = False,
     model: Any = None,
     model_name: str | None = None,
     progress: bool = True,
@@ -658,7 +659,8 @@ def evaluate(
     apart; 64 windows rarely do). ``random_error``:
     also the ΔCE of an error of the SAE's size in a random direction, and ``error_pathology`` = ΔCE /
     that (how much more the SAE's errors cost than their size explains). ``documents`` = N: the N
-    held-out documents the splice costs most, as ``Evaluation.documents``.
+    held-out documents the splice costs most, as ``Evaluation.documents``. ``dead_over_train``: also
+    ``dead_train_split``, the latents that fire on no token of the whole train split.
     """
     from analysis.evaluate import evaluate_run
 
@@ -674,6 +676,7 @@ def evaluate(
             downstream=downstream,
             random_error=random_error,
             documents=documents,
+            dead_over_train=dead_over_train,
             progress=progress,
         )
     return Evaluation(run, out)
@@ -688,6 +691,7 @@ def compare(
     batch_size: int = 8,
     downstream: bool = True,
     random_error: bool = False,
+    dead_over_train: bool = False,
     model: Any = None,
     model_name: str | None = None,
     progress: bool = True,
@@ -708,6 +712,7 @@ def compare(
             batch_size=batch_size,
             downstream=downstream,
             random_error=random_error,
+            dead_over_train=dead_over_train,
             progress=progress,
         )
     cols = ["run", *(c for c in COMPARE_COLUMNS if any(c in o for o in outs))]

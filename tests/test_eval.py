@@ -69,17 +69,19 @@ def test_zero_ablation_matches_hand_written_hook(gpt2) -> None:
     assert not torch.allclose(want, model(ids, attention_mask=att), atol=1e-3)
 
 
-def _eval_activations(ctx) -> np.ndarray:
-    """Every held-out, non-special activation of the run's hook, read in one naive query."""
+def _eval_activations(ctx, split: str = "eval") -> np.ndarray:
+    """Every non-special activation of the run's hook in the held-out (or train) split, read in one
+    naive query."""
     threshold = round(EVAL_FRACTION * 10_000)
     from activations.reader import read_activations
     from activations.store import harvest_info
 
     info = harvest_info(ctx.ws)
+    side = "<" if split == "eval" else ">="
     with ctx.ws.read() as con:
         rows = con.execute(
             "SELECT tok_idx FROM tokens t WHERE t.harvest = ? "
-            "AND (((t.doc_id * 2654435761) % 4294967296) % 10000) < ? AND NOT t.is_special",
+            f"AND (((t.doc_id * 2654435761) % 4294967296) % 10000) {side} ? AND NOT t.is_special",
             [ctx.harvest, threshold],
         ).fetchall()
     _, x = read_activations(ctx.ws, info.tables[ctx.hook], 0, info.n_tokens)  # every row, tok_idx order
@@ -116,6 +118,39 @@ def test_reconstruction_metrics_match_naive_full_batch(gpt2) -> None:
     assert 0 < fvu < 1.5
     # max_tokens stops inside a batch: the first 150 tokens of the stream, not two whole batches
     assert reconstruction_metrics(ctx, batch_size=97, max_tokens=150)["eval_tokens"] == 150 < len(x)
+
+
+def test_dead_over_train_counts_latents_silent_on_the_whole_train_split(
+    gpt2, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`saewb eval --dead-over-train`: the latents that fire on no token of the train split, as a naive
+    encode of every train token counts them; latents silenced by hand are among them."""
+    from saewb.cli import main
+
+    _, ctx = gpt2
+    x = _eval_activations(ctx, split="train").astype(np.float32)
+    fired = (np.asarray(ctx.sae.encode(x)) != 0).any(0)
+    got = reconstruction_metrics(ctx, batch_size=97, dead_over_train=True)
+    assert got["train_split_tokens"] == len(x) > got["eval_tokens"]
+    assert got["dead_train_split"] == pytest.approx(np.mean(~fired))
+
+    class Silenced:  # the run's SAE with its first 40 latents never firing
+        outlier_cutoff = ctx.sae.outlier_cutoff
+
+        def encode(self, rows: np.ndarray) -> np.ndarray:
+            f = np.array(ctx.sae.encode(rows))
+            f[:, :40] = 0
+            return f
+
+    from activations.stream import ActivationStream
+    from sae.lifecycle import split_dead_fraction
+
+    stream = ActivationStream(ctx.ws, ctx.hook, harvest=ctx.harvest, batch_size=500, split="train")
+    silenced = split_dead_fraction(Silenced(), stream)["dead_train_split"]
+    assert silenced == pytest.approx(np.mean(~fired[40:]) * (len(fired) - 40) / len(fired) + 40 / len(fired))
+
+    assert main(["eval", "t", "--workspace", str(ctx.ws.path), "--no-downstream", "--dead-over-train"]) == 0
+    assert f"{got['dead_train_split']:.6g}" in capsys.readouterr().out.split("dead_train_split")[1]
 
 
 def test_lm_metrics_match_per_window_computation(gpt2) -> None:
