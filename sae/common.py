@@ -202,6 +202,27 @@ def tied_weights(
     }
 
 
+def firing_thresholds(
+    centred: np.ndarray, rows: np.ndarray | jax.Array, freq: np.ndarray, chunk: int = 1024
+) -> np.ndarray:
+    """Per latent m, the value its pre-activation ``centred @ rows[m]`` exceeds on a fraction ``freq[m]``
+    of the ``centred`` sample rows: the 1 − freq quantile (latents in chunks, so memory is rows x chunk).
+    A bias of minus it makes latent m fire at frequency freq[m] on the sample."""
+    x = jnp.asarray(centred, jnp.float32)
+    n_rows = len(x)
+    out = np.empty(len(rows), np.float32)
+    for lo in range(0, len(rows), chunk):
+        u = jnp.sort(x @ jnp.asarray(rows[lo : lo + chunk]).T, axis=0)  # [rows, chunk] ascending
+        at = jnp.asarray(
+            np.clip(np.floor((1.0 - freq[lo : lo + chunk]) * n_rows).astype(np.int64), 0, n_rows - 2)
+        )
+        # halfway between two order statistics: no sample point sits on its threshold, where float
+        # noise (another reduction order, a sharded matmul) would flip whether it fires
+        pair = jnp.take_along_axis(u, jnp.stack([at, at + 1]), axis=0)
+        out[lo : lo + chunk] = np.asarray(pair.mean(axis=0))
+    return out
+
+
 def data_rows(key: jax.Array, centred: np.ndarray, n: int, jitter: float = 0.1) -> jax.Array:
     """n unit rows from the directions of ``centred`` samples (drawn without replacement while they
     last), each nudged by ``jitter`` x a random unit vector so repeated draws differ."""
@@ -347,9 +368,10 @@ def unscaled(score_vals: jax.Array, idx: jax.Array, score_scale: jax.Array | Non
     return score_vals if score_scale is None else score_vals / score_scale[0, idx]
 
 
-def aux_width(k_aux: int | None, d: int, n_latents: int) -> int:
-    """Latents AuxK uses: ``k_aux``, or d/2 when None (Gao et al.), at most n."""
-    return min(k_aux or d // 2, n_latents)
+def aux_width(k_aux: int | None, d: int, n_latents: int, min_frac: float | None = None) -> int:
+    """Latents AuxK uses: ``k_aux``, or when None d/2 (Gao et al.) and at least ``min_frac`` · n; at most n."""
+    wide = int(min_frac * n_latents) if min_frac else 0
+    return min(k_aux or max(d // 2, wide), n_latents)
 
 
 def auxk_loss(

@@ -172,13 +172,20 @@ class TopKConfig:
     """TopK SAE hyper-parameters (defaults from the reference sheet unless noted)."""
 
     arch: ClassVar[str] = "topk"
+    introduced: ClassVar[dict[str, object]] = {"init_fire_ratio": None, "k_aux_min_frac": None}
+    """The values runs saved before these fields existed trained with (``sae.base.saved_config``)."""
 
     n_latents: int = 4096
     """Number of latents n."""
     k: int = 32
     """Active latents per token."""
     k_aux: int | None = None
-    """Latents used by AuxK; None means d/2 (capped at the number of dead latents)."""
+    """Latents used by AuxK; None means d/2, or ``k_aux_min_frac`` · n if that is more (capped at the
+    number of dead latents)."""
+    k_aux_min_frac: float | None = 1 / 16
+    """With ``k_aux`` None, AuxK uses at least this fraction of the latents (1/16: from n > 8d on it is
+    more than d/2); None: d/2 alone. At n 8192 on 250k MiniLM tokens 512 latents instead of 192 left
+    3.6% dead over the train split instead of 9.3% (docs/learning_rate.md)."""
     aux_coef: float = 0.25
     """Weight of the AuxK loss. 1/4, not the reference 1/32, by measurement (docs/learning_rate.md): at
     the default batch it left 0.1-1.4% of latents dead where 1/32 left 0.9-3.0% (250k and 1M tokens,
@@ -199,6 +206,12 @@ class TopKConfig:
     """Resample dead latents (Anthropic's recipe, ``common.resample_dead_rows``) at each multiple of
     this fraction of training that leaves a whole period to train; 0 disables. Off by default: at 250k
     tokens it did not lower the dead fraction (docs/learning_rate.md)."""
+    init_fire_ratio: float | None = 1.0
+    """Each latent's encoder bias starts where its pre-activation is positive on this ratio × k/n of the
+    init sample, so every latent starts with the same chance to fire; None: a zero bias (the reference
+    init, where the top k go to the latents best aligned with the widest directions). 1 by measurement
+    (docs/learning_rate.md): fewer dead latents (n 8192, 250k tokens: 2.5% over the train split
+    instead of 9.3%) and a lower held-out FVU in every cell measured."""
 
     def validate(self, d: int | None = None) -> None:
         if self.n_latents < 1:
@@ -215,6 +228,15 @@ class TopKConfig:
             raise ValueError(f"k_aux={self.k_aux} must be between 1 and n_latents={self.n_latents}")
         if not 0 <= getattr(self, "resample_every_frac", 0.0) < 1:
             raise ValueError(f"resample_every_frac must be in [0, 1), got {self.resample_every_frac}")
+        ratio = getattr(self, "init_fire_ratio", None)  # HierarchicalTopK shares this check without it
+        if ratio is not None and not 0 < ratio * self.k <= self.n_latents:
+            raise ValueError(
+                f"init_fire_ratio={ratio} must be positive and at most n_latents/k={self.n_latents / self.k:g}; "
+                "or none for a zero encoder bias"
+            )
+        min_frac = getattr(self, "k_aux_min_frac", None)
+        if min_frac is not None and not 0 < min_frac <= 1:
+            raise ValueError(f"k_aux_min_frac must be in (0, 1] or none, got {min_frac}")
 
 
 # --- relu_l1 (sae/relu_l1.py)

@@ -122,24 +122,10 @@ def init(cfg: GBAConfig, key: jax.Array, d: int, sample: np.ndarray) -> tuple[Pa
     return params, state
 
 
-def initial_biases(
-    cfg: GBAConfig, w: np.ndarray, b_pre: np.ndarray, sample: np.ndarray, chunk: int = 1024
-) -> np.ndarray:
+def initial_biases(cfg: GBAConfig, w: np.ndarray, b_pre: np.ndarray, sample: np.ndarray) -> np.ndarray:
     """b_m = −(the 1 − p_m quantile of neuron m's pre-activations on the init sample), in [−1, 0]:
-    each neuron starts firing at its group's target frequency p_m (neurons in chunks, so memory is
-    sample × chunk)."""
-    p = group_targets(cfg)
-    centred = jnp.asarray(sample - b_pre)
-    rows = len(sample)
-    out = np.empty(len(w), np.float32)
-    for lo in range(0, len(w), chunk):
-        u = jnp.sort(centred @ jnp.asarray(w[lo : lo + chunk]).T, axis=0)  # [rows, chunk] ascending
-        at = jnp.asarray(np.clip(np.floor((1.0 - p[lo : lo + chunk]) * rows).astype(np.int64), 0, rows - 2))
-        # halfway between two order statistics: no sample point sits on its threshold, where float
-        # noise (another reduction order, a sharded matmul) would flip whether it fires
-        pair = jnp.take_along_axis(u, jnp.stack([at, at + 1]), axis=0)
-        out[lo : lo + chunk] = np.asarray(pair.mean(axis=0))
-    return np.clip(-out, -1.0, 0.0).astype(np.float32)
+    each neuron starts firing at its group's target frequency p_m."""
+    return np.clip(-common.firing_thresholds(sample - b_pre, w, group_targets(cfg)), -1.0, 0.0)
 
 
 def _b_pre(cfg: GBAConfig, params: Params) -> jax.Array:

@@ -62,7 +62,13 @@ def init(cfg: TopKConfig, key: jax.Array, d: int, sample: np.ndarray) -> tuple[P
     cfg.validate()
     norm = cfg.init_dec_norm if cfg.init_dec_norm is not None else (1.0 if cfg.decoder == "unit" else 0.1)
     rows = getattr(cfg, "init_w", "random")  # HierarchicalTopK shares this init without the option
-    params = Params(**common.tied_weights(key, cfg.n_latents, d, sample, norm, rows))
+    weights = common.tied_weights(key, cfg.n_latents, d, sample, norm, rows)
+    ratio = getattr(cfg, "init_fire_ratio", None)
+    if ratio is not None:  # every latent starts firing (pre > 0) on ratio·k/n of the sample
+        freq = np.full(cfg.n_latents, min(1.0, ratio * cfg.k / cfg.n_latents), np.float32)
+        centred = np.asarray(sample) - np.asarray(weights["b_dec"])
+        weights["b_enc"] = jnp.asarray(-common.firing_thresholds(centred, weights["W_dec"], freq))
+    params = Params(**weights)
     return params, State(step=jnp.zeros((), jnp.int32))
 
 
@@ -105,7 +111,7 @@ def loss(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     x_c = x - params.b_dec
     kk = 4 * cfg.k if cfg.multi_topk else cfg.k
-    k_aux = common.aux_width(cfg.k_aux, x.shape[1], cfg.n_latents)
+    k_aux = common.aux_width(cfg.k_aux, x.shape[1], cfg.n_latents, getattr(cfg, "k_aux_min_frac", None))
     idx_all, chosen, scale, dead_picks = select_top_k(cfg, params, x_c, kk, ctx.dead, k_aux)
     # forward values are top-k's own (O(B·k)); the backward is the sparse kernel's
     vals_all = jax.nn.relu(

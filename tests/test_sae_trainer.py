@@ -463,6 +463,46 @@ def test_gba_biases_start_at_the_group_target_frequencies() -> None:
     assert recorded_fields(cfg)["init_b"] == "quantile"
 
 
+def test_topk_init_fire_ratio_gives_every_latent_the_same_start() -> None:
+    """init_fire_ratio r: on the init sample every latent's pre-activation is positive on r·k/n of the
+    rows; a zero bias leaves every latent positive on about half of them, and the top k then go to the
+    latents best aligned with the widest directions."""
+    from sae import topk
+    from sae.configs import TopKConfig
+
+    rng = np.random.default_rng(0)
+    sample = (rng.standard_normal((8192, 16)) * np.geomspace(4.0, 0.1, 16)).astype(np.float32)
+    key = jax.random.PRNGKey(0)
+    for ratio in (None, 1.0, 4.0):
+        cfg = TopKConfig(n_latents=256, k=8, init_fire_ratio=ratio)
+        params, _ = topk.init(cfg, key, 16, sample)
+        pre = (sample - np.asarray(params.b_dec)) @ np.asarray(params.W_enc) + np.asarray(params.b_enc)
+        freq = (pre > 0).mean(axis=0)
+        if ratio is None:
+            assert np.all(np.asarray(params.b_enc) == 0) and freq.min() > 0.3
+        else:
+            np.testing.assert_allclose(freq, ratio * cfg.k / cfg.n_latents, atol=2e-3)
+
+
+def test_topk_auxk_width_grows_with_n_and_old_runs_keep_their_init() -> None:
+    """k_aux None: d/2 up to n = 8d, then n/16 (k_aux_min_frac); runs saved before init_fire_ratio and
+    k_aux_min_frac existed read back with a zero encoder bias and d/2, what they trained with."""
+    from sae.base import recorded_fields, saved_config
+    from sae.common import aux_width
+    from sae.configs import TopKConfig
+
+    cfg = TopKConfig()
+    assert aux_width(None, 384, 2048, cfg.k_aux_min_frac) == 192
+    assert aux_width(None, 384, 8192, cfg.k_aux_min_frac) == 512
+    assert aux_width(None, 384, 8192, None) == 192 and aux_width(100, 384, 8192, cfg.k_aux_min_frac) == 100
+    old = saved_config(TopKConfig, {"n_latents": 8192, "k": 32})
+    assert old.init_fire_ratio is None and old.k_aux_min_frac is None
+    assert not {"init_fire_ratio", "k_aux_min_frac"} & set(recorded_fields(old))
+    assert recorded_fields(cfg)["init_fire_ratio"] == 1.0
+    with pytest.raises(ValueError, match="init_fire_ratio"):
+        TopKConfig(n_latents=64, k=8, init_fire_ratio=9.0).validate()
+
+
 def with_sinks(batches: Any, every: int = 40, size: float = 300.0) -> Any:
     """``batches`` with an attention-sink-like row (one fixed direction, ~100x the typical norm) at
     every ``every``-th position: what mid-layer LM residual streams hold (docs/models.md)."""
