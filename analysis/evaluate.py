@@ -644,6 +644,11 @@ COMPARE_COLUMNS = (
 )
 
 
+def signed4(v: float) -> str:
+    """``v`` to 4 decimals with its sign; one that rounds to zero is +0.0000, never -0.0000."""
+    return f"{v:+.4f}" if round(v, 4) != 0 else "+0.0000"
+
+
 def format_comparison(outs: list[dict[str, Any]]) -> str:
     """One row per run: the headline metrics and, for causal LMs, ΔCE against the first run with its
     95% interval (paired over the same windows)."""
@@ -655,7 +660,7 @@ def format_comparison(outs: list[dict[str, Any]]) -> str:
         row = [str(o["run"])] + [f"{o[c]:.4g}" if c in o else "" for c in cols]
         if paired:
             row.append(
-                f"{o['delta_ce_diff']:+.4f} ± {o['delta_ce_diff_ci95']:.4f}"
+                f"{signed4(o['delta_ce_diff'])} ± {o['delta_ce_diff_ci95']:.4f}"
                 if "delta_ce_diff" in o
                 else "(reference)"
             )

@@ -222,6 +222,8 @@ RANGES: dict[str, str] = {
     "n_latents": ">=1",
     "k": ">=1",
     "k_aux": ">=1",
+    "k_aux_min_frac": "(0,1]",
+    "init_fire_ratio": ">0",
     "aux_coef": ">=0",
     "init_dec_norm": ">0",
     "l1_coef": ">=0",
