@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -406,17 +406,18 @@ def reconstruction_metrics(
     def stream(split: str) -> ActivationStream:
         return ActivationStream(data, ctx.hook, harvest=ctx.harvest, batch_size=batch_size, split=split)  # type: ignore[arg-type]
 
-    bar = progress_bar(f"eval {ctx.name}: reconstruction", unit="tok", unit_scale=True, enabled=progress)
-    try:
-        out = heldout_metrics(ctx.sae, stream("eval"), max_tokens, on_batch=bar.update)
-    finally:
-        bar.close()
-    if dead_over_train:
-        bar = progress_bar(f"eval {ctx.name}: dead over train", unit="tok", unit_scale=True, enabled=progress)
+    def with_bar(stage: str, run: Callable[[Callable[[int], Any]], dict[str, Any]]) -> dict[str, Any]:
+        bar = progress_bar(f"eval {ctx.name}: {stage}", unit="tok", unit_scale=True, enabled=progress)
         try:
-            out.update(split_dead_fraction(ctx.sae, stream("train"), on_batch=bar.update))
+            return run(bar.update)
         finally:
             bar.close()
+
+    out = with_bar("reconstruction", lambda tick: heldout_metrics(ctx.sae, stream("eval"), max_tokens, tick))
+    if dead_over_train:
+        out.update(
+            with_bar("dead over train", lambda tick: split_dead_fraction(ctx.sae, stream("train"), tick))
+        )
     return out
 
 

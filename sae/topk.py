@@ -65,7 +65,7 @@ def init(cfg: TopKConfig, key: jax.Array, d: int, sample: np.ndarray) -> tuple[P
     weights = common.tied_weights(key, cfg.n_latents, d, sample, norm, rows)
     ratio = getattr(cfg, "init_fire_ratio", None)
     if ratio is not None:  # every latent starts firing (pre > 0) on ratio·k/n of the sample
-        freq = np.full(cfg.n_latents, min(1.0, ratio * cfg.k / cfg.n_latents), np.float32)
+        freq = np.full(cfg.n_latents, ratio * cfg.k / cfg.n_latents, np.float32)  # <= 1: validate()
         centred = np.asarray(sample) - np.asarray(weights["b_dec"])
         weights["b_enc"] = jnp.asarray(-common.firing_thresholds(centred, weights["W_dec"], freq))
     params = Params(**weights)
