@@ -172,7 +172,12 @@ class TopKConfig:
     """TopK SAE hyper-parameters (defaults from the reference sheet unless noted)."""
 
     arch: ClassVar[str] = "topk"
-    introduced: ClassVar[dict[str, object]] = {"init_fire_ratio": None, "k_aux_min_frac": None}
+    introduced: ClassVar[dict[str, object]] = {
+        "init_fire_ratio": None,
+        "k_aux_min_frac": None,
+        "resample_every_frac": 0.0,
+        "resample_mode": "inputs",
+    }
     """The values runs saved before these fields existed trained with (``sae.base.saved_config``)."""
 
     n_latents: int = 4096
@@ -202,10 +207,18 @@ class TopKConfig:
     init_w: Literal["random", "data"] = "random"
     """Decoder rows (and encoder columns) at init: "random" directions or "data" (normalised centred
     samples of the init sample, so every latent starts where the data is)."""
-    resample_every_frac: float = 0.0
-    """Resample dead latents (Anthropic's recipe, ``common.resample_dead_rows``) at each multiple of
-    this fraction of training that leaves a whole period to train; 0 disables. Off by default: at 250k
-    tokens it did not lower the dead fraction (docs/learning_rate.md)."""
+    resample_every_frac: float = 0.05
+    """Resample dead latents (``resample_mode``) at each multiple of this fraction of training that
+    leaves a whole period to train; 0 disables. 0.05 (the default dead window) with "rebias" by
+    measurement (docs/learning_rate.md: tiny-lm n 8192 on 250k tokens, 27% dead over the train split →
+    1.4%, FVU −0.002; every 0.1: 2.8%)."""
+    resample_mode: Literal["inputs", "rebias"] = "rebias"
+    """"rebias" (the default): keep each dead latent's directions and Adam moments and reset only its
+    encoder bias so its pre-activation is positive on ratio·k/n of the batch again (the
+    ``init_fire_ratio`` rule; ratio 1 when that is None). AuxK's values are ReLU'd, so it gives a latent
+    whose pre-activation is negative on every token no gradient at all: such latents stay dead without
+    it. "inputs": Anthropic's recipe (``common.resample_dead_rows``: new directions from badly
+    reconstructed inputs, b_enc = 0, moments zeroed), which did not lower the dead fraction here."""
     init_fire_ratio: float | None = 1.0
     """Each latent's encoder bias starts where its pre-activation is positive on this ratio × k/n of the
     init sample, so every latent starts with the same chance to fire; None: a zero bias (the reference
@@ -229,6 +242,8 @@ class TopKConfig:
             raise ValueError(f"k_aux={self.k_aux} must be between 1 and n_latents={self.n_latents}")
         if not 0 <= getattr(self, "resample_every_frac", 0.0) < 1:
             raise ValueError(f"resample_every_frac must be in [0, 1), got {self.resample_every_frac}")
+        if getattr(self, "resample_mode", "inputs") not in ("inputs", "rebias"):
+            raise ValueError(f"resample_mode must be 'inputs' or 'rebias', got {self.resample_mode!r}")
         ratio = getattr(self, "init_fire_ratio", None)  # HierarchicalTopK shares this check without it
         if ratio is not None and not 0 < ratio * self.k <= self.n_latents:
             raise ValueError(
@@ -324,6 +339,9 @@ class GBAConfig:
     """Biases at init: "quantile" (each neuron fires at its group's target frequency on the init
     sample, so L0 starts at its target) or "zero" (the paper: every neuron starts firing on about
     half the tokens, and ~30 updates at γ 0.01 do not bring them down in a 250k-token run)."""
+    tied: bool = True
+    """The paper's model: one unit row w_m both encodes and decodes. False gives the encoder rows of
+    its own (unit norm too, so the [−1, 0] bias range keeps its meaning; they start equal to W)."""
 
     def validate(self, d: int | None = None) -> None:
         if self.n_latents < 1:

@@ -37,6 +37,9 @@ d = 42, 256 neurons, T = 10, 1500 steps of 256, lr 1e-3, seed 0):
   encoder and decoder are tied; r_m is the max pre-activation including the bias (a neuron that
   never fired has r_m ≤ 0, hence the group mean r̄_k of the positive ones), which also shrinks the
   step as a neuron approaches its target.
+
+``tied=False`` gives the encoder unit rows V of its own (u = s_in·V(x − b_pre)); an option for measuring
+what the tied weights cost (docs/learning_rate.md), not the paper's model.
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ class Params:
     a: Any  # [n] output scale, >= 0
     b_pre: Any  # [d]
     s_in: Any  # [] fixed input gain (1 while training)
+    V: Any = None  # [n, d] unit encoder rows when untied (``tied=False``); None: W encodes
 
 
 @struct.dataclass
@@ -74,7 +78,11 @@ class State:
 
 def partition_specs(cfg: GBAConfig) -> Params:
     return Params(
-        W=common.SHARD_LATENT_ROW, a=common.SHARD_LATENT_VEC, b_pre=common.REPLICATED, s_in=common.REPLICATED
+        W=common.SHARD_LATENT_ROW,
+        a=common.SHARD_LATENT_VEC,
+        b_pre=common.REPLICATED,
+        s_in=common.REPLICATED,
+        V=None if cfg.tied else common.SHARD_LATENT_ROW,
     )
 
 
@@ -106,6 +114,7 @@ def init(cfg: GBAConfig, key: jax.Array, d: int, sample: np.ndarray) -> tuple[Pa
         a=jnp.full((n,), cfg.init_a, jnp.float32),
         b_pre=jnp.asarray(b_pre),
         s_in=jnp.ones((), jnp.float32),
+        V=None if cfg.tied else w,
     )
     b = (
         initial_biases(cfg, np.asarray(w), b_pre, sample)
@@ -132,8 +141,13 @@ def _b_pre(cfg: GBAConfig, params: Params) -> jax.Array:
     return params.b_pre if cfg.train_b_pre else jax.lax.stop_gradient(params.b_pre)
 
 
+def encoder_rows(params: Params) -> jax.Array:
+    """The rows that encode: ``V`` when untied, else the tied ``W``."""
+    return params.W if params.V is None else params.V
+
+
 def _pre(cfg: GBAConfig, params: Params, x: jax.Array) -> jax.Array:
-    return jax.lax.stop_gradient(params.s_in) * ((x - _b_pre(cfg, params)) @ params.W.T)
+    return jax.lax.stop_gradient(params.s_in) * ((x - _b_pre(cfg, params)) @ encoder_rows(params).T)
 
 
 def _phi(cfg: GBAConfig, u: jax.Array, b: jax.Array) -> jax.Array:
@@ -198,11 +212,15 @@ def update_state(cfg: GBAConfig, state: State, aux: dict[str, jax.Array], step: 
 
 
 def project_grads(cfg: GBAConfig, params: Params, grads: Params) -> Params:
-    return grads.replace(W=common.remove_parallel_component(params.W, grads.W))
+    grads = grads.replace(W=common.remove_parallel_component(params.W, grads.W))
+    if params.V is None:
+        return grads
+    return grads.replace(V=common.remove_parallel_component(params.V, grads.V))
 
 
 def constrain(cfg: GBAConfig, params: Params) -> Params:
-    return params.replace(W=common.normalize_rows(params.W), a=jnp.maximum(params.a, 0.0))
+    params = params.replace(W=common.normalize_rows(params.W), a=jnp.maximum(params.a, 0.0))
+    return params if params.V is None else params.replace(V=common.normalize_rows(params.V))
 
 
 def decoder_rows(cfg: GBAConfig, params: Params) -> jax.Array:
@@ -213,20 +231,20 @@ def decoder_rows(cfg: GBAConfig, params: Params) -> jax.Array:
 def fold_scale(cfg: GBAConfig, params: Params, state: State, s: float) -> tuple[Params, State]:
     """Trained on s·x: u = w·(s·x − b_pre) = s·w·(x − b_pre/s); x̂_raw = x̂/s."""
     return (
-        Params(W=params.W, a=params.a / s, b_pre=params.b_pre / s, s_in=params.s_in * s),
+        params.replace(a=params.a / s, b_pre=params.b_pre / s, s_in=params.s_in * s),
         state,
     )
 
 
 def saelens_export(model: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """SAELens ``standard`` (activation relu) or ``jumprelu`` (b_enc = 0, θ = −b; b ≤ 0, so
-    u·1[u + b > 0] = ReLU(u)·1[u > −b]); the tied weights are untied: W_enc = s_in·Wᵀ, W_dec = a·W."""
+    u·1[u + b > 0] = ReLU(u)·1[u > −b]); W_enc = s_in·Wᵀ (s_in·Vᵀ when untied), W_dec = a·W."""
     from sae.interop import InteropError
 
     p = model.params
     s_in = float(np.asarray(p.s_in))
     b = np.asarray(model.state.b, np.float32)
-    w_enc = np.asarray(p.W, np.float32).T * s_in
+    w_enc = np.asarray(encoder_rows(p), np.float32).T * s_in
     w_dec = np.asarray(p.a, np.float32)[:, None] * np.asarray(p.W, np.float32)
     if model.config.activation == "relu":
         return {"architecture": "standard", "apply_b_dec_to_input": True}, {

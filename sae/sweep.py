@@ -430,11 +430,21 @@ def _unstack(tree: Any, i: int) -> Any:
     return jax.tree_util.tree_map(lambda a: np.asarray(a)[i], tree)
 
 
-def _resamples(m: Member) -> bool:
-    """Whether the member's architecture resamples dead latents (host code) at some step of the run."""
-    due = optional(arch_module(m.sae_config.arch), "resample_due")
-    total = m.train_config.total_steps
-    return due is not None and any(due(m.sae_config, s, total) for s in range(1, total + 1))
+def _resample_group(
+    g: StepGroup, state: Any, batch: np.ndarray, members: list[Member], scales: list[float], step: int
+) -> Any:
+    """Dead-latent resampling (host code) of each member of a group, with the member's own config (a
+    k-band's trainer holds the largest k) and seed; a vmapped group is unstacked and stacked again."""
+    if not g.vmapped:
+        i = g.members[0]
+        return resample_dead(g.trainer, state, batch, scales[i], members[i].train_config.seed + step)
+    host = jax.device_get(state)
+    views = []
+    for j, i in enumerate(g.members):
+        view = jax.tree_util.tree_map(jnp.asarray, _unstack(host, j))
+        seed = members[i].train_config.seed + step
+        views.append(resample_dead(g.trainer, view, batch, scales[i], seed, cfg=members[i].sae_config))
+    return _stack(views)
 
 
 @partial(jax.jit, static_argnums=(1,))
@@ -450,9 +460,7 @@ def step_groups(members: list[Member], widths: dict[str, int]) -> list[StepGroup
     """The members that advance together, each group with its one trainer."""
     by_key: dict[str, list[int]] = {}
     for i, m in enumerate(members):
-        # Host-side resampling edits one member's params between steps: such members go alone.
-        resamples = _resamples(m)
-        by_key.setdefault(_group_key(m) if not resamples else f"alone-{i}", []).append(i)
+        by_key.setdefault(_group_key(m), []).append(i)
     out = []
     for idx in (band for same in by_key.values() for band in _k_bands(members, same)):
         m = members[idx[0]]
@@ -662,11 +670,8 @@ def train_lockstep(
         steps_since += 1
         for gi, g in enumerate(groups):
             due = optional(g.trainer.arch, "resample_due")
-            if not g.vmapped and due is not None and due(g.trainer.cfg, step, total):
-                i = g.members[0]
-                g_states[gi] = resample_dead(
-                    g.trainer, g_states[gi], xs_host[g.hook], scales[i], members[i].train_config.seed + step
-                )
+            if due is not None and due(g.trainer.cfg, step, total):
+                g_states[gi] = _resample_group(g, g_states[gi], xs_host[g.hook], members, scales, step)
         if step % tc0.log_every == 0 or step == total:
             jax.block_until_ready(g_states)
             now = time.perf_counter()

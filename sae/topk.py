@@ -67,7 +67,7 @@ def init(cfg: TopKConfig, key: jax.Array, d: int, sample: np.ndarray) -> tuple[P
     if ratio is not None:  # every latent starts firing (pre > 0) on ratio·k/n of the sample
         freq = np.full(cfg.n_latents, ratio * cfg.k / cfg.n_latents, np.float32)  # <= 1: validate()
         centred = np.asarray(sample) - np.asarray(weights["b_dec"])
-        weights["b_enc"] = jnp.asarray(-common.firing_thresholds(centred, weights["W_dec"], freq))
+        weights["b_enc"] = jnp.asarray(-common.firing_thresholds(centred, weights["W_enc"].T, freq))
     params = Params(**weights)
     return params, State(step=jnp.zeros((), jnp.int32))
 
@@ -198,7 +198,13 @@ def resample(
     cfg: TopKConfig, params: Params, state: State, x: np.ndarray, dead: np.ndarray, seed: int
 ) -> tuple[Params, Params]:
     """Dead latents re-initialised towards the batch's worst-reconstructed inputs (decoder rows at the
-    alive rows' mean norm for a free decoder); returns (params, mask of reset entries)."""
+    alive rows' mean norm for a free decoder), or only re-biased (``resample_mode="rebias"``); returns
+    (params, mask of reset entries)."""
+    if getattr(cfg, "resample_mode", "inputs") == "rebias":
+        ratio = getattr(cfg, "init_fire_ratio", None) or 1.0
+        return common.rebias_dead(
+            params, np.asarray(x) - np.asarray(params.b_dec), dead, ratio * cfg.k / cfg.n_latents
+        )
     x_hat = decode(cfg, params, encode(cfg, params, state, jnp.asarray(x)))
     sq_err = np.asarray(jnp.sum(jnp.square(x - x_hat), axis=1))
     x_in = np.asarray(x) - np.asarray(params.b_dec)

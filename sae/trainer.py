@@ -551,9 +551,12 @@ def train(
     )
 
 
-def resample_dead(trainer: Trainer, ts: TrainState, batch: np.ndarray, scale: float, seed: int) -> TrainState:
-    """The architecture's dead-latent resampling (host code) on the whole state and global batch."""
-    cfg, arch = trainer.cfg, trainer.arch
+def resample_dead(
+    trainer: Trainer, ts: TrainState, batch: np.ndarray, scale: float, seed: int, cfg: Any = None
+) -> TrainState:
+    """The architecture's dead-latent resampling (host code) on the whole state and global batch;
+    ``cfg`` overrides the trainer's (a sweep member's own k in a k-band)."""
+    cfg, arch = cfg or trainer.cfg, trainer.arch
     if trainer.mesh is None:
         dead = np.asarray(ts.since_fired) >= trainer.window
         params, mask = arch.resample(cfg, ts.params, ts.arch_state, batch * np.float32(scale), dead, seed)

@@ -127,6 +127,7 @@ def test_dead_window_counts_tokens() -> None:
         ReluL1Config(n_latents=96, l1_coef=1.0),
         ReluL1Config(n_latents=96, l1_coef=0.3, variant="classic"),
         GBAConfig(n_latents=96, n_groups=4, htf=0.2, ltf=0.01, update_tokens=1280),
+        GBAConfig(n_latents=96, n_groups=4, htf=0.2, ltf=0.01, update_tokens=1280, tied=False),
         BatchTopKConfig(n_latents=96, k=4),
         JumpReLUConfig(n_latents=96, l0_coef=3e-3),
         HierarchicalTopKConfig(n_latents=96, k=6),
@@ -138,6 +139,7 @@ def test_dead_window_counts_tokens() -> None:
         "relu_l1",
         "relu_l1-classic",
         "gba",
+        "gba-untied",
         "batchtopk",
         "jumprelu",
         "hierarchical_topk",
@@ -343,7 +345,10 @@ def test_partition_specs_shard_latent_axis() -> None:
 
 @pytest.mark.parametrize(
     "cfg",
-    [ReluL1Config(n_latents=12, variant="classic"), TopKConfig(n_latents=12, k=2, resample_every_frac=0.25)],
+    [
+        ReluL1Config(n_latents=12, variant="classic"),
+        TopKConfig(n_latents=12, k=2, resample_every_frac=0.25, resample_mode="inputs"),
+    ],
     ids=["relu_l1-classic", "topk"],
 )
 def test_resampling_resets_exactly_the_dead_latents_and_their_adam_moments(cfg: Any) -> None:
@@ -387,6 +392,38 @@ def test_resampling_resets_exactly_the_dead_latents_and_their_adam_moments(cfg: 
     assert due == [2, 4, 6]  # every quarter of the run, never at its end
     # a whole period left to train after the last one (round(0.25 · 61) = 15: not at step 60)
     assert [s for s in range(1, 62) if arch.resample_due(cfg, s, 61)] == [15, 30, 45]
+
+
+def test_rebias_gives_dead_latents_back_their_firing_rate_and_keeps_their_directions() -> None:
+    """resample_mode="rebias": a dead latent keeps W_enc, W_dec and its Adam moments, and its bias is set
+    so its pre-activation is positive on init_fire_ratio·k/n of the batch; nothing else moves."""
+    from sae.trainer import Trainer, reset_adam_moments
+
+    cfg = TopKConfig(n_latents=64, k=4, resample_every_frac=0.25, resample_mode="rebias", init_fire_ratio=2.0)
+    trainer = Trainer(cfg, TrainConfig(train_tokens=512 * 8, batch_size=512, init_sample_tokens=512), D)
+    ts = trainer.init_state(next(sparse_batches(512)(0)))
+    for i in range(3):
+        ts = trainer.step(ts, next(sparse_batches(512)(i)), 1.0)
+    p = ts.params
+    dead = np.zeros(64, bool)
+    dead[[3, 10, 41]] = True
+    b = np.asarray(p.b_enc).copy()
+    b[dead] = -1e3  # never positive: AuxK's ReLU gives such a latent no gradient
+    p = p.replace(b_enc=jnp.asarray(b))
+    x = next(sparse_batches(512)(7))
+    new, mask = sae.topk.resample(cfg, p, ts.arch_state, x, dead, seed=0)
+    for name in ("W_enc", "W_dec", "b_dec"):
+        np.testing.assert_array_equal(np.asarray(getattr(new, name)), np.asarray(getattr(p, name)))
+    np.testing.assert_array_equal(np.asarray(new.b_enc)[~dead], b[~dead])
+    pre = (x - np.asarray(p.b_dec)) @ np.asarray(p.W_enc)[:, dead] + np.asarray(new.b_enc)[dead]
+    np.testing.assert_allclose((pre > 0).mean(axis=0), 2.0 * 4 / 64, atol=1 / 512)
+    opt = reset_adam_moments(ts.opt_state, mask)
+    for before, after in zip(
+        jax.tree_util.tree_leaves(ts.opt_state), jax.tree_util.tree_leaves(opt), strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(after), np.asarray(before))  # moments kept
+    with pytest.raises(ValueError, match="resample_mode"):
+        TopKConfig(resample_mode="bias").validate()
 
 
 def test_matryoshka_default_groups_are_equal_and_old_runs_keep_their_doubling_groups() -> None:
@@ -436,6 +473,32 @@ def test_jumprelu_threshold_lr_scale_multiplies_only_the_threshold_step_and_old_
     old = config_record(JumpReLUConfig(threshold_lr_scale=1.0), tc)["sae"]
     assert "threshold_lr_scale" not in old
     assert saved_config(JumpReLUConfig, old).threshold_lr_scale == 1.0
+
+
+def test_untied_gba_encodes_with_its_own_unit_rows(tmp_path: Path) -> None:
+    """tied=False: V starts equal to W, then moves apart under training; both keep unit rows; only V
+    encodes and only W (scaled by a) decodes, in training, after loading and in the SAELens export."""
+    cfg = GBAConfig(n_latents=96, n_groups=4, htf=0.2, ltf=0.01, update_tokens=1280, tied=False)
+    sample = next(sparse_batches(1024)(0))
+    p0, _ = gba.init(cfg, jax.random.PRNGKey(0), D, sample)
+    np.testing.assert_array_equal(np.asarray(p0.V), np.asarray(p0.W))
+    assert gba.init(dataclasses.replace(cfg, tied=True), jax.random.PRNGKey(0), D, sample)[0].V is None
+    tc = TrainConfig(train_tokens=128 * 100, batch_size=128, lr=3e-3, init_sample_tokens=1024)
+    train(cfg, tc, sparse_batches(), run_dir=tmp_path, progress=False)
+    model = sae.load(tmp_path)
+    w, v = np.asarray(model.params.W), np.asarray(model.params.V)
+    np.testing.assert_allclose(np.linalg.norm(w, axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, rtol=1e-5)
+    assert np.min(np.sum(w * v, axis=1)) < 0.999  # the encoder rows moved away from the decoder's
+    x = next(sparse_batches()(500))
+    f = model.encode(x)
+    swapped = model.params.replace(V=model.params.W)  # encoding with W instead changes the code
+    f_tied = np.asarray(gba.encode(cfg, swapped, model.state, jnp.asarray(x)))
+    assert np.abs(f - f_tied).max() > 1e-3
+    _, arrays = gba.saelens_export(model)
+    s_in = float(np.asarray(model.params.s_in))
+    np.testing.assert_allclose(arrays["W_enc"], v.T * s_in, rtol=1e-6)
+    np.testing.assert_allclose(arrays["W_dec"], np.asarray(model.params.a)[:, None] * w, rtol=1e-6)
 
 
 def test_gba_biases_start_at_the_group_target_frequencies() -> None:
