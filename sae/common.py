@@ -301,8 +301,8 @@ def rebias_dead(
     again (``firing_thresholds``). Returns (params, mask) like ``resample_dead_rows``, with nothing in the
     mask: Adam's moments are kept. Late in a run Adam's bias correction is ~1, so moments zeroed there
     restart m/√v at (1 − β1^t)/√(1 − β2^t): 3 to 6.5 for the next ~100 steps (β 0.9, 0.999), moving the
-    latent 3-6× the lr a step. On tiny-lm
-    (n 8192, 250k tokens) re-biasing every 10% with the moments zeroed left 68% dead, kept 2.8%."""
+    latent 3-6× the lr a step. On tiny-lm (n 8192, 250k tokens) re-biasing every 10% with the moments
+    zeroed left 68% dead, kept 2.8%."""
     dead = np.asarray(dead, bool)
     b_enc = np.array(params.b_enc)
     if dead.any():

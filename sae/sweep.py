@@ -438,6 +438,8 @@ def _resample_group(
     if not g.vmapped:
         i = g.members[0]
         return resample_dead(g.trainer, state, batch, scales[i], members[i].train_config.seed + step)
+    if not np.any(np.asarray(state.since_fired) >= g.trainer.window):
+        return state  # nothing dead in any member
     host = jax.device_get(state)
     views = []
     for j, i in enumerate(g.members):

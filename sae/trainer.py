@@ -557,6 +557,8 @@ def resample_dead(
     """The architecture's dead-latent resampling (host code) on the whole state and global batch;
     ``cfg`` overrides the trainer's (a sweep member's own k in a k-band)."""
     cfg, arch = cfg or trainer.cfg, trainer.arch
+    if not np.any(np.asarray(sharding.to_host(ts.since_fired)) >= trainer.window):
+        return ts  # nothing dead: resampling would return the same state, after a round trip of all of it
     if trainer.mesh is None:
         dead = np.asarray(ts.since_fired) >= trainer.window
         params, mask = arch.resample(cfg, ts.params, ts.arch_state, batch * np.float32(scale), dead, seed)
