@@ -341,7 +341,8 @@ class GBAConfig:
     half the tokens, and ~30 updates at γ 0.01 do not bring them down in a 250k-token run)."""
     tied: bool = True
     """The paper's model: one unit row w_m both encodes and decodes. False gives the encoder rows of
-    its own (unit norm too, so the [−1, 0] bias range keeps its meaning; they start equal to W)."""
+    its own (unit norm too, so the [−1, 0] bias range keeps its meaning; they start equal to W): held-out
+    FVU 0.1054 against 0.1262 tied at 20M tokens on MiniLM (docs/learning_rate.md)."""
 
     def validate(self, d: int | None = None) -> None:
         if self.n_latents < 1:
