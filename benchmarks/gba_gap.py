@@ -73,10 +73,8 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=20000, help="held-out tokens used (NNLS is per token)")
     a = p.parse_args()
 
-    x = np.concatenate(
-        list(ActivationStream(a.workspace, a.hook, batch_size=65536, seed=0, split="eval").epoch())
-    )
-    x = x[: a.max_tokens].astype(np.float32)
+    stream = ActivationStream(a.workspace, a.hook, batch_size=a.max_tokens, seed=0, split="eval")
+    x = np.asarray(next(stream.epoch()), np.float32)  # the first max_tokens of the split's seeded order
     print(f"{len(x):,} held-out tokens, d = {x.shape[1]}", file=sys.stderr)
     print("| run | arch | L0 | as trained | + NNLS | top-L support | top-L + NNLS |")
     print("|---|---|---:|---:|---:|---:|---:|")

@@ -556,16 +556,15 @@ def resample_dead(
 ) -> TrainState:
     """The architecture's dead-latent resampling (host code) on the whole state and global batch;
     ``cfg`` overrides the trainer's (a sweep member's own k in a k-band)."""
-    cfg, arch = cfg or trainer.cfg, trainer.arch
-    if not np.any(np.asarray(sharding.to_host(ts.since_fired)) >= trainer.window):
-        return ts  # nothing dead: resampling would return the same state, after a round trip of all of it
+    cfg, arch = (cfg if cfg is not None else trainer.cfg), trainer.arch
+    dead = np.asarray(sharding.to_host(ts.since_fired)) >= trainer.window
+    if not dead.any():
+        return ts  # resampling would return the same state, after a round trip of all of it
     if trainer.mesh is None:
-        dead = np.asarray(ts.since_fired) >= trainer.window
         params, mask = arch.resample(cfg, ts.params, ts.arch_state, batch * np.float32(scale), dead, seed)
         return ts.replace(params=params, opt_state=reset_adam_moments(ts.opt_state, mask))
     full = sharding.to_host(sharding.put_batch(batch, trainer.mesh, trainer.tc.batch_size))
     host = jax.tree_util.tree_map(jnp.asarray, sharding.to_host(ts))
-    dead = np.asarray(host.since_fired) >= trainer.window
     params, mask = arch.resample(cfg, host.params, host.arch_state, full * np.float32(scale), dead, seed)
     return trainer.place(host.replace(params=params, opt_state=reset_adam_moments(host.opt_state, mask)))
 
