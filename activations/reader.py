@@ -229,7 +229,8 @@ class HookReader:
         counts = np.zeros(-(-n_tokens // chunk_tokens), dtype=np.int64)
         bits = np.zeros(-(-n_tokens // 8), dtype=np.uint8)
         span = chunk_tokens * span_chunks
-        with self.part.read() as con:
+
+        def fill(con: duckdb.DuckDBPyConnection) -> None:
             for lo in range(0, n_tokens, span):
                 hi = min(lo + span, n_tokens)
                 mask = self._kept(con, lo, hi)
@@ -237,6 +238,8 @@ class HookReader:
                     mask, np.arange(0, hi - lo, chunk_tokens), dtype=np.int64
                 )
                 bits[lo // 8 : -(-hi // 8)] = np.packbits(mask)
+
+        self.part.read_consistent(fill)
         if chunk_tokens % 8 == 0:  # chunk reads start on a byte of the bitmap
             self._kept_bits = bits
         return counts

@@ -29,18 +29,20 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import duckdb
 import numpy as np
 import pyarrow as pa
 
 from saewb.workspace import Workspace
+
+T = TypeVar("T")
 
 INSERT_ROWS = 65_536
 """Rows per Arrow insert: DuckDB ingests FixedSizeList chunks of this size fastest."""
@@ -851,6 +853,14 @@ class HarvestPart:
             yield con
         finally:
             con.close()
+
+    def read_consistent(self, query: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
+        """``query(con)`` on a read-only connection, run again if the workspace file reads short
+        (``Workspace.read_consistent``)."""
+        if self.ws is not None:
+            return self.ws.read_consistent(query)
+        with self.read() as con:
+            return query(con)
 
     def tokens_ref(self) -> tuple[str, list[Any]]:
         """(FROM-clause text, its parameters) for the tokens table."""

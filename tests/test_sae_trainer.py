@@ -127,7 +127,7 @@ def test_dead_window_counts_tokens() -> None:
         ReluL1Config(n_latents=96, l1_coef=1.0),
         ReluL1Config(n_latents=96, l1_coef=0.3, variant="classic"),
         GBAConfig(n_latents=96, n_groups=4, htf=0.2, ltf=0.01, update_tokens=1280),
-        GBAConfig(n_latents=96, n_groups=4, htf=0.2, ltf=0.01, update_tokens=1280, tied=False),
+        GBAConfig(n_latents=96, n_groups=4, htf=0.2, ltf=0.01, update_tokens=1280, tied=True),
         BatchTopKConfig(n_latents=96, k=4),
         JumpReLUConfig(n_latents=96, l0_coef=3e-3),
         HierarchicalTopKConfig(n_latents=96, k=6),
@@ -139,7 +139,7 @@ def test_dead_window_counts_tokens() -> None:
         "relu_l1",
         "relu_l1-classic",
         "gba",
-        "gba-untied",
+        "gba-tied",
         "batchtopk",
         "jumprelu",
         "hierarchical_topk",
@@ -394,12 +394,16 @@ def test_resampling_resets_exactly_the_dead_latents_and_their_adam_moments(cfg: 
     assert [s for s in range(1, 62) if arch.resample_due(cfg, s, 61)] == [15, 30, 45]
 
 
-def test_rebias_gives_dead_latents_back_their_firing_rate_and_keeps_their_directions() -> None:
+@pytest.mark.parametrize("config", [TopKConfig, BatchTopKConfig, MatryoshkaConfig])
+def test_rebias_gives_dead_latents_back_their_firing_rate_and_keeps_their_directions(config: type) -> None:
     """resample_mode="rebias": a dead latent keeps W_enc, W_dec and its Adam moments, and its bias is set
-    so its pre-activation is positive on init_fire_ratio·k/n of the batch; nothing else moves."""
+    so its pre-activation is positive on init_fire_ratio·k/n of the batch; nothing else moves (TopK,
+    and BatchTopK and Matryoshka, where k is the mean per token)."""
+    from sae.base import arch_module
     from sae.trainer import Trainer, reset_adam_moments
 
-    cfg = TopKConfig(n_latents=64, k=4, resample_every_frac=0.25, resample_mode="rebias", init_fire_ratio=2.0)
+    cfg = config(n_latents=64, k=4, resample_every_frac=0.25, resample_mode="rebias", init_fire_ratio=2.0)
+    arch = arch_module(cfg.arch)
     trainer = Trainer(cfg, TrainConfig(train_tokens=512 * 8, batch_size=512, init_sample_tokens=512), D)
     ts = trainer.init_state(next(sparse_batches(512)(0)))
     for i in range(3):
@@ -411,7 +415,8 @@ def test_rebias_gives_dead_latents_back_their_firing_rate_and_keeps_their_direct
     b[dead] = -1e3  # never positive: AuxK's ReLU gives such a latent no gradient
     p = p.replace(b_enc=jnp.asarray(b))
     x = next(sparse_batches(512)(7))
-    new, mask = sae.topk.resample(cfg, p, ts.arch_state, x, dead, seed=0)
+    assert [s for s in range(1, 9) if arch.resample_due(cfg, s, 8)] == [2, 4, 6]
+    new, mask = arch.resample(cfg, p, ts.arch_state, x, dead, seed=0)
     for name in ("W_enc", "W_dec", "b_dec"):
         np.testing.assert_array_equal(np.asarray(getattr(new, name)), np.asarray(getattr(p, name)))
     np.testing.assert_array_equal(np.asarray(new.b_enc)[~dead], b[~dead])
@@ -423,7 +428,35 @@ def test_rebias_gives_dead_latents_back_their_firing_rate_and_keeps_their_direct
     ):
         np.testing.assert_array_equal(np.asarray(after), np.asarray(before))  # moments kept
     with pytest.raises(ValueError, match="resample_mode"):
-        TopKConfig(resample_mode="bias").validate()
+        config(resample_mode="bias").validate()
+
+
+def test_jumprelu_rebias_lifts_dead_latents_over_their_threshold_and_keeps_the_rest() -> None:
+    """A JumpReLU latent below θ on every token gets no gradient; the re-bias sets its b_enc so it
+    passes θ on the batch's mean firing rate (L0/n) again, keeping W, θ and the other latents."""
+    from sae import jumprelu
+
+    cfg = JumpReLUConfig(n_latents=64, resample_every_frac=0.25)
+    x = next(sparse_batches(512)(0))
+    params, state = jumprelu.init(cfg, jax.random.PRNGKey(0), D, x)
+    theta = np.linspace(0.01, 0.2, 64).astype(np.float32)
+    dead = np.zeros(64, bool)
+    dead[[2, 17, 40]] = True
+    b = np.asarray(params.b_enc).copy()
+    b[dead] = -1e3
+    params = params.replace(b_enc=jnp.asarray(b), threshold=jnp.asarray(theta))
+    fires = np.asarray(jumprelu.encode(cfg, params, state, jnp.asarray(x))) > 0
+    assert not fires[:, dead].any()
+    new, mask = jumprelu.resample(cfg, params, state, x, dead, seed=0)
+    assert not any(np.asarray(m).any() for m in jax.tree_util.tree_leaves(mask))  # moments kept
+    for name in ("W_enc", "W_dec", "b_dec", "threshold"):
+        np.testing.assert_array_equal(np.asarray(getattr(new, name)), np.asarray(getattr(params, name)))
+    np.testing.assert_array_equal(np.asarray(new.b_enc)[~dead], b[~dead])
+    after = np.asarray(jumprelu.encode(cfg, new, state, jnp.asarray(x))) > 0
+    np.testing.assert_allclose(after[:, dead].mean(axis=0), fires.sum(axis=1).mean() / 64, atol=2 / 512)
+    assert [s for s in range(1, 9) if jumprelu.resample_due(cfg, s, 8)] == [2, 4, 6]
+    with pytest.raises(ValueError, match="resample_every_frac"):
+        JumpReLUConfig(resample_every_frac=1.0).validate()
 
 
 def test_matryoshka_default_groups_are_equal_and_old_runs_keep_their_doubling_groups() -> None:
@@ -475,10 +508,15 @@ def test_jumprelu_threshold_lr_scale_multiplies_only_the_threshold_step_and_old_
     assert saved_config(JumpReLUConfig, old).threshold_lr_scale == 1.0
 
 
-def test_untied_gba_encodes_with_its_own_unit_rows(tmp_path: Path) -> None:
-    """tied=False: V starts equal to W, then moves apart under training; both keep unit rows; only V
+def test_gba_untied_by_default_encodes_with_its_own_unit_rows(tmp_path: Path) -> None:
+    """tied=False (the default): V starts equal to W, then moves apart under training; both keep unit rows; only V
     encodes and only W (scaled by a) decodes, in training, after loading and in the SAELens export."""
-    cfg = GBAConfig(n_latents=96, n_groups=4, htf=0.2, ltf=0.01, update_tokens=1280, tied=False)
+    from sae.base import recorded_fields, saved_config
+
+    cfg = GBAConfig(n_latents=96, n_groups=4, htf=0.2, ltf=0.01, update_tokens=1280)
+    assert not cfg.tied  # the default
+    old = saved_config(GBAConfig, {"n_latents": 2048})  # saved before the field: the paper's tied model
+    assert old.tied and "tied" not in recorded_fields(old) and recorded_fields(cfg)["tied"] is False
     sample = next(sparse_batches(1024)(0))
     p0, _ = gba.init(cfg, jax.random.PRNGKey(0), D, sample)
     np.testing.assert_array_equal(np.asarray(p0.V), np.asarray(p0.W))
@@ -547,23 +585,28 @@ def test_topk_init_fire_ratio_gives_every_latent_the_same_start() -> None:
             np.testing.assert_allclose(freq, ratio * cfg.k / cfg.n_latents, atol=2e-3)
 
 
-def test_topk_auxk_width_grows_with_n_and_old_runs_keep_their_init() -> None:
-    """k_aux None: d/2 up to n = 8d, then n/16 (k_aux_min_frac); runs saved before init_fire_ratio and
-    k_aux_min_frac existed read back with a zero encoder bias and d/2, what they trained with."""
+@pytest.mark.parametrize("config", [TopKConfig, BatchTopKConfig, MatryoshkaConfig])
+def test_auxk_width_grows_with_n_and_old_runs_keep_their_init(config: type) -> None:
+    """k_aux None: d/2 up to n = 8d, then n/16 (k_aux_min_frac); runs saved before init_fire_ratio,
+    k_aux_min_frac and the re-bias existed read back with a zero encoder bias, d/2 and no resampling,
+    what they trained with."""
     from sae.base import recorded_fields, saved_config
     from sae.common import aux_width
-    from sae.configs import TopKConfig
 
-    cfg = TopKConfig()
+    cfg = config()
     assert aux_width(None, 384, 2048, cfg.k_aux_min_frac) == 192
     assert aux_width(None, 384, 8192, cfg.k_aux_min_frac) == 512
     assert aux_width(None, 384, 8192, None) == 192 and aux_width(100, 384, 8192, cfg.k_aux_min_frac) == 100
-    old = saved_config(TopKConfig, {"n_latents": 8192, "k": 32})
+    old = saved_config(config, {"n_latents": 8192, "k": 32})
     assert old.init_fire_ratio is None and old.k_aux_min_frac is None
-    assert not {"init_fire_ratio", "k_aux_min_frac"} & set(recorded_fields(old))
-    assert recorded_fields(cfg)["init_fire_ratio"] == 1.0
+    assert old.resample_every_frac == 0.0 and old.resample_mode == "inputs"
+    changed = {"init_fire_ratio", "k_aux_min_frac", "resample_every_frac", "resample_mode"}
+    assert not changed & set(recorded_fields(old))
+    assert (
+        recorded_fields(cfg)["init_fire_ratio"] == 1.0 and recorded_fields(cfg)["resample_mode"] == "rebias"
+    )
     with pytest.raises(ValueError, match="init_fire_ratio"):
-        TopKConfig(n_latents=64, k=8, init_fire_ratio=9.0).validate()
+        config(n_latents=64, k=8, init_fire_ratio=9.0).validate()
 
 
 def with_sinks(batches: Any, every: int = 40, size: float = 300.0) -> Any:
