@@ -493,7 +493,7 @@ class JumpReLUConfig:
     """JumpReLU hyper-parameters (defaults from the reference sheet unless noted)."""
 
     arch: ClassVar[str] = "jumprelu"
-    introduced: ClassVar[dict[str, object]] = {"threshold_lr_scale": 1.0, "resample_every_frac": 0.0}
+    introduced: ClassVar[dict[str, object]] = {"threshold_lr_scale": 1.0}
     """Fields added after runs were saved, with the value those runs trained with (see MatryoshkaConfig)."""
 
     n_latents: int = 4096
@@ -512,16 +512,10 @@ class JumpReLUConfig:
     """θ's Adam step is the lr times this; None: min(1, bandwidth / peak lr), so θ never steps further
     than ε. Adam moves θ by ~lr per step whatever its gradient, and a step much wider than ε leaves θ
     above every pre-activation, where no gradient reaches it (at lr 1e-2, 69% of the latents died)."""
-    resample_every_frac: float = 0.0
-    """Re-bias dead latents at each multiple of this fraction of training that leaves a whole period to
-    train (b_enc set so the pre-activation passes θ on the batch's mean firing rate; directions, θ and
-    Adam moments kept); 0 disables."""
 
     def validate(self, d: int | None = None) -> None:
         if self.n_latents < 1:
             raise ValueError(f"n_latents must be positive, got {self.n_latents}")
-        if not 0 <= self.resample_every_frac < 1:
-            raise ValueError(f"resample_every_frac must be in [0, 1), got {self.resample_every_frac}")
         if self.l0_coef < 0:
             raise ValueError(f"l0_coef must be >= 0, got {self.l0_coef}")
         if not 0 <= self.l0_warmup_frac <= 1:

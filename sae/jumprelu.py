@@ -181,29 +181,6 @@ def constrain(cfg: JumpReLUConfig, params: Params) -> Params:
     )
 
 
-def resample_due(cfg: JumpReLUConfig, step: int, total_steps: int) -> bool:
-    """True when step (1-based, after the update) is a re-bias point (``resample_every_frac``)."""
-    return common.resample_due_every(cfg.resample_every_frac, step, total_steps)
-
-
-def resample(
-    cfg: JumpReLUConfig, params: Params, state: State, x: np.ndarray, dead: np.ndarray, seed: int
-) -> tuple[Params, Params]:
-    """Dead latents keep their directions, θ and Adam moments; each one's b_enc is set so its
-    pre-activation passes θ on the batch's mean firing rate (L0/n, or target_l0/n) again. Below θ on
-    every token a latent gets no gradient at all (θ learns only within ε of the pre-activations), so
-    without this it stays dead. Returns (params, mask) like ``common.rebias_dead``."""
-    x_c = np.asarray(x) - np.asarray(params.b_dec)
-    l0 = cfg.target_l0
-    if l0 is None:
-        f = np.asarray(encode(cfg, params, state, jnp.asarray(x)))
-        l0 = max(float((f > 0).sum(axis=1).mean()), 1.0)
-    new, keep = common.rebias_dead(params, x_c, dead, min(l0 / cfg.n_latents, 1.0))
-    theta = np.asarray(params.threshold)
-    b_enc = np.asarray(new.b_enc) + np.where(np.asarray(dead, bool), theta, 0.0)
-    return new.replace(b_enc=jnp.asarray(b_enc, jnp.float32)), keep
-
-
 def fold_scale(cfg: JumpReLUConfig, params: Params, state: State, s: float) -> tuple[Params, State]:
     """Trained on s·x: (s·x − b)W + c = (x − b/s)(sW) + c, so pre and θ keep their values; x̂_raw = x̂/s."""
     return (

@@ -431,34 +431,6 @@ def test_rebias_gives_dead_latents_back_their_firing_rate_and_keeps_their_direct
         config(resample_mode="bias").validate()
 
 
-def test_jumprelu_rebias_lifts_dead_latents_over_their_threshold_and_keeps_the_rest() -> None:
-    """A JumpReLU latent below θ on every token gets no gradient; the re-bias sets its b_enc so it
-    passes θ on the batch's mean firing rate (L0/n) again, keeping W, θ and the other latents."""
-    from sae import jumprelu
-
-    cfg = JumpReLUConfig(n_latents=64, resample_every_frac=0.25)
-    x = next(sparse_batches(512)(0))
-    params, state = jumprelu.init(cfg, jax.random.PRNGKey(0), D, x)
-    theta = np.linspace(0.01, 0.2, 64).astype(np.float32)
-    dead = np.zeros(64, bool)
-    dead[[2, 17, 40]] = True
-    b = np.asarray(params.b_enc).copy()
-    b[dead] = -1e3
-    params = params.replace(b_enc=jnp.asarray(b), threshold=jnp.asarray(theta))
-    fires = np.asarray(jumprelu.encode(cfg, params, state, jnp.asarray(x))) > 0
-    assert not fires[:, dead].any()
-    new, mask = jumprelu.resample(cfg, params, state, x, dead, seed=0)
-    assert not any(np.asarray(m).any() for m in jax.tree_util.tree_leaves(mask))  # moments kept
-    for name in ("W_enc", "W_dec", "b_dec", "threshold"):
-        np.testing.assert_array_equal(np.asarray(getattr(new, name)), np.asarray(getattr(params, name)))
-    np.testing.assert_array_equal(np.asarray(new.b_enc)[~dead], b[~dead])
-    after = np.asarray(jumprelu.encode(cfg, new, state, jnp.asarray(x))) > 0
-    np.testing.assert_allclose(after[:, dead].mean(axis=0), fires.sum(axis=1).mean() / 64, atol=2 / 512)
-    assert [s for s in range(1, 9) if jumprelu.resample_due(cfg, s, 8)] == [2, 4, 6]
-    with pytest.raises(ValueError, match="resample_every_frac"):
-        JumpReLUConfig(resample_every_frac=1.0).validate()
-
-
 def test_matryoshka_default_groups_are_equal_and_old_runs_keep_their_doubling_groups() -> None:
     from sae.base import saved_config
     from sae.lifecycle import config_record
