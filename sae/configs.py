@@ -442,8 +442,9 @@ class BatchTopKConfig:
     aux_coef: float = 0.25
     """Weight of the AuxK loss. 1/4 (the reference's is 1/32) with the three fields below, TopK's
     dead-latent defaults, by measurement (docs/learning_rate.md): at n 8192 on 250k tokens they took the
-    dead fraction over the train split from 56% to 0.5% (tiny-lm) and from 24% to 0.3% (MiniLM); at
-    n 2048, where few died before, they cost up to 0.003 held-out FVU."""
+    dead fraction over the train split from 56% to 0.5% (tiny-lm) and from 24% to 0.3% (MiniLM), and
+    Matryoshka's from 53% to 1.8% and 18% to 0.6%; where few died before (n 2048, the demo cell) they cost
+    0.0004 to 0.003 held-out FVU (BatchTopK) and 0.002 to 0.006 (Matryoshka)."""
     init_fire_ratio: float | None = 1.0
     """Each latent's encoder bias starts where its pre-activation is positive on this ratio × k/n of the
     init sample; None: a zero bias."""

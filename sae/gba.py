@@ -1,9 +1,10 @@
 """Bias adaptation (BA) and Group Bias Adaptation (GBA): Chen et al., "Taming Polysemanticity" (2025).
 
 f(x) = Σ_m a_m w_m φ(s_in · w_mᵀ(x − b_pre) + b_m) + b_pre with unit rows w_m (the paper ties encoder
-and decoder; ours are untied by default, below), a_m ≥ 0. Loss: reconstruction only (no sparsity penalty); Adam updates w, a, b_pre; the
-biases b_m live in the state and get no gradient. Every ``update_tokens`` tokens, from counters
-accumulated since the last update (fires and max pre-activation per neuron; no activation buffer):
+and decoder; ours are untied by default, below), a_m ≥ 0. Loss: reconstruction only (no sparsity
+penalty); Adam updates w, a, b_pre; the biases b_m live in the state and get no gradient. Every
+``update_tokens`` tokens, from counters accumulated since the last update (fires and max
+pre-activation per neuron; no activation buffer):
 
     freq_m = fires_m / tokens;  r_m = max pre-activation;  r̄_k = mean of positive r_m in group k
     freq_m > p_k:   b_m ← max(b_m − γ·r_m, −1)

@@ -114,7 +114,7 @@ def fold_scale(cfg: MatryoshkaConfig, params: Params, state: State, s: float) ->
     return batchtopk.fold_scale(cfg, params, state, s)
 
 
-saelens_export = batchtopk.saelens_export
 resample_due = batchtopk.resample_due
 resample = batchtopk.resample
+saelens_export = batchtopk.saelens_export
 """SAELens ``jumprelu`` with the threshold-inference θ (as BatchTopK)."""
