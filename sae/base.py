@@ -84,7 +84,8 @@ OPTIONAL: dict[str, str] = {
     "Left out: False.",
     "resample_due": "``(cfg, step, total_steps) -> bool``: whether to resample dead latents after this step "
     "(host code, with ``resample``). Left out: never.",
-    "resample": "``(cfg, params, state, batch, dead, seed) -> (params, reset mask)``: dead-latent resampling.",
+    "resample": "``(cfg, params, state, batch, dead, seed) -> (params, reset mask or None)``: dead-latent "
+    "resampling (the mask marks the entries whose Adam moments restart; None: none do).",
     "lr_scales": "``(cfg, peak_lr) -> params-shaped tree of floats, or None``: factors on each parameter's Adam step. "
     "Left out (or None): 1 everywhere, and no extra optimiser stage.",
     "vmaps_k": "``(cfg) -> bool``: sweep members differing only in k may share one vmapped step "

@@ -295,11 +295,10 @@ def resample_dead_rows(
 
 def rebias_dead(
     params: LinearParams, x_in: np.ndarray, dead: np.ndarray, freq: float
-) -> tuple[LinearParams, LinearParams]:
+) -> tuple[LinearParams, None]:
     """Dead latents keep their directions; each one's encoder bias becomes minus the 1 − ``freq``
     quantile of its pre-activation ``x_in @ W_enc`` on the batch, so it is positive on ``freq`` of it
-    again (``firing_thresholds``). Returns (params, mask) like ``resample_dead_rows``, with nothing in the
-    mask: Adam's moments are kept. Late in a run Adam's bias correction is ~1, so moments zeroed there
+    again (``firing_thresholds``). Returns (params, None): no entry to reset, Adam's moments are kept. Late in a run Adam's bias correction is ~1, so moments zeroed there
     restart m/√v at (1 − β1^t)/√(1 − β2^t): 3 to 6.5 for the next ~100 steps (β 0.9, 0.999), moving the
     latent 3-6× the lr a step. On tiny-lm (n 8192, 250k tokens) re-biasing every 10% with the moments
     zeroed left 68% dead, kept 2.8%."""
@@ -308,8 +307,7 @@ def rebias_dead(
     if dead.any():
         cols = np.asarray(params.W_enc)[:, dead].T
         b_enc[dead] = -firing_thresholds(x_in, cols, np.full(len(cols), freq, np.float32))
-    keep = jax.tree_util.tree_map(lambda a: np.zeros(np.shape(a), bool), params)
-    return params.replace(b_enc=jnp.asarray(b_enc)), keep
+    return params.replace(b_enc=jnp.asarray(b_enc)), None
 
 
 def normalize_rows(w: jax.Array, eps: float = 1e-8) -> jax.Array:

@@ -191,17 +191,17 @@ docs/learning_rate.md (resampling did not lower the dead fraction of 250k-token 
 
 def resample_due(cfg: TopKConfig, step: int, total_steps: int) -> bool:
     """True when step (1-based, after the update) is at a resampling point."""
-    return common.resample_due_every(getattr(cfg, "resample_every_frac", 0.0), step, total_steps)
+    return common.resample_due_every(cfg.resample_every_frac, step, total_steps)
 
 
 def resample(
     cfg: TopKConfig, params: Params, state: State, x: np.ndarray, dead: np.ndarray, seed: int
-) -> tuple[Params, Params]:
+) -> tuple[Params, Params | None]:
     """Dead latents re-initialised towards the batch's worst-reconstructed inputs (decoder rows at the
     alive rows' mean norm for a free decoder), or only re-biased (``resample_mode="rebias"``); returns
     (params, mask of reset entries)."""
-    if getattr(cfg, "resample_mode", "inputs") == "rebias":
-        ratio = getattr(cfg, "init_fire_ratio", None) or 1.0
+    if cfg.resample_mode == "rebias":
+        ratio = cfg.init_fire_ratio or 1.0
         return common.rebias_dead(
             params, np.asarray(x) - np.asarray(params.b_dec), dead, ratio * cfg.k / cfg.n_latents
         )

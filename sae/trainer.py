@@ -209,7 +209,9 @@ def init_sample(
 
 
 def reset_adam_moments(opt_state: Any, mask: Any) -> Any:
-    """Zero Adam's mu/nu where ``mask`` (a params-shaped bool tree) is True."""
+    """Zero Adam's mu/nu where ``mask`` (a params-shaped bool tree) is True; None: nothing to reset."""
+    if mask is None:
+        return opt_state
     if isinstance(opt_state, optax.ScaleByAdamState):
         zero = lambda t: jax.tree_util.tree_map(lambda a, m: jnp.where(m, 0.0, a), t, mask)  # noqa: E731
         return opt_state._replace(mu=zero(opt_state.mu), nu=zero(opt_state.nu))
