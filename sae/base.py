@@ -248,6 +248,7 @@ RANGES: dict[str, str] = {
     "bandwidth": ">0",
     "init_threshold": ">=0",
     "threshold_lr_scale": ">0",
+    "dead_preact_coef": ">=0",
     "chunk_size": ">=1",
     "group_sizes": ">=1",
     "zipf_alpha": ">=0",

@@ -494,7 +494,7 @@ class JumpReLUConfig:
     """JumpReLU hyper-parameters (defaults from the reference sheet unless noted)."""
 
     arch: ClassVar[str] = "jumprelu"
-    introduced: ClassVar[dict[str, object]] = {"threshold_lr_scale": 1.0}
+    introduced: ClassVar[dict[str, object]] = {"threshold_lr_scale": 1.0, "dead_preact_coef": 0.0}
     """Fields added after runs were saved, with the value those runs trained with (see MatryoshkaConfig)."""
 
     n_latents: int = 4096
@@ -513,6 +513,13 @@ class JumpReLUConfig:
     """θ's Adam step is the lr times this; None: min(1, bandwidth / peak lr), so θ never steps further
     than ε. Adam moves θ by ~lr per step whatever its gradient, and a step much wider than ε leaves θ
     above every pre-activation, where no gradient reaches it (at lr 1e-2, 69% of the latents died)."""
+    dead_preact_coef: float = 3e-4
+    """Weight of a pre-activation loss on the dead latents (not fired in the dead window): mean over tokens
+    of Σ ReLU(θ_i − pre_i), through b_enc and θ only. A dead JumpReLU latent sits below θ − ε/2 on every
+    token, where neither the reconstruction nor the L0 term reaches it; this raises its bias and lowers θ
+    until it fires again. Anthropic's pre-act loss (2025), on the dead only; 0 turns it off. Keep it near
+    the reconstruction's own gradient: at 1e-2 Adam's second moments, inflated while a latent is dead,
+    freeze it once revived, and 80% died (MiniLM n 8192; docs/learning_rate.md)."""
 
     def validate(self, d: int | None = None) -> None:
         if self.n_latents < 1:

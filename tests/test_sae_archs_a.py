@@ -279,6 +279,53 @@ def test_jumprelu_forward_and_straight_through_grads_match_formulas() -> None:
     assert float(loss_t) == pytest.approx(float(loss) - lam * l0 + lam * (l0 / 4.0 - 1) ** 2, rel=1e-5)
 
 
+def test_jumprelu_dead_preact_loss_reaches_only_the_dead_latents_and_revives_them() -> None:
+    import optax
+
+    x, lin = _problem(7)
+    theta = jnp.full(N, 0.05, jnp.float32)
+    dead_ids = np.arange(N) % 3 == 0
+    b_enc = jnp.where(jnp.asarray(dead_ids), -20.0, lin.b_enc)  # below θ on every token: no gradient at all
+    params = jumprelu.Params(W_enc=lin.W_enc, b_enc=b_enc, W_dec=lin.W_dec, b_dec=lin.b_dec, threshold=theta)
+    state = common.StepState(step=jnp.zeros((), jnp.int32))
+    ctx = StepCtx(dead=jnp.asarray(dead_ids), progress=jnp.float32(0.5))
+    coef = 0.5
+    on, off = (jumprelu.JumpReLUConfig(n_latents=N, dead_preact_coef=c) for c in (coef, 0.0))
+    grad = lambda cfg: jax.grad(lambda p: jumprelu.loss(cfg, p, state, x, ctx)[0])(params)  # noqa: E731
+    g_on, g_off = grad(on), grad(off)
+    # the term is coef·mean_b Σ_dead (θ − pre) through b_enc and θ: −coef and +coef there, nothing elsewhere
+    np.testing.assert_allclose(
+        np.asarray(g_on.b_enc - g_off.b_enc), np.where(dead_ids, -coef, 0.0), atol=1e-6
+    )
+    np.testing.assert_allclose(
+        np.asarray(g_on.threshold - g_off.threshold), np.where(dead_ids, coef, 0.0), atol=1e-6
+    )
+    np.testing.assert_allclose(np.asarray(g_on.W_enc), np.asarray(g_off.W_enc), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(g_on.b_dec), np.asarray(g_off.b_dec), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(g_on.W_dec), np.asarray(g_off.W_dec), atol=1e-6)
+
+    def ever_fired(cfg: jumprelu.JumpReLUConfig, steps: int = 200) -> np.ndarray:
+        """Latents that fired on some step of a short Adam run (dead = did not fire on that step's batch)."""
+        opt = optax.adam(0.2)  # the dead biases climb ~0.2 a step: from −20 in ~100
+
+        @jax.jit
+        def step(p: jumprelu.Params, o: optax.OptState) -> tuple[jumprelu.Params, optax.OptState, jax.Array]:
+            fired = jnp.any(jumprelu.encode(cfg, p, state, x) > 0, axis=0)
+            ctx_t = StepCtx(dead=~fired, progress=jnp.float32(0.5))
+            g = jax.grad(lambda q: jumprelu.loss(cfg, q, state, x, ctx_t)[0])(p)
+            upd, o = opt.update(g, o)
+            return jumprelu.constrain(cfg, optax.apply_updates(p, upd)), o, fired
+
+        p, o, seen = params, opt.init(params), np.zeros(N, bool)
+        for _ in range(steps):
+            p, o, fired = step(p, o)
+            seen |= np.asarray(fired)
+        return seen
+
+    assert not ever_fired(off)[dead_ids].any()  # without the term the dead stay dead
+    assert ever_fired(on)[dead_ids].all()
+
+
 def test_new_archs_registered_and_refuse_bad_configs() -> None:
     from sae.base import make_config, registry
 
