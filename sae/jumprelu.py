@@ -14,9 +14,9 @@ kernel K(u) = 1[|u| < 1/2] of bandwidth ε (``bandwidth`` = 0.001):
 and ∂f/∂pre = H(pre − θ), ∂H/∂pre = 0 (the L0 term trains θ only). λ(t) ramps linearly from 0 over
 the first ``l0_warmup_frac`` of the steps. Latents dead in the trainer's window add
 ``dead_preact_coef`` · mean_tokens Σ ReLU(θ_i − pre_i), through their b_enc and θ only
-(``dead_preact_loss``): nothing else reaches a latent below its threshold on every token. Decoder rows are unit norm (gradient projection +
-renormalisation, the trainer's machinery); θ is clamped at ≥ 0 after each step. Inference is
-batch-independent: f = pre · 1[pre > θ].
+(``dead_preact_loss``): nothing else reaches a latent below its threshold on every token. Decoder
+rows are unit norm (gradient projection + renormalisation, the trainer's machinery); θ is clamped at
+≥ 0 after each step. Inference is batch-independent: f = pre · 1[pre > θ].
 
 Deviations [adapt]: the reconstruction term is normalised by the batch variance (the FVU, as for
 the other trainers), so λ reads as "FVU per active latent" and does not depend on d or the input
