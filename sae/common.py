@@ -298,9 +298,10 @@ def rebias_dead(
 ) -> tuple[LinearParams, None]:
     """Dead latents keep their directions; each one's encoder bias becomes minus the 1 − ``freq``
     quantile of its pre-activation ``x_in @ W_enc`` on the batch, so it is positive on ``freq`` of it
-    again (``firing_thresholds``). Returns (params, None): no entry to reset, Adam's moments are kept. Late in a run Adam's bias correction is ~1, so moments zeroed there
-    restart m/√v at (1 − β1^t)/√(1 − β2^t): 3 to 6.5 for the next ~100 steps (β 0.9, 0.999), moving the
-    latent 3-6× the lr a step. On tiny-lm (n 8192, 250k tokens) re-biasing every 10% with the moments
+    again (``firing_thresholds``). Returns (params, None): no entry to reset, Adam's moments are kept.
+    Late in a run Adam's bias correction is ~1, so moments zeroed there restart m/√v at
+    (1 − β1^t)/√(1 − β2^t): 3 to 6.5 for the next ~100 steps (β 0.9, 0.999), moving the latent 3-6× the
+    lr a step. On tiny-lm (n 8192, 250k tokens) re-biasing every 10% with the moments
     zeroed left 68% dead, kept 2.8%."""
     dead = np.asarray(dead, bool)
     b_enc = np.array(params.b_enc)
