@@ -13,7 +13,11 @@ pre-activation per neuron; no activation buffer):
 With ``bias_rule="two_sided"`` (the default) the rule also raises the bias of a neuron that fires, but
 below p_k / band, and lowers it only above p_k·band: the paper's rule raises a bias only when its
 neuron never fired, so each noisy window above p_k ratchets the bias down and L0 drifts below its target
-(measured: MiniLM, n 2048, 250k tokens, target L0 32: 14.9 with the paper's rule, 22.6 two-sided).
+(measured: MiniLM, n 2048, 250k tokens, target L0 32: 14.9 with the paper's rule, 22.6 two-sided). The
+default band is 1, the period 512 tokens (every step at the default batches) and γ 0.02: with a
+tolerance band the biases settle at whichever edge the moving dictionary pushes them to, and 30 updates
+of γ 0.01 in a 250k-token run could not follow it (L0 10-21 for 32 on three caches; 31-34 now, with
+fewer dead, docs/learning_rate.md).
 
 Neurons are split into K groups (K = 1 is BA) with target frequencies p_k geometric from
 ``htf`` down to ``ltf``. φ is JumpReLU (u·1[u + b > 0]: the bias is a threshold, not a shrink; the
