@@ -112,20 +112,47 @@ def peer(
     return t, Worker(python, script, args)
 
 
-def ours_topk(d: int, n: int, k: int, batch: int, warmup: int) -> Timed:
+def ours_topk(
+    d: int,
+    n: int,
+    k: int,
+    batch: int,
+    warmup: int,
+    dead_frac: float = 0.0,
+    k_aux_min_frac: float | None = None,
+) -> Timed:
+    """Our TopK train step; with ``dead_frac`` that share of the latents is dead (their encoder bias far
+    below any pre-activation, their counters past the window), so every step runs AuxK over
+    ``k_aux_min_frac``·n of them (the config's default when None)."""
+    import dataclasses
+
     import jax
     import numpy as np
 
+    from sae import common
     from sae.topk import TopKConfig
     from sae.trainer import TrainConfig, Trainer
 
     cfg = TopKConfig(n_latents=n, k=k)
+    if k_aux_min_frac is not None:
+        cfg = dataclasses.replace(cfg, k_aux_min_frac=k_aux_min_frac)
     # A huge token budget: the schedule stays in its flat part and no latent reaches the dead window.
-    tc = TrainConfig(train_tokens=10**12, batch_size=batch)
+    tc = TrainConfig(train_tokens=batch * 10**8, batch_size=batch)
     trainer = Trainer(cfg, tc, d)
     rng = np.random.default_rng(1)
     pool = [jax.numpy.asarray(rng.standard_normal((batch, d), dtype=np.float32)) for _ in range(4)]
-    state = {"ts": trainer.init_state(np.asarray(pool[0])), "i": 0}
+    ts = trainer.init_state(np.asarray(pool[0]))
+    name = "ours TopK"
+    if dead_frac > 0:
+        dead = np.arange(n) < round(dead_frac * n)
+        b_enc = np.where(dead, -1e4, np.asarray(ts.params.b_enc)).astype(np.float32)
+        since = np.where(dead, 2**30, np.asarray(ts.since_fired)).astype(np.int32)
+        ts = ts.replace(
+            params=ts.params.replace(b_enc=jax.numpy.asarray(b_enc)), since_fired=jax.numpy.asarray(since)
+        )
+        width = common.aux_width(cfg.k_aux, d, n, cfg.k_aux_min_frac)
+        name = f"ours TopK, {100 * dead_frac:.0f}% dead, AuxK over {width}"
+    state = {"ts": ts, "i": 0}
     scale = 1.0
 
     def run(steps: int) -> float:
@@ -139,9 +166,7 @@ def ours_topk(d: int, n: int, k: int, batch: int, warmup: int) -> Timed:
         return time.perf_counter() - t0
 
     run(warmup)  # compiles
-    return Timed(
-        "ours TopK", f"jax {jax.__version__}", "train", rep=run, info={"devices": str(jax.devices())}
-    )
+    return Timed(name, f"jax {jax.__version__}", "train", rep=run, info={"devices": str(jax.devices())})
 
 
 def jax_matmul(d: int, n: int, batch: int, warmup: int) -> Timed:
@@ -184,6 +209,19 @@ def main() -> None:
     p.add_argument("--no-peers", action="store_true", help="time only ours and the matmul bounds")
     p.add_argument("--sparsify-adam", action="store_true", help="also time sparsify with its Adam option")
     p.add_argument("--json", type=Path, default=None, help="write raw timings here")
+    p.add_argument(
+        "--dead-frac",
+        type=float,
+        default=0.0,
+        help="also time our step with this share of the latents dead, at each --aux-fracs AuxK width",
+    )
+    p.add_argument(
+        "--aux-fracs",
+        type=float,
+        nargs="+",
+        default=[1 / 16, 1 / 4],
+        help="k_aux_min_frac values timed with --dead-frac (AuxK over max(d/2, frac·n) latents)",
+    )
     a = p.parse_args()
     reexec_with_huge_pages()  # as the saewb program runs; the peer workers inherit it too
     n = a.n or (4096 if a.quick else 16384)
@@ -231,6 +269,8 @@ def main() -> None:
                 )
             )
     timed: list[Timed] = [jax_matmul(d, n, batch, int(warm)), ours_topk(d, n, k, batch, int(warm))]
+    if a.dead_frac > 0:
+        timed += [ours_topk(d, n, k, batch, int(warm), a.dead_frac, f) for f in a.aux_fracs]
     for t, w in specs:
         if w is not None:
             try:
