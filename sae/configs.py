@@ -296,8 +296,8 @@ class ReluL1Config:
 # --- gba (sae/gba.py)
 @dataclass(frozen=True)
 class GBAConfig:
-    """GBA / BA hyper-parameters (paper defaults, except the update period, the target frequencies, the
-    initial biases and the two-sided bias rule: see sae/gba.py)."""
+    """GBA / BA hyper-parameters (paper defaults, except the update period, γ, the target frequencies,
+    the initial biases and the two-sided bias rule: see sae/gba.py)."""
 
     arch: ClassVar[str] = "gba"
     retired: ClassVar[tuple[str, ...]] = ("update_every",)
@@ -325,7 +325,7 @@ class GBAConfig:
     """Tokens between bias updates (the paper's T in steps times its batch; at least one step, so every
     step at the default batches). 512 (was 8192) with ``band`` 1 by measurement (docs/learning_rate.md):
     a 250k-token run makes ~490 updates instead of 30, enough for the biases to follow a dictionary
-    that moves under them; at 8192 tokens L0 ended 18-21 for a target of 32 on three caches."""
+    that moves under them; 8192 tokens with band 1.5 left L0 at 10-21 for a target of 32 on three caches."""
     freq_eps: float = 1e-6
     """A neuron whose frequency is below this counts as never fired."""
     bias_rule: Literal["paper", "two_sided"] = "two_sided"
