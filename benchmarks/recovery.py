@@ -93,7 +93,7 @@ def learned_atoms(res) -> np.ndarray:
 def methods(n_latents: int) -> dict[str, object]:
     return {
         # T = 10 steps of the default batch (4096) instead of the paper's 50: our CPU runs are a few thousand steps, and the biases
-        # must travel ~0.3 in steps of γ·r ≤ 0.01 (see the measurements in sae/gba.py).
+        # must travel ~0.3 in steps of γ·r ≤ γ (0.02 by default; see the measurements in sae/gba.py).
         # HTF = 0.1 (the sheet's alternative to 0.5): the mean feature frequency of the imbalanced
         # setting is 0.09, and neurons only learn features near their target frequency (resonance).
         "GBA": GBAConfig(n_latents=n_latents, n_groups=10, htf=0.1, ltf=1e-3, update_tokens=10 * 4096),

@@ -124,8 +124,6 @@ def ours_topk(
     """Our TopK train step; with ``dead_frac`` that share of the latents is dead (their encoder bias far
     below any pre-activation, their counters past the window), so every step runs AuxK over
     ``k_aux_min_frac``·n of them (the config's default when None)."""
-    import dataclasses
-
     import jax
     import numpy as np
 
@@ -133,9 +131,8 @@ def ours_topk(
     from sae.topk import TopKConfig
     from sae.trainer import TrainConfig, Trainer
 
-    cfg = TopKConfig(n_latents=n, k=k)
-    if k_aux_min_frac is not None:
-        cfg = dataclasses.replace(cfg, k_aux_min_frac=k_aux_min_frac)
+    widths = {} if k_aux_min_frac is None else {"k_aux_min_frac": k_aux_min_frac}
+    cfg = TopKConfig(n_latents=n, k=k, **widths)
     # A huge token budget: the schedule stays in its flat part and no latent reaches the dead window.
     tc = TrainConfig(train_tokens=batch * 10**8, batch_size=batch)
     trainer = Trainer(cfg, tc, d)
