@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextvars
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -356,12 +356,16 @@ DEAD_BUCKETS = (256, 1024, 4096)
 def dead_top_k(score: jax.Array, dead: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     """(scores, indices) [B, k] of the top-k scores among the dead latents, sorted as top_k's.
 
-    Equal to ``top_k(where(dead, score, −inf), k)``: picks past the number of dead latents score −inf. When few latents are dead, the search runs on
-    their columns only: the dead ids are compacted (in index order, so ties break alike) into the
-    smallest static bucket that holds them and top-k runs over [B, bucket] rather than [B, n]. A
-    top-k of k = d/2 over every latent was the dominant cost of a TopK step with dead latents on CPU.
-    Under a model mesh the plain masked search runs, sharded over latents.
+    Equal to ``top_k(where(dead, score, −inf), k)``: picks past the number of dead latents score −inf.
+    On CPU outside a mesh ``native.dead_top_k`` searches the dead columns in one pass. Elsewhere, when
+    few latents are dead, the search runs on their columns only: the dead ids are compacted (in index
+    order, so ties break alike) into the smallest static bucket that holds them and top-k runs over
+    [B, bucket] rather than [B, n] (picks past the dead count then point at latent 0). A top-k of
+    k = d/2 over every latent was the dominant cost of a TopK step with dead latents on CPU. Under a
+    model mesh the plain masked search runs, sharded over latents.
     """
+    if native.serves(score):
+        return native.dead_top_k(score, dead, k)
     masked = lambda: tuple(top_k(jnp.where(dead[None, :], score, -jnp.inf), k))  # noqa: E731
     buckets = [b for b in DEAD_BUCKETS if k <= b < score.shape[1]]
     if not buckets or model_shards() > 1 or _MEMBERS_VMAPPED.get():
@@ -392,6 +396,13 @@ def aux_width(k_aux: int | None, d: int, n_latents: int, min_frac: float | None 
     return min(k_aux or max(d // 2, wide), n_latents)
 
 
+AUX_WIDTHS = (64, 256, 1024)
+"""Static prefixes of AuxK's k_aux picks. A dead latent that scores a ReLU'd zero adds nothing to ê or
+to any gradient, so outside a mesh and a vmapped sweep each step reconstructs over the smallest of
+these (or k_aux) that holds every token's positive picks: the same loss and gradients, with the
+O(B·k_aux·d) gathers cut to the picks that count."""
+
+
 def auxk_loss(
     x_c: jax.Array,
     pre: jax.Array | None,
@@ -413,7 +424,8 @@ def auxk_loss(
     those (scores, indices) [B, k_aux] when the caller already searched them (``encode_top_k``); then
     ``pre`` is not read. ê has no b_dec (pass ``b_dec`` when x_c = x − b_dec: see ``gather_encode``).
     Returns ‖e − ê‖² / ‖e − mean_batch(e)‖², and 0 when nothing is dead. Only the first #dead picks
-    count, which caps k_aux at the number of dead latents.
+    count, which caps k_aux at the number of dead latents, and only the positive ones do any work
+    (``AUX_WIDTHS``).
 
     The trainer compiles this out (``dead`` None) when no latent is dead; otherwise it sits in a
     ``lax.cond`` on #dead > 0. The branch reads the selection scores, not ``pre``: a second [B, n]
@@ -433,12 +445,26 @@ def auxk_loss(
     def aux_branch() -> jax.Array:
         e = jax.lax.stop_gradient(residual)
         top, idx = search()
-        chosen = unscaled(top, idx, score_scale)
-        vals = jax.nn.relu(gather_encode(x_c, w_enc, b_enc, idx, chosen=chosen, b_dec=b_dec))
-        keep = (jnp.arange(k_aux) < n_dead)[None, :]
-        vals = jnp.where(keep, vals, 0.0)
-        e_hat = sparse_decode(vals, idx, w_dec)
-        num = jnp.sum(jnp.square(e - e_hat))
+
+        def error_over(width: int) -> Callable[[], jax.Array]:
+            def error() -> jax.Array:
+                t, i = top[:, :width], idx[:, :width]
+                vals = jax.nn.relu(
+                    gather_encode(x_c, w_enc, b_enc, i, chosen=unscaled(t, i, score_scale), b_dec=b_dec)
+                )
+                vals = jnp.where((jnp.arange(width) < n_dead)[None, :], vals, 0.0)
+                return jnp.sum(jnp.square(e - sparse_decode(vals, i, w_dec)))
+
+            return error
+
+        widths = [w for w in AUX_WIDTHS if w < k_aux] + [k_aux]
+        if len(widths) == 1 or _MEMBERS_VMAPPED.get() or not jax.sharding.get_abstract_mesh().empty:
+            num = error_over(k_aux)()
+        else:  # the picks are sorted, so the positive ones (all that count) come first
+            positive = jnp.max(jnp.sum(top > 0, axis=1))
+            num = jax.lax.switch(
+                jnp.searchsorted(jnp.asarray(widths), positive), [error_over(w) for w in widths]
+            )
         den = jnp.sum(jnp.square(e - jnp.mean(e, axis=0, keepdims=True)))
         return (num / jnp.maximum(den, 1e-12)).astype(residual.dtype)
 
@@ -473,15 +499,18 @@ def encode_top_k(
     mesh, once the [B, n] scores would not fit in cache (``ENCODE_CHUNK_MIN_SCORES``), the tokens go
     in chunks of ``ENCODE_CHUNK`` under ``lax.map``: each chunk's scores are searched while still in
     cache and the [B, n] matrix is never formed. Elsewhere it is one dense product. On CPU outside a
-    mesh, steps without dead latents search with ``native.relu_top_k``, which never writes the scores.
+    mesh the search is ``native.relu_top_k`` (``relu_top_k_and_dead`` with dead latents: both searches
+    in one pass), which never writes the scores.
     """
 
     native_scale = jnp.ones_like(b_enc) if score_scale is None else score_scale.astype(b_enc.dtype)
 
     def search(xc: jax.Array) -> tuple[jax.Array, ...]:
         z = xc @ w_enc
-        if dead is None and native.serves(z):  # ReLU, bias and scale applied inside the search
-            return native.relu_top_k(z, b_enc, native_scale, k)
+        if native.serves(z):  # ReLU, bias and scale applied inside the search
+            if dead is None:
+                return native.relu_top_k(z, b_enc, native_scale, k)
+            return native.relu_top_k_and_dead(z, b_enc, native_scale, dead, k, k_aux)
         pre = jax.nn.relu(z + b_enc)
         score = jax.lax.stop_gradient(pre if score_scale is None else pre * score_scale)
         top, idx = top_k(score, k)  # local top-k + global merge when latents are sharded

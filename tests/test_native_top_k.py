@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sae import native, sharding
+from sae import common, native, sharding
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -50,6 +50,54 @@ def test_relu_top_k_equals_lax_top_k_of_the_scores() -> None:
     assert int(jnp.sum(jnp.all(want[0] > 0, axis=-1) == 0)) > 0  # some rows do tie at zero
     np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
     np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+
+
+@pytest.mark.parametrize("n_dead", [0, 5, 40, 700, 1000])
+def test_relu_top_k_and_dead_equals_lax_top_k_of_the_scores_and_the_masked_scores(n_dead: int) -> None:
+    """Both of a TopK step's searches in one pass: the top k of the scores and AuxK's top k_aux of
+    where(dead, scores, -inf), index for index, including fewer dead latents than k_aux (the rest are
+    the lowest live ids at -inf), ties at zero among the dead, and SAEs vmapped with their own masks."""
+    rng = np.random.default_rng(3)
+    n, k, k_aux = 1000, 32, 64
+    z = jnp.asarray(rng.normal(size=(2, 130, n)).astype(np.float32))
+    dead = np.zeros((2, n), bool)
+    for m in range(2):
+        dead[m, rng.choice(n, n_dead, replace=False)] = True
+    # dead latents mostly score a ReLU'd zero, as in training; the live ones fire often
+    bias = jnp.asarray(np.where(dead, -2.5, 0.0).astype(np.float32) + rng.normal(size=(2, n)).astype(np.float32) * 0.1)
+    scale = jnp.asarray(rng.uniform(0.5, 2.0, (2, n)).astype(np.float32))
+    dead = jnp.asarray(dead)
+    got = jax.jit(jax.vmap(lambda z, b, s, m: native.relu_top_k_and_dead(z, b, s, m, k, k_aux)))(z, bias, scale, dead)
+
+    def want_one(z, b, s, m):
+        score = jax.nn.relu(z + b) * s
+        return (*jax.lax.top_k(score, k), *jax.lax.top_k(jnp.where(m[None, :], score, -jnp.inf), k_aux))
+
+    want = jax.vmap(want_one)(z, bias, scale, dead)
+    if 0 < n_dead < 1000:
+        positive = np.asarray(want[2] > 0)
+        assert positive.any() and not positive.all()  # the dead picks do tie at zero
+    # the dead search alone, over scores already formed (BatchTopK, Matryoshka)
+    score = jax.nn.relu(z + bias[:, None, :]) * scale[:, None, :]
+    alone = jax.jit(jax.vmap(lambda s, m: native.dead_top_k(s, m, k_aux)))(score, dead)
+    for g, w in zip((*got, *alone), (*want, *want[2:]), strict=True):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
+def test_encode_top_k_searches_natively_with_dead_latents() -> None:
+    """A TopK step with dead latents takes the one-pass native search, and gives the same picks."""
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.normal(size=(64, 16)).astype(np.float32))
+    w = jnp.asarray(rng.normal(size=(16, 300)).astype(np.float32))
+    b = jnp.asarray(rng.normal(size=300).astype(np.float32) - 1)
+    dead = jnp.asarray(rng.random(300) < 0.3)
+    fused = lambda x: common.encode_top_k(x, w, b, 8, None, dead, 20)  # noqa: E731
+    assert "saewb_relu_top_k_and_dead_f32" in str(jax.make_jaxpr(fused)(x))
+    top, idx, (aux_top, aux_idx) = jax.jit(fused)(x)
+    score = jax.nn.relu(x @ w + b)
+    want = (*jax.lax.top_k(score, 8), *jax.lax.top_k(jnp.where(dead[None, :], score, -jnp.inf), 20))
+    for g, v in zip((top, idx, aux_top, aux_idx), want, strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(v), rtol=1e-6)
 
 
 def test_native_top_k_is_differentiable_and_vmaps_like_lax() -> None:

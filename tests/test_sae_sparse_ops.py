@@ -77,6 +77,40 @@ def test_sparse_backward_matches_dense_autodiff(
         np.testing.assert_allclose(g_s, g_d, rtol=2e-4, atol=2e-6, err_msg=name)
 
 
+@pytest.mark.parametrize(("dead_bias", "width"), [(-3.0, 64), (-1.2, 256), (0.5, 400)])
+def test_auxk_over_the_positive_prefix_equals_auxk_over_every_pick(
+    dead_bias: float, width: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """AuxK reconstructs over the smallest static prefix of its sorted picks that holds every token's
+    positive ones: loss and gradients equal those over all k_aux picks, whichever prefix is taken."""
+    d, n, b = 16, 1024, 96
+    cfg = topk.TopKConfig(n_latents=n, k=8, k_aux=400)
+    x = jax.random.normal(jax.random.PRNGKey(5), (b, d)) + 0.3
+    params, state = topk.init(cfg, jax.random.PRNGKey(6), d, np.asarray(x))
+    dead = jnp.arange(n) % 2 == 0
+    params = params.replace(
+        W_enc=jax.random.normal(jax.random.PRNGKey(7), params.W_enc.shape) / np.sqrt(d),
+        b_enc=jnp.where(dead, dead_bias, 0.0),
+    )
+    pre = np.asarray(jax.nn.relu((x - params.b_dec) @ params.W_enc + params.b_enc))
+    positive = int(np.max(np.sum((pre > 0) & np.asarray(dead)[None, :], axis=1)))
+    assert positive <= width and (width == 64 or positive > width // 4)  # the case picks its prefix
+    ctx = StepCtx(dead=dead, progress=jnp.float32(0.5))
+
+    def value_and_grads() -> tuple[jax.Array, topk.Params]:
+        return jax.jit(jax.value_and_grad(lambda p: topk.loss(cfg, p, state, x, ctx)[1]["aux"]))(params)
+
+    got = value_and_grads()
+    monkeypatch.setattr(common, "AUX_WIDTHS", ())  # every pick, one width
+    want = value_and_grads()
+    assert float(want[0]) > 0
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        np.testing.assert_allclose(
+            getattr(got[1], name), getattr(want[1], name), rtol=1e-5, atol=1e-7, err_msg=name
+        )
+
+
 def test_kernels_vjp_match_gather_autodiff() -> None:
     rng = np.random.default_rng(0)
     b, k, n, d = 6, 3, 10, 4
@@ -124,8 +158,13 @@ def test_gather_encode_from_dense_pre_matches() -> None:
 
 
 @pytest.mark.parametrize("n_dead", [1, 40, 250, 700, 3000, 4096])
-def test_dead_top_k_matches_the_masked_search(n_dead: int) -> None:
-    """The compacted search over dead columns picks exactly what top-k over all masked latents picks."""
+@pytest.mark.parametrize("use_native", [True, False], ids=["native", "xla"])
+def test_dead_top_k_matches_the_masked_search(
+    n_dead: int, use_native: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The search over dead columns (native, or compacted in XLA) picks exactly what top-k over all
+    masked latents picks."""
+    _kernels(use_native, monkeypatch)
     n, b, k = 4096, 16, 48
     rng = np.random.default_rng(n_dead)
     dead = np.zeros(n, bool)

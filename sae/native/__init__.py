@@ -1,12 +1,12 @@
 """Native CPU kernels, compiled on first use and called through XLA's FFI.
 
-``top_k`` and ``relu_top_k`` (``top_k.cc``): equal to ``jax.lax.top_k`` index for index but several
-times faster on CPU. ``weighted_row_sum``, ``row_dots`` and ``scatter_outer`` (``sparse.cc``): the
-row gathers and scatters of the sparse TopK backward (``sae.sparse_ops``), multi-threaded. The
-shared library is built once per machine with the system C++
-compiler into ``$SAEWB_CACHE_DIR`` (default ``~/.cache/saewb``) under a hash of the source, the
-compiler flags, jaxlib's version and the CPU's flags, so a cache shared between machines never
-serves a library built for another CPU. Set ``SAEWB_NATIVE=0`` to turn it off; without a
+``top_k``, ``relu_top_k``, ``dead_top_k`` and ``relu_top_k_and_dead`` (``top_k.cc``): equal to
+``jax.lax.top_k`` (of the masked scores for the dead searches) index for index but several times
+faster on CPU. ``weighted_row_sum``, ``row_dots`` and ``scatter_outer`` (``sparse.cc``): the row
+gathers and scatters of the sparse TopK backward (``sae.sparse_ops``), multi-threaded. The shared
+library is built once per machine with the system C++ compiler into ``$SAEWB_CACHE_DIR`` (default
+``~/.cache/saewb``) under a hash of the source, the compiler flags, jaxlib's version and the CPU's
+flags, so a cache shared between machines never serves a library built for another CPU. Set ``SAEWB_NATIVE=0`` to turn it off; without a
 compiler, or if the build fails, callers fall back to pure XLA after one warning.
 """
 
@@ -34,6 +34,8 @@ HEADERS = (Path(__file__).with_name("parallel.h"),)
 TARGETS = {
     "saewb_top_k_f32": "SaewbTopKF32",
     "saewb_relu_top_k_f32": "SaewbReluTopKF32",
+    "saewb_relu_top_k_and_dead_f32": "SaewbReluTopKAndDeadF32",
+    "saewb_dead_top_k_f32": "SaewbDeadTopKF32",
     "saewb_weighted_row_sum_f32": "SaewbWeightedRowSumF32",
     "saewb_row_dots_f32": "SaewbRowDotsF32",
     "saewb_scatter_outer_f32": "SaewbScatterOuterF32",
@@ -138,6 +140,33 @@ def relu_top_k(z: jax.Array, bias: jax.Array, scale: jax.Array, k: int) -> tuple
     """``jax.lax.top_k(relu(z + bias) * scale, k)`` without forming the scores: z [..., n] float32,
     bias and scale with n elements ([n] or [1, n]). For selection only: no gradient."""
     return _call("saewb_relu_top_k_f32", k, *(jax.lax.stop_gradient(a) for a in (z, bias, scale)))
+
+
+def dead_top_k(score: jax.Array, dead: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """``jax.lax.top_k(where(dead, score, -inf), k)`` over the last axis without forming the masked
+    array, looking again only at the dead columns whose score beats the running floor (``dead``: bool,
+    n elements). For selection only: no gradient."""
+    shape = score.shape[:-1] + (k,)
+    out = (jax.ShapeDtypeStruct(shape, jnp.float32), jax.ShapeDtypeStruct(shape, jnp.int32))
+    call = jax.ffi.ffi_call("saewb_dead_top_k_f32", out, vmap_method="sequential")
+    return call(jax.lax.stop_gradient(score), dead.astype(jnp.bool_), k=np.int64(k))
+
+
+def relu_top_k_and_dead(
+    z: jax.Array, bias: jax.Array, scale: jax.Array, dead: jax.Array, k: int, k_aux: int
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """``relu_top_k``'s (values, indices) and, from the same scores in the same pass, those of
+    ``jax.lax.top_k(where(dead, scores, -inf), k_aux)``: AuxK's picks among the ``dead`` latents (bool,
+    n elements). For selection only: no gradient."""
+    z, bias, scale = (jax.lax.stop_gradient(a) for a in (z, bias, scale))
+    rows = z.shape[:-1]
+    out = tuple(
+        jax.ShapeDtypeStruct(rows + (width,), dtype)
+        for width in (k, k_aux)
+        for dtype in (jnp.float32, jnp.int32)
+    )
+    call = jax.ffi.ffi_call("saewb_relu_top_k_and_dead_f32", out, vmap_method="sequential")
+    return call(z, bias, scale, dead.astype(jnp.bool_), k=np.int64(k), k_aux=np.int64(k_aux))
 
 
 def _call(target: str, k: int, *args: jax.Array) -> tuple[jax.Array, jax.Array]:
