@@ -63,7 +63,7 @@ demo-lm-pipeline: $(STAMP)
 	$(SAEWB) harvest --model smollm2 --corpus python-code --hook $(LM_HOOK) --ctx-len 256 \
 		--max-tokens $(LM_TOKENS) --workspace $(LM_WORKSPACE)
 	$(SAEWB) train --workspace $(LM_WORKSPACE) --hook $(LM_HOOK) --arch topk --n-latents 4096 --k 32 \
-		--lr 3e-3 --train-tokens 1000000 --batch-size 4096 --seed 0 --name $(LM_RUN)
+		--train-tokens 1000000 --seed 0 --name $(LM_RUN)
 	$(SAEWB) eval $(LM_RUN) --workspace $(LM_WORKSPACE)
 	$(SAEWB) analyze $(LM_RUN) --workspace $(LM_WORKSPACE)
 
