@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -200,19 +201,16 @@ SWEEP = {
 
 
 def test_a_from_model_sweep_trains_every_member_on_the_train_runs_tokens_and_resumes(
-    tmp_path: Path, live_reference: tuple[Path, dict]
+    tmp_path: Path, live_reference: tuple[Path, dict], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Two SAEs from one on-the-fly forward pass (`saewb sweep` with `from_model:`), interrupted
     (Ctrl-C) mid-run and run again: member `a` (LIVE's config) ends with the parameters of the
     uninterrupted `saewb train --from-model` run, so it saw the same tokens in the same order, and so
     did `b` (one stream). In this process: a SIGKILLed sweep resumes from the same state file
     (tests/test_sweep.py), and a SIGKILLed run from the model is the test above."""
-    import _thread
-    import threading
-
     import yaml
 
-    from sae import runs
+    from sae import runs, sweep
     from saewb.cli import main
 
     ws = tmp_path / "sweep.duckdb"
@@ -220,13 +218,15 @@ def test_a_from_model_sweep_trains_every_member_on_the_train_runs_tokens_and_res
     config.write_text(yaml.safe_dump({**SWEEP, "workspace": str(ws)}))
     state = Workspace(ws).runs_dir / ".sweeps" / "sw.json"  # the first checkpoint of both members is in
 
-    def interrupt_once_written() -> None:
-        deadline = time.monotonic() + 240
-        while not state.exists() and time.monotonic() < deadline:
-            time.sleep(0.002)
-        _thread.interrupt_main()  # Ctrl-C
+    real_replace = os.replace
 
-    threading.Thread(target=interrupt_once_written, daemon=True).start()
+    def replace_then_interrupt(src: Any, dst: Any) -> None:
+        real_replace(src, dst)
+        if Path(dst) == state:  # Ctrl-C just after the sweep recorded its first step; a thread polling
+            monkeypatch.setattr(sweep.os, "replace", real_replace)  # for it lost that race under load
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep.os, "replace", replace_then_interrupt)
     assert main(["sweep", str(config), "--no-progress"]) == 130  # "interrupted; run the same command again"
     step = json.loads(state.read_text())["step"]
     assert 0 < step < 40, f"interrupted at step {step}: not mid-run"
