@@ -63,13 +63,17 @@ def test_relu_top_k_and_dead_equals_lax_top_k_of_the_scores_and_the_masked_score
     dead = np.zeros((2, n), bool)
     for m in range(2):
         dead[m, rng.choice(n, n_dead, replace=False)] = True
-    # dead latents mostly score a ReLU'd zero, as in training; the live ones fire often
-    bias = jnp.asarray(np.where(dead, -2.5, 0.0).astype(np.float32) + rng.normal(size=(2, n)).astype(np.float32) * 0.1)
+    # most dead latents score a ReLU'd zero, some are positive; the live ones fire often
+    bias = jnp.asarray(
+        np.where(dead, -2.5, 0.0).astype(np.float32) + rng.normal(size=(2, n)).astype(np.float32) * 0.1
+    )
     scale = jnp.asarray(rng.uniform(0.5, 2.0, (2, n)).astype(np.float32))
     dead = jnp.asarray(dead)
-    got = jax.jit(jax.vmap(lambda z, b, s, m: native.relu_top_k_and_dead(z, b, s, m, k, k_aux)))(z, bias, scale, dead)
+    got = jax.jit(jax.vmap(lambda z, b, s, m: native.relu_top_k_and_dead(z, b, s, m, k, k_aux)))(
+        z, bias, scale, dead
+    )
 
-    def want_one(z, b, s, m):
+    def want_one(z: jax.Array, b: jax.Array, s: jax.Array, m: jax.Array) -> tuple[jax.Array, ...]:
         score = jax.nn.relu(z + b) * s
         return (*jax.lax.top_k(score, k), *jax.lax.top_k(jnp.where(m[None, :], score, -jnp.inf), k_aux))
 
