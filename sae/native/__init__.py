@@ -146,10 +146,7 @@ def dead_top_k(score: jax.Array, dead: jax.Array, k: int) -> tuple[jax.Array, ja
     """``jax.lax.top_k(where(dead, score, -inf), k)`` over the last axis without forming the masked
     array, looking again only at the dead columns whose score beats the running floor (``dead``: bool,
     n elements). For selection only: no gradient."""
-    shape = score.shape[:-1] + (k,)
-    out = (jax.ShapeDtypeStruct(shape, jnp.float32), jax.ShapeDtypeStruct(shape, jnp.int32))
-    call = jax.ffi.ffi_call("saewb_dead_top_k_f32", out, vmap_method="sequential")
-    return call(jax.lax.stop_gradient(score), dead.astype(jnp.bool_), k=np.int64(k))
+    return _call("saewb_dead_top_k_f32", k, jax.lax.stop_gradient(score), dead.astype(jnp.bool_))
 
 
 def relu_top_k_and_dead(

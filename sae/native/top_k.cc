@@ -239,7 +239,7 @@ ffi::Error LastAxis(const ffi::Buffer<ffi::F32>& x, int64_t k, int64_t& n) {
 ffi::Error CheckPerLatent(int64_t n, std::initializer_list<size_t> counts) {
   for (size_t c : counts)
     if (static_cast<int64_t>(c) != n)
-      return ffi::Error::InvalidArgument("relu_top_k needs bias, scale (and dead) as long as the last axis");
+      return ffi::Error::InvalidArgument("relu_top_k needs bias and scale as long as the last axis");
   return ffi::Error::Success();
 }
 
@@ -272,20 +272,31 @@ ffi::Error ReluTopKImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> z, ffi::Buff
   return Run(pool, z, ReluAffine{bias.typed_data(), scale.typed_data()}, vals, idx, k);
 }
 
-ffi::Error DeadTopKImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::PRED> dead,
-                       ffi::ResultBuffer<ffi::F32> vals, ffi::ResultBuffer<ffi::S32> idx, int64_t k) {
+// Both dead-latent entry points: rows of `x` scored by `score`, their top k (skipped when k = 0) and
+// AuxK's top k_aux among the dead latents.
+template <typename Score>
+ffi::Error RunDead(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x, const Score& score,
+                   ffi::Buffer<ffi::PRED>& dead, float* vals, int32_t* idx, float* aux_vals, int32_t* aux_idx,
+                   int64_t k, int64_t k_aux) {
   int64_t n;
-  if (auto e = LastAxis(x, k, n); e.failure()) return e;
+  if (auto e = LastAxis(x, std::max(k, k_aux), n); e.failure()) return e;
+  if (k < 0 || k_aux < 1) return ffi::Error::InvalidArgument("top_k needs 1 <= k <= the last axis");
   if (static_cast<int64_t>(dead.element_count()) != n)
-    return ffi::Error::InvalidArgument("dead_top_k needs dead as long as the last axis");
+    return ffi::Error::InvalidArgument("the dead mask must be as long as the last axis");
   const int64_t rows = static_cast<int64_t>(x.element_count()) / n;
-  const DeadList dead_list(dead.typed_data(), n, k);
   const float* data = x.typed_data();
-  ForRows(pool, rows, n, k, [&](int64_t r, std::vector<Cand>& buf, std::vector<Cand>& aux_buf) {
-    RowTopKAndDead(data + r * n, Plain{}, dead_list, n, 0, k, nullptr, nullptr, vals->typed_data() + r * k,
-                   idx->typed_data() + r * k, buf, aux_buf);
+  const DeadList dead_list(dead.typed_data(), n, k_aux);
+  ForRows(pool, rows, n, std::max(k, k_aux), [&](int64_t r, std::vector<Cand>& buf,
+                                                  std::vector<Cand>& aux_buf) {
+    RowTopKAndDead(data + r * n, score, dead_list, n, k, k_aux, vals + r * k, idx + r * k,
+                   aux_vals + r * k_aux, aux_idx + r * k_aux, buf, aux_buf);
   });
   return ffi::Error::Success();
+}
+
+ffi::Error DeadTopKImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::PRED> dead,
+                        ffi::ResultBuffer<ffi::F32> vals, ffi::ResultBuffer<ffi::S32> idx, int64_t k) {
+  return RunDead(pool, x, Plain{}, dead, nullptr, nullptr, vals->typed_data(), idx->typed_data(), 0, k);
 }
 
 ffi::Error ReluTopKAndDeadImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> z, ffi::Buffer<ffi::F32> bias,
@@ -293,23 +304,12 @@ ffi::Error ReluTopKAndDeadImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> z, ff
                                ffi::ResultBuffer<ffi::F32> vals, ffi::ResultBuffer<ffi::S32> idx,
                                ffi::ResultBuffer<ffi::F32> aux_vals, ffi::ResultBuffer<ffi::S32> aux_idx,
                                int64_t k, int64_t k_aux) {
-  int64_t n;
-  if (auto e = LastAxis(z, std::max(k, k_aux), n); e.failure()) return e;
-  if (std::min(k, k_aux) < 1) return ffi::Error::InvalidArgument("top_k needs 1 <= k <= the last axis");
-  if (auto e = CheckPerLatent(n, {bias.element_count(), scale.element_count(), dead.element_count()});
-      e.failure())
-    return e;
-  const int64_t rows = static_cast<int64_t>(z.element_count()) / n;
-  const ReluAffine score{bias.typed_data(), scale.typed_data()};
-  const float* data = z.typed_data();
-  const DeadList dead_list(dead.typed_data(), n, k_aux);
-  ForRows(pool, rows, n, std::max(k, k_aux), [&](int64_t r, std::vector<Cand>& buf,
-                                                  std::vector<Cand>& aux_buf) {
-    RowTopKAndDead(data + r * n, score, dead_list, n, k, k_aux, vals->typed_data() + r * k,
-                   idx->typed_data() + r * k, aux_vals->typed_data() + r * k_aux,
-                   aux_idx->typed_data() + r * k_aux, buf, aux_buf);
-  });
-  return ffi::Error::Success();
+  if (k < 1) return ffi::Error::InvalidArgument("top_k needs 1 <= k <= the last axis");
+  const auto dims = z.dimensions();
+  const int64_t n = dims.size() == 0 ? 0 : dims.back();
+  if (auto e = CheckPerLatent(n, {bias.element_count(), scale.element_count()}); e.failure()) return e;
+  return RunDead(pool, z, ReluAffine{bias.typed_data(), scale.typed_data()}, dead, vals->typed_data(),
+                 idx->typed_data(), aux_vals->typed_data(), aux_idx->typed_data(), k, k_aux);
 }
 
 }  // namespace
